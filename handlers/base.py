@@ -1,0 +1,154 @@
+"""The shared error-writer mixin, request ids, headers and the access log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import tornado.web
+
+from services.errors import GatewayError
+
+access_log = logging.getLogger("gateway.access")
+error_log = logging.getLogger("gateway.errors")
+
+# Only ids that are safe to echo into headers and logs are taken from the caller.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{7,127}$")
+
+_CODES_BY_STATUS = {
+    400: "VALIDATION_ERROR",
+    401: "UNAUTHORIZED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    503: "SERVICE_UNAVAILABLE",
+}
+_MESSAGES_BY_STATUS = {
+    400: "The request is not valid.",
+    404: "There is nothing at this address.",
+    405: "This address does not accept that kind of request.",
+    413: "The request is too large.",
+}
+_GENERIC_MESSAGE = "Something went wrong on our side. Please try again later."
+
+
+def request_id_of(request: Any) -> str:
+    """One id per request, stable across ``clear()`` and reused by the access log."""
+    request_id = getattr(request, "_gateway_request_id", None)
+    if request_id is None:
+        incoming = request.headers.get("X-Request-ID", "")
+        request_id = incoming if _REQUEST_ID.match(incoming) else str(uuid.uuid4())
+        request._gateway_request_id = request_id
+    return request_id
+
+
+def utc_timestamp() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ErrorWriterMixin(tornado.web.RequestHandler):
+    """Renders every error as the seed's JSON envelope; nothing else does."""
+
+    def set_default_headers(self) -> None:
+        # Runs again inside clear() before write_error, so error responses keep these.
+        self.set_header("X-Request-ID", request_id_of(self.request))
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, GatewayError):
+            self.set_status(exc.status)
+            envelope = self._envelope(exc.code, exc.message, exc.technical_message, exc.details)
+            if exc.retry_after is not None:
+                self.set_header("Retry-After", str(exc.retry_after))
+        elif isinstance(exc, tornado.web.HTTPError) and exc.status_code < 500:
+            code = _CODES_BY_STATUS.get(exc.status_code, "VALIDATION_ERROR")
+            message = _MESSAGES_BY_STATUS.get(exc.status_code, "The request is not valid.")
+            envelope = self._envelope(code, message, exc.log_message or None, None)
+        else:
+            self.set_status(500 if status_code < 500 or status_code == 599 else status_code)
+            code = _CODES_BY_STATUS.get(self.get_status(), "INTERNAL_SERVER_ERROR")
+            envelope = self._envelope(code, _GENERIC_MESSAGE, None, None)
+        self.finish(json.dumps(envelope))
+
+    def _envelope(
+        self,
+        code: str,
+        message: str,
+        technical_message: str | None,
+        details: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        envelope: dict[str, Any] = {"error": code, "message": message}
+        if technical_message and technical_message != message:
+            envelope["technicalMessage"] = technical_message
+        if details:
+            envelope["details"] = details
+        envelope["requestId"] = request_id_of(self.request)
+        envelope["timestamp"] = utc_timestamp()
+        return envelope
+
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(value, GatewayError):
+            # Expected outcomes: one line, no traceback, no request URI (it holds the code).
+            level = logging.WARNING if value.status >= 500 else logging.INFO
+            error_log.log(
+                level,
+                "%s %s -> %s %s: %s",
+                self.request.method,
+                self.request.path,
+                value.status,
+                value.code,
+                value.technical_message or value.message,
+                extra={"request_id": request_id_of(self.request)},
+            )
+            return
+        if isinstance(value, tornado.web.HTTPError):
+            return
+        error_log.error(
+            "unhandled error in %s %s (request %s)",
+            self.request.method,
+            self.request.path,
+            request_id_of(self.request),
+            exc_info=(typ, value, tb),  # type: ignore[arg-type]
+        )
+
+    def write_json(self, payload: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(payload))
+
+
+class NotFoundHandler(ErrorWriterMixin):
+    """Unknown paths get the envelope too, whatever the method."""
+
+    def prepare(self) -> None:
+        raise tornado.web.HTTPError(404)
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log without the query string: it holds the code and the state."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    access_log.log(
+        level,
+        "%s %s %d %.1fms request_id=%s",
+        handler.request.method,
+        handler.request.path,
+        status,
+        1000.0 * handler.request.request_time(),
+        request_id_of(handler.request),
+    )

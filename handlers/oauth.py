@@ -1,0 +1,124 @@
+"""The authorize and callback endpoints: parse, call the service, render."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from handlers.base import ErrorWriterMixin
+from services.connect import CallbackParams, ConnectionService
+from services.errors import ValidationFailed
+from services.product_auth import UserResolver
+
+# Generous for TikTok's real values, small enough to refuse garbage early.
+CALLBACK_LIMITS = {
+    "state": 4096,
+    "code": 2048,
+    "scopes": 1024,
+    "error": 128,
+    "error_description": 2048,
+}
+MAX_AUTHORIZE_BODY = 8192
+MAX_REQUESTED_SCOPES = 20
+
+
+class GatewayHandler(ErrorWriterMixin):
+    def initialize(self, service: ConnectionService, resolve_user: UserResolver) -> None:
+        self.service = service
+        self.resolve_user = resolve_user
+
+
+class AuthorizeHandler(GatewayHandler):
+    async def post(self) -> None:
+        owner_id = await self.resolve_user(self)
+        redirect_uri, scopes = self.check_body()
+        started = await self.service.start(owner_id, redirect_uri, scopes)
+        self.write_json(
+            {
+                "authorizationUrl": started.authorization_url,
+                "state": started.state,
+                "expiresAt": started.expires_at.isoformat().replace("+00:00", "Z"),
+            }
+        )
+
+    def check_body(self) -> tuple[str, list[str] | None]:
+        if len(self.request.body) > MAX_AUTHORIZE_BODY:
+            raise ValidationFailed(
+                "The request is too large.",
+                technical_message=f"body exceeds {MAX_AUTHORIZE_BODY} bytes",
+            )
+        try:
+            body: Any = json.loads(self.request.body or b"")
+        except (ValueError, UnicodeDecodeError):
+            raise ValidationFailed(
+                "The request body must be JSON.",
+                technical_message='expected a JSON object like {"redirectUri": "https://..."}',
+            ) from None
+        if not isinstance(body, dict):
+            raise ValidationFailed(
+                "The request body must be a JSON object.",
+                technical_message='expected a JSON object like {"redirectUri": "https://..."}',
+            )
+        redirect_uri = body.get("redirectUri")
+        if not isinstance(redirect_uri, str) or not redirect_uri:
+            raise ValidationFailed(
+                "Tell us where to send the user back: redirectUri is required.",
+                details={"field": "redirectUri"},
+            )
+        scopes = body.get("scopes")
+        if scopes is not None and (
+            not isinstance(scopes, list)
+            or not scopes
+            or len(scopes) > MAX_REQUESTED_SCOPES
+            or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in scopes)
+        ):
+            raise ValidationFailed(
+                "scopes must be a non-empty list of TikTok scope names.",
+                details={"field": "scopes"},
+            )
+        return redirect_uri, scopes
+
+
+class CallbackHandler(GatewayHandler):
+    async def get(self) -> None:
+        params = self.check_arguments()
+        connected = await self.service.complete(params)
+        self.redirect(connected.redirect_url, status=302)
+
+    def check_arguments(self) -> CallbackParams:
+        values: dict[str, str | None] = {}
+        for name, limit in CALLBACK_LIMITS.items():
+            raw = self.request.query_arguments.get(name, [])
+            if len(raw) > 1:
+                raise ValidationFailed(
+                    "This connection link is malformed. Please start connecting again.",
+                    technical_message=f"query parameter {name!r} is repeated",
+                    details={"field": name},
+                )
+            value = self.decode_argument(raw[0], name).strip() if raw else ""
+            if len(value) > limit or "\x00" in value:
+                raise ValidationFailed(
+                    "This connection link is malformed. Please start connecting again.",
+                    technical_message=f"query parameter {name!r} is too long or malformed",
+                    details={"field": name},
+                )
+            values[name] = value or None
+        if not values["state"]:
+            raise ValidationFailed(
+                "This connection link is incomplete. Please start connecting again.",
+                technical_message="state is missing",
+                details={"field": "state"},
+            )
+        if not values["code"] and not values["error"]:
+            raise ValidationFailed(
+                "This connection link is incomplete. Please start connecting again.",
+                technical_message="neither code nor error is present",
+                details={"field": "code"},
+            )
+        return CallbackParams(
+            state=values["state"] or "",
+            code=values["code"],
+            error=values["error"],
+            error_description=values["error_description"],
+            granted_scopes=values["scopes"],
+        )

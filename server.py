@@ -1,0 +1,203 @@
+"""Entry point and app factory of the TikTok account-connection gateway.
+
+Run it: ``python server.py`` (configuration from the environment, see README).
+Embed it: ``build_gateway(config)`` then ``routes(gateway)`` into your own
+``tornado.web.Application``, or ``make_app(config)`` for a ready application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import tornado.web
+from tornado.httpclient import AsyncHTTPClient
+from tornado.httpserver import HTTPServer
+
+from handlers.base import NotFoundHandler, log_request
+from handlers.health import HealthHandler, ReadinessHandler
+from handlers.oauth import AuthorizeHandler, CallbackHandler
+from services.config import Config, load_config
+from services.connect import ConnectionService
+from services.errors import ConfigError, GatewayError
+from services.product_auth import ProductTokenVerifier, UserResolver
+from services.state import StateCodec
+from services.tiktok import TikTokClient
+from storage.base import Store
+from storage.memory import MemoryStore
+
+log = logging.getLogger("gateway")
+
+STORE_RETRY_SECONDS = 5.0
+
+
+@dataclass
+class Gateway:
+    """Everything the handlers need, built once at start-up."""
+
+    config: Config
+    store: Store
+    service: ConnectionService
+    resolve_user: UserResolver
+    http_client: AsyncHTTPClient | None
+
+
+def create_store(config: Config) -> Store:
+    """The store named by the configuration; does no I/O."""
+    if not config.mongodb_uri:
+        log.warning(
+            "MONGODB_URI is not set: using the in-memory store. Nothing persists across "
+            "restarts, and it serves one process only."
+        )
+        return MemoryStore(config.cipher())
+    from storage.mongodb import MongoStore, connect_mongo
+
+    client, database = connect_mongo(
+        config.mongodb_uri,
+        config.mongodb_database,
+        driver=config.mongodb_driver,
+        server_selection_timeout_ms=config.mongodb_timeout_ms,
+        connect_timeout_ms=config.mongodb_timeout_ms,
+    )
+    return MongoStore(database, config.cipher(), client=client)
+
+
+def bearer_user_resolver(config: Config) -> UserResolver:
+    """Default way to know the product's user: its HS256 bearer JWT, claim ``sub``."""
+    verifier = ProductTokenVerifier(
+        config.auth_jwt_secret, config.auth_jwt_issuer, config.auth_jwt_audience
+    )
+
+    async def resolve(handler: tornado.web.RequestHandler) -> str:
+        claims = verifier.verify(handler.request.headers.get("Authorization"))
+        return str(claims["sub"])
+
+    return resolve
+
+
+def build_gateway(
+    config: Config,
+    *,
+    store: Store | None = None,
+    http_client: AsyncHTTPClient | None = None,
+    resolve_user: UserResolver | None = None,
+) -> Gateway:
+    """Wire the dependencies; a host application may supply its own store or resolver."""
+    store = store or create_store(config)
+    tiktok = TikTokClient(
+        http_client,
+        client_key=config.tiktok_client_key,
+        client_secret=config.tiktok_client_secret,
+        redirect_uri=config.tiktok_redirect_uri,
+        api_base_url=config.tiktok_api_base_url,
+        authorize_url=config.tiktok_authorize_url,
+        connect_timeout=config.tiktok_connect_timeout,
+        request_timeout=config.tiktok_request_timeout,
+    )
+    service = ConnectionService(
+        store=store,
+        tiktok=tiktok,
+        states=StateCodec(
+            config.state_secrets,
+            audience=config.tiktok_redirect_uri,
+            ttl_seconds=config.state_ttl_seconds,
+        ),
+        origins=config.allowed_redirect_origins,
+        default_scopes=config.tiktok_scopes,
+        pkce_mode=config.tiktok_pkce,
+    )
+    return Gateway(
+        config=config,
+        store=store,
+        service=service,
+        resolve_user=resolve_user or bearer_user_resolver(config),
+        http_client=http_client,
+    )
+
+
+def routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]:
+    """The gateway's routes, for mounting inside another Tornado application."""
+    flow = {"service": gateway.service, "resolve_user": gateway.resolve_user}
+    return [
+        tornado.web.url(f"{prefix}/oauth/tiktok/authorize", AuthorizeHandler, flow),
+        tornado.web.url(f"{prefix}/oauth/tiktok/callback", CallbackHandler, flow),
+        tornado.web.url(f"{prefix}/healthz", HealthHandler),
+        tornado.web.url(f"{prefix}/readyz", ReadinessHandler, {"store": gateway.store}),
+    ]
+
+
+def make_app(config: Config, **kwargs: Any) -> tornado.web.Application:
+    """A standalone application: the gateway's routes and a JSON 404 for the rest."""
+    gateway = build_gateway(config, **kwargs)
+    app = tornado.web.Application(
+        routes(gateway),
+        default_handler_class=NotFoundHandler,
+        log_function=log_request,
+        xsrf_cookies=False,
+    )
+    app.settings["gateway"] = gateway
+    return app
+
+
+async def initialize_store(store: Store, retry_seconds: float = STORE_RETRY_SECONDS) -> None:
+    """Create indexes, retrying in the background while the store is down."""
+    while True:
+        try:
+            await store.initialize()
+            log.info("store ready")
+            return
+        except GatewayError as exc:
+            log.warning(
+                "store not reachable yet (%s); retrying in %.0fs",
+                exc.technical_message or exc.message,
+                retry_seconds,
+            )
+            await asyncio.sleep(retry_seconds)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+async def serve(config: Config) -> None:
+    app = make_app(config)
+    gateway: Gateway = app.settings["gateway"]
+    server = HTTPServer(app, xheaders=False)
+    server.listen(config.port, address=config.host)
+    log.info("TikTok gateway listening on http://%s:%d", config.host, config.port)
+    init_task = asyncio.create_task(initialize_store(gateway.store))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    server.stop()
+    init_task.cancel()
+    await server.close_all_connections()
+    await gateway.store.close()
+
+
+def main(environ: Mapping[str, str] | None = None) -> int:
+    configure_logging()
+    try:
+        config = load_config(os.environ if environ is None else environ)
+    except ConfigError as exc:
+        print(f"tiktok-gateway: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Configuration from environment variables, validated all at once at start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from services.errors import ConfigError
+from services.redirects import AllowedOrigins
+from services.scopes import KNOWN_SCOPES
+from storage.crypto import TokenCipher
+
+MIN_HMAC_KEY_BYTES = 32
+PKCE_MODES = ("hex", "s256", "off")
+MONGODB_DRIVERS = ("motor", "pymongo")
+# Never echoed back in a configuration error: they end up in terminals and CI logs.
+SECRET_VARIABLES = frozenset(
+    {
+        "TIKTOK_CLIENT_SECRET",
+        "STATE_SECRET",
+        "AUTH_JWT_SECRET",
+        "TOKEN_ENCRYPTION_KEYS",
+        "MONGODB_URI",
+    }
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Config:
+    tiktok_client_key: str
+    tiktok_client_secret: str
+    tiktok_redirect_uri: str
+    state_secrets: tuple[bytes, ...]
+    auth_jwt_secret: bytes
+    allowed_redirect_origins: AllowedOrigins
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tiktok_authorize_url: str = "https://www.tiktok.com/v2/auth/authorize/"
+    tiktok_api_base_url: str = "https://open.tiktokapis.com"
+    tiktok_scopes: tuple[str, ...] = ("user.info.basic",)
+    tiktok_pkce: str = "hex"
+    state_ttl_seconds: int = 600
+    auth_jwt_issuer: str | None = None
+    auth_jwt_audience: str | None = None
+    mongodb_uri: str | None = None
+    mongodb_database: str = "tiktok_gateway"
+    mongodb_driver: str = "motor"
+    mongodb_timeout_ms: int = 2000
+    token_encryption_keys: tuple[tuple[str, bytes], ...] = ()
+    tiktok_connect_timeout: float = 3.0
+    tiktok_request_timeout: float = 5.0
+
+    def cipher(self) -> TokenCipher:
+        if self.token_encryption_keys:
+            return TokenCipher(list(self.token_encryption_keys))
+        return TokenCipher.ephemeral()
+
+
+class _Reader:
+    """Reads variables and collects every problem instead of stopping at the first."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def raw(self, name: str) -> str | None:
+        value = self.environ.get(name)
+        if value is None or not value.strip():
+            return None
+        return value.strip()
+
+    def required(self, name: str, meaning: str) -> str:
+        value = self.raw(name)
+        if value is None:
+            self.problems.append(f"{name} is required ({meaning})")
+            return ""
+        return value
+
+    def parsed(self, name: str, default: T, parse: Callable[[str], T], expect: str) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except ValueError as exc:
+            reason = str(exc) if str(exc) and not str(exc).startswith("invalid literal") else ""
+            shown = name if name in SECRET_VARIABLES else f"{name}={value!r}"
+            self.problems.append(
+                f"{shown} is invalid: expected {expect}" + (f" ({reason})" if reason else "")
+            )
+            return default
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = (self.raw(name) or default).lower()
+        if value not in choices:
+            self.problems.append(
+                f"{name}={value!r} is invalid: expected one of {', '.join(choices)}"
+            )
+            return default
+        return value
+
+
+def _positive_int(text: str) -> int:
+    number = int(text)
+    if number <= 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def _port(text: str) -> int:
+    number = int(text)
+    if not 0 <= number <= 65535:
+        raise ValueError("must be between 0 and 65535")
+    return number
+
+
+def _positive_float(text: str) -> float:
+    number = float(text)
+    if number <= 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def _hmac_keys(text: str) -> tuple[bytes, ...]:
+    keys = tuple(part.strip().encode() for part in text.split(","))
+    for index, key in enumerate(keys, start=1):
+        if len(key) < MIN_HMAC_KEY_BYTES:
+            raise ValueError(
+                f"key {index} is {len(key)} bytes; HS256 keys must be at least "
+                f"{MIN_HMAC_KEY_BYTES} bytes (generate one with: "
+                "python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+            )
+    return keys
+
+
+def _scopes(text: str) -> tuple[str, ...]:
+    scopes = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in scopes if s not in KNOWN_SCOPES]
+    if unknown or not scopes:
+        raise ValueError(f"unknown scope(s) {', '.join(unknown) or '(none given)'}")
+    return scopes
+
+
+def _absolute_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an absolute http(s) URL")
+    return text
+
+
+def _callback_url(text: str) -> str:
+    _absolute_url(text)
+    parts = urlsplit(text)
+    if parts.query or parts.fragment:
+        raise ValueError("TikTok requires a redirect URI without query or fragment")
+    if len(text) >= 512:
+        raise ValueError("TikTok requires a redirect URI shorter than 512 characters")
+    return text
+
+
+def load_config(environ: Mapping[str, str]) -> Config:
+    """Build the configuration or raise ``ConfigError`` naming every problem."""
+    env = _Reader(environ)
+    client_key = env.required("TIKTOK_CLIENT_KEY", "your TikTok app's client key")
+    client_secret = env.required("TIKTOK_CLIENT_SECRET", "your TikTok app's client secret")
+    redirect_uri = env.required(
+        "TIKTOK_REDIRECT_URI", "this gateway's public callback URL, registered with TikTok"
+    )
+    if redirect_uri:
+        redirect_uri = env.parsed("TIKTOK_REDIRECT_URI", "", _callback_url, "an absolute URL")
+
+    state_secrets: tuple[bytes, ...] = ()
+    if env.required("STATE_SECRET", "HS256 key(s) that sign the OAuth state, comma-separated"):
+        state_secrets = env.parsed("STATE_SECRET", (), _hmac_keys, "keys of at least 32 bytes")
+    auth_secret: tuple[bytes, ...] = ()
+    if env.required("AUTH_JWT_SECRET", "HS256 key that verifies your product's bearer tokens"):
+        auth_secret = env.parsed("AUTH_JWT_SECRET", (), _hmac_keys, "a key of at least 32 bytes")
+    if auth_secret and state_secrets and set(auth_secret) & set(state_secrets):
+        env.problems.append(
+            "AUTH_JWT_SECRET must differ from every STATE_SECRET key, so a product token "
+            "can never be mistaken for a state"
+        )
+
+    origins = AllowedOrigins(())
+    if env.required(
+        "ALLOWED_REDIRECT_ORIGINS", "comma-separated origins the product may be sent back to"
+    ):
+        origins = env.parsed(
+            "ALLOWED_REDIRECT_ORIGINS", origins, AllowedOrigins.parse, "origins like https://app.example.com"
+        )
+
+    mongodb_uri = env.raw("MONGODB_URI")
+    keys: tuple[tuple[str, bytes], ...] = ()
+    if env.raw("TOKEN_ENCRYPTION_KEYS"):
+        keys = env.parsed(
+            "TOKEN_ENCRYPTION_KEYS",
+            (),
+            lambda text: tuple(TokenCipher.parse_keys(text)),
+            "kid:base64key entries of 32-byte keys",
+        )
+    elif mongodb_uri:
+        env.problems.append(
+            "TOKEN_ENCRYPTION_KEYS is required with MONGODB_URI (tokens are stored encrypted; "
+            "generate one with: python -c 'import base64, os; "
+            "print(\"k1:\" + base64.b64encode(os.urandom(32)).decode())')"
+        )
+
+    config = Config(
+        host=env.raw("HOST") or "127.0.0.1",
+        port=env.parsed("PORT", 8080, _port, "a port number"),
+        tiktok_client_key=client_key,
+        tiktok_client_secret=client_secret,
+        tiktok_redirect_uri=redirect_uri,
+        tiktok_authorize_url=env.parsed(
+            "TIKTOK_AUTHORIZE_URL",
+            "https://www.tiktok.com/v2/auth/authorize/",
+            _absolute_url,
+            "an absolute URL",
+        ),
+        tiktok_api_base_url=env.parsed(
+            "TIKTOK_API_BASE_URL", "https://open.tiktokapis.com", _absolute_url, "an absolute URL"
+        ).rstrip("/"),
+        tiktok_scopes=env.parsed(
+            "TIKTOK_SCOPES", ("user.info.basic",), _scopes, "comma-separated TikTok scopes"
+        ),
+        tiktok_pkce=env.choice("TIKTOK_PKCE", "hex", PKCE_MODES),
+        state_secrets=state_secrets,
+        state_ttl_seconds=env.parsed("STATE_TTL_SECONDS", 600, _positive_int, "seconds"),
+        auth_jwt_secret=auth_secret[0] if auth_secret else b"",
+        auth_jwt_issuer=env.raw("AUTH_JWT_ISSUER"),
+        auth_jwt_audience=env.raw("AUTH_JWT_AUDIENCE"),
+        allowed_redirect_origins=origins,
+        mongodb_uri=mongodb_uri,
+        mongodb_database=env.raw("MONGODB_DATABASE") or "tiktok_gateway",
+        mongodb_driver=env.choice("MONGODB_DRIVER", "motor", MONGODB_DRIVERS),
+        mongodb_timeout_ms=env.parsed("MONGODB_TIMEOUT_MS", 2000, _positive_int, "milliseconds"),
+        token_encryption_keys=keys,
+        tiktok_connect_timeout=env.parsed(
+            "TIKTOK_CONNECT_TIMEOUT_SECONDS", 3.0, _positive_float, "seconds"
+        ),
+        tiktok_request_timeout=env.parsed(
+            "TIKTOK_REQUEST_TIMEOUT_SECONDS", 5.0, _positive_float, "seconds"
+        ),
+    )
+    if env.problems:
+        raise ConfigError(env.problems)
+    return config

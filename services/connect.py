@@ -1,0 +1,204 @@
+"""The connection flow: start an authorization, complete it from TikTok's callback."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from services import pkce
+from services.errors import (
+    AuthorizationDenied,
+    GatewayError,
+    ScopeMissing,
+    StateConflict,
+    ValidationFailed,
+)
+from services.redirects import AllowedOrigins, with_query
+from services.scopes import BASIC_SCOPE, KNOWN_SCOPES, parse_granted, user_fields_for
+from services.state import StateCodec
+from services.tiktok import TikTokClient, clip
+from storage.base import (
+    ClaimResult,
+    PendingAuthorization,
+    PendingStatus,
+    Store,
+    TokenGrant,
+)
+
+log = logging.getLogger("gateway.connect")
+
+MAX_SCOPES = 20
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class AuthorizationStart:
+    authorization_url: str
+    state: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class CallbackParams:
+    state: str
+    code: str | None
+    error: str | None
+    error_description: str | None
+    granted_scopes: str | None
+
+
+@dataclass(frozen=True)
+class Connected:
+    redirect_url: str
+    account_id: str
+
+
+class ConnectionService:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        tiktok: TikTokClient,
+        states: StateCodec,
+        origins: AllowedOrigins,
+        default_scopes: tuple[str, ...],
+        pkce_mode: str,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._store = store
+        self._tiktok = tiktok
+        self._states = states
+        self._origins = origins
+        self._default_scopes = default_scopes
+        self._pkce_mode = pkce_mode
+        self._clock = clock
+
+    async def start(
+        self, owner_id: str, redirect_uri: str, scopes: list[str] | None
+    ) -> AuthorizationStart:
+        redirect_uri = self._origins.check(redirect_uri)
+        requested = self._requested_scopes(scopes)
+        now = self._clock()
+        state, claims = self._states.mint(owner_id, redirect_uri, now)
+        verifier = pkce.new_verifier() if self._pkce_mode != "off" else None
+        await self._store.save_pending(
+            PendingAuthorization(
+                jti=claims.jti,
+                owner_id=owner_id,
+                redirect_uri=redirect_uri,
+                scopes=requested,
+                code_verifier=verifier,
+                created_at=now,
+                expires_at=claims.expires_at,
+            )
+        )
+        challenge = pkce.challenge(verifier, self._pkce_mode) if verifier else None
+        return AuthorizationStart(
+            authorization_url=self._tiktok.authorize_url(state, requested, challenge),
+            state=state,
+            expires_at=claims.expires_at,
+        )
+
+    def _requested_scopes(self, scopes: list[str] | None) -> list[str]:
+        if scopes is None:
+            return list(self._default_scopes)
+        unknown = [s for s in scopes if s not in KNOWN_SCOPES]
+        if unknown:
+            raise ValidationFailed(
+                "One of the requested TikTok permissions does not exist.",
+                technical_message="unknown scope requested",
+                details={
+                    "unknownScopes": unknown[:MAX_SCOPES],
+                    "knownScopes": sorted(KNOWN_SCOPES),
+                },
+            )
+        requested = list(dict.fromkeys(scopes))
+        if BASIC_SCOPE not in requested:
+            # The account cannot be identified or shown without it.
+            requested.insert(0, BASIC_SCOPE)
+        return requested
+
+    async def complete(self, params: CallbackParams) -> Connected:
+        """Run the callback; exactly one caller per state gets past the claim."""
+        now = self._clock()
+        claims = self._states.verify(params.state, now)
+        # Same code (or same TikTok error) + same state = the same callback repeated.
+        digest = hashlib.sha256(
+            f"{params.code or ''}\x1f{params.error or ''}".encode()
+        ).hexdigest()
+        outcome = await self._store.claim_pending(claims.jti, callback_digest=digest, now=now)
+        if outcome.result is ClaimResult.ALREADY_COMPLETED:
+            pending = outcome.pending
+            if pending and pending.callback_digest == digest and pending.final_redirect:
+                return Connected(redirect_url=pending.final_redirect, account_id="")
+            raise StateConflict(technical_message="state already completed with another code")
+        if outcome.result is not ClaimResult.CLAIMED or outcome.pending is None:
+            raise StateConflict(technical_message=f"state cannot be used: {outcome.result.value}")
+        pending = outcome.pending
+        if pending.owner_id != claims.owner_id or pending.redirect_uri != claims.redirect_uri:
+            await self._store.finish_pending(claims.jti, status=PendingStatus.FAILED)
+            raise StateConflict(technical_message="state does not match its pending record")
+        try:
+            connected = await self._connect(pending, params)
+        except GatewayError:
+            await self._store.finish_pending(claims.jti, status=PendingStatus.FAILED)
+            raise
+        await self._store.finish_pending(
+            claims.jti, status=PendingStatus.COMPLETED, final_redirect=connected.redirect_url
+        )
+        return connected
+
+    async def _connect(self, pending: PendingAuthorization, params: CallbackParams) -> Connected:
+        if params.error:
+            technical = f"TikTok returned error {clip(params.error)!r}"
+            if params.error_description:
+                technical += f": {clip(params.error_description)}"
+            raise AuthorizationDenied(
+                technical_message=technical, details={"providerError": clip(params.error)}
+            )
+        if not params.code:
+            raise ValidationFailed(technical_message="callback has neither code nor error")
+        # The redirect URI is re-checked: the allow-list may have shrunk since minting.
+        redirect_uri = self._origins.check(pending.redirect_uri)
+        if params.granted_scopes is not None:
+            # Refuse before the exchange, so no token is obtained that we would not keep.
+            _require_basic_scope(parse_granted(params.granted_scopes))
+        tokens = await self._tiktok.exchange_code(params.code, pending.code_verifier)
+        granted = tokens.scopes or parse_granted(params.granted_scopes)
+        _require_basic_scope(granted)
+        now = self._clock()
+        account = await self._store.save_account_tokens(
+            pending.owner_id,
+            TokenGrant(
+                open_id=tokens.open_id,
+                access_token=tokens.access_token,
+                refresh_token=tokens.refresh_token,
+                access_token_expires_at=now + timedelta(seconds=tokens.expires_in),
+                refresh_token_expires_at=now + timedelta(seconds=tokens.refresh_expires_in),
+                scopes=granted,
+            ),
+            now=now,
+        )
+        # Tokens are safe in the store from here: a profile failure leaves the
+        # account connected with its profile pending, and the caller sees 503.
+        user = await self._tiktok.fetch_user(tokens.access_token, user_fields_for(granted))
+        await self._store.save_account_profile(account.id, user.fields, now=self._clock())
+        log.info("connected account %s for owner (log_id=%s)", account.id, user.log_id or "-")
+        return Connected(
+            redirect_url=with_query(redirect_uri, {"platform": "tiktok", "status": "connected"}),
+            account_id=account.id,
+        )
+
+
+def _require_basic_scope(granted: list[str]) -> None:
+    if BASIC_SCOPE not in granted:
+        raise ScopeMissing(
+            technical_message=f"granted scopes lack {BASIC_SCOPE}",
+            details={"grantedScopes": granted[:MAX_SCOPES]},
+        )

@@ -1,0 +1,108 @@
+"""The OAuth ``state``: a short-lived HS256 JWT naming a pending authorization.
+
+It is typed (``typ`` header) and audience-bound to this gateway's callback, so
+neither a product bearer token nor a state minted for another deployment can
+pass as one (RFC 8725 sections 3.1, 3.11, 3.12).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import jwt
+
+from services.errors import InvalidState
+
+STATE_TYP = "tiktok-gateway-state+jwt"
+STATE_ISSUER = "tiktok-gateway"
+ALGORITHM = "HS256"
+REQUIRED_CLAIMS = ("exp", "iat", "jti", "aud", "iss", "sub", "redirect_uri")
+# Clock skew tolerated between the gateway processes that mint and verify.
+LEEWAY_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class StateClaims:
+    jti: str
+    owner_id: str
+    redirect_uri: str
+    issued_at: datetime
+    expires_at: datetime
+
+
+class StateCodec:
+    def __init__(self, keys: tuple[bytes, ...], audience: str, ttl_seconds: int) -> None:
+        if not keys:
+            raise ValueError("at least one state key is required")
+        self._keys = keys
+        self._audience = audience
+        self.ttl = timedelta(seconds=ttl_seconds)
+        self._jwt = jwt.PyJWT(options={"enforce_minimum_key_length": True})
+
+    def mint(self, owner_id: str, redirect_uri: str, now: datetime) -> tuple[str, StateClaims]:
+        claims = StateClaims(
+            jti=secrets.token_urlsafe(24),
+            owner_id=owner_id,
+            redirect_uri=redirect_uri,
+            issued_at=now,
+            expires_at=now + self.ttl,
+        )
+        token = self._jwt.encode(
+            {
+                "iss": STATE_ISSUER,
+                "aud": self._audience,
+                "sub": owner_id,
+                "jti": claims.jti,
+                "iat": int(now.timestamp()),
+                "exp": int(claims.expires_at.timestamp()),
+                "redirect_uri": redirect_uri,
+            },
+            self._keys[0],
+            algorithm=ALGORITHM,
+            headers={"typ": STATE_TYP},
+        )
+        return token, claims
+
+    def verify(self, token: str, now: datetime) -> StateClaims:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise InvalidState(technical_message=f"state is not a JWT: {exc}") from None
+        if header.get("alg") != ALGORITHM or header.get("typ") != STATE_TYP:
+            raise InvalidState(technical_message="state has the wrong JWT type or algorithm")
+        payload = None
+        for key in self._keys:
+            try:
+                payload = self._jwt.decode(
+                    token,
+                    key,
+                    algorithms=[ALGORITHM],
+                    audience=self._audience,
+                    issuer=STATE_ISSUER,
+                    leeway=LEEWAY_SECONDS,
+                    options={"require": list(REQUIRED_CLAIMS)},
+                )
+                break
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.ExpiredSignatureError:
+                raise InvalidState(technical_message="state expired") from None
+            except jwt.PyJWTError as exc:
+                raise InvalidState(technical_message=f"state rejected: {exc}") from None
+        if payload is None:
+            raise InvalidState(technical_message="state signature does not verify")
+        issued_at = payload["iat"]
+        if not isinstance(issued_at, int) or issued_at > now.timestamp() + LEEWAY_SECONDS:
+            raise InvalidState(technical_message="state was issued in the future")
+        for claim in ("sub", "jti", "redirect_uri"):
+            if not isinstance(payload[claim], str) or not payload[claim]:
+                raise InvalidState(technical_message=f"state claim {claim} is malformed")
+        return StateClaims(
+            jti=payload["jti"],
+            owner_id=payload["sub"],
+            redirect_uri=payload["redirect_uri"],
+            issued_at=datetime.fromtimestamp(issued_at, now.tzinfo),
+            expires_at=datetime.fromtimestamp(payload["exp"], now.tzinfo),
+        )

@@ -1,0 +1,307 @@
+"""TikTok's OAuth 2.0 and user-info endpoints, as TikTok really behaves.
+
+Every outbound call goes through ``_fetch``, which logs without secrets and turns
+transport failures into one domain exception. The HTTP client is injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+
+from services.errors import ProviderRejected, ProviderUnavailable
+
+log = logging.getLogger("gateway.tiktok")
+
+TOKEN_PATH = "/v2/oauth/token/"  # noqa: S105 - a URL path, not a secret
+USER_INFO_PATH = "/v2/user/info/"
+REVOKE_PATH = "/v2/oauth/revoke/"
+# TikTok's token errors that mean "try later", not "your request is wrong".
+TRANSIENT_TOKEN_ERRORS = frozenset({"server_error", "temporarily_unavailable"})
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_PROVIDER_TEXT = 200
+RETRY_AFTER_CAP_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class TokenResponse:
+    open_id: str
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    refresh_expires_in: int
+    scopes: list[str]
+    log_id: str | None
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    fields: dict[str, Any]
+    log_id: str | None
+
+
+@dataclass
+class _Reply:
+    status: int
+    body: Any
+    retry_after: float | None
+    log_id: str | None
+
+
+class _Retryable(Exception):
+    def __init__(self, error: ProviderUnavailable, delay: float | None) -> None:
+        self.error = error
+        self.delay = delay
+
+
+def clip(text: Any) -> str:
+    """Provider text is untrusted: bounded, single-line, never trusted as markup."""
+    return " ".join(str(text).split())[:MAX_PROVIDER_TEXT]
+
+
+def _retry_after(response: HTTPResponse) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value and value.strip().isdigit():
+        return float(value.strip())
+    return None
+
+
+class TikTokClient:
+    def __init__(
+        self,
+        http: AsyncHTTPClient | None,
+        *,
+        client_key: str,
+        client_secret: str,
+        redirect_uri: str,
+        api_base_url: str,
+        authorize_url: str,
+        connect_timeout: float,
+        request_timeout: float,
+        profile_retries: int = 2,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        self._http = http
+        self._client_key = client_key
+        self._client_secret = client_secret
+        self._redirect_uri = redirect_uri
+        self._api = api_base_url.rstrip("/")
+        self._authorize_url = authorize_url
+        self._connect_timeout = connect_timeout
+        self._request_timeout = request_timeout
+        self._profile_retries = profile_retries
+        self._sleep = sleep
+
+    def authorize_url(self, state: str, scopes: list[str], code_challenge: str | None) -> str:
+        params = {
+            "client_key": self._client_key,
+            "response_type": "code",
+            "scope": ",".join(scopes),
+            "redirect_uri": self._redirect_uri,
+            "state": state,
+        }
+        if code_challenge:
+            params["code_challenge"] = code_challenge
+            params["code_challenge_method"] = "S256"
+        separator = "&" if "?" in self._authorize_url else "?"
+        return self._authorize_url + separator + urlencode(params)
+
+    async def exchange_code(self, code: str, code_verifier: str | None) -> TokenResponse:
+        form = {
+            "client_key": self._client_key,
+            "client_secret": self._client_secret,
+            "code": code,
+            "grant_type": "authorization_code",
+            "redirect_uri": self._redirect_uri,
+        }
+        if code_verifier:
+            form["code_verifier"] = code_verifier
+        reply = await self._post_form(TOKEN_PATH, form, "token")
+        return self._token_response(reply)
+
+    async def fetch_user(self, access_token: str, fields: list[str]) -> UserInfo:
+        """GET user info; transient failures are retried a bounded number of times."""
+        url = f"{self._api}{USER_INFO_PATH}?{urlencode({'fields': ','.join(fields)})}"
+        attempt = 0
+        while True:
+            try:
+                reply = await self._fetch(
+                    HTTPRequest(url, headers={"Authorization": f"Bearer {access_token}"}),
+                    "user_info",
+                )
+                return self._user_info(reply)
+            except _Retryable as retry:
+                if attempt >= self._profile_retries:
+                    raise retry.error from None
+                backoff = 0.2 * (2**attempt) * random.uniform(0.5, 1.5)  # noqa: S311
+                await self._sleep(min(max(retry.delay or 0.0, backoff), RETRY_AFTER_CAP_SECONDS))
+                attempt += 1
+
+    async def _post_form(self, path: str, form: dict[str, str], endpoint: str) -> _Reply:
+        request = HTTPRequest(
+            f"{self._api}{path}",
+            method="POST",
+            # Exactly this type: a charset suffix has been seen refused by TikTok.
+            headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Cache-Control": "no-cache",
+            },
+            body=urlencode(form),
+        )
+        try:
+            return await self._fetch(request, endpoint)
+        except _Retryable as retry:
+            # The request may have reached TikTok: a code is single-use, so never resend.
+            raise retry.error from None
+
+    async def _fetch(self, request: HTTPRequest, endpoint: str) -> _Reply:
+        request.connect_timeout = self._connect_timeout
+        request.request_timeout = self._request_timeout
+        request.headers.setdefault("Accept", "application/json")
+        if self._http is None:
+            # Created on first use, inside the running loop, never at import time.
+            self._http = AsyncHTTPClient()
+        started = time.monotonic()
+        for refused_attempt in range(2):
+            try:
+                response = await self._http.fetch(request, raise_error=False)
+                break
+            except OSError as exc:
+                if exc.errno == errno.ECONNREFUSED and refused_attempt == 0:
+                    # Nothing was sent: the one failure that is always safe to retry.
+                    continue
+                self._log(request, endpoint, started, f"failed ({type(exc).__name__})", None)
+                raise _Retryable(self._unavailable(endpoint, type(exc).__name__), None) from None
+            except HTTPClientError as exc:
+                # 599: timeout or connection lost; tornado raises these even with raise_error=False.
+                reason = "timeout" if "Timeout" in str(exc) else "connection error"
+                self._log(request, endpoint, started, f"failed ({reason})", None)
+                raise _Retryable(self._unavailable(endpoint, reason), None) from None
+        body: Any = None
+        log_id = response.headers.get("X-Tt-Logid")
+        try:
+            body = json.loads(response.body or b"")
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            log_id = _extract_log_id(body) or log_id
+        self._log(request, endpoint, started, str(response.code), log_id)
+        reply = _Reply(response.code, body, _retry_after(response), log_id)
+        if response.code in RETRYABLE_STATUSES or response.code >= 500:
+            raise _Retryable(
+                self._unavailable(endpoint, f"HTTP {response.code}", reply), reply.retry_after
+            )
+        if not isinstance(body, dict):
+            raise _Retryable(self._unavailable(endpoint, "unreadable body", reply), None)
+        return reply
+
+    def _unavailable(
+        self, endpoint: str, reason: str, reply: _Reply | None = None
+    ) -> ProviderUnavailable:
+        details: dict[str, Any] = {"dependency": "tiktok", "endpoint": endpoint}
+        if reply and reply.log_id:
+            details["logId"] = reply.log_id
+        retry_after = 5
+        if reply and reply.retry_after:
+            retry_after = max(1, min(int(reply.retry_after), 60))
+        return ProviderUnavailable(
+            technical_message=f"TikTok {endpoint} endpoint: {reason}",
+            details=details,
+            retry_after=retry_after,
+        )
+
+    def _log(
+        self, request: HTTPRequest, endpoint: str, started: float, outcome: str, log_id: str | None
+    ) -> None:
+        log.info(
+            "tiktok %s %s %s -> %s in %.0f ms log_id=%s",
+            endpoint,
+            request.method,
+            request.url.split("?", 1)[0],
+            outcome,
+            (time.monotonic() - started) * 1000,
+            log_id or "-",
+        )
+
+    def _token_response(self, reply: _Reply) -> TokenResponse:
+        body = reply.body
+        error = body.get("error")
+        # TikTok answers some errors with HTTP 200: judge the body, not the status.
+        if error or reply.status != 200:
+            code = clip(error if isinstance(error, str) else "unknown_error")
+            details = {"providerError": code, "dependency": "tiktok"}
+            if reply.log_id:
+                details["logId"] = reply.log_id
+            technical = f"TikTok token endpoint refused the request: {code}"
+            if body.get("error_description"):
+                technical += f" ({clip(body['error_description'])})"
+            if code in TRANSIENT_TOKEN_ERRORS:
+                raise ProviderUnavailable(technical_message=technical, details=details)
+            if code in ("invalid_client", "unauthorized_client"):
+                log.error("TikTok rejected the client credentials: check TIKTOK_CLIENT_KEY/SECRET")
+            raise ProviderRejected(technical_message=technical, details=details)
+        try:
+            return TokenResponse(
+                open_id=_nonempty_str(body["open_id"]),
+                access_token=_nonempty_str(body["access_token"]),
+                refresh_token=_nonempty_str(body["refresh_token"]),
+                expires_in=_positive_int(body["expires_in"]),
+                refresh_expires_in=_positive_int(body["refresh_expires_in"]),
+                scopes=[s for s in str(body.get("scope") or "").split(",") if s.strip()],
+                log_id=reply.log_id,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._unavailable("token", f"unexpected token body ({exc!r})", reply) from None
+
+    def _user_info(self, reply: _Reply) -> UserInfo:
+        body = reply.body
+        error = body.get("error") if isinstance(body.get("error"), dict) else {}
+        code = error.get("code")
+        user = (body.get("data") or {}).get("user") if isinstance(body.get("data"), dict) else None
+        if reply.status == 200 and code == "ok" and isinstance(user, dict):
+            return UserInfo(fields=user, log_id=reply.log_id)
+        details: dict[str, Any] = {
+            "dependency": "tiktok",
+            "endpoint": "user_info",
+            "providerError": clip(code or f"HTTP {reply.status}"),
+        }
+        if reply.log_id:
+            details["logId"] = reply.log_id
+        # Not retryable (401/400...): the profile stays pending and the caller answers 503.
+        raise ProviderUnavailable(
+            "We connected your TikTok account but could not load its profile. "
+            "Please try again in a moment.",
+            technical_message=f"TikTok user info failed: {details['providerError']}",
+            details=details,
+        )
+
+
+def _extract_log_id(body: dict[str, Any]) -> str | None:
+    if isinstance(body.get("log_id"), str):
+        return clip(body["log_id"])
+    error = body.get("error")
+    if isinstance(error, dict) and isinstance(error.get("log_id"), str):
+        return clip(error["log_id"])
+    return None
+
+
+def _nonempty_str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError("expected a positive integer")
+    return value

@@ -1,0 +1,169 @@
+"""The store interface and the records it holds.
+
+Implementations: ``storage.memory.MemoryStore`` (one process, nothing persists)
+and ``storage.mongodb.MongoStore``. Both raise ``StoreUnavailable`` for every
+infrastructure failure, so callers never see driver exceptions.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+PLATFORM = "tiktok"
+
+
+class PendingStatus(enum.StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class AccountStatus(enum.StrEnum):
+    CONNECTED = "connected"
+    REAUTHORIZATION_REQUIRED = "reauthorization_required"
+    REVOKED = "revoked"
+
+
+@dataclass
+class PendingAuthorization:
+    """One started connection, named by the state JWT's ``jti``."""
+
+    jti: str
+    owner_id: str
+    redirect_uri: str
+    scopes: list[str]
+    code_verifier: str | None
+    created_at: datetime
+    expires_at: datetime
+    status: PendingStatus = PendingStatus.PENDING
+    # Digest of what the callback presented when it claimed the record, so a
+    # repeated identical callback can be told from a forged one.
+    callback_digest: str | None = None
+    final_redirect: str | None = None
+
+
+class ClaimResult(enum.StrEnum):
+    CLAIMED = "claimed"
+    ALREADY_COMPLETED = "already_completed"
+    IN_PROGRESS = "in_progress"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    UNKNOWN = "unknown"
+
+
+@dataclass
+class ClaimOutcome:
+    result: ClaimResult
+    pending: PendingAuthorization | None = None
+
+
+@dataclass
+class TokenGrant:
+    """What a successful token exchange or refresh gave us, with absolute expiries."""
+
+    open_id: str
+    access_token: str
+    refresh_token: str
+    access_token_expires_at: datetime
+    refresh_token_expires_at: datetime
+    scopes: list[str]
+
+
+@dataclass
+class Account:
+    """A connected TikTok account as the product may see it: never a token."""
+
+    id: str
+    owner_id: str
+    platform_account_id: str
+    scopes: list[str]
+    status: AccountStatus
+    access_token_expires_at: datetime | None
+    refresh_token_expires_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    platform: str = PLATFORM
+    union_id: str | None = None
+    display_name: str | None = None
+    avatar_url: str | None = None
+    username: str | None = None
+    profile_pending: bool = True
+    profile: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AccountTokens:
+    access_token: str
+    refresh_token: str
+    access_token_expires_at: datetime
+    refresh_token_expires_at: datetime
+
+
+PROFILE_FIELDS = {
+    # TikTok user-info field -> account attribute
+    "union_id": "union_id",
+    "display_name": "display_name",
+    "avatar_url": "avatar_url",
+    "username": "username",
+}
+
+
+class Store(abc.ABC):
+    """Persistence for pending authorizations and connected accounts."""
+
+    @abc.abstractmethod
+    async def initialize(self) -> None:
+        """Create indexes; safe to call at every start-up."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` unless the store answers."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # -- pending authorizations -------------------------------------------------
+
+    @abc.abstractmethod
+    async def save_pending(self, pending: PendingAuthorization) -> None: ...
+
+    @abc.abstractmethod
+    async def claim_pending(self, jti: str, *, callback_digest: str, now: datetime) -> ClaimOutcome:
+        """Atomically move a live pending record to in-progress.
+
+        Exactly one concurrent caller gets ``CLAIMED``; the others learn what
+        state the record is in.
+        """
+
+    @abc.abstractmethod
+    async def finish_pending(
+        self, jti: str, *, status: PendingStatus, final_redirect: str | None = None
+    ) -> None: ...
+
+    # -- accounts -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def save_account_tokens(
+        self, owner_id: str, grant: TokenGrant, *, now: datetime
+    ) -> Account:
+        """Create or update the (owner, tiktok, open_id) account with fresh tokens."""
+
+    @abc.abstractmethod
+    async def save_account_profile(
+        self, account_id: str, profile: dict[str, Any], *, now: datetime
+    ) -> Account: ...
+
+    @abc.abstractmethod
+    async def get_account(self, account_id: str) -> Account | None: ...
+
+    @abc.abstractmethod
+    async def list_accounts(self, owner_id: str) -> list[Account]: ...
+
+    @abc.abstractmethod
+    async def get_account_tokens(self, account_id: str) -> AccountTokens | None:
+        """The only way to read tokens back in clear text."""

@@ -1,0 +1,143 @@
+"""In-memory store: one process, nothing survives a restart.
+
+Every method runs without awaiting between its read and its write, so on one
+event loop each operation is atomic, which is what ``claim_pending`` needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from storage.base import (
+    PROFILE_FIELDS,
+    Account,
+    AccountStatus,
+    AccountTokens,
+    ClaimOutcome,
+    ClaimResult,
+    PendingAuthorization,
+    PendingStatus,
+    Store,
+    TokenGrant,
+)
+from storage.crypto import TokenCipher
+from storage.tokens import TokenSealer
+
+_CLAIM_REFUSALS = {
+    PendingStatus.IN_PROGRESS: ClaimResult.IN_PROGRESS,
+    PendingStatus.FAILED: ClaimResult.FAILED,
+}
+
+
+class MemoryStore(Store):
+    def __init__(self, cipher: TokenCipher | None = None) -> None:
+        self._sealer = TokenSealer(cipher or TokenCipher.ephemeral())
+        self._pending: dict[str, PendingAuthorization] = {}
+        self._accounts: dict[str, Account] = {}
+        self._sealed_tokens: dict[str, dict[str, Any]] = {}
+        self._account_ids: dict[tuple[str, str, str], str] = {}
+
+    async def initialize(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def save_pending(self, pending: PendingAuthorization) -> None:
+        self._purge_expired(pending.created_at)
+        self._pending[pending.jti] = copy.deepcopy(pending)
+
+    async def claim_pending(self, jti: str, *, callback_digest: str, now: datetime) -> ClaimOutcome:
+        pending = self._pending.get(jti)
+        if pending is None:
+            return ClaimOutcome(ClaimResult.UNKNOWN)
+        if pending.status is PendingStatus.COMPLETED:
+            return ClaimOutcome(ClaimResult.ALREADY_COMPLETED, copy.deepcopy(pending))
+        if pending.status in _CLAIM_REFUSALS:
+            return ClaimOutcome(_CLAIM_REFUSALS[pending.status], copy.deepcopy(pending))
+        if pending.expires_at <= now:
+            return ClaimOutcome(ClaimResult.EXPIRED, copy.deepcopy(pending))
+        pending.status = PendingStatus.IN_PROGRESS
+        pending.callback_digest = callback_digest
+        return ClaimOutcome(ClaimResult.CLAIMED, copy.deepcopy(pending))
+
+    async def finish_pending(
+        self, jti: str, *, status: PendingStatus, final_redirect: str | None = None
+    ) -> None:
+        pending = self._pending.get(jti)
+        if pending is not None:
+            pending.status = status
+            pending.final_redirect = final_redirect
+            # Only the outcome is needed from here on.
+            pending.code_verifier = None
+
+    def _purge_expired(self, now: datetime) -> None:
+        # Mirrors MongoDB's TTL index, so a long-running demo does not grow forever.
+        expired = [jti for jti, p in self._pending.items() if p.expires_at <= now]
+        for jti in expired:
+            del self._pending[jti]
+
+    async def save_account_tokens(
+        self, owner_id: str, grant: TokenGrant, *, now: datetime
+    ) -> Account:
+        natural_key = (owner_id, "tiktok", grant.open_id)
+        account_id = self._account_ids.get(natural_key)
+        if account_id is None:
+            account_id = uuid.uuid4().hex
+            self._account_ids[natural_key] = account_id
+            account = Account(
+                id=account_id,
+                owner_id=owner_id,
+                platform_account_id=grant.open_id,
+                scopes=list(grant.scopes),
+                status=AccountStatus.CONNECTED,
+                access_token_expires_at=grant.access_token_expires_at,
+                refresh_token_expires_at=grant.refresh_token_expires_at,
+                created_at=now,
+                updated_at=now,
+            )
+        else:
+            account = replace(
+                self._accounts[account_id],
+                scopes=list(grant.scopes),
+                status=AccountStatus.CONNECTED,
+                access_token_expires_at=grant.access_token_expires_at,
+                refresh_token_expires_at=grant.refresh_token_expires_at,
+                updated_at=now,
+            )
+        self._accounts[account_id] = account
+        self._sealed_tokens[account_id] = self._sealer.seal(owner_id, grant)
+        return copy.deepcopy(account)
+
+    async def save_account_profile(
+        self, account_id: str, profile: dict[str, Any], *, now: datetime
+    ) -> Account:
+        account = self._accounts[account_id]
+        for tiktok_field, attribute in PROFILE_FIELDS.items():
+            if tiktok_field in profile:
+                setattr(account, attribute, profile[tiktok_field])
+        account.profile = dict(profile)
+        account.profile_pending = False
+        account.updated_at = now
+        return copy.deepcopy(account)
+
+    async def get_account(self, account_id: str) -> Account | None:
+        account = self._accounts.get(account_id)
+        return copy.deepcopy(account) if account else None
+
+    async def list_accounts(self, owner_id: str) -> list[Account]:
+        return [copy.deepcopy(a) for a in self._accounts.values() if a.owner_id == owner_id]
+
+    async def get_account_tokens(self, account_id: str) -> AccountTokens | None:
+        account = self._accounts.get(account_id)
+        sealed = self._sealed_tokens.get(account_id)
+        if account is None or sealed is None:
+            return None
+        return self._sealer.open(account.owner_id, account.platform_account_id, sealed)

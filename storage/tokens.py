@@ -1,0 +1,48 @@
+"""Sealing and opening the token fields of an account record."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from storage.base import PLATFORM, AccountTokens, TokenGrant
+from storage.crypto import TokenCipher
+
+
+def _associated_data(owner_id: str, open_id: str, field: str) -> str:
+    return "\x1f".join((owner_id, PLATFORM, open_id, field))
+
+
+class TokenSealer:
+    """Turns a grant into stored fields whose tokens are ciphertext only."""
+
+    def __init__(self, cipher: TokenCipher) -> None:
+        self._cipher = cipher
+
+    def seal(self, owner_id: str, grant: TokenGrant) -> dict[str, Any]:
+        return {
+            "accessToken": self._cipher.encrypt(
+                grant.access_token, _associated_data(owner_id, grant.open_id, "accessToken")
+            ),
+            "refreshToken": self._cipher.encrypt(
+                grant.refresh_token, _associated_data(owner_id, grant.open_id, "refreshToken")
+            ),
+            "accessTokenExpiresAt": grant.access_token_expires_at,
+            "refreshTokenExpiresAt": grant.refresh_token_expires_at,
+        }
+
+    def open(self, owner_id: str, open_id: str, sealed: dict[str, Any]) -> AccountTokens | None:
+        if not sealed.get("accessToken") or not sealed.get("refreshToken"):
+            return None
+        access_expiry: datetime = sealed["accessTokenExpiresAt"]
+        refresh_expiry: datetime = sealed["refreshTokenExpiresAt"]
+        return AccountTokens(
+            access_token=self._cipher.decrypt(
+                sealed["accessToken"], _associated_data(owner_id, open_id, "accessToken")
+            ),
+            refresh_token=self._cipher.decrypt(
+                sealed["refreshToken"], _associated_data(owner_id, open_id, "refreshToken")
+            ),
+            access_token_expires_at=access_expiry,
+            refresh_token_expires_at=refresh_expiry,
+        )

@@ -1,0 +1,258 @@
+"""The gateway over real HTTP, for everything that does not reach TikTok."""
+
+from __future__ import annotations
+
+import json
+import time
+from urllib.parse import urlencode
+
+import jwt
+import pytest
+
+from server import make_app
+from services.state import STATE_ISSUER, STATE_TYP
+from tests.support import (
+    AUTH_SECRET,
+    CLIENT_KEY,
+    CLIENT_SECRET,
+    PRODUCT_REDIRECT,
+    REDIRECT_URI,
+    STATE_SECRET,
+    assert_envelope,
+    bearer,
+    make_config,
+    query_of,
+)
+
+
+@pytest.fixture
+def app():
+    return make_app(make_config())
+
+
+async def authorize(http_client, base_url, body=None, headers=None):
+    return await http_client.fetch(
+        f"{base_url}/oauth/tiktok/authorize",
+        method="POST",
+        body=json.dumps(body if body is not None else {"redirectUri": PRODUCT_REDIRECT}),
+        headers=headers if headers is not None else bearer(),
+        raise_error=False,
+    )
+
+
+async def callback(http_client, base_url, **params):
+    return await http_client.fetch(
+        f"{base_url}/oauth/tiktok/callback?{urlencode(params, doseq=True)}",
+        follow_redirects=False,
+        raise_error=False,
+    )
+
+
+async def start_state(http_client, base_url) -> str:
+    response = await authorize(http_client, base_url)
+    assert response.code == 200, response.body
+    return json.loads(response.body)["state"]
+
+
+def forged_state(key: str = STATE_SECRET, algorithm: str = "HS256", **overrides):
+    now = int(time.time())
+    claims = {
+        "iss": STATE_ISSUER,
+        "aud": REDIRECT_URI,
+        "sub": "user-123",
+        "jti": "forged-jti",
+        "iat": now,
+        "exp": now + 600,
+        "redirect_uri": PRODUCT_REDIRECT,
+    }
+    claims.update(overrides)
+    claims = {k: v for k, v in claims.items() if v is not None}
+    return jwt.encode(claims, key, algorithm=algorithm, headers={"typ": STATE_TYP})
+
+
+# -- authorize -------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_authorize_returns_tiktok_url_without_secret(http_client, base_url):
+    response = await authorize(
+        http_client, base_url, {"redirectUri": PRODUCT_REDIRECT, "scopes": ["user.info.profile"]}
+    )
+    assert response.code == 200
+    body = json.loads(response.body)
+    url = body["authorizationUrl"]
+    assert url.startswith("https://www.tiktok.com/v2/auth/authorize/?")
+    query = query_of(url)
+    assert query["client_key"] == [CLIENT_KEY]
+    assert query["response_type"] == ["code"]
+    assert query["scope"] == ["user.info.basic,user.info.profile"]
+    assert query["redirect_uri"] == [REDIRECT_URI]
+    assert query["state"] == [body["state"]]
+    assert len(query["code_challenge"][0]) == 64  # hex SHA-256, TikTok's documented form
+    assert query["code_challenge_method"] == ["S256"]
+    assert CLIENT_SECRET not in url and "client_secret" not in url
+    assert body["expiresAt"].endswith("Z")
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Basic abc"},
+        {"Authorization": "Bearer not-a-jwt"},
+        {"Authorization": "Bearer " + jwt.encode({"sub": "u", "exp": 9999999999}, "x" * 40)},
+        {"Authorization": "Bearer " + jwt.encode({"sub": "u", "exp": 1}, AUTH_SECRET)},
+        {"Authorization": "Bearer " + jwt.encode({"exp": 9999999999}, AUTH_SECRET)},
+    ],
+    ids=["missing", "basic", "garbage", "wrong-key", "expired", "no-sub"],
+)
+async def test_authorize_refuses_bad_bearer(http_client, base_url, headers):
+    response = await authorize(http_client, base_url, headers=headers)
+    assert_envelope(response, 401, "UNAUTHORIZED")
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(
+    "body",
+    [
+        "not json",
+        "[1, 2]",
+        json.dumps({}),
+        json.dumps({"redirectUri": "https://evil.example.net/steal"}),
+        json.dumps({"redirectUri": PRODUCT_REDIRECT, "scopes": ["user.info.basic", "god.mode"]}),
+        json.dumps({"redirectUri": PRODUCT_REDIRECT, "scopes": "user.info.basic"}),
+        json.dumps({"redirectUri": PRODUCT_REDIRECT, "scopes": []}),
+    ],
+    ids=["not-json", "not-object", "no-redirect", "foreign-origin", "unknown-scope", "scope-str",
+         "no-scopes"],
+)
+async def test_authorize_validation_errors(http_client, base_url, body):
+    response = await http_client.fetch(
+        f"{base_url}/oauth/tiktok/authorize",
+        method="POST",
+        body=body,
+        headers=bearer(),
+        raise_error=False,
+    )
+    assert_envelope(response, 400, "VALIDATION_ERROR")
+
+
+# -- callback: the rows of the contract that stop before TikTok ----------------------
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"code": "abc"},
+        {"state": "x"},
+        {"state": "", "code": "abc"},
+        {"state": ["a", "b"], "code": "abc"},
+        {"state": "a", "code": ["abc", "def"]},
+        {"state": "a", "code": "c" * 3000},
+    ],
+    ids=["no-state", "no-code-no-error", "empty-state", "repeated-state", "repeated-code",
+         "huge-code"],
+)
+async def test_callback_parameter_errors(http_client, base_url, params):
+    response = await callback(http_client, base_url, **params)
+    assert_envelope(response, 400, "VALIDATION_ERROR")
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(
+    "state",
+    [
+        "garbage",
+        forged_state(key="w" * 40),
+        forged_state(algorithm="HS512"),
+        forged_state(exp=int(time.time()) - 3600, iat=int(time.time()) - 4000),
+        forged_state(aud="https://other.example.com/callback"),
+        forged_state(iss="someone-else"),
+        forged_state(jti=None),
+        jwt.encode({"sub": "user-123", "exp": 9999999999}, AUTH_SECRET),
+    ],
+    ids=["garbage", "wrong-key", "hs512", "expired", "wrong-aud", "wrong-iss", "no-jti",
+         "product-token"],
+)
+async def test_callback_refuses_invalid_state(http_client, base_url, state):
+    response = await callback(http_client, base_url, state=state, code="abc")
+    body = assert_envelope(response, 400, "VALIDATION_ERROR")
+    assert "state" not in body["message"].lower() or "connect" in body["message"].lower()
+
+
+@pytest.mark.gen_test
+async def test_callback_unknown_state_is_conflict(http_client, base_url):
+    response = await callback(http_client, base_url, state=forged_state(), code="abc")
+    assert_envelope(response, 400, "CONFLICT")
+
+
+@pytest.mark.gen_test
+async def test_access_denied_then_replay(http_client, base_url):
+    state = await start_state(http_client, base_url)
+    response = await callback(
+        http_client,
+        base_url,
+        state=state,
+        error="access_denied",
+        error_description="User <b>denied</b> access " + "x" * 500,
+    )
+    body = assert_envelope(response, 400, "PERMISSION_DENIED")
+    assert body["details"]["providerError"] == "access_denied"
+    assert "<b>" not in body["message"]
+    assert len(body.get("technicalMessage", "")) < 300
+    again = await callback(http_client, base_url, state=state, error="access_denied")
+    assert_envelope(again, 400, "CONFLICT")
+
+
+@pytest.mark.gen_test
+async def test_scopes_without_basic_refused_before_exchange(http_client, base_url):
+    # No cassette and no TikTok here: reaching TikTok would fail with 503, not 400.
+    state = await start_state(http_client, base_url)
+    response = await callback(
+        http_client, base_url, state=state, code="abc", scopes="video.list"
+    )
+    body = assert_envelope(response, 400, "PERMISSION_DENIED")
+    assert body["details"]["grantedScopes"] == ["video.list"]
+
+
+# -- the rest of the surface -------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_unknown_path_and_wrong_method(http_client, base_url):
+    missing = await http_client.fetch(f"{base_url}/nope", raise_error=False)
+    assert_envelope(missing, 404, "NOT_FOUND")
+    missing_post = await http_client.fetch(
+        f"{base_url}/nope", method="POST", body="", raise_error=False
+    )
+    assert_envelope(missing_post, 404, "NOT_FOUND")
+    wrong = await http_client.fetch(
+        f"{base_url}/oauth/tiktok/callback", method="POST", body="", raise_error=False
+    )
+    assert_envelope(wrong, 405, "METHOD_NOT_ALLOWED")
+
+
+@pytest.mark.gen_test
+async def test_health_and_readiness(http_client, base_url):
+    health = await http_client.fetch(f"{base_url}/healthz")
+    assert json.loads(health.body) == {"status": "ok"}
+    ready = await http_client.fetch(f"{base_url}/readyz")
+    assert json.loads(ready.body) == {"status": "ready"}
+    assert ready.headers["Referrer-Policy"] == "no-referrer"
+
+
+@pytest.mark.gen_test
+async def test_request_id_taken_only_when_well_formed(http_client, base_url):
+    good = await http_client.fetch(
+        f"{base_url}/healthz", headers={"X-Request-ID": "req-12345678"}
+    )
+    assert good.headers["X-Request-ID"] == "req-12345678"
+    bad = await http_client.fetch(
+        f"{base_url}/nope", headers={"X-Request-ID": "evil\u00e9 <script>"}, raise_error=False
+    )
+    body = assert_envelope(bad, 404, "NOT_FOUND")
+    assert body["requestId"] != "evil <script>"
+    assert len(body["requestId"]) == 36

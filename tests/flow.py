@@ -1,0 +1,71 @@
+"""Driving a whole connection the way a product backend and a browser would."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlencode
+
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+
+from sandbox import Sandbox, SandboxClient
+from tests.support import CLIENT_KEY, CLIENT_SECRET, PRODUCT_REDIRECT, REDIRECT_URI, bearer
+
+
+def make_sandbox(pkce: str = "hex", **kwargs: Any) -> Sandbox:
+    return Sandbox(
+        [SandboxClient(client_key=CLIENT_KEY, client_secret=CLIENT_SECRET,
+                       redirect_uris=[REDIRECT_URI])],
+        pkce=pkce,
+        **kwargs,
+    )
+
+
+def sandbox_settings(sandbox_url: str) -> dict[str, str]:
+    return {
+        "TIKTOK_API_BASE_URL": sandbox_url,
+        "TIKTOK_AUTHORIZE_URL": f"{sandbox_url}/v2/auth/authorize/",
+    }
+
+
+async def start(
+    client: AsyncHTTPClient,
+    gateway_url: str,
+    owner: str = "user-123",
+    scopes: list[str] | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"redirectUri": PRODUCT_REDIRECT}
+    if scopes is not None:
+        body["scopes"] = scopes
+    response = await client.fetch(
+        f"{gateway_url}/oauth/tiktok/authorize",
+        method="POST",
+        body=json.dumps(body),
+        headers=bearer(owner),
+    )
+    return json.loads(response.body)
+
+
+async def consent(
+    client: AsyncHTTPClient, gateway_url: str, authorization_url: str, **knobs: str
+) -> str:
+    """What the browser does at TikTok: returns the callback URL TikTok redirects to.
+
+    The registered redirect URI names the public host; the test server listens on
+    ``gateway_url``, which is where the browser's request would arrive.
+    """
+    url = authorization_url + ("&" + urlencode(knobs) if knobs else "")
+    response = await client.fetch(url, follow_redirects=False, raise_error=False)
+    assert response.code == 302, response.body
+    callback_url = response.headers["Location"]
+    assert callback_url.startswith(REDIRECT_URI + "?"), callback_url
+    return gateway_url + "/oauth/tiktok/callback" + callback_url[len(REDIRECT_URI):]
+
+
+async def follow(client: AsyncHTTPClient, url: str) -> HTTPResponse:
+    return await client.fetch(url, follow_redirects=False, raise_error=False)
+
+
+def location(response: HTTPResponse) -> str:
+    assert response.code == 302, response.body
+    return response.headers["Location"]

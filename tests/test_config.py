@@ -1,0 +1,104 @@
+"""Start-up configuration: fail fast, name every problem, never echo a secret."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.config import load_config
+from services.errors import ConfigError
+from tests.support import AUTH_SECRET, STATE_SECRET, environ
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def problems(**overrides):
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ(**overrides))
+    return caught.value.problems
+
+
+def test_defaults():
+    config = load_config(environ())
+    assert (config.host, config.port) == ("127.0.0.1", 8080)
+    assert config.tiktok_authorize_url == "https://www.tiktok.com/v2/auth/authorize/"
+    assert config.tiktok_api_base_url == "https://open.tiktokapis.com"
+    assert config.tiktok_scopes == ("user.info.basic",)
+    assert config.tiktok_pkce == "hex"
+    assert config.state_ttl_seconds == 600
+    assert config.mongodb_uri is None
+    assert config.mongodb_database == "tiktok_gateway"
+    assert config.mongodb_driver == "motor"
+
+
+def test_every_missing_variable_is_named_at_once():
+    found = problems(
+        TIKTOK_CLIENT_KEY=None,
+        TIKTOK_CLIENT_SECRET=None,
+        TIKTOK_REDIRECT_URI=None,
+        STATE_SECRET=None,
+        AUTH_JWT_SECRET=None,
+        ALLOWED_REDIRECT_ORIGINS=None,
+    )
+    text = "\n".join(found)
+    for name in ("TIKTOK_CLIENT_KEY", "TIKTOK_CLIENT_SECRET", "TIKTOK_REDIRECT_URI",
+                 "STATE_SECRET", "AUTH_JWT_SECRET", "ALLOWED_REDIRECT_ORIGINS"):
+        assert name in text
+    assert len(found) == 6
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"STATE_SECRET": "short-secret"}, "STATE_SECRET"),
+        ({"STATE_SECRET": STATE_SECRET + ",tooshort"}, "key 2"),
+        ({"AUTH_JWT_SECRET": STATE_SECRET}, "must differ"),
+        ({"PORT": "eighty"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"TIKTOK_PKCE": "plain"}, "TIKTOK_PKCE"),
+        ({"MONGODB_DRIVER": "mongoengine"}, "MONGODB_DRIVER"),
+        ({"TIKTOK_SCOPES": "user.info.basic,everything"}, "everything"),
+        ({"TIKTOK_REDIRECT_URI": "/relative/callback"}, "TIKTOK_REDIRECT_URI"),
+        ({"TIKTOK_REDIRECT_URI": "https://g.example.com/cb?x=1"}, "query"),
+        ({"ALLOWED_REDIRECT_ORIGINS": "https://app.example.com/path"}, "origin"),
+        ({"ALLOWED_REDIRECT_ORIGINS": "javascript:alert(1)"}, "ALLOWED_REDIRECT_ORIGINS"),
+        ({"STATE_TTL_SECONDS": "0"}, "STATE_TTL_SECONDS"),
+        ({"MONGODB_URI": "mongodb://db.example.com", "TOKEN_ENCRYPTION_KEYS": None},
+         "TOKEN_ENCRYPTION_KEYS is required"),
+        ({"TOKEN_ENCRYPTION_KEYS": "k1:c2hvcnQ="}, "32"),
+        ({"TOKEN_ENCRYPTION_KEYS": "no-colon"}, "kid:base64key"),
+    ],
+)
+def test_invalid_values_are_explained(overrides, needle):
+    assert needle in "\n".join(problems(**overrides))
+
+
+def test_secrets_are_never_echoed():
+    short_secret = "sekrit-value-1234"
+    text = "\n".join(
+        problems(STATE_SECRET=short_secret, AUTH_JWT_SECRET=short_secret + "x",
+                 TOKEN_ENCRYPTION_KEYS="k1:" + short_secret)
+    )
+    assert short_secret not in text
+    assert AUTH_SECRET not in text
+
+
+def test_server_exits_2_with_one_clear_message():
+    result = subprocess.run(
+        [sys.executable, "server.py"],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "STATE_SECRET": "tiny"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "invalid configuration" in result.stderr
+    assert "TIKTOK_CLIENT_KEY is required" in result.stderr
+    assert "STATE_SECRET is invalid" in result.stderr
+    assert "tiny" not in result.stderr
+    assert "Traceback" not in result.stderr

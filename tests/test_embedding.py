@@ -1,0 +1,87 @@
+"""The gateway mounted inside a host Tornado application, with the host's own login."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tornado.web
+
+from server import build_gateway, routes
+from storage.memory import MemoryStore
+from tests.flow import consent, follow, location, make_sandbox, sandbox_settings
+from tests.support import PRODUCT_REDIRECT, assert_envelope, make_config
+
+
+class HostHomeHandler(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.write({"host": "home"})
+
+
+async def resolve_from_host_session(handler: tornado.web.RequestHandler) -> str:
+    # The host's own notion of a signed-in user instead of the bearer JWT.
+    user = handler.get_signed_cookie("host_user")
+    if not user:
+        from services.errors import Unauthenticated
+
+        raise Unauthenticated(technical_message="host session cookie missing")
+    return user.decode()
+
+
+@pytest.fixture
+def sandbox(io_loop):
+    sandbox = make_sandbox()
+    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
+    yield sandbox
+    io_loop.run_sync(sandbox.close)
+
+
+@pytest.fixture
+def host_store():
+    return MemoryStore()
+
+
+@pytest.fixture
+def app(sandbox, host_store):
+    gateway = build_gateway(
+        make_config(**sandbox_settings(sandbox.url)),
+        store=host_store,
+        resolve_user=resolve_from_host_session,
+    )
+    return tornado.web.Application(
+        [tornado.web.url("/", HostHomeHandler), *routes(gateway)],
+        cookie_secret="host-cookie-secret-for-tests-only",
+    )
+
+
+@pytest.mark.gen_test
+async def test_whole_flow_inside_a_host_application(http_client, base_url, app, host_store):
+    home = await http_client.fetch(base_url + "/")
+    assert json.loads(home.body) == {"host": "home"}
+
+    anonymous = await http_client.fetch(
+        base_url + "/oauth/tiktok/authorize",
+        method="POST",
+        body=json.dumps({"redirectUri": PRODUCT_REDIRECT}),
+        raise_error=False,
+    )
+    assert_envelope(anonymous, 401, "UNAUTHORIZED")
+
+    cookie = tornado.web.create_signed_value(
+        app.settings["cookie_secret"], "host_user", "host-member-7"
+    ).decode()
+    started = json.loads(
+        (
+            await http_client.fetch(
+                base_url + "/oauth/tiktok/authorize",
+                method="POST",
+                body=json.dumps({"redirectUri": PRODUCT_REDIRECT}),
+                headers={"Cookie": f"host_user={cookie}"},
+            )
+        ).body
+    )
+    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    response = await follow(http_client, callback_url)
+    assert location(response).endswith("&platform=tiktok&status=connected")
+    [account] = await host_store.list_accounts("host-member-7")
+    assert account.display_name == "Sandbox Creator"

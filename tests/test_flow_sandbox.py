@@ -1,0 +1,239 @@
+"""Whole flows against the sandbox over real HTTP: PKCE, single use, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from server import make_app
+from storage.base import AccountStatus
+from tests.flow import consent, follow, location, make_sandbox, sandbox_settings, start
+from tests.support import PRODUCT_REDIRECT, assert_envelope, make_config
+
+CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
+
+
+# gateway TIKTOK_PKCE mode -> the sandbox's matching verification mode
+SANDBOX_PKCE = {"hex": "hex", "s256": "s256", "off": "optional"}
+
+
+@pytest.fixture
+def pkce_mode(request):
+    marker = request.node.get_closest_marker("pkce")
+    return marker.args[0] if marker else "hex"
+
+
+@pytest.fixture
+def sandbox(io_loop, pkce_mode):
+    sandbox = make_sandbox(pkce=SANDBOX_PKCE[pkce_mode])
+    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
+    yield sandbox
+    io_loop.run_sync(sandbox.close)
+
+
+@pytest.fixture
+def gateway_settings(sandbox, pkce_mode):
+    return sandbox_settings(sandbox.url) | {
+        "TIKTOK_REQUEST_TIMEOUT_SECONDS": "1",
+        "TIKTOK_PKCE": pkce_mode,
+    }
+
+
+@pytest.fixture
+def app(gateway_settings):
+    return make_app(make_config(**gateway_settings))
+
+
+def store_of(app):
+    return app.settings["gateway"].store
+
+
+@pytest.mark.gen_test
+async def test_connects_and_stores_account(http_client, base_url, app, sandbox):
+    started = await start(http_client, base_url, scopes=["user.info.basic", "user.info.profile"])
+    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    assert "%2A" in callback_url or "*" in callback_url  # TikTok-like code characters survive
+    response = await follow(http_client, callback_url)
+    assert location(response) == CONNECTED
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+    accounts = await store_of(app).list_accounts("user-123")
+    assert len(accounts) == 1
+    account = accounts[0]
+    assert account.status is AccountStatus.CONNECTED
+    assert account.display_name == "Sandbox Creator"
+    assert account.username
+    assert account.scopes == ["user.info.basic", "user.info.profile"]
+    assert not account.profile_pending
+    tokens = await store_of(app).get_account_tokens(account.id)
+    assert tokens.access_token.startswith("act.")
+    assert sandbox.stats["token"] == 1 and sandbox.stats["userinfo"] == 1
+
+
+@pytest.mark.gen_test
+async def test_repeated_callback_answers_same_redirect_without_tiktok(
+    http_client, base_url, sandbox
+):
+    started = await start(http_client, base_url)
+    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    first = await follow(http_client, callback_url)
+    second = await follow(http_client, callback_url)
+    assert location(first) == location(second) == CONNECTED
+    assert sandbox.stats["token"] == 1 and sandbox.stats["userinfo"] == 1
+    # The same state with another code is not a harmless repeat.
+    forged = callback_url.replace("code=", "code=X")
+    assert_envelope(await follow(http_client, forged), 400, "CONFLICT")
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_concurrent_callbacks_with_one_state_exchange_once(
+    http_client, base_url, app, sandbox
+):
+    started = await start(http_client, base_url)
+    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    responses = await asyncio.gather(*(follow(http_client, callback_url) for _ in range(20)))
+    codes = sorted(r.code for r in responses)
+    assert 302 in codes and set(codes) <= {302, 400}
+    for response in responses:
+        if response.code == 400:
+            assert_envelope(response, 400, "CONFLICT")
+    assert sandbox.stats["token"] == 1
+    assert len(await store_of(app).list_accounts("user-123")) == 1
+
+
+@pytest.mark.gen_test
+async def test_reconnecting_updates_the_same_account(http_client, base_url, app, sandbox):
+    for _ in range(2):
+        started = await start(http_client, base_url)
+        callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+        assert location(await follow(http_client, callback_url)) == CONNECTED
+    accounts = await store_of(app).list_accounts("user-123")
+    assert len(accounts) == 1
+    assert sandbox.stats["token"] == 2
+
+
+@pytest.mark.gen_test
+async def test_code_injection_is_refused_by_pkce(http_client, base_url, app, sandbox):
+    victim = await start(http_client, base_url, owner="victim")
+    stolen_callback = await consent(http_client, base_url, victim["authorizationUrl"])
+    attacker = await start(http_client, base_url, owner="attacker")
+    # The attacker pairs the victim's code with a state (and verifier) of their own.
+    stolen_code = stolen_callback.split("code=", 1)[1].split("&", 1)[0]
+    injected = f"{base_url}/oauth/tiktok/callback?code={stolen_code}&state={attacker['state']}"
+    body = assert_envelope(await follow(http_client, injected), 400, "VALIDATION_ERROR")
+    assert body["details"]["providerError"] == "invalid_grant"
+    assert await store_of(app).list_accounts("attacker") == []
+    assert await store_of(app).list_accounts("victim") == []
+
+
+@pytest.mark.gen_test
+async def test_partial_grant_without_basic_scope_is_refused(http_client, base_url, sandbox):
+    started = await start(http_client, base_url, scopes=["user.info.basic", "video.list"])
+    callback_url = await consent(
+        http_client, base_url, started["authorizationUrl"], sandbox_grant="video.list"
+    )
+    assert_envelope(await follow(http_client, callback_url), 400, "PERMISSION_DENIED")
+    assert sandbox.stats["token"] == 0
+
+
+@pytest.mark.gen_test
+async def test_user_denies_at_tiktok(http_client, base_url, sandbox):
+    started = await start(http_client, base_url)
+    callback_url = await consent(
+        http_client, base_url, started["authorizationUrl"], sandbox_decision="deny"
+    )
+    body = assert_envelope(await follow(http_client, callback_url), 400, "PERMISSION_DENIED")
+    assert body["details"]["providerError"] == "access_denied"
+    assert sandbox.stats["token"] == 0
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(
+    ("fault", "providerless"),
+    [
+        ({"status": 500}, False),
+        ({"status": 429, "retry_after": 9}, False),
+        ({"status": 200, "body": "<html>upstream proxy error</html>"}, True),
+        ({"status": 200, "delay": 2.0}, True),
+    ],
+    ids=["500", "429", "garbage", "timeout"],
+)
+async def test_token_endpoint_faults_end_in_503_without_retry(
+    http_client, base_url, app, sandbox, fault, providerless
+):
+    started = await start(http_client, base_url)
+    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    sandbox.add_fault("token", **fault)
+    response = await follow(http_client, callback_url)
+    body = assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
+    assert body["details"]["dependency"] == "tiktok"
+    if fault.get("retry_after"):
+        assert response.headers["Retry-After"] == "9"
+    assert sandbox.stats["token"] == 1  # never resent: the code may have been consumed
+    assert await store_of(app).list_accounts("user-123") == []
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_profile_is_retried_then_kept_pending_when_it_keeps_failing(
+    http_client, base_url, app, sandbox
+):
+    started = await start(http_client, base_url)
+    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    sandbox.add_fault("userinfo", status=503, count=3)
+    body = assert_envelope(await follow(http_client, callback_url), 503, "SERVICE_UNAVAILABLE")
+    assert body["details"]["endpoint"] == "user_info"
+    assert sandbox.stats["userinfo"] == 3  # one try and two retries
+    [account] = await store_of(app).list_accounts("user-123")
+    assert account.profile_pending
+    assert (await store_of(app).get_account_tokens(account.id)).access_token.startswith("act.")
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_profile_429_is_retried_and_succeeds(http_client, base_url, sandbox):
+    started = await start(http_client, base_url)
+    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    sandbox.add_fault("userinfo", status=429, retry_after=1, count=2)
+    assert location(await follow(http_client, callback_url)) == CONNECTED
+    assert sandbox.stats["userinfo"] == 3
+
+
+@pytest.mark.gen_test
+@pytest.mark.pkce("s256")
+async def test_rfc7636_challenge_mode(http_client, base_url, sandbox):
+    started = await start(http_client, base_url)
+    challenge = started["authorizationUrl"].split("code_challenge=")[1].split("&")[0]
+    assert len(challenge) == 43  # base64url, unpadded
+    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    assert location(await follow(http_client, callback_url)) == CONNECTED
+
+
+@pytest.mark.gen_test
+@pytest.mark.pkce("off")
+async def test_pkce_off_sends_no_challenge(http_client, base_url, sandbox):
+    started = await start(http_client, base_url)
+    assert "code_challenge" not in started["authorizationUrl"]
+    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    assert location(await follow(http_client, callback_url)) == CONNECTED
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TestUnreachableTikTok:
+    @pytest.fixture
+    def app(self, sandbox):
+        settings = sandbox_settings(sandbox.url)
+        settings["TIKTOK_API_BASE_URL"] = f"http://127.0.0.1:{_closed_port()}"
+        return make_app(make_config(**settings))
+
+    @pytest.mark.gen_test
+    async def test_connection_refused_is_503(self, http_client, base_url):
+        started = await start(http_client, base_url)
+        callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+        body = assert_envelope(await follow(http_client, callback_url), 503, "SERVICE_UNAVAILABLE")
+        assert body["details"]["endpoint"] == "token"

@@ -111,6 +111,7 @@ def build_gateway(
         origins=config.allowed_redirect_origins,
         default_scopes=config.tiktok_scopes,
         pkce_mode=config.tiktok_pkce,
+        callback_budget_seconds=config.tiktok_callback_budget,
     )
     return Gateway(
         config=config,

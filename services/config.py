@@ -51,8 +51,9 @@ class Config:
     mongodb_driver: str = "motor"
     mongodb_timeout_ms: int = 2000
     token_encryption_keys: tuple[tuple[str, bytes], ...] = ()
-    tiktok_connect_timeout: float = 3.0
-    tiktok_request_timeout: float = 5.0
+    tiktok_connect_timeout: float = 2.0
+    tiktok_request_timeout: float = 4.0
+    tiktok_callback_budget: float = 10.0
 
     def cipher(self) -> TokenCipher:
         if self.token_encryption_keys:
@@ -240,10 +241,13 @@ def load_config(environ: Mapping[str, str]) -> Config:
         mongodb_timeout_ms=env.parsed("MONGODB_TIMEOUT_MS", 2000, _positive_int, "milliseconds"),
         token_encryption_keys=keys,
         tiktok_connect_timeout=env.parsed(
-            "TIKTOK_CONNECT_TIMEOUT_SECONDS", 3.0, _positive_float, "seconds"
+            "TIKTOK_CONNECT_TIMEOUT_SECONDS", 2.0, _positive_float, "seconds"
         ),
         tiktok_request_timeout=env.parsed(
-            "TIKTOK_REQUEST_TIMEOUT_SECONDS", 5.0, _positive_float, "seconds"
+            "TIKTOK_REQUEST_TIMEOUT_SECONDS", 4.0, _positive_float, "seconds"
+        ),
+        tiktok_callback_budget=env.parsed(
+            "TIKTOK_CALLBACK_BUDGET_SECONDS", 10.0, _positive_float, "seconds"
         ),
     )
     if env.problems:

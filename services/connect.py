@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -69,8 +70,10 @@ class ConnectionService:
         origins: AllowedOrigins,
         default_scopes: tuple[str, ...],
         pkce_mode: str,
+        callback_budget_seconds: float = 10.0,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
+        self._callback_budget = callback_budget_seconds
         self._store = store
         self._tiktok = tiktok
         self._states = states
@@ -126,6 +129,7 @@ class ConnectionService:
 
     async def complete(self, params: CallbackParams) -> Connected:
         """Run the callback; exactly one caller per state gets past the claim."""
+        deadline = time.monotonic() + self._callback_budget
         now = self._clock()
         claims = self._states.verify(params.state, now)
         # Same code (or same TikTok error) + same state = the same callback repeated.
@@ -145,7 +149,7 @@ class ConnectionService:
             await self._store.finish_pending(claims.jti, status=PendingStatus.FAILED)
             raise StateConflict(technical_message="state does not match its pending record")
         try:
-            connected = await self._connect(pending, params)
+            connected = await self._connect(pending, params, deadline)
         except GatewayError:
             await self._store.finish_pending(claims.jti, status=PendingStatus.FAILED)
             raise
@@ -154,7 +158,9 @@ class ConnectionService:
         )
         return connected
 
-    async def _connect(self, pending: PendingAuthorization, params: CallbackParams) -> Connected:
+    async def _connect(
+        self, pending: PendingAuthorization, params: CallbackParams, deadline: float
+    ) -> Connected:
         if params.error:
             technical = f"TikTok returned error {clip(params.error)!r}"
             if params.error_description:
@@ -187,7 +193,9 @@ class ConnectionService:
         )
         # Tokens are safe in the store from here: a profile failure leaves the
         # account connected with its profile pending, and the caller sees 503.
-        user = await self._tiktok.fetch_user(tokens.access_token, user_fields_for(granted))
+        user = await self._tiktok.fetch_user(
+            tokens.access_token, user_fields_for(granted), deadline=deadline
+        )
         await self._store.save_account_profile(account.id, user.fields, now=self._clock())
         log.info("connected account %s for owner (log_id=%s)", account.id, user.log_id or "-")
         return Connected(

@@ -31,6 +31,8 @@ TRANSIENT_TOKEN_ERRORS = frozenset({"server_error", "temporarily_unavailable"})
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_PROVIDER_TEXT = 200
 RETRY_AFTER_CAP_SECONDS = 2.0
+# A retry with less time than this left is not worth starting.
+MIN_ATTEMPT_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -129,22 +131,36 @@ class TikTokClient:
         reply = await self._post_form(TOKEN_PATH, form, "token")
         return self._token_response(reply)
 
-    async def fetch_user(self, access_token: str, fields: list[str]) -> UserInfo:
-        """GET user info; transient failures are retried a bounded number of times."""
+    async def fetch_user(
+        self, access_token: str, fields: list[str], *, deadline: float | None = None
+    ) -> UserInfo:
+        """GET user info, retrying transient failures a bounded number of times.
+
+        ``deadline`` (``time.monotonic()`` seconds) caps the whole, retries included,
+        so one callback never hangs the browser for long.
+        """
         url = f"{self._api}{USER_INFO_PATH}?{urlencode({'fields': ','.join(fields)})}"
         attempt = 0
         while True:
+            timeout = self._request_timeout
+            if deadline is not None:
+                timeout = min(timeout, max(deadline - time.monotonic(), MIN_ATTEMPT_SECONDS))
             try:
                 reply = await self._fetch(
                     HTTPRequest(url, headers={"Authorization": f"Bearer {access_token}"}),
                     "user_info",
+                    timeout,
                 )
                 return self._user_info(reply)
             except _Retryable as retry:
-                if attempt >= self._profile_retries:
-                    raise retry.error from None
                 backoff = 0.2 * (2**attempt) * random.uniform(0.5, 1.5)  # noqa: S311
-                await self._sleep(min(max(retry.delay or 0.0, backoff), RETRY_AFTER_CAP_SECONDS))
+                wait = min(max(retry.delay or 0.0, backoff), RETRY_AFTER_CAP_SECONDS)
+                out_of_time = deadline is not None and (
+                    time.monotonic() + wait + MIN_ATTEMPT_SECONDS > deadline
+                )
+                if attempt >= self._profile_retries or out_of_time:
+                    raise retry.error from None
+                await self._sleep(wait)
                 attempt += 1
 
     async def _post_form(self, path: str, form: dict[str, str], endpoint: str) -> _Reply:
@@ -164,9 +180,11 @@ class TikTokClient:
             # The request may have reached TikTok: a code is single-use, so never resend.
             raise retry.error from None
 
-    async def _fetch(self, request: HTTPRequest, endpoint: str) -> _Reply:
-        request.connect_timeout = self._connect_timeout
-        request.request_timeout = self._request_timeout
+    async def _fetch(
+        self, request: HTTPRequest, endpoint: str, timeout: float | None = None
+    ) -> _Reply:
+        request.connect_timeout = min(self._connect_timeout, timeout or self._connect_timeout)
+        request.request_timeout = timeout or self._request_timeout
         request.headers.setdefault("Accept", "application/json")
         if self._http is None:
             # Created on first use, inside the running loop, never at import time.

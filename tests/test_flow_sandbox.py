@@ -237,3 +237,24 @@ class TestUnreachableTikTok:
         callback_url = await consent(http_client, base_url, started["authorizationUrl"])
         body = assert_envelope(await follow(http_client, callback_url), 503, "SERVICE_UNAVAILABLE")
         assert body["details"]["endpoint"] == "token"
+
+
+class TestCallbackBudget:
+    @pytest.fixture
+    def gateway_settings(self, sandbox):
+        return sandbox_settings(sandbox.url) | {
+            "TIKTOK_REQUEST_TIMEOUT_SECONDS": "1",
+            "TIKTOK_CALLBACK_BUDGET_SECONDS": "1.5",
+        }
+
+    @pytest.mark.gen_test(timeout=15)
+    async def test_profile_retries_stop_at_the_budget(self, http_client, base_url, sandbox):
+        started = await start(http_client, base_url)
+        callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+        sandbox.add_fault("userinfo", status=200, delay=3.0, count=3)
+        body = assert_envelope(
+            await follow(http_client, callback_url), 503, "SERVICE_UNAVAILABLE"
+        )
+        assert body["details"]["endpoint"] == "user_info"
+        # Two retries were allowed, but the 1.5 s budget leaves room for one attempt only.
+        assert sandbox.stats["userinfo"] == 1

@@ -11,6 +11,7 @@ import pytest
 
 from server import make_app
 from services.state import STATE_ISSUER, STATE_TYP
+from storage.memory import MemoryStore
 from tests.support import (
     AUTH_SECRET,
     CLIENT_KEY,
@@ -256,3 +257,27 @@ async def test_request_id_taken_only_when_well_formed(http_client, base_url):
     body = assert_envelope(bad, 404, "NOT_FOUND")
     assert body["requestId"] != "evil <script>"
     assert len(body["requestId"]) == 36
+
+
+# -- failures below the handlers -------------------------------------------------------
+
+
+class ExplodingStore(MemoryStore):
+    """A store with a bug: the gateway must answer 500 without leaking details."""
+
+    async def claim_pending(self, jti, *, callback_digest, now):
+        raise RuntimeError("secret internal detail: db password hunter2")
+
+
+class TestBug:
+    @pytest.fixture
+    def app(self):
+        return make_app(make_config(), store=ExplodingStore())
+
+    @pytest.mark.gen_test
+    async def test_a_bug_is_a_500_envelope_without_traceback(self, http_client, base_url):
+        state = await start_state(http_client, base_url)
+        response = await callback(http_client, base_url, state=state, code="abc")
+        body = assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")
+        assert "hunter2" not in response.body.decode()
+        assert "technicalMessage" not in body and "details" not in body

@@ -8,6 +8,7 @@ from typing import Any
 import jwt
 
 from services.errors import Unauthenticated
+from services.state import STATE_TYP
 
 # A host application may resolve the user its own way (embedding).
 UserResolver = Callable[[Any], Awaitable[str]]
@@ -36,6 +37,9 @@ class ProductTokenVerifier:
         if self._audience:
             required.append("aud")
         try:
+            if jwt.get_unverified_header(token.strip()).get("typ") == STATE_TYP:
+                # A state must never open the door a product token opens.
+                raise Unauthenticated(technical_message="a state token is not a bearer token")
             claims = self._jwt.decode(
                 token.strip(),
                 self._secret,

@@ -42,6 +42,7 @@ class StateCodec:
         self._jwt = jwt.PyJWT(options={"enforce_minimum_key_length": True})
 
     def mint(self, owner_id: str, redirect_uri: str, now: datetime) -> tuple[str, StateClaims]:
+        now = now.replace(microsecond=0)  # JWT times are whole seconds
         claims = StateClaims(
             jti=secrets.token_urlsafe(24),
             owner_id=owner_id,

@@ -1,0 +1,426 @@
+"""The callback contract against recorded TikTok answers (cassettes/, `make cassettes`).
+
+Each test mints a real state through the authorize endpoint, then presents the
+scenario's callback while the cassette replays TikTok. Replay is strict: an
+unrecorded request fails, and every recorded interaction must be played exactly
+once (``replay`` checks on exit, the tests check where it matters mid-way too).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
+
+import pytest
+
+from server import make_app
+from tests.cassettes import (
+    CASSETTE_DIR,
+    FAKE_TOKENS,
+    FILTERED_FORM_FIELDS,
+    KEPT_RESPONSE_HEADERS,
+    SCENARIOS,
+    assert_all_played,
+    callback_params,
+    cassette_path,
+    fake_code,
+    normalized_form,
+    recorded_json,
+    replay,
+    tiktok_vcr,
+)
+from tests.support import (
+    CLIENT_SECRET,
+    PRODUCT_REDIRECT,
+    assert_envelope,
+    bearer,
+    make_config,
+)
+
+OWNER = "user-123"  # the sub of tests.support.bearer()
+CONNECTED = (
+    "https://app.example.com/settings/connections?tab=social&platform=tiktok&status=connected"
+)
+TOKEN_URL = "https://open.tiktokapis.com/v2/oauth/token/"
+USER_INFO_URL = "https://open.tiktokapis.com/v2/user/info/"
+BASIC_FIELDS = [
+    "open_id",
+    "union_id",
+    "avatar_url",
+    "avatar_url_100",
+    "avatar_large_url",
+    "display_name",
+]
+PROFILE_FIELDS = ["bio_description", "profile_deep_link", "is_verified", "username"]
+ACCESS_TTL = timedelta(seconds=86400)
+REFRESH_TTL = timedelta(seconds=31536000)
+CLOCK_SLACK = timedelta(seconds=60)
+RECORDER = Path(__file__).resolve().parent.parent / "scripts" / "record_cassettes.py"
+
+
+@pytest.fixture
+def app():
+    # TikTok's real URLs: replay means nothing leaves the process.
+    return make_app(make_config())
+
+
+def store_of(app):
+    return app.settings["gateway"].store
+
+
+async def start_state(http_client, base_url, scenario: str) -> str:
+    response = await http_client.fetch(
+        f"{base_url}/oauth/tiktok/authorize",
+        method="POST",
+        body=json.dumps(
+            {"redirectUri": PRODUCT_REDIRECT, "scopes": list(SCENARIOS[scenario].requested_scopes)}
+        ),
+        headers=bearer(OWNER),
+        raise_error=False,
+    )
+    assert response.code == 200, response.body
+    return json.loads(response.body)["state"]
+
+
+async def callback(http_client, base_url, params: dict[str, str]):
+    return await http_client.fetch(
+        f"{base_url}/oauth/tiktok/callback?{urlencode(params)}",
+        follow_redirects=False,
+        raise_error=False,
+    )
+
+
+def requested_fields(uri: str) -> list[str]:
+    query = parse_qs(urlsplit(uri).query)
+    return query["fields"][0].split(",")
+
+
+def assert_uris(cassette, *uris: str) -> None:
+    assert [urlsplit(r.uri)._replace(query="").geturl() for r in cassette.requests] == list(uris)
+
+
+async def only_account(app):
+    accounts = await store_of(app).list_accounts(OWNER)
+    assert len(accounts) == 1, accounts
+    return accounts[0]
+
+
+def assert_expiries(account, before: datetime, after: datetime, token_body: dict) -> None:
+    assert token_body["expires_in"] == ACCESS_TTL.total_seconds()
+    assert token_body["refresh_expires_in"] == REFRESH_TTL.total_seconds()
+    # Absolute times, not TikTok's relative seconds.
+    assert before + ACCESS_TTL - CLOCK_SLACK <= account.access_token_expires_at
+    assert account.access_token_expires_at <= after + ACCESS_TTL + CLOCK_SLACK
+    assert before + REFRESH_TTL - CLOCK_SLACK <= account.refresh_token_expires_at
+    assert account.refresh_token_expires_at <= after + REFRESH_TTL + CLOCK_SLACK
+
+
+async def assert_fake_tokens_stored(app, account) -> None:
+    tokens = await store_of(app).get_account_tokens(account.id)
+    assert tokens is not None
+    assert tokens.access_token == FAKE_TOKENS["access_token"]
+    assert tokens.refresh_token == FAKE_TOKENS["refresh_token"]
+
+
+# -- the cassettes themselves ------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_cassette_exists_and_holds_nothing_secret(scenario):
+    path = cassette_path(scenario)
+    assert path.is_file(), f"missing {path}: run `make cassettes`"
+    text = path.read_text()
+    assert "127.0.0.1" not in text and "localhost" not in text
+    assert "sbx*" not in text and quote("sbx*", safe="") not in text  # sandbox codes
+    assert set(re.findall(r"\b(?:act|rft)\.[^\s\"',]+", text)) <= set(FAKE_TOKENS.values())
+    assert CLIENT_SECRET not in text
+    with tiktok_vcr().use_cassette(path.name) as cassette:
+        for request in cassette.requests:
+            assert request.uri.startswith("https://open.tiktokapis.com/v2/")
+            assert {"authorization", "cookie"}.isdisjoint(h.lower() for h in request.headers)
+            form = dict(normalized_form(request.body))
+            if request.method == "POST":
+                assert form["code"] == fake_code(scenario)
+                for name, placeholder in FILTERED_FORM_FIELDS.items():
+                    assert form.get(name, placeholder) == placeholder
+        for response in cassette.responses:
+            assert set(response["headers"]) <= set(KEPT_RESPONSE_HEADERS)
+            body = json.loads(response["body"]["string"])
+            for name, fake in FAKE_TOKENS.items():
+                assert body.get(name, fake) == fake
+
+
+def test_every_cassette_file_is_a_scenario():
+    assert {p.stem for p in CASSETTE_DIR.glob("*.yaml")} == set(SCENARIOS)
+
+
+def test_replay_fails_when_a_recorded_interaction_is_not_played():
+    with pytest.raises(AssertionError, match="not played: #0 POST"), replay("invalid_client"):
+        pass
+
+
+@pytest.mark.gen_test
+async def test_an_unrecorded_request_fails_loudly(app, http_client, base_url):
+    # STYLE.md's trap: vcrpy's answer to an unrecorded request must not pass for
+    # "TikTok unavailable" (503); here the code differs from the recorded one.
+    state = await start_state(http_client, base_url, "success")
+    params = {**callback_params("success", state), "code": "code*other!cassette"}
+    with pytest.raises(AssertionError) as failure, replay("success") as cassette:
+        response = await callback(http_client, base_url, params)
+        assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")
+        assert cassette.play_count == 0
+    assert "not played: #0 POST" in str(failure.value)
+    assert f"unrecorded requests made: POST {TOKEN_URL}" in str(failure.value)
+    assert await store_of(app).list_accounts(OWNER) == []
+
+
+# -- the callback contract, one scenario at a time ------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_success_connects_and_a_repeated_callback_changes_nothing(app, http_client, base_url):
+    state = await start_state(http_client, base_url, "success")
+    params = callback_params("success", state)
+    with replay("success") as cassette:
+        before = datetime.now(UTC)
+        response = await callback(http_client, base_url, params)
+        after = datetime.now(UTC)
+        assert response.code == 302, response.body
+        assert response.headers["Location"] == CONNECTED
+        assert_all_played(cassette)
+        assert_uris(cassette, TOKEN_URL, USER_INFO_URL)
+        assert requested_fields(cassette.requests[1].uri) == BASIC_FIELDS + PROFILE_FIELDS
+
+        again = await callback(http_client, base_url, params)
+        assert again.code == 302, again.body
+        assert again.headers["Location"] == CONNECTED
+        assert cassette.play_count == 2  # nothing more was sent to TikTok
+        assert_all_played(cassette)
+
+    token_body = recorded_json(cassette, 0)
+    user = recorded_json(cassette, 1)["data"]["user"]
+    account = await only_account(app)
+    assert account.platform_account_id == token_body["open_id"] == user["open_id"]
+    assert account.display_name == user["display_name"]
+    assert account.username == user["username"]
+    assert account.display_name and account.username
+    assert account.scopes == ["user.info.basic", "user.info.profile"]
+    assert account.profile_pending is False
+    assert_expiries(account, before, after, token_body)
+    await assert_fake_tokens_stored(app, account)
+
+
+@pytest.mark.gen_test
+async def test_partial_scopes_connect_with_basic_fields_only(app, http_client, base_url):
+    state = await start_state(http_client, base_url, "partial_scopes")
+    params = callback_params("partial_scopes", state)
+    assert params["scopes"] == "user.info.basic"
+    with replay("partial_scopes") as cassette:
+        response = await callback(http_client, base_url, params)
+        assert response.code == 302, response.body
+        assert response.headers["Location"] == CONNECTED
+        assert_all_played(cassette)
+    assert_uris(cassette, TOKEN_URL, USER_INFO_URL)
+    # The URI matched, so this is exactly what the gateway asked for.
+    assert requested_fields(cassette.requests[1].uri) == BASIC_FIELDS
+    account = await only_account(app)
+    assert account.scopes == ["user.info.basic"]
+    assert account.profile_pending is False
+    assert account.display_name == recorded_json(cassette, 1)["data"]["user"]["display_name"]
+
+
+@pytest.mark.gen_test
+async def test_access_denied_makes_no_request(app, http_client, base_url):
+    state = await start_state(http_client, base_url, "access_denied")
+    with replay("access_denied") as cassette:
+        response = await callback(http_client, base_url, callback_params("access_denied", state))
+        body = assert_envelope(response, 400, "PERMISSION_DENIED")
+        assert body["details"]["providerError"] == "access_denied"
+        assert len(cassette) == 0 and cassette.play_count == 0
+        assert_all_played(cassette)
+    assert await store_of(app).list_accounts(OWNER) == []
+
+
+@pytest.mark.gen_test
+async def test_used_code_is_refused_and_the_state_is_spent(app, http_client, base_url):
+    state = await start_state(http_client, base_url, "invalid_code")
+    params = callback_params("invalid_code", state)
+    with replay("invalid_code") as cassette:
+        response = await callback(http_client, base_url, params)
+        body = assert_envelope(response, 400, "VALIDATION_ERROR")
+        assert_all_played(cassette)
+        recorded = recorded_json(cassette, 0)
+        assert cassette.responses[0]["status"]["code"] == 200  # TikTok's error with HTTP 200
+        assert body["details"]["providerError"] == recorded["error"] == "invalid_grant"
+        assert body["details"]["logId"] == recorded["log_id"]
+
+        again = await callback(http_client, base_url, params)
+        assert_envelope(again, 400, "CONFLICT")
+        assert cassette.play_count == 1
+    assert_uris(cassette, TOKEN_URL)
+    assert await store_of(app).list_accounts(OWNER) == []
+
+
+@pytest.mark.gen_test
+async def test_invalid_client_is_a_validation_error(app, http_client, base_url):
+    state = await start_state(http_client, base_url, "invalid_client")
+    with replay("invalid_client") as cassette:
+        response = await callback(http_client, base_url, callback_params("invalid_client", state))
+        body = assert_envelope(response, 400, "VALIDATION_ERROR")
+        assert body["details"]["providerError"] == "invalid_client"
+        assert cassette.responses[0]["status"]["code"] == 401
+        assert_all_played(cassette)
+    assert_uris(cassette, TOKEN_URL)
+    assert await store_of(app).list_accounts(OWNER) == []
+
+
+@pytest.mark.gen_test
+async def test_token_server_error_is_unavailable_and_never_retried(app, http_client, base_url):
+    state = await start_state(http_client, base_url, "token_server_error")
+    with replay("token_server_error") as cassette:
+        response = await callback(
+            http_client, base_url, callback_params("token_server_error", state)
+        )
+        assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
+        assert int(response.headers["Retry-After"]) > 0
+        assert cassette.responses[0]["status"]["code"] == 500
+        # A code is single-use: the token endpoint is called exactly once.
+        assert len(cassette) == 1 and cassette.play_count == 1
+        assert_all_played(cassette)
+    assert_uris(cassette, TOKEN_URL)
+    assert await store_of(app).list_accounts(OWNER) == []
+
+
+@pytest.mark.gen_test
+async def test_token_rate_limit_passes_retry_after_on(app, http_client, base_url):
+    state = await start_state(http_client, base_url, "token_rate_limited")
+    with replay("token_rate_limited") as cassette:
+        response = await callback(
+            http_client, base_url, callback_params("token_rate_limited", state)
+        )
+        assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
+        assert cassette.responses[0]["status"]["code"] == 429
+        assert cassette.responses[0]["headers"]["Retry-After"] == ["7"]
+        assert response.headers["Retry-After"] == "7"
+        assert cassette.play_count == 1
+        assert_all_played(cassette)
+    assert await store_of(app).list_accounts(OWNER) == []
+
+
+@pytest.mark.gen_test
+async def test_userinfo_unauthorized_keeps_tokens_with_profile_pending(app, http_client, base_url):
+    state = await start_state(http_client, base_url, "userinfo_unauthorized")
+    with replay("userinfo_unauthorized") as cassette:
+        before = datetime.now(UTC)
+        response = await callback(
+            http_client, base_url, callback_params("userinfo_unauthorized", state)
+        )
+        after = datetime.now(UTC)
+        body = assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
+        assert body["details"]["providerError"] == "access_token_invalid"
+        assert cassette.responses[1]["status"]["code"] == 401
+        assert_all_played(cassette)
+    assert_uris(cassette, TOKEN_URL, USER_INFO_URL)
+    account = await only_account(app)
+    assert account.profile_pending is True
+    assert account.display_name is None
+    assert account.scopes == ["user.info.basic"]
+    assert_expiries(account, before, after, recorded_json(cassette, 0))
+    await assert_fake_tokens_stored(app, account)
+
+
+@pytest.mark.gen_test
+async def test_userinfo_is_retried_once_then_connects(app, http_client, base_url):
+    state = await start_state(http_client, base_url, "userinfo_retry_then_ok")
+    with replay("userinfo_retry_then_ok") as cassette:
+        response = await callback(
+            http_client, base_url, callback_params("userinfo_retry_then_ok", state)
+        )
+        assert response.code == 302, response.body
+        assert response.headers["Location"] == CONNECTED
+        assert [r["status"]["code"] for r in cassette.responses] == [200, 500, 200]
+        assert cassette.play_count == 3  # token + two user-info attempts
+        assert_all_played(cassette)
+    assert_uris(cassette, TOKEN_URL, USER_INFO_URL, USER_INFO_URL)
+    account = await only_account(app)
+    assert account.profile_pending is False
+    assert account.username == recorded_json(cassette, 2)["data"]["user"]["username"]
+    await assert_fake_tokens_stored(app, account)
+
+
+# -- the recorder ------------------------------------------------------------------
+
+
+def load_recorder():
+    if "record_cassettes" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("record_cassettes", RECORDER)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["record_cassettes"] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules["record_cassettes"]
+
+
+def test_leak_scan_finds_raw_and_url_encoded_values(tmp_path):
+    recorder = load_recorder()
+    code = "sbx*leaked-code-value!0042"
+    (tmp_path / "raw.yaml").write_text(f"body: {code}\n")
+    (tmp_path / "form.yaml").write_text(f"body: code={quote(code, safe='')}\n")
+    (tmp_path / "clean.yaml").write_text("body: code=code%2Asuccess%21cassette\n")
+    problems = recorder.scan_for_leaks(
+        sorted(tmp_path.glob("*.yaml")), {code: "authorization code"}
+    )
+    assert problems == [
+        "form.yaml: contains a real authorization code",
+        "raw.yaml: contains a real authorization code",
+    ]
+
+
+def test_recorder_reproduces_the_committed_cassettes(tmp_path):
+    """Re-recording from the sandbox gives the same interactions (log ids aside)."""
+    # A child process, as `make cassettes` runs it: the recorder owns its event loop
+    # and its logging there, and cannot disturb this process's.
+    result = subprocess.run(  # noqa: S603 - this interpreter, our own script
+        [sys.executable, str(RECORDER), "--cassette-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.stem for p in tmp_path.glob("*.yaml")) == sorted(SCENARIOS)
+    for scenario in SCENARIOS:
+        fresh = recorder_view(tmp_path, scenario)
+        committed = recorder_view(CASSETTE_DIR, scenario)
+        assert fresh == committed, f"{scenario}: re-record with `make cassettes`"
+
+
+def recorder_view(directory: Path, scenario: str) -> list:
+    """A cassette's interactions without what legitimately changes per run."""
+    with tiktok_vcr(cassette_library_dir=str(directory)).use_cassette(
+        f"{scenario}.yaml"
+    ) as cassette:
+        view = []
+        for request, response in zip(cassette.requests, cassette.responses, strict=True):
+            body = json.loads(response["body"]["string"])
+            body.pop("log_id", None)
+            if isinstance(body.get("error"), dict):
+                body["error"].pop("log_id", None)
+            headers = {k: v for k, v in response["headers"].items() if k != "X-Tt-Logid"}
+            view.append(
+                (
+                    request.method,
+                    request.uri,
+                    normalized_form(request.body) if request.body else None,
+                    dict(request.headers),
+                    response["status"],
+                    headers,
+                    body,
+                )
+            )
+        return view

@@ -35,6 +35,8 @@ from storage.memory import MemoryStore
 log = logging.getLogger("gateway")
 
 STORE_RETRY_SECONDS = 5.0
+MAX_BODY_BYTES = 1024 * 1024
+MAX_HEADER_BYTES = 32 * 1024
 
 
 @dataclass
@@ -172,7 +174,11 @@ def configure_logging() -> None:
 async def serve(config: Config) -> None:
     app = make_app(config)
     gateway: Gateway = app.settings["gateway"]
-    server = HTTPServer(app, xheaders=False)
+    # Hard ceilings for the socket; handlers enforce their own, smaller limits
+    # with the error envelope.
+    server = HTTPServer(
+        app, xheaders=False, max_body_size=MAX_BODY_BYTES, max_header_size=MAX_HEADER_BYTES
+    )
     server.listen(config.port, address=config.host)
     log.info("TikTok gateway listening on http://%s:%d", config.host, config.port)
     init_task = asyncio.create_task(initialize_store(gateway.store))

@@ -1,0 +1,383 @@
+"""MongoDB store: the same contract as ``storage.memory.MemoryStore``, persisted.
+
+Works with a motor ``AsyncIOMotorDatabase`` or a pymongo ``AsyncDatabase``:
+both expose the same collection API (only ``client.close()`` differs: sync in
+motor, a coroutine in pymongo).
+
+Tokens are written only as ``TokenSealer`` ciphertext. Every driver error is
+turned into ``StoreUnavailable`` by ``_mongo_errors``; callers never see a
+pymongo exception, and the connection URI (which may carry a password) never
+reaches an error message.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, ParamSpec, TypeVar
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from pymongo import ASCENDING, ReturnDocument
+from pymongo.errors import (
+    ConfigurationError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
+
+from services.errors import StoreUnavailable
+from storage.base import (
+    PLATFORM,
+    PROFILE_FIELDS,
+    Account,
+    AccountStatus,
+    AccountTokens,
+    ClaimOutcome,
+    ClaimResult,
+    PendingAuthorization,
+    PendingStatus,
+    Store,
+    TokenGrant,
+)
+from storage.crypto import TokenCipher
+from storage.tokens import TokenSealer
+
+ACCOUNTS_COLLECTION = "social_accounts"
+PENDING_COLLECTION = "oauth_states"
+
+ACCOUNT_KEY_INDEX = "owner_platform_account_unique"
+PLATFORM_ACCOUNT_INDEX = "platform_account_id"
+PENDING_TTL_INDEX = "expires_at_ttl"
+
+APP_NAME = "tiktok-gateway"
+DRIVERS = ("motor", "pymongo")
+
+_DETAILS = {"dependency": "mongodb"}
+
+# Account attribute -> document field, for the profile fields TikTok sends.
+_PROFILE_DOCUMENT_FIELDS = {
+    "union_id": "unionId",
+    "display_name": "displayName",
+    "avatar_url": "avatarUrl",
+    "username": "username",
+}
+
+_CLAIM_REFUSALS = {
+    PendingStatus.COMPLETED: ClaimResult.ALREADY_COMPLETED,
+    PendingStatus.IN_PROGRESS: ClaimResult.IN_PROGRESS,
+    PendingStatus.FAILED: ClaimResult.FAILED,
+}
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def connect_mongo(
+    uri: str,
+    database: str,
+    *,
+    driver: str = "motor",
+    server_selection_timeout_ms: int = 2000,
+    connect_timeout_ms: int = 2000,
+) -> tuple[Any, Any]:
+    """Build a client and its database handle without touching the network.
+
+    The drivers connect lazily, on the first operation, so the gateway starts
+    (and reports itself degraded) while MongoDB is down. Raises ``ValueError``
+    for an unknown driver or unusable connection settings; the message never
+    repeats the URI.
+    """
+    options: dict[str, Any] = {
+        "serverSelectionTimeoutMS": server_selection_timeout_ms,
+        "connectTimeoutMS": connect_timeout_ms,
+        "tz_aware": True,
+        "tzinfo": UTC,
+        "appname": APP_NAME,
+    }
+    try:
+        if driver == "motor":
+            from motor.motor_asyncio import AsyncIOMotorClient
+
+            client: Any = AsyncIOMotorClient(uri, **options)
+        elif driver == "pymongo":
+            from pymongo import AsyncMongoClient
+
+            client = AsyncMongoClient(uri, **options)
+        else:
+            raise ValueError(f"unknown MongoDB driver {driver!r}; expected one of {DRIVERS}")
+    except ConfigurationError as exc:
+        # pymongo's messages may quote parts of the URI: name only the kind.
+        raise ValueError(f"invalid MongoDB connection settings ({type(exc).__name__})") from None
+    return client, client[database]
+
+
+def _unavailable(exc: PyMongoError) -> StoreUnavailable:
+    name = type(exc).__name__
+    if isinstance(exc, ConnectionFailure):
+        technical = f"MongoDB unreachable: {name}"
+    elif isinstance(exc, DuplicateKeyError):
+        technical = f"MongoDB write conflict persisted after retry: {name}"
+    elif isinstance(exc, OperationFailure):
+        technical = f"MongoDB operation failed: {name} (code {exc.code})"
+    else:
+        technical = f"MongoDB error: {name}"
+    return StoreUnavailable(technical_message=technical, details=dict(_DETAILS))
+
+
+def _mongo_errors(
+    method: Callable[_P, Awaitable[_T]],
+) -> Callable[_P, Awaitable[_T]]:
+    """Map every driver error raised by a store method to ``StoreUnavailable``."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await method(*args, **kwargs)
+        except PyMongoError as exc:
+            raise _unavailable(exc) from exc
+
+    return wrapper
+
+
+def _object_id(account_id: str) -> ObjectId | None:
+    try:
+        return ObjectId(account_id)
+    except (InvalidId, TypeError):
+        return None
+
+
+def _pending_document(pending: PendingAuthorization) -> dict[str, Any]:
+    return {
+        "_id": pending.jti,
+        "ownerId": pending.owner_id,
+        "redirectUri": pending.redirect_uri,
+        "scopes": list(pending.scopes),
+        "codeVerifier": pending.code_verifier,
+        "status": PendingStatus(pending.status).value,
+        "createdAt": pending.created_at,
+        "expiresAt": pending.expires_at,
+        "callbackDigest": pending.callback_digest,
+        "finalRedirect": pending.final_redirect,
+    }
+
+
+def _pending_from_document(doc: dict[str, Any]) -> PendingAuthorization:
+    return PendingAuthorization(
+        jti=doc["_id"],
+        owner_id=doc["ownerId"],
+        redirect_uri=doc["redirectUri"],
+        scopes=list(doc.get("scopes") or []),
+        code_verifier=doc.get("codeVerifier"),
+        created_at=doc["createdAt"],
+        expires_at=doc["expiresAt"],
+        status=PendingStatus(doc["status"]),
+        callback_digest=doc.get("callbackDigest"),
+        final_redirect=doc.get("finalRedirect"),
+    )
+
+
+def _account_from_document(doc: dict[str, Any]) -> Account:
+    return Account(
+        id=str(doc["_id"]),
+        owner_id=doc["ownerId"],
+        platform_account_id=doc["platformAccountId"],
+        scopes=list(doc.get("scopes") or []),
+        status=AccountStatus(doc.get("status", AccountStatus.CONNECTED.value)),
+        access_token_expires_at=doc.get("accessTokenExpiresAt"),
+        refresh_token_expires_at=doc.get("refreshTokenExpiresAt"),
+        created_at=doc["createdAt"],
+        updated_at=doc["updatedAt"],
+        platform=doc.get("platform", PLATFORM),
+        union_id=doc.get("unionId"),
+        display_name=doc.get("displayName"),
+        avatar_url=doc.get("avatarUrl"),
+        username=doc.get("username"),
+        profile_pending=bool(doc.get("profilePending", True)),
+        profile=dict(doc.get("profile") or {}),
+    )
+
+
+class MongoStore(Store):
+    def __init__(self, database: Any, cipher: TokenCipher, *, client: Any = None) -> None:
+        self._database = database
+        self._client = client if client is not None else getattr(database, "client", None)
+        self._sealer = TokenSealer(cipher)
+        self._accounts = database[ACCOUNTS_COLLECTION]
+        self._pending = database[PENDING_COLLECTION]
+
+    @property
+    def database(self) -> Any:
+        return self._database
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @_mongo_errors
+    async def initialize(self) -> None:
+        await self._accounts.create_index(
+            [("ownerId", ASCENDING), ("platform", ASCENDING), ("platformAccountId", ASCENDING)],
+            unique=True,
+            name=ACCOUNT_KEY_INDEX,
+        )
+        # Webhooks name the account by open_id only.
+        await self._accounts.create_index(
+            [("platformAccountId", ASCENDING)], name=PLATFORM_ACCOUNT_INDEX
+        )
+        # Housekeeping only: claim_pending checks expiry itself, since the TTL
+        # monitor deletes late (once a minute on mongod).
+        await self._pending.create_index(
+            [("expiresAt", ASCENDING)], expireAfterSeconds=0, name=PENDING_TTL_INDEX
+        )
+
+    @_mongo_errors
+    async def ping(self) -> None:
+        await self._database.command("ping")
+
+    @_mongo_errors
+    async def close(self) -> None:
+        if self._client is None:
+            return
+        result = self._client.close()  # motor: sync; pymongo AsyncMongoClient: coroutine
+        if inspect.isawaitable(result):
+            await result
+
+    # -- pending authorizations -------------------------------------------------
+
+    @_mongo_errors
+    async def save_pending(self, pending: PendingAuthorization) -> None:
+        await self._pending.replace_one(
+            {"_id": pending.jti}, _pending_document(pending), upsert=True
+        )
+
+    @_mongo_errors
+    async def claim_pending(self, jti: str, *, callback_digest: str, now: datetime) -> ClaimOutcome:
+        claimed = await self._pending.find_one_and_update(
+            {"_id": jti, "status": PendingStatus.PENDING.value, "expiresAt": {"$gt": now}},
+            {
+                "$set": {
+                    "status": PendingStatus.IN_PROGRESS.value,
+                    "callbackDigest": callback_digest,
+                }
+            },
+            return_document=ReturnDocument.AFTER,
+        )
+        if claimed is not None:
+            return ClaimOutcome(ClaimResult.CLAIMED, _pending_from_document(claimed))
+        # Not ours: say why, in the same order of precedence as MemoryStore.
+        doc = await self._pending.find_one({"_id": jti})
+        if doc is None:
+            return ClaimOutcome(ClaimResult.UNKNOWN)
+        pending = _pending_from_document(doc)
+        if pending.status in _CLAIM_REFUSALS:
+            return ClaimOutcome(_CLAIM_REFUSALS[pending.status], pending)
+        if pending.expires_at <= now:
+            return ClaimOutcome(ClaimResult.EXPIRED, pending)
+        # Still pending and live, yet the conditional update missed it: it was
+        # re-saved between our two reads. Someone else is working on it.
+        return ClaimOutcome(ClaimResult.IN_PROGRESS, pending)
+
+    @_mongo_errors
+    async def finish_pending(
+        self, jti: str, *, status: PendingStatus, final_redirect: str | None = None
+    ) -> None:
+        await self._pending.update_one(
+            {"_id": jti},
+            {
+                "$set": {"status": PendingStatus(status).value, "finalRedirect": final_redirect},
+                # Only the outcome is needed from here on.
+                "$unset": {"codeVerifier": ""},
+            },
+        )
+
+    # -- accounts -----------------------------------------------------------------
+
+    @_mongo_errors
+    async def save_account_tokens(
+        self, owner_id: str, grant: TokenGrant, *, now: datetime
+    ) -> Account:
+        natural_key = {
+            "ownerId": owner_id,
+            "platform": PLATFORM,
+            "platformAccountId": grant.open_id,
+        }
+        update = {
+            "$set": {
+                **self._sealer.seal(owner_id, grant),
+                "scopes": list(grant.scopes),
+                "status": AccountStatus.CONNECTED.value,
+                "updatedAt": now,
+            },
+            "$setOnInsert": {**natural_key, "createdAt": now, "profilePending": True},
+        }
+        for attempt in (1, 2):
+            try:
+                doc = await self._accounts.find_one_and_update(
+                    natural_key, update, upsert=True, return_document=ReturnDocument.AFTER
+                )
+            except DuplicateKeyError:
+                # Two upserts of a new key raced: the loser retries once and
+                # then finds the winner's document. A second failure is mapped
+                # to StoreUnavailable by the decorator.
+                if attempt == 2:
+                    raise
+                continue
+            if doc is None:
+                # An upsert with returnDocument=AFTER always yields a document
+                # on mongod; SecantusDB answers null when a racing upsert turned
+                # into an update of the winner's document (the write did land).
+                doc = await self._accounts.find_one(natural_key)
+            if doc is None:
+                break
+            return _account_from_document(doc)
+        raise StoreUnavailable(
+            technical_message="MongoDB upsert returned no account document",
+            details=dict(_DETAILS),
+        )
+
+    @_mongo_errors
+    async def save_account_profile(
+        self, account_id: str, profile: dict[str, Any], *, now: datetime
+    ) -> Account:
+        object_id = _object_id(account_id)
+        if object_id is None:
+            raise KeyError(account_id)  # as MemoryStore does for an unknown id
+        fields: dict[str, Any] = {}
+        for tiktok_field, attribute in PROFILE_FIELDS.items():
+            if tiktok_field in profile:
+                fields[_PROFILE_DOCUMENT_FIELDS[attribute]] = profile[tiktok_field]
+        fields.update({"profile": dict(profile), "profilePending": False, "updatedAt": now})
+        doc = await self._accounts.find_one_and_update(
+            {"_id": object_id}, {"$set": fields}, return_document=ReturnDocument.AFTER
+        )
+        if doc is None:
+            raise KeyError(account_id)
+        return _account_from_document(doc)
+
+    @_mongo_errors
+    async def get_account(self, account_id: str) -> Account | None:
+        doc = await self._find_account(account_id)
+        return _account_from_document(doc) if doc is not None else None
+
+    @_mongo_errors
+    async def list_accounts(self, owner_id: str) -> list[Account]:
+        cursor = self._accounts.find({"ownerId": owner_id}).sort(
+            [("createdAt", ASCENDING), ("_id", ASCENDING)]
+        )
+        return [_account_from_document(doc) async for doc in cursor]
+
+    @_mongo_errors
+    async def get_account_tokens(self, account_id: str) -> AccountTokens | None:
+        doc = await self._find_account(account_id)
+        if doc is None:
+            return None
+        return self._sealer.open(doc["ownerId"], doc["platformAccountId"], doc)
+
+    async def _find_account(self, account_id: str) -> dict[str, Any] | None:
+        object_id = _object_id(account_id)
+        if object_id is None:
+            return None
+        doc: dict[str, Any] | None = await self._accounts.find_one({"_id": object_id})
+        return doc

@@ -1,0 +1,664 @@
+"""The store contract, against MemoryStore and MongoStore (motor and pymongo).
+
+MongoStore runs over the real wire protocol against SecantusDB; no driver is
+mocked. Clients are created inside each test's event loop (``open_mongo_store``)
+and closed at its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from pymongo.errors import DuplicateKeyError
+
+from services.errors import StoreUnavailable
+from storage.base import (
+    AccountStatus,
+    ClaimResult,
+    PendingAuthorization,
+    PendingStatus,
+    Store,
+    TokenGrant,
+)
+from storage.crypto import TokenCipher, TokenIntegrityError
+from storage.memory import MemoryStore
+from storage.mongodb import (
+    ACCOUNT_KEY_INDEX,
+    PENDING_TTL_INDEX,
+    PLATFORM_ACCOUNT_INDEX,
+    MongoStore,
+    connect_mongo,
+)
+from tests.fixtures_mongo import (
+    collect_leaked_driver_sockets,
+    free_port,
+    mongo_failpoint,
+    open_mongo_store,
+)
+
+gen_test = pytest.mark.gen_test(timeout=30)
+
+StoreFactory = Callable[..., contextlib.AbstractAsyncContextManager[Store]]
+
+
+def utc_now() -> datetime:
+    # BSON datetimes have millisecond precision; keep test values exact.
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def fake_grant(open_id: str | None = None, *, now: datetime | None = None) -> TokenGrant:
+    now = now or utc_now()
+    return TokenGrant(
+        open_id=open_id or f"open-id-test-{secrets.token_hex(6)}",
+        access_token="act.test-" + secrets.token_hex(8),
+        refresh_token="rft.test-" + secrets.token_hex(8),
+        access_token_expires_at=now + timedelta(hours=24),
+        refresh_token_expires_at=now + timedelta(days=365),
+        scopes=["user.info.basic", "user.info.profile"],
+    )
+
+
+def fake_pending(*, now: datetime, ttl: timedelta = timedelta(minutes=10)) -> PendingAuthorization:
+    return PendingAuthorization(
+        jti=secrets.token_hex(16),
+        owner_id="owner-" + secrets.token_hex(4),
+        redirect_uri="https://app.example.test/connected",
+        scopes=["user.info.basic"],
+        code_verifier="verifier-test-" + secrets.token_hex(16),
+        created_at=now,
+        expires_at=now + ttl,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_memory_store(cipher: TokenCipher | None = None) -> AsyncIterator[Store]:
+    store = MemoryStore(cipher)
+    await store.initialize()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture(params=["memory", "motor", "pymongo"])
+def make_store(request: pytest.FixtureRequest, mongo_database_name: str) -> Iterator[StoreFactory]:
+    """``async with make_store() as store:`` -- one backend per parameter."""
+    if request.param == "memory":
+        yield open_memory_store
+        return
+    server = request.getfixturevalue("mongo_server")
+    yield functools.partial(open_mongo_store, server.uri, mongo_database_name, request.param)
+    if request.param == "pymongo":
+        collect_leaked_driver_sockets()
+
+
+@pytest.fixture
+def make_mongo_store(
+    mongo_server: Any, mongo_database_name: str, mongo_driver: str
+) -> Callable[..., contextlib.AbstractAsyncContextManager[MongoStore]]:
+    return functools.partial(open_mongo_store, mongo_server.uri, mongo_database_name, mongo_driver)
+
+
+# -- pending authorizations -------------------------------------------------------
+
+
+@gen_test
+async def test_pending_round_trip_and_exactly_one_concurrent_claim(make_store):
+    now = utc_now()
+    pending = fake_pending(now=now)
+    async with make_store() as store:
+        await store.save_pending(pending)
+        outcomes = await asyncio.gather(
+            *(store.claim_pending(pending.jti, callback_digest=f"d{i}", now=now) for i in range(20))
+        )
+    results = [o.result for o in outcomes]
+    assert results.count(ClaimResult.CLAIMED) == 1
+    assert results.count(ClaimResult.IN_PROGRESS) == 19
+    winner = next(o for o in outcomes if o.result is ClaimResult.CLAIMED)
+    assert winner.pending is not None
+    claimed = winner.pending
+    assert claimed.status is PendingStatus.IN_PROGRESS
+    assert claimed.callback_digest is not None
+    assert (claimed.jti, claimed.owner_id, claimed.redirect_uri, claimed.scopes) == (
+        pending.jti,
+        pending.owner_id,
+        pending.redirect_uri,
+        pending.scopes,
+    )
+    assert claimed.code_verifier == pending.code_verifier
+    assert (claimed.created_at, claimed.expires_at) == (pending.created_at, pending.expires_at)
+    for loser in outcomes:
+        if loser is not winner:
+            assert loser.pending is not None
+            assert loser.pending.callback_digest == claimed.callback_digest
+
+
+@gen_test
+async def test_expired_pending_is_not_claimed(make_store):
+    now = utc_now()
+    pending = fake_pending(now=now, ttl=timedelta(minutes=10))
+    async with make_store() as store:
+        await store.save_pending(pending)
+        at_expiry = await store.claim_pending(
+            pending.jti, callback_digest="d", now=pending.expires_at
+        )
+        later = await store.claim_pending(
+            pending.jti, callback_digest="d", now=pending.expires_at + timedelta(seconds=1)
+        )
+    assert at_expiry.result is ClaimResult.EXPIRED
+    assert later.result is ClaimResult.EXPIRED
+    assert later.pending is not None
+    assert later.pending.status is PendingStatus.PENDING
+
+
+@gen_test
+async def test_unknown_pending(make_store):
+    async with make_store() as store:
+        outcome = await store.claim_pending("no-such-jti", callback_digest="d", now=utc_now())
+        # Finishing an unknown record is a no-op, as in memory.
+        await store.finish_pending("no-such-jti", status=PendingStatus.FAILED)
+    assert outcome.result is ClaimResult.UNKNOWN
+    assert outcome.pending is None
+
+
+@gen_test
+async def test_completed_pending_reports_final_redirect_and_drops_verifier(make_store):
+    now = utc_now()
+    pending = fake_pending(now=now)
+    async with make_store() as store:
+        await store.save_pending(pending)
+        first = await store.claim_pending(pending.jti, callback_digest="digest-1", now=now)
+        await store.finish_pending(
+            pending.jti,
+            status=PendingStatus.COMPLETED,
+            final_redirect="https://app.example.test/connected?ok=1",
+        )
+        again = await store.claim_pending(pending.jti, callback_digest="digest-1", now=now)
+        # Completed wins over expiry, as in memory.
+        late = await store.claim_pending(
+            pending.jti, callback_digest="digest-1", now=now + timedelta(days=1)
+        )
+    assert first.result is ClaimResult.CLAIMED
+    assert again.result is ClaimResult.ALREADY_COMPLETED
+    assert late.result is ClaimResult.ALREADY_COMPLETED
+    assert again.pending is not None
+    assert again.pending.status is PendingStatus.COMPLETED
+    assert again.pending.final_redirect == "https://app.example.test/connected?ok=1"
+    assert again.pending.callback_digest == "digest-1"
+    assert again.pending.code_verifier is None
+
+
+@gen_test
+async def test_failed_pending(make_store):
+    now = utc_now()
+    pending = fake_pending(now=now)
+    async with make_store() as store:
+        await store.save_pending(pending)
+        await store.claim_pending(pending.jti, callback_digest="d", now=now)
+        await store.finish_pending(
+            pending.jti, status=PendingStatus.FAILED, final_redirect="https://app.example.test/e"
+        )
+        outcome = await store.claim_pending(pending.jti, callback_digest="d", now=now)
+    assert outcome.result is ClaimResult.FAILED
+    assert outcome.pending is not None
+    assert outcome.pending.code_verifier is None
+    assert outcome.pending.final_redirect == "https://app.example.test/e"
+
+
+# -- accounts -----------------------------------------------------------------------
+
+
+@gen_test
+async def test_reconnecting_updates_the_same_account(make_store):
+    created = utc_now()
+    first = fake_grant(now=created)
+    second = fake_grant(first.open_id, now=created + timedelta(minutes=5))
+    second.scopes = ["user.info.basic"]
+    async with make_store() as store:
+        a1 = await store.save_account_tokens("owner-1", first, now=created)
+        a2 = await store.save_account_tokens("owner-1", second, now=created + timedelta(minutes=5))
+        accounts = await store.list_accounts("owner-1")
+        tokens = await store.get_account_tokens(a1.id)
+    assert a1.id == a2.id
+    assert [a.id for a in accounts] == [a1.id]
+    assert a1.profile_pending is True
+    assert a1.status is AccountStatus.CONNECTED
+    assert a2.created_at == created
+    assert a2.updated_at == created + timedelta(minutes=5)
+    assert a2.scopes == ["user.info.basic"]
+    assert a2.access_token_expires_at == second.access_token_expires_at
+    assert tokens is not None
+    assert tokens.access_token == second.access_token
+    assert tokens.refresh_token == second.refresh_token
+
+
+@gen_test
+async def test_same_open_id_for_two_owners_is_two_accounts(make_store):
+    now = utc_now()
+    grant = fake_grant(now=now)
+    async with make_store() as store:
+        mine = await store.save_account_tokens("owner-a", grant, now=now)
+        theirs = await store.save_account_tokens("owner-b", grant, now=now)
+        listed_a = await store.list_accounts("owner-a")
+        listed_b = await store.list_accounts("owner-b")
+    assert mine.id != theirs.id
+    assert [a.id for a in listed_a] == [mine.id]
+    assert [a.id for a in listed_b] == [theirs.id]
+
+
+@gen_test
+async def test_concurrent_saves_of_one_account_make_one_account(make_store):
+    now = utc_now()
+    open_id = f"open-id-test-{secrets.token_hex(6)}"
+    grants = [fake_grant(open_id, now=now) for _ in range(20)]
+    async with make_store() as store:
+        accounts = await asyncio.gather(
+            *(store.save_account_tokens("owner-c", g, now=now) for g in grants)
+        )
+        listed = await store.list_accounts("owner-c")
+        tokens = await store.get_account_tokens(accounts[0].id)
+    assert len({a.id for a in accounts}) == 1
+    assert len(listed) == 1
+    assert tokens is not None
+    assert tokens.access_token in {g.access_token for g in grants}
+
+
+@gen_test
+async def test_profile_is_saved_and_survives_reconnect(make_store):
+    now = utc_now()
+    grant = fake_grant(now=now)
+    profile = {
+        "open_id": grant.open_id,
+        "union_id": "union-test-1",
+        "display_name": "Test Creator",
+        "avatar_url": "https://p16.example.test/avatar.jpeg",
+        "username": "test.creator",
+        "follower_count": 12,
+    }
+    async with make_store() as store:
+        account = await store.save_account_tokens("owner-p", grant, now=now)
+        saved = await store.save_account_profile(
+            account.id, profile, now=now + timedelta(seconds=1)
+        )
+        fetched = await store.get_account(account.id)
+        reconnected = await store.save_account_tokens(
+            "owner-p", fake_grant(grant.open_id, now=now), now=now + timedelta(seconds=2)
+        )
+        with pytest.raises(KeyError):
+            await store.save_account_profile(str(ObjectId()), profile, now=now)
+    assert saved == fetched
+    assert fetched is not None
+    assert fetched.union_id == "union-test-1"
+    assert fetched.display_name == "Test Creator"
+    assert fetched.avatar_url == "https://p16.example.test/avatar.jpeg"
+    assert fetched.username == "test.creator"
+    assert fetched.profile == profile
+    assert fetched.profile_pending is False
+    assert fetched.updated_at == now + timedelta(seconds=1)
+    assert reconnected.display_name == "Test Creator"
+    assert reconnected.profile_pending is False
+
+
+@gen_test
+async def test_list_accounts_in_creation_order(make_store):
+    now = utc_now()
+    async with make_store() as store:
+        ids = []
+        for offset in range(3):
+            account = await store.save_account_tokens(
+                "owner-l", fake_grant(now=now), now=now + timedelta(seconds=offset)
+            )
+            ids.append(account.id)
+        await store.save_account_tokens("owner-other", fake_grant(now=now), now=now)
+        listed = await store.list_accounts("owner-l")
+        nobody = await store.list_accounts("owner-nobody")
+    assert [a.id for a in listed] == ids
+    assert all(a.owner_id == "owner-l" for a in listed)
+    assert nobody == []
+
+
+@gen_test
+async def test_tokens_round_trip_and_unknown_ids(make_store):
+    now = utc_now()
+    grant = fake_grant(now=now)
+    async with make_store() as store:
+        account = await store.save_account_tokens("owner-t", grant, now=now)
+        tokens = await store.get_account_tokens(account.id)
+        fetched = await store.get_account(account.id)
+        assert await store.get_account(str(ObjectId())) is None
+        assert await store.get_account("not-an-object-id") is None
+        assert await store.get_account_tokens(str(ObjectId())) is None
+        assert await store.get_account_tokens("not-an-object-id") is None
+    assert tokens is not None
+    assert tokens.access_token == grant.access_token
+    assert tokens.refresh_token == grant.refresh_token
+    assert tokens.access_token_expires_at == grant.access_token_expires_at
+    assert tokens.refresh_token_expires_at == grant.refresh_token_expires_at
+    assert fetched == account
+    assert fetched.platform == "tiktok"
+    assert fetched.platform_account_id == grant.open_id
+    # The account record the product sees never carries a token.
+    assert grant.access_token not in repr(fetched)
+    assert grant.refresh_token not in repr(fetched)
+
+
+# -- MongoDB only: what is on disk ------------------------------------------------
+
+
+@gen_test
+async def test_raw_documents_hold_ciphertext_only(make_mongo_store):
+    now = utc_now()
+    grant = fake_grant(now=now)
+    async with make_mongo_store() as store:
+        account = await store.save_account_tokens("owner-raw", grant, now=now)
+        doc = await store.database["social_accounts"].find_one({"_id": ObjectId(account.id)})
+    assert doc is not None
+    assert grant.access_token not in repr(doc)
+    assert grant.refresh_token not in repr(doc)
+    assert grant.access_token.split("-", 1)[1] not in repr(doc)
+    assert doc["accessToken"].startswith("v1:")
+    assert doc["refreshToken"].startswith("v1:")
+    assert {
+        "ownerId": "owner-raw",
+        "platform": "tiktok",
+        "platformAccountId": grant.open_id,
+        "status": "connected",
+        "profilePending": True,
+        "scopes": grant.scopes,
+        "createdAt": now,
+        "updatedAt": now,
+        "accessTokenExpiresAt": grant.access_token_expires_at,
+        "refreshTokenExpiresAt": grant.refresh_token_expires_at,
+    }.items() <= doc.items()
+    assert doc["createdAt"].tzinfo is not None
+
+
+@gen_test
+async def test_tampered_ciphertext_is_refused(make_mongo_store):
+    now = utc_now()
+    grant = fake_grant(now=now)
+    async with make_mongo_store() as store:
+        accounts = store.database["social_accounts"]
+        account = await store.save_account_tokens("owner-tamper", grant, now=now)
+        doc = await accounts.find_one({"_id": ObjectId(account.id)})
+        ciphertext = doc["accessToken"]
+        flipped = ciphertext[:-2] + ("A" if ciphertext[-2] != "A" else "B") + ciphertext[-1]
+        await accounts.update_one({"_id": doc["_id"]}, {"$set": {"accessToken": flipped}})
+        with pytest.raises(TokenIntegrityError):
+            await store.get_account_tokens(account.id)
+        # A valid ciphertext moved to another field does not open either.
+        await accounts.update_one(
+            {"_id": doc["_id"]},
+            {"$set": {"accessToken": doc["refreshToken"], "refreshToken": ciphertext}},
+        )
+        with pytest.raises(TokenIntegrityError):
+            await store.get_account_tokens(account.id)
+
+
+@gen_test
+async def test_pending_document_shape_and_verifier_removal(make_mongo_store):
+    now = utc_now()
+    pending = fake_pending(now=now)
+    async with make_mongo_store() as store:
+        states = store.database["oauth_states"]
+        await store.save_pending(pending)
+        saved = await states.find_one({"_id": pending.jti})
+        await store.claim_pending(pending.jti, callback_digest="digest", now=now)
+        await store.finish_pending(
+            pending.jti, status=PendingStatus.COMPLETED, final_redirect="https://x.test/done"
+        )
+        finished = await states.find_one({"_id": pending.jti})
+    assert saved is not None
+    assert {
+        "ownerId": pending.owner_id,
+        "redirectUri": pending.redirect_uri,
+        "scopes": pending.scopes,
+        "codeVerifier": pending.code_verifier,
+        "status": "pending",
+        "createdAt": pending.created_at,
+        "expiresAt": pending.expires_at,
+    }.items() <= saved.items()
+    assert finished is not None
+    assert "codeVerifier" not in finished
+    assert finished["status"] == "completed"
+    assert finished["finalRedirect"] == "https://x.test/done"
+    assert finished["callbackDigest"] == "digest"
+
+
+@gen_test
+async def test_initialize_creates_indexes_and_is_repeatable(make_mongo_store):
+    async with make_mongo_store() as store:
+        await store.initialize()  # a second start-up must not fail
+        account_indexes = await store.database["social_accounts"].index_information()
+        state_indexes = await store.database["oauth_states"].index_information()
+    unique = account_indexes[ACCOUNT_KEY_INDEX]
+    assert unique["key"] == [("ownerId", 1), ("platform", 1), ("platformAccountId", 1)]
+    assert unique.get("unique") is True
+    by_open_id = account_indexes[PLATFORM_ACCOUNT_INDEX]
+    assert by_open_id["key"] == [("platformAccountId", 1)]
+    assert not by_open_id.get("unique")
+    ttl = state_indexes[PENDING_TTL_INDEX]
+    assert ttl["key"] == [("expiresAt", 1)]
+    assert ttl["expireAfterSeconds"] == 0
+
+
+@gen_test
+async def test_unique_index_enforced_by_server(make_mongo_store):
+    now = utc_now()
+    async with make_mongo_store() as store:
+        accounts = store.database["social_accounts"]
+        key = {"ownerId": "o", "platform": "tiktok", "platformAccountId": "x", "createdAt": now}
+        await accounts.insert_one(dict(key))
+        with pytest.raises(Exception) as caught:
+            await accounts.insert_one(dict(key))
+    assert type(caught.value).__name__ == "DuplicateKeyError"
+
+
+class _UpsertRaceDatabase:
+    """The real database, except that ``social_accounts`` loses upsert races.
+
+    On mongod two concurrent upserts of a new key can both miss the document
+    and one then fails with E11000. SecantusDB serialises the upsert under a
+    collection lock, so the race never happens there, and its ``failCommand``
+    refuses to inject code 11000 (40671, as mongod does). So the first
+    ``lost_races`` upserts here really write a competitor's document through
+    the driver and then raise the ``DuplicateKeyError`` the loser would see.
+    Every read and write still goes over the wire to the real server.
+    """
+
+    def __init__(self, database: Any, competitor: dict[str, Any], lost_races: int) -> None:
+        self._database = database
+        self.client = database.client
+        self.accounts = _UpsertRaceCollection(database["social_accounts"], competitor, lost_races)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.accounts if name == "social_accounts" else self._database[name]
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        return self._database.command(*args, **kwargs)
+
+
+class _UpsertRaceCollection:
+    def __init__(self, real: Any, competitor: dict[str, Any], lost_races: int) -> None:
+        self._real = real
+        self._competitor = competitor
+        self.lost_races = lost_races
+        self.upserts = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    async def find_one_and_update(self, filter: Any, update: Any, **kwargs: Any) -> Any:
+        if kwargs.get("upsert"):
+            self.upserts += 1
+            if self.lost_races:
+                self.lost_races -= 1
+                await self._real.update_one(
+                    filter, {"$setOnInsert": {**filter, **self._competitor}}, upsert=True
+                )
+                raise DuplicateKeyError("E11000 duplicate key error (upsert race)", code=11000)
+        return await self._real.find_one_and_update(filter, update, **kwargs)
+
+
+@gen_test
+async def test_duplicate_key_upsert_race_is_retried_once(
+    mongo_server, mongo_database_name, mongo_driver
+):
+    now = utc_now()
+    grant = fake_grant(now=now)
+    competitor = {"createdAt": now - timedelta(seconds=1), "profilePending": True}
+    client, database = connect_mongo(mongo_server.uri, mongo_database_name, driver=mongo_driver)
+    cipher = TokenCipher.ephemeral()
+    racing = _UpsertRaceDatabase(database, competitor, lost_races=1)
+    store = MongoStore(racing, cipher, client=client)
+    try:
+        await store.initialize()
+        account = await store.save_account_tokens("owner-dup", grant, now=now)
+        assert racing.accounts.upserts == 2  # lost once, retried once
+        docs = await database["social_accounts"].find({"ownerId": "owner-dup"}).to_list(None)
+        assert [str(d["_id"]) for d in docs] == [account.id]
+        assert account.created_at == competitor["createdAt"]  # the winner's document
+        tokens = await store.get_account_tokens(account.id)
+        assert tokens is not None
+        assert tokens.access_token == grant.access_token
+
+        # Losing twice in a row is not retried again.
+        twice = _UpsertRaceDatabase(database, competitor, lost_races=2)
+        store_twice = MongoStore(twice, cipher, client=client)
+        with pytest.raises(StoreUnavailable) as caught:
+            await store_twice.save_account_tokens("owner-dup-2", fake_grant(now=now), now=now)
+        assert twice.accounts.upserts == 2
+    finally:
+        await store.close()
+    assert caught.value.details == {"dependency": "mongodb"}
+    assert caught.value.technical_message == (
+        "MongoDB write conflict persisted after retry: DuplicateKeyError"
+    )
+
+
+@gen_test
+async def test_server_errors_become_store_unavailable(make_mongo_store, mongo_server):
+    now = utc_now()
+    async with make_mongo_store() as store:
+        account = await store.save_account_tokens("owner-err", fake_grant(now=now), now=now)
+        with mongo_failpoint(
+            mongo_server.uri, failCommands=["find"], errorCode=13, appName="tiktok-gateway"
+        ):
+            with pytest.raises(StoreUnavailable) as failed:
+                await store.get_account(account.id)
+        # Dropped connections on every attempt (the driver retries reads once).
+        with mongo_failpoint(
+            mongo_server.uri,
+            failCommands=["find"],
+            closeConnection=True,
+            appName="tiktok-gateway",
+        ):
+            with pytest.raises(StoreUnavailable) as dropped:
+                await store.get_account(account.id)
+        assert await store.get_account(account.id) == account
+    assert failed.value.technical_message == "MongoDB operation failed: OperationFailure (code 13)"
+    assert dropped.value.technical_message == "MongoDB unreachable: AutoReconnect"
+    assert dropped.value.details == {"dependency": "mongodb"}
+
+
+# -- MongoDB unreachable -----------------------------------------------------------
+
+
+def test_connect_mongo_rejects_unknown_driver():
+    with pytest.raises(ValueError, match="unknown MongoDB driver"):
+        connect_mongo("mongodb://127.0.0.1:1/", "db", driver="mongoose")
+
+
+@gen_test
+async def test_connect_mongo_does_no_io(mongo_driver):
+    uri = f"mongodb://127.0.0.1:{free_port()}/"
+    client, database = connect_mongo(uri, "gateway", driver=mongo_driver)
+    try:
+        assert database.name == "gateway"
+    finally:
+        result = client.close()
+        if asyncio.iscoroutine(result):
+            await result
+
+
+@gen_test(timeout=60)
+async def test_unreachable_mongodb_raises_store_unavailable(mongo_driver):
+    # A closed port, and credentials that must never reach an error message.
+    uri = f"mongodb://gateway:s3cret-pw-{secrets.token_hex(4)}@127.0.0.1:{free_port()}/"
+    now = utc_now()
+    grant = fake_grant(now=now)
+    pending = fake_pending(now=now)
+    client, database = connect_mongo(
+        uri, "gateway", driver=mongo_driver, server_selection_timeout_ms=300
+    )
+    store = MongoStore(database, TokenCipher.ephemeral(), client=client)
+    account_id = str(ObjectId())
+    operations = {
+        "ping": store.ping,
+        "initialize": store.initialize,
+        "save_pending": lambda: store.save_pending(pending),
+        "claim_pending": lambda: store.claim_pending(pending.jti, callback_digest="d", now=now),
+        "finish_pending": lambda: store.finish_pending(pending.jti, status=PendingStatus.FAILED),
+        "save_account_tokens": lambda: store.save_account_tokens("o", grant, now=now),
+        "save_account_profile": lambda: store.save_account_profile(account_id, {}, now=now),
+        "get_account": lambda: store.get_account(account_id),
+        "list_accounts": lambda: store.list_accounts("o"),
+        "get_account_tokens": lambda: store.get_account_tokens(account_id),
+    }
+    try:
+        for name, operation in operations.items():
+            with pytest.raises(StoreUnavailable) as caught:
+                await operation()
+            error = caught.value
+            assert error.details == {"dependency": "mongodb"}, name
+            assert error.technical_message == (
+                "MongoDB unreachable: ServerSelectionTimeoutError"
+            ), name
+            assert error.status == 503
+            for text in (error.technical_message, str(error), error.message):
+                assert uri not in text
+                assert "s3cret" not in text
+            # Chained for the logs; the driver's message names host:port only.
+            assert "s3cret" not in repr(error.__cause__)
+    finally:
+        await store.close()
+
+
+# -- MongoDB in its own process: outage and restart ---------------------------------
+
+
+@gen_test(timeout=90)
+async def test_data_survives_a_mongodb_restart_and_outage_is_reported(
+    mongo_process, mongo_database_name, mongo_driver
+):
+    now = utc_now()
+    grant = fake_grant(now=now)
+    async with open_mongo_store(
+        mongo_process.uri, mongo_database_name, mongo_driver, server_selection_timeout_ms=500
+    ) as store:
+        account = await store.save_account_tokens("owner-restart", grant, now=now)
+        mongo_process.stop()
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.get_account(account.id)
+        assert caught.value.details == {"dependency": "mongodb"}
+        mongo_process.start()
+        # The same client recovers once the server is back.
+        for _ in range(40):
+            try:
+                await store.ping()
+                break
+            except StoreUnavailable:
+                await asyncio.sleep(0.25)
+        assert await store.get_account(account.id) == account
+        tokens = await store.get_account_tokens(account.id)
+    assert tokens is not None
+    assert tokens.access_token == grant.access_token

@@ -131,6 +131,43 @@ class TikTokClient:
         reply = await self._post_form(TOKEN_PATH, form, "token")
         return self._token_response(reply)
 
+    async def refresh(self, refresh_token: str) -> TokenResponse:
+        """Trade a refresh token for new tokens; the refresh token may rotate."""
+        form = {
+            "client_key": self._client_key,
+            "client_secret": self._client_secret,
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+        }
+        return self._token_response(await self._post_form(TOKEN_PATH, form, "refresh"))
+
+    async def revoke(self, token: str) -> str | None:
+        """Revoke an access token at TikTok; returns TikTok's log_id.
+
+        Raises ``ProviderRejected`` when TikTok refuses, ``ProviderUnavailable``
+        when it cannot be reached: the caller decides whether to retry.
+        """
+        form = {
+            "client_key": self._client_key,
+            "client_secret": self._client_secret,
+            "token": token,
+        }
+        reply = await self._post_form(REVOKE_PATH, form, "revoke")
+        error = reply.body.get("error")
+        failed = isinstance(error, str) and error or (
+            isinstance(error, dict) and error.get("code") not in (None, "", "ok")
+        )
+        if failed or reply.status != 200:
+            code = clip(error if isinstance(error, str) else (error or {}).get("code", "unknown"))
+            details = {"providerError": code, "dependency": "tiktok", "endpoint": "revoke"}
+            if reply.log_id:
+                details["logId"] = reply.log_id
+            raise ProviderRejected(
+                technical_message=f"TikTok revoke endpoint refused the request: {code}",
+                details=details,
+            )
+        return reply.log_id
+
     async def fetch_user(
         self, access_token: str, fields: list[str], *, deadline: float | None = None
     ) -> UserInfo:

@@ -94,6 +94,10 @@ class Account:
     username: str | None = None
     profile_pending: bool = True
     profile: dict[str, Any] = field(default_factory=dict)
+    revoked_at: datetime | None = None
+    # TikTok's deauthorization reason code, or "disconnected" when the product did it.
+    revocation_reason: int | str | None = None
+    revoked_at_tiktok: bool | None = None
 
 
 @dataclass
@@ -167,3 +171,52 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_account_tokens(self, account_id: str) -> AccountTokens | None:
         """The only way to read tokens back in clear text."""
+
+    # -- token lifecycle ----------------------------------------------------------
+    # A refresh is guarded by a lease on the account record, claimed atomically
+    # and expiring on its own, so one refresh runs across every gateway process
+    # and a crashed holder blocks nobody for longer than the lease.
+
+    @abc.abstractmethod
+    async def acquire_refresh_lease(
+        self, account_id: str, holder: str, *, now: datetime, until: datetime
+    ) -> bool:
+        """Take the lease if it is free or expired and the account is connected."""
+
+    @abc.abstractmethod
+    async def release_refresh_lease(self, account_id: str, holder: str) -> None:
+        """Give the lease back (only if ``holder`` still has it)."""
+
+    @abc.abstractmethod
+    async def save_refreshed_tokens(
+        self, account_id: str, holder: str, grant: TokenGrant, *, now: datetime
+    ) -> bool:
+        """Store the new tokens and expiries and drop the lease, in one atomic update.
+
+        Returns False (and writes nothing) if ``holder`` no longer holds the lease.
+        """
+
+    @abc.abstractmethod
+    async def require_reauthorization(self, account_id: str, *, now: datetime) -> None:
+        """Wipe both tokens and mark the account ``reauthorization_required``."""
+
+    @abc.abstractmethod
+    async def revoke_account(
+        self,
+        account_id: str,
+        *,
+        now: datetime,
+        reason: int | str | None,
+        revoked_at_tiktok: bool | None,
+    ) -> Account | None:
+        """Wipe both tokens and mark the account ``revoked``; keeps the first revocation."""
+
+    @abc.abstractmethod
+    async def revoke_accounts_by_open_id(
+        self, open_id: str, *, now: datetime, reason: int | str | None
+    ) -> int:
+        """Revoke every connected account of this TikTok user; returns how many changed."""
+
+    @abc.abstractmethod
+    async def accounts_due_for_refresh(self, before: datetime, *, limit: int) -> list[Account]:
+        """Connected accounts whose access token expires before ``before``, soonest first."""

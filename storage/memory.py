@@ -40,6 +40,7 @@ class MemoryStore(Store):
         self._accounts: dict[str, Account] = {}
         self._sealed_tokens: dict[str, dict[str, Any]] = {}
         self._account_ids: dict[tuple[str, str, str], str] = {}
+        self._leases: dict[str, tuple[str, datetime]] = {}
 
     async def initialize(self) -> None:
         return None
@@ -111,6 +112,9 @@ class MemoryStore(Store):
                 access_token_expires_at=grant.access_token_expires_at,
                 refresh_token_expires_at=grant.refresh_token_expires_at,
                 updated_at=now,
+                revoked_at=None,
+                revocation_reason=None,
+                revoked_at_tiktok=None,
             )
         self._accounts[account_id] = account
         self._sealed_tokens[account_id] = self._sealer.seal(owner_id, grant)
@@ -141,3 +145,92 @@ class MemoryStore(Store):
         if account is None or sealed is None:
             return None
         return self._sealer.open(account.owner_id, account.platform_account_id, sealed)
+
+    async def acquire_refresh_lease(
+        self, account_id: str, holder: str, *, now: datetime, until: datetime
+    ) -> bool:
+        account = self._accounts.get(account_id)
+        if account is None or account.status is not AccountStatus.CONNECTED:
+            return False
+        lease = self._leases.get(account_id)
+        if lease is not None and lease[1] > now:
+            return False
+        self._leases[account_id] = (holder, until)
+        return True
+
+    async def release_refresh_lease(self, account_id: str, holder: str) -> None:
+        lease = self._leases.get(account_id)
+        if lease is not None and lease[0] == holder:
+            del self._leases[account_id]
+
+    async def save_refreshed_tokens(
+        self, account_id: str, holder: str, grant: TokenGrant, *, now: datetime
+    ) -> bool:
+        lease = self._leases.get(account_id)
+        account = self._accounts.get(account_id)
+        if lease is None or lease[0] != holder or account is None:
+            return False
+        del self._leases[account_id]
+        account.access_token_expires_at = grant.access_token_expires_at
+        account.refresh_token_expires_at = grant.refresh_token_expires_at
+        if grant.scopes:
+            account.scopes = list(grant.scopes)
+        account.updated_at = now
+        self._sealed_tokens[account_id] = self._sealer.seal(account.owner_id, grant)
+        return True
+
+    async def require_reauthorization(self, account_id: str, *, now: datetime) -> None:
+        account = self._accounts.get(account_id)
+        if account is None or account.status is AccountStatus.REVOKED:
+            return
+        self._wipe_tokens(account_id)
+        account.status = AccountStatus.REAUTHORIZATION_REQUIRED
+        account.updated_at = now
+
+    async def revoke_account(
+        self,
+        account_id: str,
+        *,
+        now: datetime,
+        reason: int | str | None,
+        revoked_at_tiktok: bool | None,
+    ) -> Account | None:
+        account = self._accounts.get(account_id)
+        if account is None:
+            return None
+        if account.status is not AccountStatus.REVOKED:
+            self._wipe_tokens(account_id)
+            account.status = AccountStatus.REVOKED
+            account.revoked_at = now
+            account.revocation_reason = reason
+            account.revoked_at_tiktok = revoked_at_tiktok
+            account.updated_at = now
+        return copy.deepcopy(account)
+
+    async def revoke_accounts_by_open_id(
+        self, open_id: str, *, now: datetime, reason: int | str | None
+    ) -> int:
+        changed = 0
+        for account in list(self._accounts.values()):
+            live = account.status is not AccountStatus.REVOKED
+            if account.platform_account_id == open_id and live:
+                await self.revoke_account(
+                    account.id, now=now, reason=reason, revoked_at_tiktok=True
+                )
+                changed += 1
+        return changed
+
+    async def accounts_due_for_refresh(self, before: datetime, *, limit: int) -> list[Account]:
+        due = [
+            a
+            for a in self._accounts.values()
+            if a.status is AccountStatus.CONNECTED
+            and a.access_token_expires_at is not None
+            and a.access_token_expires_at < before
+        ]
+        due.sort(key=lambda a: a.access_token_expires_at)
+        return [copy.deepcopy(a) for a in due[:limit]]
+
+    def _wipe_tokens(self, account_id: str) -> None:
+        self._sealed_tokens.pop(account_id, None)
+        self._leases.pop(account_id, None)

@@ -72,6 +72,15 @@ _CLAIM_REFUSALS = {
     PendingStatus.FAILED: ClaimResult.FAILED,
 }
 
+# Reconnecting clears what a revocation or a refresh lease left behind.
+_REVOCATION_UNSET = {
+    "revokedAt": "",
+    "revocationReason": "",
+    "revokedAtTikTok": "",
+    "refreshLease": "",
+}
+_TOKEN_UNSET = {"accessToken": "", "refreshToken": "", "refreshLease": ""}
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -198,6 +207,9 @@ def _account_from_document(doc: dict[str, Any]) -> Account:
         username=doc.get("username"),
         profile_pending=bool(doc.get("profilePending", True)),
         profile=dict(doc.get("profile") or {}),
+        revoked_at=doc.get("revokedAt"),
+        revocation_reason=doc.get("revocationReason"),
+        revoked_at_tiktok=doc.get("revokedAtTikTok"),
     )
 
 
@@ -310,6 +322,7 @@ class MongoStore(Store):
                 "status": AccountStatus.CONNECTED.value,
                 "updatedAt": now,
             },
+            "$unset": _REVOCATION_UNSET,
             "$setOnInsert": {**natural_key, "createdAt": now, "profilePending": True},
         }
         for attempt in (1, 2):
@@ -381,3 +394,128 @@ class MongoStore(Store):
             return None
         doc: dict[str, Any] | None = await self._accounts.find_one({"_id": object_id})
         return doc
+
+    # -- token lifecycle ----------------------------------------------------------
+
+    @_mongo_errors
+    async def acquire_refresh_lease(
+        self, account_id: str, holder: str, *, now: datetime, until: datetime
+    ) -> bool:
+        object_id = _object_id(account_id)
+        if object_id is None:
+            return False
+        claimed = await self._accounts.find_one_and_update(
+            {
+                "_id": object_id,
+                "status": AccountStatus.CONNECTED.value,
+                "$or": [
+                    {"refreshLease": {"$exists": False}},
+                    {"refreshLease.expiresAt": {"$lte": now}},
+                ],
+            },
+            {"$set": {"refreshLease": {"holder": holder, "expiresAt": until}}},
+            projection={"_id": 1},
+        )
+        return claimed is not None
+
+    @_mongo_errors
+    async def release_refresh_lease(self, account_id: str, holder: str) -> None:
+        object_id = _object_id(account_id)
+        if object_id is not None:
+            await self._accounts.update_one(
+                {"_id": object_id, "refreshLease.holder": holder},
+                {"$unset": {"refreshLease": ""}},
+            )
+
+    @_mongo_errors
+    async def save_refreshed_tokens(
+        self, account_id: str, holder: str, grant: TokenGrant, *, now: datetime
+    ) -> bool:
+        object_id = _object_id(account_id)
+        if object_id is None:
+            return False
+        doc = await self._accounts.find_one({"_id": object_id}, projection={"ownerId": 1})
+        if doc is None:
+            return False
+        fields: dict[str, Any] = {**self._sealer.seal(doc["ownerId"], grant), "updatedAt": now}
+        if grant.scopes:
+            fields["scopes"] = list(grant.scopes)
+        result = await self._accounts.update_one(
+            {"_id": object_id, "refreshLease.holder": holder},
+            {"$set": fields, "$unset": {"refreshLease": ""}},
+        )
+        return result.modified_count == 1
+
+    @_mongo_errors
+    async def require_reauthorization(self, account_id: str, *, now: datetime) -> None:
+        object_id = _object_id(account_id)
+        if object_id is None:
+            return
+        await self._accounts.update_one(
+            {"_id": object_id, "status": {"$ne": AccountStatus.REVOKED.value}},
+            {
+                "$set": {
+                    "status": AccountStatus.REAUTHORIZATION_REQUIRED.value,
+                    "updatedAt": now,
+                },
+                "$unset": _TOKEN_UNSET,
+            },
+        )
+
+    @_mongo_errors
+    async def revoke_account(
+        self,
+        account_id: str,
+        *,
+        now: datetime,
+        reason: int | str | None,
+        revoked_at_tiktok: bool | None,
+    ) -> Account | None:
+        object_id = _object_id(account_id)
+        if object_id is None:
+            return None
+        await self._accounts.update_one(
+            {"_id": object_id, "status": {"$ne": AccountStatus.REVOKED.value}},
+            self._revocation(now, reason, revoked_at_tiktok),
+        )
+        doc = await self._accounts.find_one({"_id": object_id})
+        return _account_from_document(doc) if doc is not None else None
+
+    @_mongo_errors
+    async def revoke_accounts_by_open_id(
+        self, open_id: str, *, now: datetime, reason: int | str | None
+    ) -> int:
+        result = await self._accounts.update_many(
+            {"platformAccountId": open_id, "status": {"$ne": AccountStatus.REVOKED.value}},
+            self._revocation(now, reason, True),
+        )
+        return int(result.modified_count)
+
+    @_mongo_errors
+    async def accounts_due_for_refresh(self, before: datetime, *, limit: int) -> list[Account]:
+        cursor = (
+            self._accounts.find(
+                {
+                    "status": AccountStatus.CONNECTED.value,
+                    "accessTokenExpiresAt": {"$lt": before},
+                }
+            )
+            .sort([("accessTokenExpiresAt", ASCENDING)])
+            .limit(limit)
+        )
+        return [_account_from_document(doc) async for doc in cursor]
+
+    @staticmethod
+    def _revocation(
+        now: datetime, reason: int | str | None, revoked_at_tiktok: bool | None
+    ) -> dict[str, Any]:
+        return {
+            "$set": {
+                "status": AccountStatus.REVOKED.value,
+                "revokedAt": now,
+                "revocationReason": reason,
+                "revokedAtTikTok": revoked_at_tiktok,
+                "updatedAt": now,
+            },
+            "$unset": _TOKEN_UNSET,
+        }

@@ -1,0 +1,239 @@
+"""Connected accounts after the callback: hand out tokens, refresh, disconnect.
+
+``refresh_account`` is the one refresh path, used by the access-token endpoint
+and the background refresher alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from services.connect import utcnow
+from services.errors import (
+    Conflict,
+    GatewayError,
+    NotFound,
+    ProviderRejected,
+    ProviderUnavailable,
+    ServiceUnavailable,
+)
+from services.tiktok import TikTokClient
+from storage.base import Account, AccountStatus, AccountTokens, Store, TokenGrant
+
+log = logging.getLogger("gateway.accounts")
+
+# TikTok's answer to a refresh token it no longer honours.
+REFUSED_REFRESH_ERRORS = frozenset({"invalid_grant"})
+REVOKE_ATTEMPTS = 3
+
+
+class RefreshOutcome(enum.StrEnum):
+    REFRESHED = "refreshed"
+    NOT_DUE = "not_due"
+    REAUTHORIZATION_REQUIRED = "reauthorization_required"
+    REFRESH_TOKEN_EXPIRED = "refresh_token_expired"  # noqa: S105 - an outcome name
+    UNAVAILABLE = "unavailable"
+    BUSY = "busy"
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    access_token: str
+    expires_at: datetime
+    scopes: list[str]
+    open_id: str
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    status: str
+    revoked_at_tiktok: bool
+
+
+class AccountService:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        tiktok: TikTokClient,
+        refresh_skew_seconds: int = 300,
+        lease_seconds: float = 15.0,
+        wait_poll_seconds: float = 0.05,
+        clock: Callable[[], datetime] = utcnow,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        self._store = store
+        self._tiktok = tiktok
+        self.refresh_skew = timedelta(seconds=refresh_skew_seconds)
+        self._lease = timedelta(seconds=lease_seconds)
+        self._poll = wait_poll_seconds
+        self._clock = clock
+        self._sleep = sleep
+        # Names this process's lease holders, so logs can tell processes apart.
+        self._holder_prefix = secrets.token_hex(4)
+
+    async def list_accounts(self, owner_id: str) -> list[Account]:
+        return await self._store.list_accounts(owner_id)
+
+    async def get_account(self, owner_id: str, account_id: str) -> Account:
+        account = await self._store.get_account(account_id)
+        # Another owner's account and a missing one look the same: ids cannot be probed.
+        if account is None or account.owner_id != owner_id:
+            raise NotFound(
+                "This TikTok account is not connected.",
+                technical_message="no such account for this owner",
+            )
+        return account
+
+    async def access_token(self, owner_id: str, account_id: str) -> AccessToken:
+        """A usable access token, refreshed first when it is about to expire."""
+        account = await self.get_account(owner_id, account_id)
+        deadline = self._clock() + self._lease * 2
+        while True:
+            _raise_if_unusable(account)
+            tokens = await self._store.get_account_tokens(account.id)
+            if tokens is None:
+                raise _reauthorization_conflict("reauthorization_required")
+            if tokens.access_token_expires_at - self._clock() > self.refresh_skew:
+                return _access_token(account, tokens)
+            outcome = await self.refresh_account(account)
+            if outcome is RefreshOutcome.UNAVAILABLE:
+                raise ProviderUnavailable(
+                    technical_message="TikTok refresh failed; the current tokens are untouched",
+                    details={"dependency": "tiktok", "endpoint": "refresh"},
+                )
+            if outcome is RefreshOutcome.BUSY:
+                # Another request (maybe in another process) holds the lease: wait for it.
+                if self._clock() > deadline:
+                    raise ServiceUnavailable(
+                        technical_message="a concurrent refresh did not finish in time",
+                        details={"dependency": "tiktok", "endpoint": "refresh"},
+                        retry_after=1,
+                    )
+                await self._sleep(self._poll)
+            reloaded = await self._store.get_account(account.id)
+            if reloaded is None:
+                raise NotFound(technical_message="account disappeared during refresh")
+            account = reloaded
+
+    async def refresh_account(self, account: Account, *, force: bool = False) -> RefreshOutcome:
+        """Refresh one account's tokens under the lease. Never raises for TikTok faults."""
+        now = self._clock()
+        if account.status is not AccountStatus.CONNECTED:
+            return RefreshOutcome.REAUTHORIZATION_REQUIRED
+        if account.refresh_token_expires_at and account.refresh_token_expires_at <= now:
+            # No point asking TikTok: the refresh token is dead.
+            await self._store.require_reauthorization(account.id, now=now)
+            return RefreshOutcome.REFRESH_TOKEN_EXPIRED
+        holder = f"{self._holder_prefix}-{secrets.token_hex(6)}"
+        if not await self._store.acquire_refresh_lease(
+            account.id, holder, now=now, until=now + self._lease
+        ):
+            return RefreshOutcome.BUSY
+        try:
+            tokens = await self._store.get_account_tokens(account.id)
+            if tokens is None:
+                await self._store.require_reauthorization(account.id, now=now)
+                return RefreshOutcome.REAUTHORIZATION_REQUIRED
+            if not force and tokens.access_token_expires_at - now > self.refresh_skew:
+                # Someone refreshed between our read and our lease.
+                return RefreshOutcome.NOT_DUE
+            try:
+                response = await self._tiktok.refresh(tokens.refresh_token)
+            except ProviderRejected as exc:
+                if exc.details.get("providerError") in REFUSED_REFRESH_ERRORS:
+                    await self._store.require_reauthorization(account.id, now=self._clock())
+                    log.warning("refresh token refused for account %s", account.id)
+                    return RefreshOutcome.REAUTHORIZATION_REQUIRED
+                log.error("refresh for account %s refused: %s", account.id, exc.technical_message)
+                return RefreshOutcome.UNAVAILABLE
+            except GatewayError as exc:
+                log.warning("refresh for account %s failed: %s", account.id, exc.technical_message)
+                return RefreshOutcome.UNAVAILABLE
+            refreshed_at = self._clock()
+            saved = await self._store.save_refreshed_tokens(
+                account.id,
+                holder,
+                TokenGrant(
+                    open_id=response.open_id or account.platform_account_id,
+                    access_token=response.access_token,
+                    refresh_token=response.refresh_token,
+                    access_token_expires_at=refreshed_at + timedelta(seconds=response.expires_in),
+                    refresh_token_expires_at=refreshed_at
+                    + timedelta(seconds=response.refresh_expires_in),
+                    scopes=response.scopes or account.scopes,
+                ),
+                now=refreshed_at,
+            )
+            if not saved:
+                log.error("refresh lease of account %s expired before the new tokens were saved",
+                          account.id)
+                return RefreshOutcome.UNAVAILABLE
+            log.info("refreshed account %s (log_id=%s)", account.id, response.log_id or "-")
+            return RefreshOutcome.REFRESHED
+        finally:
+            await self._store.release_refresh_lease(account.id, holder)
+
+    async def disconnect(self, owner_id: str, account_id: str) -> Disconnected:
+        """Revoke at TikTok (bounded retries), then wipe the tokens whatever TikTok said."""
+        account = await self.get_account(owner_id, account_id)
+        if account.status is AccountStatus.REVOKED:
+            return Disconnected("revoked", bool(account.revoked_at_tiktok))
+        tokens = await self._store.get_account_tokens(account.id)
+        revoked_at_tiktok = False
+        if tokens is not None:
+            revoked_at_tiktok = await self._revoke_at_tiktok(account.id, tokens.access_token)
+        revoked = await self._store.revoke_account(
+            account.id, now=self._clock(), reason="disconnected",
+            revoked_at_tiktok=revoked_at_tiktok,
+        )
+        # A concurrent disconnect may have won: report what is stored.
+        stored = bool(revoked.revoked_at_tiktok) if revoked else revoked_at_tiktok
+        return Disconnected("revoked", stored)
+
+    async def _revoke_at_tiktok(self, account_id: str, access_token: str) -> bool:
+        for attempt in range(REVOKE_ATTEMPTS):
+            try:
+                await self._tiktok.revoke(access_token)
+                return True
+            except ProviderRejected as exc:
+                log.warning("TikTok refused to revoke account %s: %s", account_id,
+                            exc.technical_message)
+                return False
+            except GatewayError as exc:
+                log.warning("revoke attempt %d for account %s failed: %s", attempt + 1,
+                            account_id, exc.technical_message)
+                if attempt + 1 < REVOKE_ATTEMPTS:
+                    await self._sleep(0.2 * (2**attempt))
+        return False
+
+
+def _raise_if_unusable(account: Account) -> None:
+    if account.status is AccountStatus.REVOKED:
+        raise _reauthorization_conflict("revoked")
+    if account.status is AccountStatus.REAUTHORIZATION_REQUIRED:
+        raise _reauthorization_conflict("reauthorization_required")
+
+
+def _reauthorization_conflict(reason: str) -> Conflict:
+    return Conflict(
+        "This TikTok account needs to be connected again.",
+        technical_message=f"account is {reason}; send the user through authorize again",
+        details={"reason": reason},
+    )
+
+
+def _access_token(account: Account, tokens: AccountTokens) -> AccessToken:
+    return AccessToken(
+        access_token=tokens.access_token,
+        expires_at=tokens.access_token_expires_at,
+        scopes=list(account.scopes),
+        open_id=account.platform_account_id,
+    )

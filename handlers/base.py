@@ -44,7 +44,7 @@ def request_id_of(request: Any) -> str:
     request_id = getattr(request, "_gateway_request_id", None)
     if request_id is None:
         incoming = request.headers.get("X-Request-ID", "")
-        request_id = incoming if _REQUEST_ID.match(incoming) else str(uuid.uuid4())
+        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
         request._gateway_request_id = request_id
     return request_id
 
@@ -74,7 +74,8 @@ class ErrorWriterMixin(tornado.web.RequestHandler):
         elif isinstance(exc, tornado.web.HTTPError) and exc.status_code < 500:
             code = _CODES_BY_STATUS.get(exc.status_code, "VALIDATION_ERROR")
             message = _MESSAGES_BY_STATUS.get(exc.status_code, "The request is not valid.")
-            envelope = self._envelope(code, message, exc.log_message or None, None)
+            # Tornado's log_message can quote request data (a code, say): not echoed.
+            envelope = self._envelope(code, message, None, None)
         else:
             self.set_status(500 if status_code < 500 or status_code == 599 else status_code)
             code = _CODES_BY_STATUS.get(self.get_status(), "INTERNAL_SERVER_ERROR")

@@ -49,7 +49,7 @@ class AuthorizeHandler(GatewayHandler):
             )
         try:
             body: Any = json.loads(self.request.body or b"")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise ValidationFailed(
                 "The request body must be JSON.",
                 technical_message='expected a JSON object like {"redirectUri": "https://..."}',
@@ -95,7 +95,14 @@ class CallbackHandler(GatewayHandler):
                     technical_message=f"query parameter {name!r} is repeated",
                     details={"field": name},
                 )
-            value = self.decode_argument(raw[0], name).strip() if raw else ""
+            try:
+                value = raw[0].decode("utf-8").strip() if raw else ""
+            except UnicodeDecodeError:
+                raise ValidationFailed(
+                    "This connection link is malformed. Please start connecting again.",
+                    technical_message=f"query parameter {name!r} is not valid UTF-8",
+                    details={"field": name},
+                ) from None
             if len(value) > limit or "\x00" in value:
                 raise ValidationFailed(
                     "This connection link is malformed. Please start connecting again.",

@@ -17,7 +17,9 @@ MAX_REDIRECT_URI_LENGTH = 2048
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _SCHEME_PREFIX = re.compile(r"^https?://[^/\\@]", re.IGNORECASE)
 # Controls, whitespace, backslashes and characters browsers strip or rewrite.
-_FORBIDDEN = re.compile(r"[\x00-\x20\x7f-\x9f\\\u00ad\u200b-\u200f\u2028\u2029\ufeff]")
+_FORBIDDEN = re.compile(
+    r"[\x00-\x20\x7f-\x9f\\\u00ad\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff\ud800-\udfff]"
+)
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 Origin = tuple[str, str, int]
@@ -99,7 +101,7 @@ class AllowedOrigins:
         return cls(tuple(origins))
 
     def check(self, uri: str) -> str:
-        """Return ``uri`` unchanged if the browser may be sent there, else raise."""
+        """Return ``uri`` (its host in IDNA form) if the browser may be sent there, else raise."""
         if (
             not isinstance(uri, str)
             or len(uri) > MAX_REDIRECT_URI_LENGTH
@@ -118,6 +120,15 @@ class AllowedOrigins:
             raise RedirectRejected(
                 technical_message="redirect URI origin is not in ALLOWED_REDIRECT_ORIGINS"
             )
+        rest = uri[len(parts.scheme) + 3 + len(parts.netloc) :]
+        if not rest.isascii():
+            raise RedirectRejected(
+                technical_message="redirect URI path and query must be percent-encoded ASCII"
+            )
+        if not parts.netloc.isascii():
+            # Location headers are ASCII: send the IDNA form of the same host.
+            port = f":{parts.port}" if parts.port else ""
+            return f"{parts.scheme}://{origin[1]}{port}{rest}"
         return uri
 
 

@@ -100,10 +100,15 @@ class StateCodec:
         for claim in ("sub", "jti", "redirect_uri"):
             if not isinstance(payload[claim], str) or not payload[claim]:
                 raise InvalidState(technical_message=f"state claim {claim} is malformed")
+        try:
+            issued = datetime.fromtimestamp(issued_at, now.tzinfo)
+            expires = datetime.fromtimestamp(payload["exp"], now.tzinfo)
+        except (OverflowError, ValueError, TypeError, OSError):
+            raise InvalidState(technical_message="state times are out of range") from None
         return StateClaims(
             jti=payload["jti"],
             owner_id=payload["sub"],
             redirect_uri=payload["redirect_uri"],
-            issued_at=datetime.fromtimestamp(issued_at, now.tzinfo),
-            expires_at=datetime.fromtimestamp(payload["exp"], now.tzinfo),
+            issued_at=issued,
+            expires_at=expires,
         )

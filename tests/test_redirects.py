@@ -16,10 +16,15 @@ ACCEPTED = [
     "https://app.example.com:443/settings",
     "HTTPS://app.example.com/x",
     "http://localhost:3000/cb",
-    "https://bücher.example/konto",
-    # Full-width letters: IDNA maps them to "app", and so do browsers.
-    "https://ａｐｐ.example.com/",
+    "https://xn--bcher-kva.example/konto",
 ]
+
+# Unicode hosts are accepted and answered in their ASCII (IDNA) form.
+UNICODE_HOSTS = {
+    "https://bücher.example/konto": "https://xn--bcher-kva.example/konto",
+    # Full-width letters: IDNA maps them to "app", and so do browsers.
+    "https://ａｐｐ.example.com/": "https://app.example.com/",
+}
 
 TRICKS = [
     "https://evil.example.net/",
@@ -63,12 +68,21 @@ TRICKS = [
     "",
     "app.example.com/settings",
     "/settings",
+    "https://app.example.com/caf\u00e9",
+    "https://app.example.com/?q=\u00e9",
+    "https://app.example.com/settings\ud800",
+    "https://app.example.com/\u202egnp.exe",
 ]
 
 
 @pytest.mark.parametrize("uri", ACCEPTED)
 def test_allowed_origins_are_accepted(uri):
     assert ALLOWED.check(uri) == uri
+
+
+@pytest.mark.parametrize(("uri", "sent"), UNICODE_HOSTS.items())
+def test_unicode_hosts_are_sent_in_idna_form(uri, sent):
+    assert ALLOWED.check(uri) == sent
 
 
 @pytest.mark.parametrize("uri", TRICKS, ids=[repr(t)[:60] for t in TRICKS])

@@ -2,6 +2,13 @@
 
 Point the gateway's TikTok authorize URL at ``http://HOST:PORT/v2/auth/authorize/``
 and its API base URL at ``http://HOST:PORT``.
+
+To play TikTok's webhooks (the user removes the app), with the sandbox's client secret
+equal to the gateway's ``TIKTOK_CLIENT_SECRET``::
+
+    curl -X POST http://HOST:PORT/sandbox/webhooks -d '{"url": \
+      "http://127.0.0.1:8080/webhooks/tiktok", "open_id": "sbx-open-0001-4a1b-9c2d-000000000001",
+      "reason": 1}'
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ DEFAULT_REDIRECT_URI = "http://127.0.0.1:8080/oauth/tiktok/callback"
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     env = os.environ
     parser = argparse.ArgumentParser(
-        prog="python -m sandbox", description="Local stand-in for TikTok's OAuth + user-info API."
+        prog="python -m sandbox",
+        description="Local stand-in for TikTok's OAuth + user-info API.",
+        epilog="POST /sandbox/webhooks {\"url\": ..., \"open_id\": ..., \"reason\": 1} sends "
+        "a signed authorization.removed webhook (and revokes that user's tokens here).",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000, help="0 picks a free port")

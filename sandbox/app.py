@@ -7,9 +7,12 @@ and ``/sandbox/...`` endpoints that TikTok does not have are the test controls.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,6 +22,7 @@ import tornado.httpserver
 import tornado.iostream
 import tornado.netutil
 import tornado.web
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.httputil import url_concat
 
 from sandbox import pages
@@ -50,6 +54,9 @@ STAT_KEYS = (
 _GRANT_STATS = {"authorization_code": "token_authorization_code", "refresh_token": "token_refresh"}
 CONSENT_MODES = ("auto", "page")
 AUTHORIZE_PATH = "/v2/auth/authorize/"
+WEBHOOK_SIGNATURE_HEADER = "TikTok-Signature"
+AUTHORIZATION_REMOVED = "authorization.removed"
+REMOVAL_REASONS = range(6)  # 0 unknown ... 5 developer revoked (TIKTOK_API.md)
 DECISION_PATH = "/v2/auth/authorize/decision"
 
 # Parameters the consent page carries through to its POST, so the decision
@@ -83,6 +90,13 @@ _ENVELOPE_FAULT_CODES = {
 
 def new_log_id() -> str:
     return secrets.token_hex(16)
+
+
+def webhook_signature(body: bytes, client_secret: str, timestamp: int) -> str:
+    """TikTok's header value: ``t=<unix>,s=<hex HMAC-SHA256 of "<t>.<body>">``."""
+    signed = str(timestamp).encode() + b"." + body
+    digest = hmac.new(client_secret.encode(), signed, hashlib.sha256).hexdigest()
+    return f"t={timestamp},s={digest}"
 
 
 @dataclass
@@ -158,6 +172,8 @@ class Sandbox:
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self._faults: dict[str, deque[Fault]] = {name: deque() for name in FAULT_ENDPOINTS}
         self._servers: list[SandboxServer] = []
+        # (url, event, user_openid, HTTP status) of every webhook sent, oldest first.
+        self.sent_webhooks: list[tuple[str, str, str, int]] = []
 
     @property
     def pkce(self) -> str:
@@ -238,6 +254,62 @@ class Sandbox:
         count = self.state.revoke_all_for(open_id)
         log.info("revoked %d grant(s) for %s", count, open_id)
 
+    async def send_webhook(
+        self,
+        url: str,
+        event: str,
+        user_openid: str,
+        content: dict[str, Any] | str,
+        *,
+        client_key: str | None = None,
+        client_secret: str | None = None,
+        timestamp: int | None = None,
+        signature: str | None = None,
+        create_time: int | None = None,
+    ) -> int:
+        """POST one webhook delivery as TikTok does; returns the HTTP status (599: no answer).
+
+        The body is TikTok's documented JSON, ``content`` serialized into a string.
+        ``client_key``/``client_secret`` default to the first registered client. For
+        bad deliveries pass another ``client_secret``, an old ``timestamp``, or the
+        whole header value as ``signature`` (an empty string sends no header).
+        """
+        client = self.clients[0]
+        if client_key is not None:
+            client = self.state.clients.get(client_key) or SandboxClient(client_key, "", [])
+        now = int(time.time())
+        body = json.dumps(
+            {
+                "client_key": client.client_key,
+                "event": event,
+                "create_time": now if create_time is None else create_time,
+                "user_openid": user_openid,
+                "content": content if isinstance(content, str) else json.dumps(content),
+            }
+        ).encode()
+        if signature is None:
+            signature = webhook_signature(
+                body,
+                client.client_secret if client_secret is None else client_secret,
+                now if timestamp is None else timestamp,
+            )
+        headers = {"Content-Type": "application/json"}
+        if signature:
+            headers[WEBHOOK_SIGNATURE_HEADER] = signature
+        try:
+            response = await AsyncHTTPClient().fetch(
+                url, method="POST", body=body, headers=headers, raise_error=False,
+                request_timeout=10.0,
+            )
+            status = response.code
+        except HTTPClientError as exc:  # timeouts and dropped connections (599)
+            status = exc.code
+        except OSError:
+            status = 599
+        self.sent_webhooks.append((url, event, user_openid, status))
+        log.info("webhook %s for %s -> %d", event, user_openid, status)
+        return status
+
     # -- serving --------------------------------------------------------------
 
     def make_app(self) -> tornado.web.Application:
@@ -254,6 +326,7 @@ class Sandbox:
                 ("/sandbox/faults", FaultsHandler),
                 ("/sandbox/revoke-user", RevokeUserHandler),
                 ("/sandbox/clock", ClockHandler),
+                ("/sandbox/webhooks", WebhookHandler),
             )
         ]
         # xsrf stays off: TikTok's endpoints are called by other servers and forms.
@@ -669,3 +742,50 @@ class ClockHandler(_ControlHandler):
             return
         self.sandbox.advance_clock(float(seconds))
         self.send_json(200, {"offset": self.sandbox.state.clock_offset})
+
+
+class WebhookHandler(_ControlHandler):
+    """Sends a webhook as TikTok would: POST {"url": ..., "event": "authorization.removed",
+    "open_id": ..., "reason": 1}, signed with the client's secret.
+
+    For ``authorization.removed`` the user's tokens are revoked first, as TikTok does
+    when a user removes the app. Other events take their ``content`` object as is.
+    Answers ``{"status": <the receiver's HTTP status>, "delivered": status == 200}``.
+    """
+
+    async def post(self) -> None:
+        body = self.json_body()
+        url = body.get("url")
+        event = body.get("event", AUTHORIZATION_REMOVED)
+        open_id = body.get("open_id")
+        client_key = body.get("client_key")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            self.bad_request("url must be an absolute http(s) URL")
+            return
+        if not isinstance(event, str) or not event:
+            self.bad_request("event must be a non-empty string")
+            return
+        if not isinstance(open_id, str) or open_id not in self.sandbox.state.users:
+            self.bad_request("open_id must name a sandbox user")
+            return
+        if client_key is not None and client_key not in self.sandbox.state.clients:
+            self.bad_request("client_key must name a registered client")
+            return
+        if event == AUTHORIZATION_REMOVED:
+            reason = body.get("reason", 1)
+            if not isinstance(reason, int) or isinstance(reason, bool) or (
+                reason not in REMOVAL_REASONS
+            ):
+                self.bad_request("reason must be one of TikTok's codes 0-5")
+                return
+            content: dict[str, Any] = {"reason": reason}
+            self.sandbox.revoke_all_for(open_id)
+        else:
+            content = body.get("content", {})
+            if not isinstance(content, dict):
+                self.bad_request("content must be a JSON object")
+                return
+        status = await self.sandbox.send_webhook(
+            url, event, open_id, content, client_key=client_key
+        )
+        self.send_json(200, {"status": status, "delivered": status == 200})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import re
@@ -14,6 +15,9 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
 from tornado.httpclient import HTTPResponse
 from tornado.httputil import url_concat
 
@@ -765,3 +769,152 @@ def test_cli_prints_where_it_listens_and_exits_cleanly_on_sigterm():
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
+
+
+# -- webhook sender ------------------------------------------------------------
+
+
+class _Receiver:
+    """A webhook endpoint that records what it got and answers ``status``."""
+
+    def __init__(self, status: int = 200) -> None:
+        receiver = self
+
+        class Handler(tornado.web.RequestHandler):
+            def post(self) -> None:
+                receiver.requests.append((dict(self.request.headers), self.request.body))
+                self.set_status(receiver.status)
+                self.finish("{}")
+
+        self.status = status
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+        self.url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}/webhooks/tiktok"
+        self.server = tornado.httpserver.HTTPServer(
+            tornado.web.Application([("/webhooks/tiktok", Handler)])
+        )
+        self.server.add_sockets(sockets)
+
+    async def close(self) -> None:
+        self.server.stop()
+        await self.server.close_all_connections()
+
+
+def _check_signature(headers: dict[str, str], body: bytes, secret: str) -> int:
+    """TikTok's scheme: hex HMAC-SHA256 of "<t>.<raw body>" keyed by the client secret."""
+    match = re.fullmatch(r"t=(\d+),s=([0-9a-f]{64})", headers["Tiktok-Signature"])
+    assert match, headers["Tiktok-Signature"]
+    signed = match.group(1).encode() + b"." + body
+    expected = hmac.new(secret.encode(), signed, "sha256").hexdigest()
+    assert hmac.compare_digest(expected, match.group(2))
+    return int(match.group(1))
+
+
+@pytest.mark.gen_test
+async def test_send_webhook_posts_the_documented_signed_body(sandbox):
+    receiver = _Receiver()
+    try:
+        status = await sandbox.send_webhook(
+            receiver.url, "authorization.removed", FIRST_USER.open_id, {"reason": 1}
+        )
+        assert status == 200
+        [(headers, body)] = receiver.requests
+        document = json.loads(body)
+        assert set(document) == {"client_key", "event", "create_time", "user_openid", "content"}
+        assert document["client_key"] == CLIENT_KEY
+        assert document["event"] == "authorization.removed"
+        assert document["user_openid"] == FIRST_USER.open_id
+        assert isinstance(document["content"], str)
+        assert json.loads(document["content"]) == {"reason": 1}
+        assert abs(document["create_time"] - time.time()) < 60
+        signed_at = _check_signature(headers, body, CLIENT_SECRET)
+        assert abs(signed_at - time.time()) < 60
+        assert sandbox.sent_webhooks == [
+            (receiver.url, "authorization.removed", FIRST_USER.open_id, 200)
+        ]
+    finally:
+        await receiver.close()
+
+
+@pytest.mark.gen_test
+async def test_send_webhook_can_be_made_wrong_on_purpose(sandbox):
+    receiver = _Receiver(status=401)
+    try:
+        args = (receiver.url, "authorization.removed", FIRST_USER.open_id, '{"reason": 2}')
+        assert await sandbox.send_webhook(*args, client_secret="wrong", timestamp=123) == 401
+        headers, body = receiver.requests[-1]
+        assert headers["Tiktok-Signature"].startswith("t=123,")
+        with pytest.raises(AssertionError):
+            _check_signature(headers, body, CLIENT_SECRET)
+        _check_signature(headers, body, "wrong")
+        assert json.loads(json.loads(body)["content"]) == {"reason": 2}  # a string is sent as is
+
+        await sandbox.send_webhook(*args, signature="t=1,s=nothex")
+        assert receiver.requests[-1][0]["Tiktok-Signature"] == "t=1,s=nothex"
+        await sandbox.send_webhook(*args, signature="")
+        assert "Tiktok-Signature" not in receiver.requests[-1][0]
+
+        await sandbox.send_webhook(*args, client_key="other-client")
+        headers, body = receiver.requests[-1]
+        assert json.loads(body)["client_key"] == "other-client"
+        _check_signature(headers, body, "other-secret")  # that client's own secret
+    finally:
+        await receiver.close()
+
+
+@pytest.mark.gen_test
+async def test_send_webhook_reports_an_unreachable_receiver(sandbox):
+    receiver = _Receiver()
+    url = receiver.url
+    await receiver.close()
+    status = await sandbox.send_webhook(url, "authorization.removed", FIRST_USER.open_id, {})
+    assert status == 599
+
+
+@pytest.mark.gen_test
+async def test_webhook_control_endpoint_revokes_then_notifies(http_client, base_url, sandbox):
+    receiver = _Receiver()
+
+    async def call(body: object) -> HTTPResponse:
+        return await http_client.fetch(
+            base_url + "/sandbox/webhooks", method="POST", body=json.dumps(body),
+            raise_error=False,
+        )
+
+    try:
+        tokens = await connect(http_client, base_url)
+        valid = {"url": receiver.url, "open_id": FIRST_USER.open_id, "reason": 1}
+        for bad in (
+            {**valid, "url": "ftp://example.com"},
+            {**valid, "url": None},
+            {**valid, "open_id": "nobody"},
+            {**valid, "reason": 6},
+            {**valid, "reason": True},
+            {**valid, "reason": 1.0},
+            {**valid, "event": ""},
+            {**valid, "client_key": "unknown-client"},
+            {**valid, "event": "video.publish.completed", "content": "not an object"},
+        ):
+            response = await call(bad)
+            assert response.code == 400, bad
+        assert receiver.requests == []
+        assert (await user_info(http_client, base_url, tokens["access_token"]))[0].code == 200
+
+        response = await call(valid)
+        assert response.code == 200
+        assert json.loads(response.body) == {"status": 200, "delivered": True}
+        [(headers, body)] = receiver.requests
+        _check_signature(headers, body, CLIENT_SECRET)
+        assert json.loads(json.loads(body)["content"]) == {"reason": 1}
+        # As TikTok does: the tokens were revoked before the event was sent.
+        assert (await user_info(http_client, base_url, tokens["access_token"]))[0].code == 401
+
+        receiver.status = 500
+        response = await call(
+            {"url": receiver.url, "open_id": SECOND_USER.open_id,
+             "event": "video.publish.completed", "content": {"publish_id": "p1"}}
+        )
+        assert json.loads(response.body) == {"status": 500, "delivered": False}
+        assert json.loads(json.loads(receiver.requests[-1][1])["content"]) == {"publish_id": "p1"}
+    finally:
+        await receiver.close()

@@ -1,0 +1,452 @@
+"""The background refresher against the sandbox as TikTok, on both stores.
+
+Rate and concurrency are checked with an injected clock and sleep: assertions are
+about counts and fake seconds, never about wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from sandbox.state import OAuthError
+from server import build_gateway, start_refresher
+from services.accounts import AccountService, RefreshOutcome
+from services.errors import ConfigError, StoreUnavailable
+from services.refresher import ERROR, RateLimiter, Refresher
+from services.tiktok import TikTokClient
+from storage.base import Account, AccountStatus, Store, TokenGrant
+from storage.memory import MemoryStore
+from tests.fixtures_mongo import collect_leaked_driver_sockets, open_mongo_store
+from tests.flow import make_sandbox
+from tests.support import CLIENT_KEY, CLIENT_SECRET, REDIRECT_URI, make_config
+
+gen_test = pytest.mark.gen_test(timeout=30)
+AHEAD = 3600
+StoreFactory = Callable[[], contextlib.AbstractAsyncContextManager[Store]]
+
+
+def utc_now() -> datetime:
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+class FakeTime:
+    """A monotonic clock that only the injected sleep moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+class RecordingAccounts(AccountService):
+    """The real refresh path, recording when each call started and how many overlapped."""
+
+    def __init__(self, fake: FakeTime | None = None, **kwargs: Any) -> None:
+        super().__init__(refresh_skew_seconds=AHEAD, **kwargs)
+        self.fake = fake
+        self.starts: list[float] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def refresh_account(self, account: Account, *, force: bool = False) -> RefreshOutcome:
+        self.starts.append(self.fake.now if self.fake else 0.0)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await super().refresh_account(account, force=force)
+        finally:
+            self.in_flight -= 1
+
+
+@contextlib.asynccontextmanager
+async def memory_store() -> AsyncIterator[Store]:
+    yield MemoryStore()
+
+
+@pytest.fixture(params=["memory", "motor", "pymongo"])
+def make_store(request: pytest.FixtureRequest, mongo_database_name: str) -> Iterator[StoreFactory]:
+    if request.param == "memory":
+        yield memory_store
+        return
+    server = request.getfixturevalue("mongo_server")
+    yield functools.partial(open_mongo_store, server.uri, mongo_database_name, request.param)
+    if request.param == "pymongo":
+        collect_leaked_driver_sockets()
+
+
+@pytest.fixture
+def sandbox(io_loop):
+    sandbox = make_sandbox(pkce="optional")
+    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
+    yield sandbox
+    io_loop.run_sync(sandbox.close)
+
+
+def tiktok_for(sandbox_url: str) -> TikTokClient:
+    return TikTokClient(
+        None,
+        client_key=CLIENT_KEY,
+        client_secret=CLIENT_SECRET,
+        redirect_uri=REDIRECT_URI,
+        api_base_url=sandbox_url,
+        authorize_url=f"{sandbox_url}/v2/auth/authorize/",
+        connect_timeout=2.0,
+        request_timeout=4.0,
+    )
+
+
+@pytest.fixture
+def tiktok(sandbox) -> TikTokClient:
+    return tiktok_for(sandbox.url)
+
+
+async def connect(
+    store: Store,
+    sandbox: Any,
+    owner: str,
+    *,
+    expires_in: timedelta,
+    refresh_expires_in: timedelta = timedelta(days=365),
+    refresh_token: str | None = None,
+) -> Account:
+    """An account holding real sandbox tokens, with the access expiry we choose."""
+    code = sandbox.issue_code(CLIENT_KEY, REDIRECT_URI, ["user.info.basic"], code_challenge=None)
+    client = sandbox.state.clients[CLIENT_KEY]
+    tokens = sandbox.state.exchange_code(client, code, REDIRECT_URI, None)
+    now = utc_now()
+    return await store.save_account_tokens(
+        owner,
+        TokenGrant(
+            open_id=tokens["open_id"],
+            access_token=tokens["access_token"],
+            refresh_token=refresh_token or tokens["refresh_token"],
+            access_token_expires_at=now + expires_in,
+            refresh_token_expires_at=now + refresh_expires_in,
+            scopes=["user.info.basic"],
+        ),
+        now=now,
+    )
+
+
+def refresher_for(store: Store, accounts: AccountService, **kwargs: Any) -> Refresher:
+    kwargs.setdefault("ahead_seconds", AHEAD)
+    return Refresher(store=store, accounts=accounts, **kwargs)
+
+
+async def wait_until(condition: Callable[[], bool], *, steps: int = 2000) -> None:
+    """Yield to the loop until ``condition`` holds; a bound on steps, not on time."""
+    for _ in range(steps):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition never became true")
+
+
+# -- what is refreshed -----------------------------------------------------------
+
+
+@gen_test
+async def test_refreshes_only_what_is_due(make_store, sandbox, tiktok):
+    async with make_store() as store:
+        due = await connect(store, sandbox, "due", expires_in=timedelta(minutes=10))
+        fresh = await connect(store, sandbox, "fresh", expires_in=timedelta(hours=20))
+        refresher = refresher_for(store, RecordingAccounts(store=store, tiktok=tiktok))
+
+        summary = await refresher.run_once()
+
+        assert summary.due == 1
+        assert summary.outcomes == {RefreshOutcome.REFRESHED.value: 1}
+        assert sandbox.stats["token_refresh"] == 1
+        refreshed = await store.get_account(due.id)
+        assert refreshed.access_token_expires_at > utc_now() + timedelta(hours=23)
+        tokens = await store.get_account_tokens(due.id)
+        sandbox.state.check_access(tokens.access_token)  # the new token works at TikTok
+        untouched = await store.get_account(fresh.id)
+        assert untouched.access_token_expires_at == fresh.access_token_expires_at
+        assert untouched.updated_at == fresh.updated_at
+
+        # Nothing is due any more: the next round calls TikTok for nobody.
+        assert (await refresher.run_once()).due == 0
+        assert sandbox.stats["token_refresh"] == 1
+
+
+@gen_test
+async def test_expired_refresh_token_needs_reauthorization_without_tiktok(
+    make_store, sandbox, tiktok
+):
+    async with make_store() as store:
+        dead, also_dead = [
+            await connect(
+                store, sandbox, owner, expires_in=-timedelta(hours=1),
+                refresh_expires_in=-timedelta(minutes=1),
+            )
+            for owner in ("dead", "also-dead")
+        ]
+        fake = FakeTime()
+        refresher = refresher_for(
+            store, RecordingAccounts(store=store, tiktok=tiktok),
+            monotonic=fake.monotonic, sleep=fake.sleep, max_per_minute=1, batch_size=10,
+        )
+        summary = await refresher.run_once()
+        assert summary.outcomes == {RefreshOutcome.REFRESH_TOKEN_EXPIRED.value: 2}
+        for account in (dead, also_dead):
+            stored = await store.get_account(account.id)
+            assert stored.status is AccountStatus.REAUTHORIZATION_REQUIRED
+            assert await store.get_account_tokens(account.id) is None
+        assert sandbox.stats["token"] == 0
+        assert fake.slept == []  # no TikTok call, so no rate budget spent
+
+
+class BrokenTokensStore(MemoryStore):
+    """A store whose records for some ids cannot be read (say, corrupted ciphertext)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken: set[str] = set()
+
+    async def get_account_tokens(self, account_id: str) -> Any:
+        if account_id in self.broken:
+            raise RuntimeError("record cannot be read")
+        return await super().get_account_tokens(account_id)
+
+
+@gen_test
+async def test_one_failing_account_does_not_stop_the_others(sandbox, tiktok, caplog):
+    store = BrokenTokensStore()
+    soon = timedelta(minutes=5)
+    first = await connect(store, sandbox, "first", expires_in=soon)
+    refused = await connect(store, sandbox, "refused", expires_in=soon,
+                            refresh_token="rft.unknown-to-tiktok")
+    broken = await connect(store, sandbox, "broken", expires_in=soon)
+    last = await connect(store, sandbox, "last", expires_in=soon)
+    store.broken.add(broken.id)
+    refresher = refresher_for(store, RecordingAccounts(store=store, tiktok=tiktok))
+
+    summary = await refresher.run_once()
+
+    assert summary.outcomes == {
+        RefreshOutcome.REFRESHED.value: 2,
+        RefreshOutcome.REAUTHORIZATION_REQUIRED.value: 1,  # TikTok said invalid_grant
+        ERROR: 1,
+    }
+    for account in (first, last):
+        stored = await store.get_account(account.id)
+        assert stored.access_token_expires_at > utc_now() + timedelta(hours=23)
+    assert (await store.get_account(refused.id)).status is AccountStatus.REAUTHORIZATION_REQUIRED
+    assert (await store.get_account(broken.id)).status is AccountStatus.CONNECTED
+    assert f"refresh of account {broken.id} failed unexpectedly" in caplog.text
+    # The broken account's lease was given back: it is tried again next round.
+    store.broken.clear()
+    assert (await refresher.run_once()).outcomes == {RefreshOutcome.REFRESHED.value: 1}
+
+
+# -- budget and concurrency --------------------------------------------------------
+
+
+@gen_test
+async def test_rate_budget_spaces_tiktok_calls(sandbox, tiktok):
+    store = MemoryStore()
+    for n in range(10):
+        await connect(store, sandbox, f"owner-{n}", expires_in=timedelta(minutes=n))
+    fake = FakeTime()
+    accounts = RecordingAccounts(fake, store=store, tiktok=tiktok)
+    refresher = refresher_for(
+        store, accounts, max_per_minute=6, monotonic=fake.monotonic, sleep=fake.sleep
+    )
+
+    # One round takes one minute's budget; the rest waits for the next round.
+    assert (await refresher.run_once()).outcomes == {RefreshOutcome.REFRESHED.value: 6}
+    assert (await refresher.run_once()).outcomes == {RefreshOutcome.REFRESHED.value: 4}
+
+    assert sandbox.stats["token_refresh"] == 10
+    starts = accounts.starts
+    assert len(starts) == 10
+    # Never more than 6 calls in any 60 fake seconds, across rounds too.
+    assert max(sum(1 for s in starts if w <= s < w + 60) for w in starts) == 6
+    assert sum(fake.slept) == pytest.approx(9 * 10)
+
+
+@gen_test
+async def test_rate_limiter_counts():
+    fake = FakeTime()
+    limiter = RateLimiter(120, clock=fake.monotonic, sleep=fake.sleep)
+    times = []
+    for _ in range(5):
+        await limiter.acquire()
+        times.append(fake.now)
+    assert [t - times[0] for t in times] == pytest.approx([0, 0.5, 1.0, 1.5, 2.0])
+    fake.now += 100  # idle for a while: no catching up with a burst
+    await limiter.acquire()
+    await limiter.acquire()
+    assert fake.slept[-1] == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        RateLimiter(0)
+
+
+@gen_test
+@pytest.mark.parametrize("concurrency", [4, 2])
+async def test_concurrency_is_bounded(concurrency):
+    sandbox = make_sandbox(pkce="optional", latency=0.2)
+    tiktok = tiktok_for(f"http://127.0.0.1:{sandbox.listen()}")
+    try:
+        store = MemoryStore()
+        for n in range(10):
+            await connect(store, sandbox, f"owner-{n}", expires_in=timedelta(minutes=5))
+        fake = FakeTime()
+        accounts = RecordingAccounts(fake, store=store, tiktok=tiktok)
+        refresher = refresher_for(
+            store, accounts, max_per_minute=600, concurrency=concurrency,
+            monotonic=fake.monotonic, sleep=fake.sleep,
+        )
+        summary = await refresher.run_once()
+        assert summary.outcomes == {RefreshOutcome.REFRESHED.value: 10}
+        assert accounts.max_in_flight == concurrency
+    finally:
+        await sandbox.close()
+
+
+# -- the loop ------------------------------------------------------------------------
+
+
+class FlakyStore(MemoryStore):
+    """The first rounds fail: the store is down, then a bug."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.due_calls = 0
+
+    async def accounts_due_for_refresh(self, before: datetime, *, limit: int) -> list[Account]:
+        self.due_calls += 1
+        if self.due_calls == 1:
+            raise StoreUnavailable(technical_message="MongoDB unreachable: test")
+        if self.due_calls == 2:
+            raise RuntimeError("a bug in one round")
+        return await super().accounts_due_for_refresh(before, limit=limit)
+
+
+@gen_test
+async def test_loop_survives_failed_rounds_and_stop_ends_it(sandbox, tiktok, caplog):
+    store = FlakyStore()
+    account = await connect(store, sandbox, "owner", expires_in=timedelta(minutes=5))
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        await asyncio.sleep(0)
+
+    refresher = refresher_for(
+        store, RecordingAccounts(store=store, tiktok=tiktok), interval_seconds=42, sleep=sleep
+    )
+    refresher.start()
+    assert refresher.running
+    await wait_until(lambda: refresher.rounds >= 2)
+    await refresher.stop()
+
+    assert not refresher.running
+    assert sandbox.stats["token_refresh"] == 1
+    stored = await store.get_account(account.id)
+    assert stored.access_token_expires_at > utc_now() + timedelta(hours=23)
+    assert "refresh round skipped: MongoDB unreachable: test" in caplog.text
+    assert "refresh round failed" in caplog.text
+    assert set(sleeps) == {42}
+    calls = store.due_calls
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert store.due_calls == calls  # stopped for good
+    await refresher.stop()  # a second stop is harmless
+
+
+@gen_test
+async def test_stop_lets_an_in_flight_refresh_finish():
+    sandbox = make_sandbox(pkce="optional", latency=0.3)
+    tiktok = tiktok_for(f"http://127.0.0.1:{sandbox.listen()}")
+    try:
+        store = MemoryStore()
+        account = await connect(store, sandbox, "owner", expires_in=timedelta(minutes=5))
+        old_tokens = await store.get_account_tokens(account.id)
+        refresher = refresher_for(
+            store, RecordingAccounts(store=store, tiktok=tiktok), interval_seconds=3600
+        )
+        refresher.start()
+        # The refresh has reached TikTok, which rotates the refresh token...
+        await wait_until(lambda: sandbox.stats["token_refresh"] == 1)
+        await refresher.stop()
+        # ...so stopping must not lose the new one.
+        assert not refresher.running
+        stored = await store.get_account(account.id)
+        assert stored.status is AccountStatus.CONNECTED
+        assert stored.access_token_expires_at > utc_now() + timedelta(hours=23)
+        new_tokens = await store.get_account_tokens(account.id)
+        assert new_tokens.refresh_token != old_tokens.refresh_token
+        with pytest.raises(OAuthError):  # the old one was rotated away at TikTok
+            sandbox.state.refresh(sandbox.state.clients[CLIENT_KEY], old_tokens.refresh_token)
+    finally:
+        await sandbox.close()
+
+
+# -- wiring and configuration ----------------------------------------------------------
+
+
+@gen_test
+async def test_server_starts_no_refresher_when_interval_is_zero():
+    before = asyncio.all_tasks()
+    gateway = build_gateway(make_config(REFRESH_INTERVAL_SECONDS="0"))
+    assert start_refresher(gateway) is None
+    assert asyncio.all_tasks() == before
+
+
+@gen_test
+async def test_server_starts_and_stops_the_refresher():
+    gateway = build_gateway(
+        make_config(REFRESH_INTERVAL_SECONDS="5", REFRESH_AHEAD_SECONDS="600",
+                    REFRESH_MAX_PER_MINUTE="120")
+    )
+    refresher = start_refresher(gateway)
+    assert refresher is not None and refresher.running
+    assert refresher.interval == 5 and refresher.ahead == timedelta(seconds=600)
+    assert refresher.batch_size == 120
+    await refresher.stop()
+    assert not refresher.running
+
+
+def test_refresher_refuses_a_skew_narrower_than_its_window():
+    store = MemoryStore()
+    tiktok = tiktok_for("http://127.0.0.1:9")
+    narrow = AccountService(store=store, tiktok=tiktok, refresh_skew_seconds=300)
+    with pytest.raises(ValueError, match="refresh skew"):
+        Refresher(store=store, accounts=narrow, ahead_seconds=3600)
+    with pytest.raises(ValueError, match="interval"):
+        Refresher(store=store, accounts=narrow, ahead_seconds=60, interval_seconds=0)
+
+
+def test_configuration():
+    config = make_config()
+    assert config.refresh_interval_seconds == 60
+    assert config.refresh_ahead_seconds == 3600
+    assert config.refresh_max_per_minute == 300
+    assert config.webhook_tolerance_seconds == 300
+    for name, value in [
+        ("REFRESH_INTERVAL_SECONDS", "-1"),
+        ("REFRESH_INTERVAL_SECONDS", "nan"),
+        ("REFRESH_AHEAD_SECONDS", "0"),
+        ("REFRESH_MAX_PER_MINUTE", "601"),  # over TikTok's own limit
+        ("REFRESH_MAX_PER_MINUTE", "0"),
+        ("WEBHOOK_TOLERANCE_SECONDS", "0"),
+    ]:
+        with pytest.raises(ConfigError, match=name):
+            make_config(**{name: value})

@@ -20,15 +20,28 @@ import tornado.web
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 
+from handlers.accounts import AccessTokenHandler, AccountHandler, AccountListHandler
 from handlers.base import NotFoundHandler, log_request
 from handlers.health import HealthHandler, ReadinessHandler
 from handlers.oauth import AuthorizeHandler, CallbackHandler
+from handlers.webhooks import TikTokWebhookHandler
+from services.accounts import AccountService
 from services.config import Config, load_config
 from services.connect import ConnectionService
 from services.errors import ConfigError, GatewayError
-from services.product_auth import ProductTokenVerifier, UserResolver
+from services.product_auth import (
+    HostResolver,
+    Principal,
+    PrincipalResolver,
+    ProductTokenVerifier,
+    UserResolver,
+    as_owner_resolver,
+    as_principal_resolver,
+)
+from services.refresher import Refresher
 from services.state import StateCodec
 from services.tiktok import TikTokClient
+from services.webhooks import WebhookService
 from storage.base import Store
 from storage.memory import MemoryStore
 
@@ -48,6 +61,9 @@ class Gateway:
     service: ConnectionService
     resolve_user: UserResolver
     http_client: AsyncHTTPClient | None
+    accounts: AccountService
+    # The owner and the bearer's scopes (the accounts API needs both).
+    resolve_principal: PrincipalResolver
 
 
 def create_store(config: Config) -> Store:
@@ -70,17 +86,22 @@ def create_store(config: Config) -> Store:
     return MongoStore(database, config.cipher(), client=client)
 
 
-def bearer_user_resolver(config: Config) -> UserResolver:
-    """Default way to know the product's user: its HS256 bearer JWT, claim ``sub``."""
+def bearer_principal_resolver(config: Config) -> PrincipalResolver:
+    """Default way to know the product's user: its HS256 bearer JWT, claims ``sub``
+    and ``scope``."""
     verifier = ProductTokenVerifier(
         config.auth_jwt_secret, config.auth_jwt_issuer, config.auth_jwt_audience
     )
 
-    async def resolve(handler: tornado.web.RequestHandler) -> str:
-        claims = verifier.verify(handler.request.headers.get("Authorization"))
-        return str(claims["sub"])
+    async def resolve(handler: tornado.web.RequestHandler) -> Principal:
+        return verifier.principal(handler.request.headers.get("Authorization"))
 
     return resolve
+
+
+def bearer_user_resolver(config: Config) -> UserResolver:
+    """The bearer JWT's ``sub`` only."""
+    return as_owner_resolver(bearer_principal_resolver(config))
 
 
 def build_gateway(
@@ -88,9 +109,13 @@ def build_gateway(
     *,
     store: Store | None = None,
     http_client: AsyncHTTPClient | None = None,
-    resolve_user: UserResolver | None = None,
+    resolve_user: HostResolver | None = None,
 ) -> Gateway:
-    """Wire the dependencies; a host application may supply its own store or resolver."""
+    """Wire the dependencies; a host application may supply its own store or resolver.
+
+    ``resolve_user`` may answer a user id (a principal without scopes: it can
+    connect and list accounts, not read their tokens) or a ``Principal``.
+    """
     store = store or create_store(config)
     tiktok = TikTokClient(
         http_client,
@@ -115,24 +140,82 @@ def build_gateway(
         pkce_mode=config.tiktok_pkce,
         callback_budget_seconds=config.tiktok_callback_budget,
     )
+    resolve_principal = (
+        as_principal_resolver(resolve_user) if resolve_user else bearer_principal_resolver(config)
+    )
     return Gateway(
         config=config,
         store=store,
         service=service,
-        resolve_user=resolve_user or bearer_user_resolver(config),
+        resolve_user=as_owner_resolver(resolve_principal),
         http_client=http_client,
+        accounts=AccountService(
+            store=store, tiktok=tiktok, refresh_skew_seconds=config.refresh_skew_seconds
+        ),
+        resolve_principal=resolve_principal,
     )
 
 
 def routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]:
     """The gateway's routes, for mounting inside another Tornado application."""
     flow = {"service": gateway.service, "resolve_user": gateway.resolve_user}
+    accounts = {"accounts": gateway.accounts, "resolve_principal": gateway.resolve_principal}
     return [
         tornado.web.url(f"{prefix}/oauth/tiktok/authorize", AuthorizeHandler, flow),
         tornado.web.url(f"{prefix}/oauth/tiktok/callback", CallbackHandler, flow),
         tornado.web.url(f"{prefix}/healthz", HealthHandler),
         tornado.web.url(f"{prefix}/readyz", ReadinessHandler, {"store": gateway.store}),
+        tornado.web.url(f"{prefix}/accounts", AccountListHandler, accounts),
+        tornado.web.url(f"{prefix}/accounts/([^/]+)", AccountHandler, accounts),
+        tornado.web.url(f"{prefix}/accounts/([^/]+)/access-token", AccessTokenHandler, accounts),
+        tornado.web.url(
+            f"{prefix}/webhooks/tiktok",
+            TikTokWebhookHandler,
+            {"webhooks": webhook_service(gateway)},
+        ),
     ]
+
+
+def webhook_service(gateway: Gateway) -> WebhookService:
+    config = gateway.config
+    return WebhookService(
+        store=gateway.store,
+        client_key=config.tiktok_client_key,
+        client_secret=config.tiktok_client_secret,
+        tolerance_seconds=config.webhook_tolerance_seconds,
+    )
+
+
+def start_refresher(gateway: Gateway) -> Refresher | None:
+    """Start refreshing tokens close to expiry in the background; None when disabled."""
+    config = gateway.config
+    if config.refresh_interval_seconds <= 0:
+        log.info("background token refresh disabled (REFRESH_INTERVAL_SECONDS=0)")
+        return None
+    tiktok = TikTokClient(
+        gateway.http_client,
+        client_key=config.tiktok_client_key,
+        client_secret=config.tiktok_client_secret,
+        redirect_uri=config.tiktok_redirect_uri,
+        api_base_url=config.tiktok_api_base_url,
+        authorize_url=config.tiktok_authorize_url,
+        connect_timeout=config.tiktok_connect_timeout,
+        request_timeout=config.tiktok_request_timeout,
+    )
+    # Its own AccountService (same refresh path, same leases): refresh_account answers
+    # not_due for tokens outside its skew, which here is the refresher's window.
+    accounts = AccountService(
+        store=gateway.store, tiktok=tiktok, refresh_skew_seconds=config.refresh_ahead_seconds
+    )
+    refresher = Refresher(
+        store=gateway.store,
+        accounts=accounts,
+        interval_seconds=config.refresh_interval_seconds,
+        ahead_seconds=config.refresh_ahead_seconds,
+        max_per_minute=config.refresh_max_per_minute,
+    )
+    refresher.start()
+    return refresher
 
 
 def make_app(config: Config, **kwargs: Any) -> tornado.web.Application:
@@ -182,6 +265,7 @@ async def serve(config: Config) -> None:
     server.listen(config.port, address=config.host)
     log.info("TikTok gateway listening on http://%s:%d", config.host, config.port)
     init_task = asyncio.create_task(initialize_store(gateway.store))
+    refresher = start_refresher(gateway)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -191,6 +275,8 @@ async def serve(config: Config) -> None:
     log.info("shutting down")
     server.stop()
     init_task.cancel()
+    if refresher is not None:
+        await refresher.stop()
     await server.close_all_connections()
     await gateway.store.close()
 

@@ -18,13 +18,19 @@ prints the authorization URL built by the gateway, waits for the operator to
 consent in a browser and paste the URL TikTok redirected to, and replays that
 callback into the in-process gateway while recording, through the same code path.
 
+Account scenarios (``refresh_*``, ``revoke_*``; sandbox only) connect an account
+through the same flow without recording, then record what the gateway sends TikTok
+for ``POST /accounts/{id}/access-token`` (a token due for a refresh) or
+``DELETE /accounts/{id}``.
+
 Both modes scrub what they record (see ``tests/cassettes.py``): the API base URL
 becomes https://open.tiktokapis.com, the client key and redirect URI become the
-tests' values, the code becomes the scenario's fake code, client_secret and
-code_verifier become placeholders, Authorization is dropped, tokens in responses
-become fake ones, and only a few response headers are kept. Cassettes are written
-to a temporary directory, scanned for every real secret, code and token seen
-while recording, and only then moved into place; a leak fails the run loudly.
+tests' values, the code becomes the scenario's fake code, client_secret,
+code_verifier, refresh_token and token become placeholders, Authorization is
+dropped, tokens in responses become fake ones, and only a few response headers
+are kept. Cassettes are written to a temporary directory, scanned for every real
+secret, code and token seen while recording, and only then moved into place; a
+leak fails the run loudly.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import tornado.netutil  # noqa: E402
-from tornado.httpclient import AsyncHTTPClient, HTTPResponse  # noqa: E402
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse  # noqa: E402
 from tornado.httpserver import HTTPServer  # noqa: E402
 from tornado.httputil import url_concat  # noqa: E402
 from vcr.request import Request  # noqa: E402
@@ -62,10 +68,13 @@ from sandbox.app import AUTHORIZE_PATH as SANDBOX_AUTHORIZE_PATH  # noqa: E402
 from server import make_app  # noqa: E402
 from services.config import Config  # noqa: E402
 from services.errors import ConfigError  # noqa: E402
+from services.product_auth import TOKENS_SCOPE  # noqa: E402
 from services.tiktok import REVOKE_PATH, TOKEN_PATH, USER_INFO_PATH  # noqa: E402
 from storage.memory import MemoryStore  # noqa: E402
 from tests.cassettes import (  # noqa: E402
+    ACCOUNT_SCENARIOS,
     CASSETTE_DIR,
+    CASSETTE_NAMES,
     FAKE_TOKENS,
     FILTERED_FORM_FIELDS,
     FILTERED_HEADERS,
@@ -73,6 +82,7 @@ from tests.cassettes import (  # noqa: E402
     KEPT_RESPONSE_HEADERS,
     SCENARIOS,
     TIKTOK_API_BASE_URL,
+    AccountScenario,
     Scenario,
     cassette_path,
     fake_code,
@@ -100,6 +110,7 @@ class FaultSpec:
     endpoint: str
     status: int
     retry_after: int | None = None
+    count: int = 1
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,28 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+@dataclass(frozen=True)
+class AccountRecipe:
+    faults: tuple[FaultSpec, ...] = ()
+    # The user removes the app in TikTok first, so the refresh token is refused.
+    revoke_user_first: bool = False
+    expect_status: int = 200
+    expect_interactions: int = 1
+
+
+ACCOUNT_RECIPES: dict[str, AccountRecipe] = {
+    "refresh_rotated": AccountRecipe(),
+    "refresh_refused": AccountRecipe(revoke_user_first=True, expect_status=409),
+    "revoke_ok": AccountRecipe(),
+    # Answered 200 with revokedAtTikTok false, after the gateway's 3 attempts.
+    "revoke_failed": AccountRecipe(
+        faults=(FaultSpec("revoke", 500, count=3),), expect_interactions=3
+    ),
+}
+# Makes the sandbox's 24 h access token due, so the access-token endpoint refreshes.
+ALWAYS_DUE_SKEW_SECONDS = "90000"
+
+
 def sandbox_knobs(scenario: Scenario) -> dict[str, str]:
     """The sandbox's authorize query knobs that play the user's part."""
     if scenario.denied:
@@ -150,7 +183,8 @@ class Scrubber:
     """
 
     api_base_url: str
-    code: str
+    # The scenario's fake code; None when no code is sent (account scenarios).
+    code: str | None = None
     client_key: str = CLIENT_KEY
     redirect_uri: str = REDIRECT_URI
     seen: dict[str, str] = field(default_factory=dict)
@@ -160,7 +194,8 @@ class Scrubber:
             self.seen.setdefault(value, label)
 
     def _fakes(self) -> set[str]:
-        return {self.code, *FILTERED_FORM_FIELDS.values(), *FAKE_TOKENS.values()}
+        fakes = {*FILTERED_FORM_FIELDS.values(), *FAKE_TOKENS.values()}
+        return fakes | {self.code} if self.code else fakes
 
     def _records(self, request: Request) -> bool:
         # vcrpy applies this hook twice to one request (can_play_response_for, then
@@ -194,7 +229,7 @@ class Scrubber:
                 value = FILTERED_FORM_FIELDS[name]
             elif name == "code":
                 self.remember(value, "authorization code")
-                value = self.code
+                value = self.code or FILTERED_VALUE
             elif name == "client_key":
                 value = self.client_key
             elif name == "redirect_uri":
@@ -270,11 +305,13 @@ def scan_for_leaks(paths: Iterable[Path], secrets_seen: dict[str, str]) -> list[
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(config: Config) -> AsyncIterator[str]:
+async def running_gateway(
+    config: Config, store: MemoryStore | None = None
+) -> AsyncIterator[str]:
     """The gateway on a free loopback port, yielding its base URL."""
     sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
     # The in-memory store, chosen explicitly (make_app would warn about it).
-    server = HTTPServer(make_app(config, store=MemoryStore(config.cipher())))
+    server = HTTPServer(make_app(config, store=store or MemoryStore(config.cipher())))
     server.add_sockets(sockets)
     try:
         yield f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
@@ -311,6 +348,17 @@ async def record_callback(
     gateway_url: str, query: str, path: Path, scrubber: Scrubber
 ) -> tuple[HTTPResponse, int]:
     """GET the callback on the gateway while recording its calls to TikTok into ``path``."""
+    return await record_request(
+        HTTPRequest(f"{gateway_url}{CALLBACK_PATH}?{query}", follow_redirects=False),
+        path,
+        scrubber,
+    )
+
+
+async def record_request(
+    request: HTTPRequest, path: Path, scrubber: Scrubber
+) -> tuple[HTTPResponse, int]:
+    """Send ``request`` to the gateway while recording its calls to TikTok into ``path``."""
     recorder = tiktok_vcr(
         cassette_library_dir=str(path.parent),
         record_mode="all",
@@ -322,9 +370,7 @@ async def record_callback(
     )
     path.unlink(missing_ok=True)  # a fresh file per scenario
     with recorder.use_cassette(path.name) as cassette:
-        response = await AsyncHTTPClient().fetch(
-            f"{gateway_url}{CALLBACK_PATH}?{query}", follow_redirects=False, raise_error=False
-        )
+        response = await AsyncHTTPClient().fetch(request, raise_error=False)
         recorded = len(cassette)
     if not path.exists():
         # vcrpy saves nothing for zero interactions; the empty cassette must exist anyway.
@@ -399,6 +445,85 @@ async def record_sandbox_scenario(scenario: Scenario, out_dir: Path) -> dict[str
     return scrubber.seen
 
 
+async def connect_account(gateway_url: str, redirect_uri: str) -> str:
+    """Connect the sandbox's user through the whole flow (not recorded); its account id."""
+    started = await start_authorization(gateway_url, ("user.info.basic",))
+    query = await consent(started["authorizationUrl"], {}, redirect_uri)
+    response = await AsyncHTTPClient().fetch(
+        f"{gateway_url}{CALLBACK_PATH}?{query}", follow_redirects=False, raise_error=False
+    )
+    if response.code != 302:
+        raise RecordingError(f"connecting the account answered {response.code}")
+    listed = await AsyncHTTPClient().fetch(
+        f"{gateway_url}/accounts", headers=bearer(), raise_error=False
+    )
+    accounts = json.loads(listed.body).get("accounts") if listed.code == 200 else None
+    if not accounts or len(accounts) != 1:
+        raise RecordingError(f"GET /accounts answered {listed.code}, not one account")
+    return str(accounts[0]["id"])
+
+
+def account_request(gateway_url: str, scenario: AccountScenario, account_id: str) -> HTTPRequest:
+    """The product backend's call that makes the gateway talk to TikTok."""
+    if scenario.endpoint == "refresh":
+        return HTTPRequest(
+            f"{gateway_url}/accounts/{account_id}/access-token",
+            method="POST",
+            body=b"",
+            headers=bearer(scope=TOKENS_SCOPE),
+        )
+    return HTTPRequest(f"{gateway_url}/accounts/{account_id}", method="DELETE", headers=bearer())
+
+
+async def record_sandbox_account_scenario(
+    scenario: AccountScenario, out_dir: Path
+) -> dict[str, str]:
+    recipe = ACCOUNT_RECIPES[scenario.name]
+    client_secret = "record-secret-" + secrets.token_hex(16)
+    sandbox = Sandbox([SandboxClient(CLIENT_KEY, client_secret, [REDIRECT_URI])])
+    sandbox_url = f"http://127.0.0.1:{sandbox.listen(0)}"
+    config = make_config(
+        TIKTOK_API_BASE_URL=sandbox_url,
+        TIKTOK_AUTHORIZE_URL=sandbox_url + SANDBOX_AUTHORIZE_PATH,
+        TIKTOK_CLIENT_SECRET=client_secret,
+        REFRESH_SKEW_SECONDS=ALWAYS_DUE_SKEW_SECONDS if scenario.endpoint == "refresh" else None,
+    )
+    scrubber = Scrubber(sandbox_url)
+    scrubber.remember(client_secret, "client secret")
+    store = MemoryStore(config.cipher())
+    try:
+        async with running_gateway(config, store) as gateway_url:
+            account_id = await connect_account(gateway_url, config.tiktok_redirect_uri)
+            tokens = await store.get_account_tokens(account_id)
+            if tokens is None:
+                raise RecordingError("the connected account has no tokens")
+            scrubber.remember(tokens.access_token, "access token")
+            scrubber.remember(tokens.refresh_token, "refresh token")
+            if recipe.revoke_user_first:
+                sandbox.revoke_all_for(sandbox.users[0].open_id)
+            for fault in recipe.faults:
+                sandbox.add_fault(
+                    fault.endpoint,
+                    status=fault.status,
+                    retry_after=fault.retry_after,
+                    count=fault.count,
+                )
+            response, recorded = await record_request(
+                account_request(gateway_url, scenario, account_id),
+                cassette_path(scenario.name, out_dir),
+                scrubber,
+            )
+    finally:
+        await sandbox.close()
+    if (response.code, recorded) != (recipe.expect_status, recipe.expect_interactions):
+        raise RecordingError(
+            f"{scenario.name}: the gateway answered {response.code} after {recorded} TikTok "
+            f"call(s); expected {recipe.expect_status} after {recipe.expect_interactions}"
+        )
+    log.info("%s: %d -> %d interaction(s)", scenario.name, response.code, recorded)
+    return scrubber.seen
+
+
 async def record_tiktok_scenario(
     scenario: Scenario, out_dir: Path, client_key: str, client_secret: str, redirect_uri: str
 ) -> dict[str, str]:
@@ -447,6 +572,8 @@ async def record(args: argparse.Namespace, out_dir: Path) -> dict[str, str]:
                 seen |= await record_tiktok_scenario(
                     SCENARIOS[name], out_dir, args.client_key, secret, args.redirect_uri
                 )
+            elif name in ACCOUNT_SCENARIOS:
+                seen |= await record_sandbox_account_scenario(ACCOUNT_SCENARIOS[name], out_dir)
             else:
                 seen |= await record_sandbox_scenario(SCENARIOS[name], out_dir)
     finally:
@@ -463,7 +590,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scenario",
         action="append",
         dest="scenarios",
-        choices=sorted(SCENARIOS),
+        choices=sorted(CASSETTE_NAMES),
         help="record only this scenario (repeatable); default: all (sandbox), success (tiktok)",
     )
     parser.add_argument("--cassette-dir", type=Path, default=CASSETTE_DIR)
@@ -489,8 +616,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not os.environ.get(args.client_secret_env or ""):
             parser.error(f"the environment variable {args.client_secret_env} is empty or unset")
         args.scenarios = args.scenarios or ["success"]
+        sandbox_only = sorted(set(args.scenarios) & set(ACCOUNT_SCENARIOS))
+        if sandbox_only:
+            parser.error(f"--target tiktok records callbacks only, not {', '.join(sandbox_only)}")
     else:
-        args.scenarios = args.scenarios or list(SCENARIOS)
+        args.scenarios = args.scenarios or list(CASSETTE_NAMES)
     return args
 
 
@@ -509,8 +639,8 @@ def configure_logging(verbose: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Record into a temporary directory, scan, and only then move into place."""
-    if set(RECIPES) != set(SCENARIOS):
-        raise SystemExit("record_cassettes: RECIPES and tests.cassettes.SCENARIOS disagree")
+    if set(RECIPES) != set(SCENARIOS) or set(ACCOUNT_RECIPES) != set(ACCOUNT_SCENARIOS):
+        raise SystemExit("record_cassettes: the recipes and tests.cassettes' scenarios disagree")
     target_dir: Path = args.cassette_dir
     with tempfile.TemporaryDirectory(prefix="cassettes-") as tmp:
         out_dir = Path(tmp)

@@ -44,6 +44,13 @@ class RefreshOutcome(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class _Attempt:
+    outcome: RefreshOutcome
+    # What TikTok answered when the outcome is UNAVAILABLE (Retry-After, logId).
+    failure: GatewayError | None = None
+
+
+@dataclass(frozen=True)
 class AccessToken:
     access_token: str
     expires_at: datetime
@@ -96,18 +103,31 @@ class AccountService:
         """A usable access token, refreshed first when it is about to expire."""
         account = await self.get_account(owner_id, account_id)
         deadline = self._clock() + self._lease * 2
+        due: AccountTokens | None = None  # the tokens this request found due
         while True:
             _raise_if_unusable(account)
             tokens = await self._store.get_account_tokens(account.id)
             if tokens is None:
                 raise _reauthorization_conflict("reauthorization_required")
-            if tokens.access_token_expires_at - self._clock() > self.refresh_skew:
+            fresh = tokens.access_token_expires_at - self._clock() > self.refresh_skew
+            # Replaced since we found it due (by us, or by a concurrent holder): that is
+            # the token to hand out, even if TikTok made it shorter-lived than the skew.
+            if fresh or _replaced(tokens, due):
                 return _access_token(account, tokens)
-            outcome = await self.refresh_account(account)
+            due = tokens
+            attempt = await self._refresh(account, force=False, due=due)
+            outcome = attempt.outcome
             if outcome is RefreshOutcome.UNAVAILABLE:
+                failure = attempt.failure
                 raise ProviderUnavailable(
                     technical_message="TikTok refresh failed; the current tokens are untouched",
-                    details={"dependency": "tiktok", "endpoint": "refresh"},
+                    details={
+                        **(failure.details if failure else {}),
+                        "dependency": "tiktok",
+                        "endpoint": "refresh",
+                    },
+                    # TikTok's own Retry-After (429) when it sent one.
+                    retry_after=(failure.retry_after if failure else None) or 5,
                 )
             if outcome is RefreshOutcome.BUSY:
                 # Another request (maybe in another process) holds the lease: wait for it.
@@ -125,44 +145,51 @@ class AccountService:
 
     async def refresh_account(self, account: Account, *, force: bool = False) -> RefreshOutcome:
         """Refresh one account's tokens under the lease. Never raises for TikTok faults."""
+        return (await self._refresh(account, force=force)).outcome
+
+    async def _refresh(
+        self, account: Account, *, force: bool, due: AccountTokens | None = None
+    ) -> _Attempt:
         now = self._clock()
         if account.status is not AccountStatus.CONNECTED:
-            return RefreshOutcome.REAUTHORIZATION_REQUIRED
+            return _Attempt(RefreshOutcome.REAUTHORIZATION_REQUIRED)
         if account.refresh_token_expires_at and account.refresh_token_expires_at <= now:
             # No point asking TikTok: the refresh token is dead.
             await self._store.require_reauthorization(account.id, now=now)
-            return RefreshOutcome.REFRESH_TOKEN_EXPIRED
+            return _Attempt(RefreshOutcome.REFRESH_TOKEN_EXPIRED)
         holder = f"{self._holder_prefix}-{secrets.token_hex(6)}"
         if not await self._store.acquire_refresh_lease(
             account.id, holder, now=now, until=now + self._lease
         ):
-            return RefreshOutcome.BUSY
+            return _Attempt(RefreshOutcome.BUSY)
         try:
             tokens = await self._store.get_account_tokens(account.id)
             if tokens is None:
                 await self._store.require_reauthorization(account.id, now=now)
-                return RefreshOutcome.REAUTHORIZATION_REQUIRED
-            if not force and tokens.access_token_expires_at - now > self.refresh_skew:
+                return _Attempt(RefreshOutcome.REAUTHORIZATION_REQUIRED)
+            not_due = tokens.access_token_expires_at - now > self.refresh_skew
+            if not force and (not_due or _replaced(tokens, due)):
                 # Someone refreshed between our read and our lease.
-                return RefreshOutcome.NOT_DUE
+                return _Attempt(RefreshOutcome.NOT_DUE)
             try:
                 response = await self._tiktok.refresh(tokens.refresh_token)
             except ProviderRejected as exc:
                 if exc.details.get("providerError") in REFUSED_REFRESH_ERRORS:
                     await self._store.require_reauthorization(account.id, now=self._clock())
                     log.warning("refresh token refused for account %s", account.id)
-                    return RefreshOutcome.REAUTHORIZATION_REQUIRED
+                    return _Attempt(RefreshOutcome.REAUTHORIZATION_REQUIRED)
                 log.error("refresh for account %s refused: %s", account.id, exc.technical_message)
-                return RefreshOutcome.UNAVAILABLE
+                return _Attempt(RefreshOutcome.UNAVAILABLE, exc)
             except GatewayError as exc:
                 log.warning("refresh for account %s failed: %s", account.id, exc.technical_message)
-                return RefreshOutcome.UNAVAILABLE
+                return _Attempt(RefreshOutcome.UNAVAILABLE, exc)
             refreshed_at = self._clock()
             saved = await self._store.save_refreshed_tokens(
                 account.id,
                 holder,
                 TokenGrant(
-                    open_id=response.open_id or account.platform_account_id,
+                    # Tokens are sealed under the stored identity, whatever TikTok echoes.
+                    open_id=account.platform_account_id,
                     access_token=response.access_token,
                     refresh_token=response.refresh_token,
                     access_token_expires_at=refreshed_at + timedelta(seconds=response.expires_in),
@@ -175,9 +202,9 @@ class AccountService:
             if not saved:
                 log.error("refresh lease of account %s expired before the new tokens were saved",
                           account.id)
-                return RefreshOutcome.UNAVAILABLE
+                return _Attempt(RefreshOutcome.UNAVAILABLE)
             log.info("refreshed account %s (log_id=%s)", account.id, response.log_id or "-")
-            return RefreshOutcome.REFRESHED
+            return _Attempt(RefreshOutcome.REFRESHED)
         finally:
             await self._store.release_refresh_lease(account.id, holder)
 
@@ -213,6 +240,14 @@ class AccountService:
                 if attempt + 1 < REVOKE_ATTEMPTS:
                     await self._sleep(0.2 * (2**attempt))
         return False
+
+
+def _replaced(tokens: AccountTokens, due: AccountTokens | None) -> bool:
+    """Whether ``tokens`` were refreshed since ``due`` was read."""
+    return due is not None and (
+        tokens.access_token != due.access_token
+        or tokens.access_token_expires_at != due.access_token_expires_at
+    )
 
 
 def _raise_if_unusable(account: Account) -> None:

@@ -15,6 +15,7 @@ from storage.crypto import TokenCipher
 MIN_HMAC_KEY_BYTES = 32
 PKCE_MODES = ("hex", "s256", "off")
 MONGODB_DRIVERS = ("motor", "pymongo")
+TIKTOK_REQUESTS_PER_MINUTE = 600  # per endpoint, sliding window (TIKTOK_API.md)
 # Never echoed back in a configuration error: they end up in terminals and CI logs.
 SECRET_VARIABLES = frozenset(
     {
@@ -54,6 +55,12 @@ class Config:
     tiktok_connect_timeout: float = 2.0
     tiktok_request_timeout: float = 4.0
     tiktok_callback_budget: float = 10.0
+    # The access-token endpoint refreshes first when the token expires within this.
+    refresh_skew_seconds: int = 300
+    webhook_tolerance_seconds: int = 300
+    refresh_interval_seconds: float = 60.0
+    refresh_ahead_seconds: int = 3600
+    refresh_max_per_minute: int = 300
 
     def cipher(self) -> TokenCipher:
         if self.token_encryption_keys:
@@ -123,6 +130,20 @@ def _positive_float(text: str) -> float:
     number = float(text)
     if number <= 0:
         raise ValueError("must be greater than 0")
+    return number
+
+
+def _non_negative_float(text: str) -> float:
+    number = float(text)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be 0 or more")
+    return number
+
+
+def _refresh_rate(text: str) -> int:
+    number = _positive_int(text)
+    if number > TIKTOK_REQUESTS_PER_MINUTE:
+        raise ValueError(f"TikTok allows at most {TIKTOK_REQUESTS_PER_MINUTE} per minute")
     return number
 
 
@@ -248,6 +269,17 @@ def load_config(environ: Mapping[str, str]) -> Config:
         ),
         tiktok_callback_budget=env.parsed(
             "TIKTOK_CALLBACK_BUDGET_SECONDS", 10.0, _positive_float, "seconds"
+        ),
+        refresh_skew_seconds=env.parsed("REFRESH_SKEW_SECONDS", 300, _positive_int, "seconds"),
+        webhook_tolerance_seconds=env.parsed(
+            "WEBHOOK_TOLERANCE_SECONDS", 300, _positive_int, "seconds"
+        ),
+        refresh_interval_seconds=env.parsed(
+            "REFRESH_INTERVAL_SECONDS", 60.0, _non_negative_float, "seconds (0 disables)"
+        ),
+        refresh_ahead_seconds=env.parsed("REFRESH_AHEAD_SECONDS", 3600, _positive_int, "seconds"),
+        refresh_max_per_minute=env.parsed(
+            "REFRESH_MAX_PER_MINUTE", 300, _refresh_rate, "a number of refreshes per minute"
         ),
     )
     if env.problems:

@@ -1,19 +1,80 @@
-"""Who is calling the authorize endpoint: the product's bearer JWT."""
+"""Who is calling: the product's bearer JWT, or a host application's own resolver."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
 
-from services.errors import Unauthenticated
+from services.errors import PermissionDenied, Unauthenticated
 from services.state import STATE_TYP
 
-# A host application may resolve the user its own way (embedding).
-UserResolver = Callable[[Any], Awaitable[str]]
-
 ALGORITHM = "HS256"
+# The bearer scope that may read an account's TikTok tokens: granted to the
+# product's backend, never to a user's own session token.
+TOKENS_SCOPE = "tiktok.tokens"  # noqa: S105 - a scope name, not a secret
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The product user a request acts for, and what the bearer allows."""
+
+    owner_id: str
+    scopes: frozenset[str] = frozenset()
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise PermissionDenied(
+                "This request is not allowed to do that.",
+                technical_message=f"the bearer token lacks the {scope!r} scope",
+                details={"requiredScope": scope},
+            )
+
+
+# The owner id only (the authorize endpoint needs nothing else).
+UserResolver = Callable[[Any], Awaitable[str]]
+PrincipalResolver = Callable[[Any], Awaitable[Principal]]
+# A host application may resolve the user its own way (embedding): a plain user
+# id (a principal without scopes) or a Principal.
+HostResolver = Callable[[Any], Awaitable["str | Principal"]]
+
+
+def principal_of(resolved: str | Principal) -> Principal:
+    if isinstance(resolved, Principal):
+        return resolved
+    if not isinstance(resolved, str) or not resolved:
+        raise Unauthenticated(technical_message="the user resolver returned no user id")
+    return Principal(owner_id=resolved)
+
+
+def as_principal_resolver(resolve_user: HostResolver) -> PrincipalResolver:
+    """A resolver that always gives a Principal, whatever ``resolve_user`` returns."""
+
+    async def resolve(handler: Any) -> Principal:
+        return principal_of(await resolve_user(handler))
+
+    return resolve
+
+
+def as_owner_resolver(resolve_principal: PrincipalResolver) -> UserResolver:
+    """Just the owner id, for endpoints that need nothing else (authorize)."""
+
+    async def resolve(handler: Any) -> str:
+        return (await resolve_principal(handler)).owner_id
+
+    return resolve
+
+
+def scopes_of(claims: dict[str, Any]) -> frozenset[str]:
+    """The ``scope`` claim: a space-separated string (RFC 8693, RFC 9068) or a list."""
+    value = claims.get("scope")
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list):
+        return frozenset(s for s in value if isinstance(s, str) and s and " " not in s)
+    return frozenset()
 
 
 class ProductTokenVerifier:
@@ -56,3 +117,7 @@ class ProductTokenVerifier:
         if not isinstance(claims.get("sub"), str) or not claims["sub"]:
             raise Unauthenticated(technical_message="bearer token has no usable sub claim")
         return claims
+
+    def principal(self, authorization: str | None) -> Principal:
+        claims = self.verify(authorization)
+        return Principal(owner_id=claims["sub"], scopes=scopes_of(claims))

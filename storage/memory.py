@@ -118,6 +118,9 @@ class MemoryStore(Store):
             )
         self._accounts[account_id] = account
         self._sealed_tokens[account_id] = self._sealer.seal(owner_id, grant)
+        # As MongoStore does: a refresh of the previous grant still in flight must not
+        # overwrite these tokens.
+        self._leases.pop(account_id, None)
         return copy.deepcopy(account)
 
     async def save_account_profile(

@@ -112,6 +112,35 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
+@dataclass(frozen=True)
+class AccountScenario:
+    """One call the accounts API makes to TikTok for an account connected earlier."""
+
+    name: str
+    summary: str
+    # "refresh": POST /accounts/{id}/access-token with a token due for a refresh;
+    # "revoke": DELETE /accounts/{id}.
+    endpoint: str
+
+
+ACCOUNT_SCENARIOS: dict[str, AccountScenario] = {
+    s.name: s
+    for s in (
+        AccountScenario(
+            "refresh_rotated", "refresh: a new access token and a rotated refresh token", "refresh"
+        ),
+        AccountScenario(
+            "refresh_refused", "refresh: the user removed the app, HTTP 200 invalid_grant",
+            "refresh",
+        ),
+        AccountScenario("revoke_ok", "revoke: HTTP 200", "revoke"),
+        AccountScenario("revoke_failed", "revoke: HTTP 500 on every one of 3 attempts", "revoke"),
+    )
+}
+# Every cassette file's name (without .yaml): callbacks and account calls.
+CASSETTE_NAMES: tuple[str, ...] = (*SCENARIOS, *ACCOUNT_SCENARIOS)
+
+
 def fake_code(scenario: str) -> str:
     """The code a scenario's callback carries; ``*`` and ``!`` like TikTok's real codes."""
     if scenario not in SCENARIOS:
@@ -128,7 +157,7 @@ def callback_params(scenario: str, state: str) -> dict[str, str]:
 
 
 def cassette_path(scenario: str, directory: Path = CASSETTE_DIR) -> Path:
-    if scenario not in SCENARIOS:
+    if scenario not in CASSETTE_NAMES:
         raise KeyError(f"unknown cassette scenario {scenario!r}")
     return directory / f"{scenario}.yaml"
 

@@ -1,0 +1,189 @@
+"""The gateway as its own process (``python server.py``), for outage and multi-process tests.
+
+``GatewayProcess`` starts ``server.py`` with a test environment on a free loopback
+port, writes its output to a log file (quoted when something goes wrong) and stops
+it with SIGTERM, as a process manager would. ``poll_until`` is the one bounded wait
+these tests use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
+
+from tests.fixtures_mongo import LOOPBACK, free_port
+from tests.flow import sandbox_settings
+from tests.support import environ
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_STOP_TIMEOUT_S = 15.0
+# Variables the gateway reads: never inherited from the developer's shell.
+_CONFIG_PREFIXES = (
+    "TIKTOK_",
+    "MONGODB_",
+    "STATE_",
+    "AUTH_JWT_",
+    "ALLOWED_REDIRECT_",
+    "TOKEN_ENCRYPTION_",
+)
+_CONFIG_NAMES = {"HOST", "PORT", "LOG_LEVEL"}
+
+_T = TypeVar("_T")
+
+
+async def poll_until(
+    probe: Callable[[], Awaitable[_T]],
+    accept: Callable[[_T], bool],
+    *,
+    timeout: float,
+    interval: float = 0.2,
+    what: str,
+) -> _T:
+    """Call ``probe`` until ``accept`` approves its result; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = await probe()
+        if accept(last):
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not reached within {timeout:.0f}s; last: {last!r}")
+        await asyncio.sleep(interval)
+
+
+def gateway_settings(
+    mongodb_uri: str, database: str, sandbox_url: str, *, driver: str = "motor", **extra: str
+) -> dict[str, str]:
+    """Environment of a gateway on MongoDB and the sandbox, with a 500 ms store timeout."""
+    return {
+        "MONGODB_URI": mongodb_uri,
+        "MONGODB_DATABASE": database,
+        "MONGODB_DRIVER": driver,
+        "MONGODB_TIMEOUT_MS": "500",
+        "TIKTOK_REQUEST_TIMEOUT_SECONDS": "2",
+        **sandbox_settings(sandbox_url),
+        **extra,
+    }
+
+
+class GatewayProcess:
+    """``python server.py`` on a free port; a context manager that always stops it."""
+
+    def __init__(self, log_path: Path, **settings: str) -> None:
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.log_path = Path(log_path)
+        inherited = {
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(_CONFIG_PREFIXES) and name not in _CONFIG_NAMES
+        }
+        self.env = inherited | environ(
+            HOST=LOOPBACK, PORT=str(self.port), LOG_LEVEL="INFO", **settings
+        )
+        self.returncode: int | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    def __enter__(self) -> GatewayProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        if self._process is not None:
+            raise RuntimeError("gateway process already started")
+        self._log = self.log_path.open("ab")
+        self._process = subprocess.Popen(
+            [sys.executable, "server.py"],
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self) -> int | None:
+        """SIGTERM (the gateway's graceful shutdown), SIGKILL if that does not end it."""
+        process, self._process = self._process, None
+        try:
+            if process is not None:
+                if process.poll() is None:
+                    process.terminate()
+                    try:
+                        process.wait(timeout=_STOP_TIMEOUT_S)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                        process.wait(timeout=_STOP_TIMEOUT_S)
+                self.returncode = process.returncode
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+        return self.returncode
+
+    def log_tail(self, limit: int = 4000) -> str:
+        try:
+            return self.log_path.read_bytes()[-limit:].decode(errors="replace")
+        except OSError:
+            return "(no output)"
+
+    async def get(self, client: AsyncHTTPClient, path: str) -> HTTPResponse | None:
+        """GET ``path``; ``None`` when nothing answers (not listening yet, or gone)."""
+        try:
+            return await client.fetch(
+                self.url + path, raise_error=False, request_timeout=5, connect_timeout=1
+            )
+        except (OSError, HTTPClientError):
+            return None
+
+    async def wait_healthy(self, client: AsyncHTTPClient, timeout: float = 20.0) -> None:
+        """Until ``/healthz`` answers 200; fails at once, with its output, if it exits."""
+
+        async def probe() -> HTTPResponse | None:
+            if not self.running:
+                code = self._process.returncode if self._process is not None else None
+                raise AssertionError(f"gateway exited with code {code}")
+            return await self.get(client, "/healthz")
+
+        try:
+            await poll_until(
+                probe, lambda r: r is not None and r.code == 200, timeout=timeout,
+                what=f"gateway {self.url} healthy",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- gateway output ---\n{self.log_tail()}") from None
+
+    async def wait_ready(self, client: AsyncHTTPClient, timeout: float = 20.0) -> None:
+        """Until ``/readyz`` answers 200 (the store answers)."""
+        await self.wait_healthy(client, timeout)
+        try:
+            await poll_until(
+                lambda: self.get(client, "/readyz"),
+                lambda r: r is not None and r.code == 200,
+                timeout=timeout,
+                what=f"gateway {self.url} ready",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- gateway output ---\n{self.log_tail()}") from None

@@ -1,0 +1,615 @@
+"""The accounts API over real HTTP, against the sandbox, with accounts connected
+through the real flow first.
+
+Every error row of every endpoint is exercised; token values are looked up in the
+store and searched for in every body the read endpoints answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+import tornado.web
+from tornado.httpclient import AsyncHTTPClient
+
+from server import build_gateway, make_app, routes
+from services.errors import Unauthenticated
+from services.product_auth import TOKENS_SCOPE, Principal
+from storage.base import AccountStatus, AccountTokens
+from tests.flow import consent, follow, location, make_sandbox, sandbox_settings, start
+from tests.support import (
+    CLIENT_KEY,
+    CLIENT_SECRET,
+    PRODUCT_REDIRECT,
+    assert_envelope,
+    bearer,
+    make_config,
+    product_token,
+)
+
+OWNER = "user-123"
+INTRUDER = "user-666"
+ACCOUNT_KEYS = {
+    "id",
+    "platform",
+    "platformAccountId",
+    "displayName",
+    "avatarUrl",
+    "username",
+    "scopes",
+    "status",
+    "accessTokenExpiresAt",
+    "createdAt",
+    "updatedAt",
+}
+SCOPES = ["user.info.basic", "user.info.profile"]
+# Enough that the sandbox's 24 h access token is always due for a refresh.
+ALWAYS_DUE = "90000"
+
+gen_test = pytest.mark.gen_test(timeout=20)
+
+
+@pytest.fixture
+def skew() -> str | None:
+    """REFRESH_SKEW_SECONDS; ``always_due`` overrides it by parametrization."""
+    return None
+
+
+always_due = pytest.mark.parametrize("skew", [ALWAYS_DUE], ids=["always-due"])
+
+
+@pytest.fixture
+def sandbox(io_loop):
+    sandbox = make_sandbox()
+    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
+    yield sandbox
+    io_loop.run_sync(sandbox.close)
+
+
+@pytest.fixture
+def app(sandbox, skew):
+    settings = sandbox_settings(sandbox.url) | {"TIKTOK_REQUEST_TIMEOUT_SECONDS": "1"}
+    if skew is not None:
+        settings["REFRESH_SKEW_SECONDS"] = skew
+    return make_app(make_config(**settings))
+
+
+def store_of(app):
+    return app.settings["gateway"].store
+
+
+def tokens_bearer(owner: str = OWNER, scope: Any = TOKENS_SCOPE) -> dict[str, str]:
+    """The product backend's bearer: it may read tokens."""
+    return bearer(owner, scope=scope)
+
+
+async def call(http_client, base_url, method: str, path: str, headers=None):
+    return await http_client.fetch(
+        base_url + path,
+        method=method,
+        headers=headers or {},
+        body=b"" if method == "POST" else None,
+        allow_nonstandard_methods=True,
+        raise_error=False,
+    )
+
+
+async def connect(http_client, base_url, owner: str = OWNER) -> dict[str, Any]:
+    """Connect the sandbox's user through the real flow; the account as GET /accounts shows it."""
+    started = await start(http_client, base_url, owner=owner, scopes=SCOPES)
+    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    assert location(await follow(http_client, callback_url)).endswith("status=connected")
+    response = await call(http_client, base_url, "GET", "/accounts", bearer(owner))
+    assert response.code == 200, response.body
+    [account] = json.loads(response.body)["accounts"]
+    return account
+
+
+async def stored_tokens(app, account_id: str) -> AccountTokens | None:
+    return await store_of(app).get_account_tokens(account_id)
+
+
+async def user_info_status(http_client, sandbox, access_token: str) -> int:
+    """What TikTok (the sandbox) thinks of an access token."""
+    response = await http_client.fetch(
+        f"{sandbox.url}/v2/user/info/?fields=open_id",
+        headers={"Authorization": f"Bearer {access_token}"},
+        raise_error=False,
+    )
+    return response.code
+
+
+async def refresh_at_sandbox(http_client, sandbox, refresh_token: str) -> dict[str, Any]:
+    response = await http_client.fetch(
+        f"{sandbox.url}/v2/oauth/token/",
+        method="POST",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        body=urlencode(
+            {
+                "client_key": CLIENT_KEY,
+                "client_secret": CLIENT_SECRET,
+                "grant_type": "refresh_token",
+                "refresh_token": refresh_token,
+            }
+        ),
+        raise_error=False,
+    )
+    return json.loads(response.body)
+
+
+def parse_utc(text: str) -> datetime:
+    assert text.endswith("Z"), text
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def assert_same_envelope(first, second) -> None:
+    """Two error answers that tell the caller exactly the same thing."""
+    a, b = json.loads(first.body), json.loads(second.body)
+    for body in (a, b):
+        body.pop("requestId"), body.pop("timestamp")
+    assert (first.code, a) == (second.code, b)
+
+
+# -- reading accounts ----------------------------------------------------------------
+
+
+@gen_test
+async def test_list_and_get_describe_the_account_and_never_a_token(
+    http_client, base_url, app, sandbox
+):
+    account = await connect(http_client, base_url)
+    tokens = await stored_tokens(app, account["id"])
+    user = sandbox.users[0]
+
+    assert set(account) == ACCOUNT_KEYS
+    assert account["platform"] == "tiktok"
+    assert account["platformAccountId"] == user.open_id
+    assert account["displayName"] == user.display_name
+    assert account["avatarUrl"] == user.avatar_url
+    assert account["username"] == user.username
+    assert account["scopes"] == SCOPES
+    assert account["status"] == "connected"
+    created = parse_utc(account["createdAt"])
+    assert created <= parse_utc(account["updatedAt"])
+    assert parse_utc(account["accessTokenExpiresAt"]) == tokens.access_token_expires_at.replace(
+        microsecond=tokens.access_token_expires_at.microsecond // 1000 * 1000
+    )
+
+    listed = await call(http_client, base_url, "GET", "/accounts", bearer())
+    one = await call(http_client, base_url, "GET", f"/accounts/{account['id']}", bearer())
+    assert one.code == 200
+    assert json.loads(one.body) == account
+    assert json.loads(listed.body) == {"accounts": [account]}
+    for response in (listed, one):
+        assert response.headers["Cache-Control"] == "no-store"
+        text = response.body.decode()
+        assert tokens.access_token not in text and tokens.refresh_token not in text
+        assert "act." not in text and "rft." not in text
+
+    # Another owner sees none of it.
+    theirs = await call(http_client, base_url, "GET", "/accounts", bearer(INTRUDER))
+    assert json.loads(theirs.body) == {"accounts": []}
+
+
+@gen_test
+@always_due
+async def test_reads_stay_token_free_after_a_refresh_and_a_disconnect(
+    http_client, base_url, app
+):
+    account = await connect(http_client, base_url)
+    seen = [await stored_tokens(app, account["id"])]
+    path = f"/accounts/{account['id']}"
+    assert (await call(http_client, base_url, "POST", path + "/access-token",
+                       tokens_bearer())).code == 200
+    seen.append(await stored_tokens(app, account["id"]))
+    bodies = [(await call(http_client, base_url, "GET", p, bearer())).body.decode()
+              for p in ("/accounts", path)]
+    assert (await call(http_client, base_url, "DELETE", path, bearer())).code == 200
+    bodies += [(await call(http_client, base_url, "GET", p, bearer())).body.decode()
+               for p in ("/accounts", path)]
+    assert json.loads(bodies[-1])["status"] == "revoked"
+    assert json.loads(bodies[-1])["accessTokenExpiresAt"] is None
+    for tokens in seen:
+        for text in bodies:
+            assert tokens.access_token not in text and tokens.refresh_token not in text
+
+
+# -- 401, 403, 404, 405 ----------------------------------------------------------------
+
+ENDPOINTS = [
+    ("GET", "/accounts"),
+    ("GET", "/accounts/{id}"),
+    ("POST", "/accounts/{id}/access-token"),
+    ("DELETE", "/accounts/{id}"),
+]
+BAD_BEARERS = {
+    "missing": {},
+    "not-bearer": {"Authorization": "Basic dXNlcjpwYXNz"},
+    "wrong-secret": {
+        "Authorization": "Bearer "
+        + product_token(OWNER, secret="another-secret-" + "x" * 40, scope=TOKENS_SCOPE)
+    },
+    "expired": {
+        "Authorization": "Bearer " + product_token(OWNER, exp=1_000_000, scope=TOKENS_SCOPE)
+    },
+}
+
+
+@gen_test
+@pytest.mark.parametrize(("method", "path"), ENDPOINTS, ids=lambda v: str(v))
+@pytest.mark.parametrize("bad", sorted(BAD_BEARERS))
+async def test_no_or_invalid_bearer_is_401(http_client, base_url, app, sandbox, method, path, bad):
+    account = await connect(http_client, base_url)
+    response = await call(
+        http_client, base_url, method, path.format(id=account["id"]), BAD_BEARERS[bad]
+    )
+    assert_envelope(response, 401, "UNAUTHORIZED")
+    assert sandbox.stats["revoke"] == 0 and sandbox.stats["token_refresh"] == 0
+    assert (await store_of(app).get_account(account["id"])).status is AccountStatus.CONNECTED
+
+
+@gen_test
+@pytest.mark.parametrize(("method", "path"), ENDPOINTS[1:], ids=lambda v: str(v))
+async def test_another_owners_unknown_and_malformed_ids_are_the_same_404(
+    http_client, base_url, app, sandbox, method, path
+):
+    account = await connect(http_client, base_url)
+    theirs = await call(
+        http_client, base_url, method, path.format(id=account["id"]), tokens_bearer(INTRUDER)
+    )
+    assert_envelope(theirs, 404, "NOT_FOUND")
+    for other_id in (uuid.uuid4().hex, "5f0c6c3e9d1b2a3c4d5e6f70", "not%20an%20id", "%2E%2E"):
+        response = await call(
+            http_client, base_url, method, path.format(id=other_id), tokens_bearer()
+        )
+        assert_envelope(response, 404, "NOT_FOUND")
+        assert_same_envelope(theirs, response)
+    # Nothing happened to the account.
+    assert sandbox.stats["revoke"] == 0 and sandbox.stats["token_refresh"] == 0
+    assert (await store_of(app).get_account(account["id"])).status is AccountStatus.CONNECTED
+
+
+@gen_test
+@pytest.mark.parametrize(
+    "scope",
+    [None, "", "tiktok.read", "openid profile", "tiktok.tokens.extra", ["tiktok.read"],
+     "tiktok.tokens,openid", 42],
+    ids=lambda v: repr(v),
+)
+async def test_reading_tokens_without_the_tokens_scope_is_403(
+    http_client, base_url, app, sandbox, scope
+):
+    account = await connect(http_client, base_url)
+    headers = bearer() if scope is None else bearer(OWNER, scope=scope)
+    for account_id in (account["id"], uuid.uuid4().hex):
+        # The scope is checked before the account: a session token cannot probe ids.
+        response = await call(
+            http_client, base_url, "POST", f"/accounts/{account_id}/access-token", headers
+        )
+        body = assert_envelope(response, 403, "PERMISSION_DENIED")
+        assert body["details"] == {"requiredScope": TOKENS_SCOPE}
+        assert "act." not in response.body.decode()
+    # The same bearer may read the account itself.
+    one = await call(http_client, base_url, "GET", f"/accounts/{account['id']}", headers)
+    assert one.code == 200
+
+
+@gen_test
+@pytest.mark.parametrize(
+    "scope",
+    [TOKENS_SCOPE, f"openid {TOKENS_SCOPE} profile", [TOKENS_SCOPE], ["openid", TOKENS_SCOPE]],
+    ids=lambda v: repr(v),
+)
+async def test_the_tokens_scope_as_string_or_list(http_client, base_url, app, scope):
+    account = await connect(http_client, base_url)
+    response = await call(
+        http_client, base_url, "POST", f"/accounts/{account['id']}/access-token",
+        tokens_bearer(scope=scope),
+    )
+    assert response.code == 200, response.body
+
+
+@gen_test
+async def test_wrong_methods_get_the_405_envelope(http_client, base_url, app):
+    account = await connect(http_client, base_url)
+    for method, path in (
+        ("PUT", f"/accounts/{account['id']}"),
+        ("GET", f"/accounts/{account['id']}/access-token"),
+        ("POST", "/accounts"),
+    ):
+        response = await call(http_client, base_url, method, path, tokens_bearer())
+        assert_envelope(response, 405, "METHOD_NOT_ALLOWED")
+
+
+# -- access tokens -----------------------------------------------------------------------
+
+
+@gen_test
+async def test_a_fresh_token_is_handed_out_without_refreshing(
+    http_client, base_url, app, sandbox
+):
+    account = await connect(http_client, base_url)
+    before = await stored_tokens(app, account["id"])
+    for _ in range(3):
+        response = await call(
+            http_client, base_url, "POST", f"/accounts/{account['id']}/access-token",
+            tokens_bearer(),
+        )
+        assert response.code == 200, response.body
+        assert response.headers["Cache-Control"] == "no-store"
+        body = json.loads(response.body)
+        assert body == {
+            "accessToken": before.access_token,
+            "expiresAt": account["accessTokenExpiresAt"],
+            "scopes": SCOPES,
+            "openId": sandbox.users[0].open_id,
+        }
+    assert sandbox.stats["token_refresh"] == 0
+    assert await stored_tokens(app, account["id"]) == before
+    assert await user_info_status(http_client, sandbox, body["accessToken"]) == 200
+
+
+@gen_test
+@always_due
+async def test_a_due_token_is_refreshed_and_the_rotated_refresh_token_stored(
+    http_client, base_url, app, sandbox
+):
+    account = await connect(http_client, base_url)
+    before = await stored_tokens(app, account["id"])
+    response = await call(
+        http_client, base_url, "POST", f"/accounts/{account['id']}/access-token", tokens_bearer()
+    )
+    assert response.code == 200, response.body
+    body = json.loads(response.body)
+    after = await stored_tokens(app, account["id"])
+
+    assert sandbox.stats["token_refresh"] == 1
+    assert body["accessToken"] == after.access_token != before.access_token
+    assert after.refresh_token != before.refresh_token
+    assert after.access_token_expires_at > before.access_token_expires_at
+    assert after.refresh_token_expires_at > before.refresh_token_expires_at
+    assert parse_utc(body["expiresAt"]) <= after.access_token_expires_at
+    assert (after.access_token_expires_at - parse_utc(body["expiresAt"])).total_seconds() < 0.001
+    assert body["openId"] == sandbox.users[0].open_id and body["scopes"] == SCOPES
+    # The new token works; TikTok rotated the refresh token, so the old one is dead.
+    assert await user_info_status(http_client, sandbox, after.access_token) == 200
+    refused = await refresh_at_sandbox(http_client, sandbox, before.refresh_token)
+    assert refused["error"] == "invalid_grant"
+    shown = json.loads(
+        (await call(http_client, base_url, "GET", f"/accounts/{account['id']}", bearer())).body
+    )
+    assert shown["status"] == "connected"
+    assert shown["accessTokenExpiresAt"] == body["expiresAt"]
+    # Each later request refreshes once more, with the stored (rotated) refresh token.
+    refreshes = sandbox.stats["token_refresh"]  # our own refused attempt counted too
+    again = await call(
+        http_client, base_url, "POST", f"/accounts/{account['id']}/access-token", tokens_bearer()
+    )
+    assert again.code == 200 and sandbox.stats["token_refresh"] == refreshes + 1
+    assert json.loads(again.body)["accessToken"] == (
+        await stored_tokens(app, account["id"])
+    ).access_token != after.access_token
+
+
+@gen_test
+@always_due
+async def test_concurrent_requests_share_one_refresh_even_when_every_token_is_due(
+    http_client, base_url, app, sandbox
+):
+    """Requests waiting on another's refresh take its new token, though it is "due" too."""
+    account = await connect(http_client, base_url)
+    before = await stored_tokens(app, account["id"])
+    # A slow (but successful) TikTok, so every request arrives while the refresh runs.
+    sandbox.add_fault("token", status=200, delay=0.3)
+    client = AsyncHTTPClient(force_instance=True, max_clients=20)
+    try:
+        responses = await asyncio.gather(
+            *(
+                client.fetch(
+                    f"{base_url}/accounts/{account['id']}/access-token",
+                    method="POST", body=b"", headers=tokens_bearer(), raise_error=False,
+                )
+                for _ in range(8)
+            )
+        )
+    finally:
+        client.close()
+    assert [r.code for r in responses] == [200] * 8
+    tokens = {json.loads(r.body)["accessToken"] for r in responses}
+    assert len(tokens) == 1 and tokens != {before.access_token}
+    assert sandbox.stats["token_refresh"] == 1
+
+
+@gen_test
+@always_due
+async def test_a_refused_refresh_token_needs_reauthorization(http_client, base_url, app, sandbox):
+    account = await connect(http_client, base_url)
+    # The user removed the app in TikTok: TikTok answers invalid_grant, with HTTP 200.
+    sandbox.revoke_all_for(sandbox.users[0].open_id)
+    path = f"/accounts/{account['id']}/access-token"
+    response = await call(http_client, base_url, "POST", path, tokens_bearer())
+    body = assert_envelope(response, 409, "CONFLICT")
+    assert body["details"] == {"reason": "reauthorization_required"}
+    assert sandbox.stats["token_refresh"] == 1
+    assert await stored_tokens(app, account["id"]) is None
+    shown = json.loads(
+        (await call(http_client, base_url, "GET", f"/accounts/{account['id']}", bearer())).body
+    )
+    assert shown["status"] == "reauthorization_required"
+    assert shown["accessTokenExpiresAt"] is None
+    # Asked again: the same answer, without asking TikTok again.
+    again = await call(http_client, base_url, "POST", path, tokens_bearer())
+    assert assert_envelope(again, 409, "CONFLICT")["details"] == {
+        "reason": "reauthorization_required"
+    }
+    assert sandbox.stats["token_refresh"] == 1
+
+    # Connecting again brings the account back, same id.
+    reconnected = await connect(http_client, base_url)
+    assert reconnected["id"] == account["id"] and reconnected["status"] == "connected"
+
+
+@gen_test
+@always_due
+@pytest.mark.parametrize(
+    ("fault", "retry_after"),
+    [
+        ({"status": 500}, "5"),
+        ({"status": 503}, "5"),
+        ({"status": 429, "retry_after": 9}, "9"),
+        ({"status": 200, "delay": 2.0}, "5"),  # longer than the 1 s request timeout
+        ({"status": 200, "body": "<html>bad gateway</html>"}, "5"),
+    ],
+    ids=["500", "503", "429", "timeout", "garbage"],
+)
+async def test_tiktok_unavailable_is_503_and_leaves_the_tokens_alone(
+    http_client, base_url, app, sandbox, fault, retry_after
+):
+    account = await connect(http_client, base_url)
+    before = await stored_tokens(app, account["id"])
+    stored_before = await store_of(app).get_account(account["id"])
+    sandbox.add_fault("token", **fault)
+    path = f"/accounts/{account['id']}/access-token"
+    response = await call(http_client, base_url, "POST", path, tokens_bearer())
+    body = assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
+    assert response.headers["Retry-After"] == retry_after
+    assert body["details"]["dependency"] == "tiktok"
+    assert body["details"]["endpoint"] == "refresh"
+    assert sandbox.stats["token_refresh"] == 1  # not retried within the request
+    assert await stored_tokens(app, account["id"]) == before
+    stored_after = await store_of(app).get_account(account["id"])
+    assert stored_after.status is AccountStatus.CONNECTED
+    assert stored_after.updated_at == stored_before.updated_at
+    # The untouched refresh token still works once TikTok is back.
+    recovered = await call(http_client, base_url, "POST", path, tokens_bearer())
+    assert recovered.code == 200, recovered.body
+    assert json.loads(recovered.body)["accessToken"] != before.access_token
+
+
+# -- disconnecting ---------------------------------------------------------------------
+
+
+@gen_test
+async def test_disconnect_revokes_at_tiktok_wipes_and_is_idempotent(
+    http_client, base_url, app, sandbox
+):
+    account = await connect(http_client, base_url)
+    tokens = await stored_tokens(app, account["id"])
+    path = f"/accounts/{account['id']}"
+    response = await call(http_client, base_url, "DELETE", path, bearer())
+    assert response.code == 200, response.body
+    assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": True}
+    assert sandbox.stats["revoke"] == 1
+    # Dead at TikTok, gone from the store.
+    assert await user_info_status(http_client, sandbox, tokens.access_token) == 401
+    assert await stored_tokens(app, account["id"]) is None
+    assert (await store_of(app).get_account(account["id"])).status is AccountStatus.REVOKED
+
+    again = await call(http_client, base_url, "DELETE", path, bearer())
+    assert (again.code, json.loads(again.body)) == (200, json.loads(response.body))
+    assert sandbox.stats["revoke"] == 1
+
+    token = await call(http_client, base_url, "POST", path + "/access-token", tokens_bearer())
+    assert assert_envelope(token, 409, "CONFLICT")["details"] == {"reason": "revoked"}
+    listed = json.loads((await call(http_client, base_url, "GET", "/accounts", bearer())).body)
+    assert [a["status"] for a in listed["accounts"]] == ["revoked"]
+    assert sandbox.stats["token_refresh"] == 0
+
+    # Connecting again restores the same account.
+    reconnected = await connect(http_client, base_url)
+    assert reconnected["id"] == account["id"] and reconnected["status"] == "connected"
+    fresh = await call(http_client, base_url, "POST", path + "/access-token", tokens_bearer())
+    assert fresh.code == 200
+
+
+@gen_test
+async def test_disconnect_when_tiktok_cannot_revoke_still_wipes(
+    http_client, base_url, app, sandbox
+):
+    account = await connect(http_client, base_url)
+    tokens = await stored_tokens(app, account["id"])
+    sandbox.add_fault("revoke", status=500, count=3)
+    path = f"/accounts/{account['id']}"
+    response = await call(http_client, base_url, "DELETE", path, bearer())
+    assert response.code == 200, response.body
+    assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": False}
+    assert sandbox.stats["revoke"] == 3  # bounded retries
+    assert await stored_tokens(app, account["id"]) is None
+    stored = await store_of(app).get_account(account["id"])
+    assert stored.status is AccountStatus.REVOKED and stored.revoked_at_tiktok is False
+    # TikTok never heard of it: the token still works there, but we forgot it.
+    assert await user_info_status(http_client, sandbox, tokens.access_token) == 200
+
+    again = await call(http_client, base_url, "DELETE", path, bearer())
+    assert json.loads(again.body) == {"status": "revoked", "revokedAtTikTok": False}
+    assert sandbox.stats["revoke"] == 3
+
+
+@gen_test
+async def test_disconnect_when_tiktok_refuses_does_not_retry(http_client, base_url, app, sandbox):
+    account = await connect(http_client, base_url)
+    sandbox.add_fault("revoke", status=401, count=3)  # invalid_client: retrying cannot help
+    response = await call(http_client, base_url, "DELETE", f"/accounts/{account['id']}", bearer())
+    assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": False}
+    assert sandbox.stats["revoke"] == 1
+    assert await stored_tokens(app, account["id"]) is None
+
+
+# -- a host application's own resolver (embedding) ----------------------------------------
+
+
+class TestHostResolver:
+    """``resolve_user`` may answer a plain user id or a Principal."""
+
+    @pytest.fixture
+    def app(self, sandbox):
+        async def resolve(handler: tornado.web.RequestHandler) -> str | Principal:
+            user = handler.get_signed_cookie("host_user")
+            if not user:
+                raise Unauthenticated(technical_message="host session cookie missing")
+            if handler.request.headers.get("X-Host-Backend") == "yes":
+                return Principal(user.decode(), frozenset({TOKENS_SCOPE}))
+            return user.decode()
+
+        gateway = build_gateway(make_config(**sandbox_settings(sandbox.url)), resolve_user=resolve)
+        return tornado.web.Application(routes(gateway), cookie_secret="host-secret-for-tests")
+
+    def headers(self, app, **extra: str) -> dict[str, str]:
+        cookie = tornado.web.create_signed_value(
+            app.settings["cookie_secret"], "host_user", OWNER
+        ).decode()
+        return {"Cookie": f"host_user={cookie}", **extra}
+
+    @gen_test
+    async def test_plain_user_id_reads_accounts_but_not_tokens(self, http_client, base_url, app):
+        started = json.loads(
+            (
+                await http_client.fetch(
+                    base_url + "/oauth/tiktok/authorize",
+                    method="POST",
+                    body=json.dumps({"redirectUri": PRODUCT_REDIRECT}),
+                    headers=self.headers(app),
+                )
+            ).body
+        )
+        callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+        assert location(await follow(http_client, callback_url)).endswith("status=connected")
+
+        listed = await call(http_client, base_url, "GET", "/accounts", self.headers(app))
+        [account] = json.loads(listed.body)["accounts"]
+        path = f"/accounts/{account['id']}/access-token"
+        session = await call(http_client, base_url, "POST", path, self.headers(app))
+        assert_envelope(session, 403, "PERMISSION_DENIED")
+        backend = await call(
+            http_client, base_url, "POST", path, self.headers(app, **{"X-Host-Backend": "yes"})
+        )
+        assert backend.code == 200, backend.body
+        assert json.loads(backend.body)["accessToken"].startswith("act.")
+        anonymous = await call(http_client, base_url, "GET", "/accounts")
+        assert_envelope(anonymous, 401, "UNAUTHORIZED")

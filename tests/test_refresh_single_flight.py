@@ -1,0 +1,132 @@
+"""One refresh at TikTok for many concurrent token requests, across gateway processes.
+
+Two ``python server.py`` processes share one MongoDB (SecantusDB, over the wire)
+and one sandbox (in this process, so its counters are read directly). The only
+thing that can keep the two processes from both refreshing is the lease in the
+account document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+
+from services.product_auth import TOKENS_SCOPE
+from storage.crypto import TokenCipher
+from tests.fixtures_mongo import open_mongo_store
+from tests.flow import consent, follow, location, make_sandbox, start
+from tests.processes import GatewayProcess, gateway_settings
+from tests.support import TOKEN_KEY, bearer
+
+REQUESTS = 50
+# The first access token lives a minute: inside the gateway's 300 s skew, so the
+# account is due for a refresh from the start. The refreshed token lives 24 h,
+# far outside the skew, so once one request has refreshed, every other request
+# (in either process) finds a fresh token and hands it out. A skew larger than
+# the 24 h lifetime would not do here: every request arriving after the refresh
+# would find the new token due as well and refresh again.
+FIRST_ACCESS_TTL = 60
+REFRESHED_ACCESS_TTL = 86400
+SKEW_SECONDS = 300
+
+
+@pytest.fixture
+def sandbox(io_loop):
+    sandbox = make_sandbox(access_ttl=FIRST_ACCESS_TTL)
+    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
+    yield sandbox
+    io_loop.run_sync(sandbox.close)
+
+
+@pytest.fixture
+def wide_client(io_loop) -> Iterator[AsyncHTTPClient]:
+    """Sends all the requests at once (the shared client queues after 10)."""
+    client = AsyncHTTPClient(force_instance=True, max_clients=REQUESTS + 10)
+    yield client
+    client.close()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_concurrent_token_requests_over_two_processes_refresh_once(
+    sandbox, mongo_server, mongo_database_name, wide_client, tmp_path
+):
+    settings = gateway_settings(
+        mongo_server.uri,
+        mongo_database_name,
+        sandbox.url,
+        REFRESH_SKEW_SECONDS=str(SKEW_SECONDS),
+        # No background refresher: only the requests below may call TikTok.
+        REFRESH_INTERVAL_SECONDS="0",
+    )
+    with (
+        GatewayProcess(tmp_path / "gateway-a.log", **settings) as gateway_a,
+        GatewayProcess(tmp_path / "gateway-b.log", **settings) as gateway_b,
+    ):
+        await asyncio.gather(
+            gateway_a.wait_ready(wide_client), gateway_b.wait_ready(wide_client)
+        )
+
+        # Connect through gateway A; gateway B knows the account only through MongoDB.
+        started = await start(wide_client, gateway_a.url)
+        callback_url = await consent(wide_client, gateway_a.url, started["authorizationUrl"])
+        assert location(await follow(wide_client, callback_url)).endswith("status=connected")
+        listed = await wide_client.fetch(gateway_b.url + "/accounts", headers=bearer())
+        [account] = json.loads(listed.body)["accounts"]
+        expires = datetime.fromisoformat(account["accessTokenExpiresAt"].replace("Z", "+00:00"))
+        assert expires - datetime.now(UTC) < timedelta(seconds=SKEW_SECONDS)  # due
+        async with open_mongo_store(
+            mongo_server.uri,
+            mongo_database_name,
+            "motor",
+            TokenCipher(TokenCipher.parse_keys(TOKEN_KEY)),
+            initialize=False,
+        ) as store:
+            original = await store.get_account_tokens(account["id"])
+        assert original is not None
+        assert sandbox.stats["token_refresh"] == 0
+
+        sandbox.state.access_ttl = REFRESHED_ACCESS_TTL
+        headers = bearer(scope=TOKENS_SCOPE)
+        responses = await asyncio.gather(
+            *(
+                wide_client.fetch(
+                    f"{gateway.url}/accounts/{account['id']}/access-token",
+                    method="POST",
+                    body=b"",
+                    headers=headers,
+                    raise_error=False,
+                    request_timeout=60,
+                )
+                for n in range(REQUESTS)
+                for gateway in [(gateway_a, gateway_b)[n % 2]]
+            )
+        )
+
+        failed = [(r.code, r.body[:200]) for r in responses if r.code != 200]
+        assert not failed, (
+            f"{len(failed)} of {REQUESTS} failed, e.g. {failed[:3]}\n"
+            f"--- A ---\n{gateway_a.log_tail(1500)}\n--- B ---\n{gateway_b.log_tail(1500)}"
+        )
+        bodies = [json.loads(r.body) for r in responses]
+        tokens = {b["accessToken"] for b in bodies}
+        assert len(tokens) == 1, tokens
+        assert tokens != {original.access_token}
+        assert len({b["expiresAt"] for b in bodies}) == 1
+        assert sandbox.stats["token_refresh"] == 1
+
+        async with open_mongo_store(
+            mongo_server.uri,
+            mongo_database_name,
+            "motor",
+            TokenCipher(TokenCipher.parse_keys(TOKEN_KEY)),
+            initialize=False,
+        ) as store:
+            stored = await store.get_account_tokens(account["id"])
+        assert stored is not None
+        assert stored.access_token in tokens
+        assert stored.refresh_token != original.refresh_token

@@ -1,0 +1,381 @@
+"""The token-lifecycle store methods, on MemoryStore and on MongoStore over the wire.
+
+MongoStore runs against SecantusDB with both drivers (motor, PyMongo's
+AsyncMongoClient); where it matters the stored document itself is read back, so
+"wiped" means the ciphertext is gone from MongoDB, not only that the store says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from bson import ObjectId
+
+from storage.base import AccountStatus, Store, TokenGrant
+from storage.memory import MemoryStore
+from storage.mongodb import ACCOUNTS_COLLECTION, MongoStore
+from tests.fixtures_mongo import collect_leaked_driver_sockets, open_mongo_store
+
+# Whole seconds: MongoDB keeps milliseconds, so these survive a round trip unchanged.
+NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+LEASE = timedelta(seconds=15)
+OWNER = "owner-1"
+OPEN_ID = "open-id-1"
+TOKEN_FIELDS = ("accessToken", "refreshToken")
+
+gen_test = pytest.mark.gen_test(timeout=30)
+
+
+def grant(
+    tag: str,
+    *,
+    open_id: str = OPEN_ID,
+    at: datetime = NOW,
+    access_ttl: timedelta = timedelta(hours=24),
+    scopes: tuple[str, ...] = ("user.info.basic",),
+) -> TokenGrant:
+    return TokenGrant(
+        open_id=open_id,
+        access_token=f"act.{tag}",
+        refresh_token=f"rft.{tag}",
+        access_token_expires_at=at + access_ttl,
+        refresh_token_expires_at=at + timedelta(days=365),
+        scopes=list(scopes),
+    )
+
+
+@pytest.fixture(params=["memory", "motor", "pymongo"])
+def store_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    yield str(request.param)
+    if request.param == "pymongo":
+        collect_leaked_driver_sockets()
+
+
+@pytest.fixture
+def open_store(
+    request: pytest.FixtureRequest, store_kind: str, mongo_database_name: str
+) -> Callable[[], contextlib.AbstractAsyncContextManager[Store]]:
+    """``async with open_store() as store``: drivers bind to the test's running loop."""
+    uri = None if store_kind == "memory" else request.getfixturevalue("mongo_server").uri
+
+    @contextlib.asynccontextmanager
+    async def opened() -> AsyncIterator[Store]:
+        if uri is None:
+            yield MemoryStore()
+            return
+        async with open_mongo_store(uri, mongo_database_name, store_kind) as store:
+            yield store
+
+    return opened
+
+
+async def raw_document(store: Store, account_id: str) -> dict[str, Any] | None:
+    """The stored MongoDB document (None for the memory store, which has none)."""
+    if not isinstance(store, MongoStore):
+        return None
+    doc: dict[str, Any] | None = await store.database[ACCOUNTS_COLLECTION].find_one(
+        {"_id": ObjectId(account_id)}
+    )
+    assert doc is not None
+    return doc
+
+
+async def assert_tokens_wiped(store: Store, account_id: str) -> None:
+    assert await store.get_account_tokens(account_id) is None
+    doc = await raw_document(store, account_id)
+    if doc is not None:
+        assert not set(TOKEN_FIELDS) & doc.keys(), sorted(doc)
+        assert "refreshLease" not in doc
+
+
+async def assert_tokens(store: Store, account_id: str, expected: TokenGrant) -> None:
+    tokens = await store.get_account_tokens(account_id)
+    assert tokens is not None
+    assert (tokens.access_token, tokens.refresh_token) == (
+        expected.access_token,
+        expected.refresh_token,
+    )
+    assert tokens.access_token_expires_at == expected.access_token_expires_at
+    assert tokens.refresh_token_expires_at == expected.refresh_token_expires_at
+    doc = await raw_document(store, account_id)
+    if doc is not None:
+        # Ciphertext only, and the expiries are plain fields next to it.
+        assert expected.access_token not in str(doc[TOKEN_FIELDS[0]])
+        assert expected.refresh_token not in str(doc[TOKEN_FIELDS[1]])
+        assert doc["accessTokenExpiresAt"] == expected.access_token_expires_at
+        assert doc["refreshTokenExpiresAt"] == expected.refresh_token_expires_at
+
+
+# -- the refresh lease ---------------------------------------------------------------
+
+
+@gen_test
+async def test_lease_is_exclusive_among_concurrent_acquirers(open_store):
+    async with open_store() as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        holders = [f"holder-{n}" for n in range(20)]
+        won = await asyncio.gather(
+            *(
+                store.acquire_refresh_lease(account.id, h, now=NOW, until=NOW + LEASE)
+                for h in holders
+            )
+        )
+        assert sum(won) == 1, won
+        winner = holders[won.index(True)]
+        # Only the winner may save; every loser is refused and writes nothing.
+        for loser in holders:
+            if loser != winner:
+                assert not await store.save_refreshed_tokens(
+                    account.id, loser, grant(loser), now=NOW
+                )
+        await assert_tokens(store, account.id, grant("a"))
+        assert await store.save_refreshed_tokens(account.id, winner, grant("b"), now=NOW)
+        await assert_tokens(store, account.id, grant("b"))
+
+
+@gen_test
+async def test_an_expired_lease_can_be_taken_over(open_store):
+    async with open_store() as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        later = NOW + timedelta(seconds=10)
+        assert await store.acquire_refresh_lease(account.id, "crashed", now=NOW, until=later)
+        assert not await store.acquire_refresh_lease(
+            account.id, "second", now=NOW + timedelta(seconds=5), until=later + LEASE
+        )
+        takeover = later + timedelta(seconds=1)
+        assert await store.acquire_refresh_lease(
+            account.id, "second", now=takeover, until=takeover + LEASE
+        )
+        # The first holder woke up late: it can neither save nor free the new lease.
+        assert not await store.save_refreshed_tokens(account.id, "crashed", grant("x"), now=later)
+        await store.release_refresh_lease(account.id, "crashed")
+        assert not await store.acquire_refresh_lease(
+            account.id, "third", now=takeover, until=takeover + LEASE
+        )
+        await assert_tokens(store, account.id, grant("a"))
+        assert await store.save_refreshed_tokens(account.id, "second", grant("b"), now=takeover)
+        await assert_tokens(store, account.id, grant("b"))
+
+
+@gen_test
+async def test_only_the_holder_releases_the_lease(open_store):
+    async with open_store() as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        assert await store.acquire_refresh_lease(account.id, "one", now=NOW, until=NOW + LEASE)
+        await store.release_refresh_lease(account.id, "two")
+        assert not await store.acquire_refresh_lease(account.id, "two", now=NOW, until=NOW + LEASE)
+        await store.release_refresh_lease(account.id, "one")
+        assert await store.acquire_refresh_lease(account.id, "two", now=NOW, until=NOW + LEASE)
+        # Releasing what one does not hold, or on an unknown account, is harmless.
+        await store.release_refresh_lease(account.id, "one")
+        await store.release_refresh_lease(str(ObjectId()), "one")
+
+
+@gen_test
+async def test_refreshed_tokens_are_saved_by_the_holder_only_and_atomically(open_store):
+    async with open_store() as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        later = NOW + timedelta(hours=23)
+        rotated = grant("b", at=later, scopes=("user.info.basic", "user.info.profile"))
+
+        # No lease at all, then somebody else's lease: refused, nothing written.
+        assert not await store.save_refreshed_tokens(account.id, "nobody", rotated, now=later)
+        until = later + LEASE
+        assert await store.acquire_refresh_lease(account.id, "holder", now=later, until=until)
+        assert not await store.save_refreshed_tokens(account.id, "other", rotated, now=later)
+        await assert_tokens(store, account.id, grant("a"))
+        unchanged = await store.get_account(account.id)
+        assert unchanged.updated_at == NOW
+        assert unchanged.access_token_expires_at == grant("a").access_token_expires_at
+
+        assert await store.save_refreshed_tokens(account.id, "holder", rotated, now=later)
+        # Both tokens, both expiries and the scopes moved together; the lease is gone.
+        await assert_tokens(store, account.id, rotated)
+        saved = await store.get_account(account.id)
+        assert saved.access_token_expires_at == rotated.access_token_expires_at
+        assert saved.refresh_token_expires_at == rotated.refresh_token_expires_at
+        assert saved.scopes == ["user.info.basic", "user.info.profile"]
+        assert saved.updated_at == later
+        assert saved.status is AccountStatus.CONNECTED
+        doc = await raw_document(store, account.id)
+        assert doc is None or "refreshLease" not in doc
+        assert await store.acquire_refresh_lease(account.id, "next", now=later, until=later + LEASE)
+        # A saved lease is spent: the same holder cannot save twice.
+        assert not await store.save_refreshed_tokens(account.id, "holder", grant("c"), now=later)
+
+
+@gen_test
+async def test_no_lease_on_an_account_that_is_not_connected_or_unknown(open_store):
+    async with open_store() as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        await store.require_reauthorization(account.id, now=NOW)
+        assert not await store.acquire_refresh_lease(account.id, "h", now=NOW, until=NOW + LEASE)
+        for unknown in (str(ObjectId()), "not-an-id"):
+            assert not await store.acquire_refresh_lease(unknown, "h", now=NOW, until=NOW + LEASE)
+            assert not await store.save_refreshed_tokens(unknown, "h", grant("b"), now=NOW)
+
+
+# -- refused and revoked -------------------------------------------------------------
+
+
+@gen_test
+async def test_require_reauthorization_wipes_both_tokens_and_the_lease(open_store):
+    async with open_store() as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        assert await store.acquire_refresh_lease(account.id, "holder", now=NOW, until=NOW + LEASE)
+        later = NOW + timedelta(minutes=1)
+        await store.require_reauthorization(account.id, now=later)
+        refused = await store.get_account(account.id)
+        assert refused.status is AccountStatus.REAUTHORIZATION_REQUIRED
+        assert refused.updated_at == later
+        await assert_tokens_wiped(store, account.id)
+        # The holder's refresh that was in flight can no longer bring tokens back.
+        assert not await store.save_refreshed_tokens(account.id, "holder", grant("b"), now=later)
+        await assert_tokens_wiped(store, account.id)
+
+
+@gen_test
+async def test_require_reauthorization_leaves_a_revoked_account_revoked(open_store):
+    async with open_store() as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        await store.revoke_account(account.id, now=NOW, reason="disconnected",
+                                   revoked_at_tiktok=True)
+        await store.require_reauthorization(account.id, now=NOW + timedelta(minutes=1))
+        assert (await store.get_account(account.id)).status is AccountStatus.REVOKED
+
+
+@gen_test
+async def test_revoke_account_is_idempotent_and_keeps_the_first_revocation(open_store):
+    async with open_store() as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        first = await store.revoke_account(
+            account.id, now=NOW, reason="disconnected", revoked_at_tiktok=True
+        )
+        assert first.status is AccountStatus.REVOKED
+        assert (first.revoked_at, first.revocation_reason, first.revoked_at_tiktok) == (
+            NOW,
+            "disconnected",
+            True,
+        )
+        await assert_tokens_wiped(store, account.id)
+
+        again = await store.revoke_account(
+            account.id, now=NOW + timedelta(hours=1), reason=2, revoked_at_tiktok=False
+        )
+        assert (again.revoked_at, again.revocation_reason, again.revoked_at_tiktok) == (
+            NOW,
+            "disconnected",
+            True,
+        )
+        assert again.updated_at == NOW
+        for unknown in (str(ObjectId()), "not-an-id"):
+            assert await store.revoke_account(
+                unknown, now=NOW, reason="disconnected", revoked_at_tiktok=False
+            ) is None
+
+
+@gen_test
+async def test_revoke_by_open_id_reaches_every_owner_and_counts_changes(open_store):
+    async with open_store() as store:
+        alice = await store.save_account_tokens("alice", grant("a"), now=NOW)
+        bob = await store.save_account_tokens("bob", grant("b"), now=NOW)
+        carol = await store.save_account_tokens("carol", grant("c"), now=NOW)
+        other = await store.save_account_tokens("alice", grant("o", open_id="open-id-2"), now=NOW)
+        refused = await store.save_account_tokens("dave", grant("d"), now=NOW)
+        await store.revoke_account(carol.id, now=NOW, reason="disconnected",
+                                   revoked_at_tiktok=False)
+        await store.require_reauthorization(refused.id, now=NOW)
+
+        later = NOW + timedelta(minutes=5)
+        assert await store.revoke_accounts_by_open_id(OPEN_ID, now=later, reason=1) == 3
+        for account_id in (alice.id, bob.id, refused.id):
+            revoked = await store.get_account(account_id)
+            assert revoked.status is AccountStatus.REVOKED
+            assert (revoked.revoked_at, revoked.revocation_reason) == (later, 1)
+            assert revoked.revoked_at_tiktok is True
+            await assert_tokens_wiped(store, account_id)
+        # Already revoked: its first revocation stays; another TikTok user: untouched.
+        kept = await store.get_account(carol.id)
+        assert (kept.revoked_at, kept.revocation_reason, kept.revoked_at_tiktok) == (
+            NOW,
+            "disconnected",
+            False,
+        )
+        assert (await store.get_account(other.id)).status is AccountStatus.CONNECTED
+        await assert_tokens(store, other.id, grant("o", open_id="open-id-2"))
+        # A webhook delivered twice changes nothing the second time.
+        assert await store.revoke_accounts_by_open_id(OPEN_ID, now=later, reason=1) == 0
+
+
+@gen_test
+async def test_accounts_due_for_refresh_soonest_first_connected_only(open_store):
+    async with open_store() as store:
+        ids = {}
+        for name, minutes in (("m30", 30), ("m5", 5), ("m90", 90), ("m10", 10), ("m20", 20)):
+            account = await store.save_account_tokens(
+                OWNER,
+                grant(name, open_id=f"open-{name}", access_ttl=timedelta(minutes=minutes)),
+                now=NOW,
+            )
+            ids[name] = account.id
+        await store.require_reauthorization(ids["m5"], now=NOW)
+        await store.revoke_account(ids["m10"], now=NOW, reason="disconnected",
+                                   revoked_at_tiktok=True)
+
+        before = NOW + timedelta(minutes=60)
+        due = await store.accounts_due_for_refresh(before, limit=10)
+        assert [a.id for a in due] == [ids["m20"], ids["m30"]]
+        assert all(a.status is AccountStatus.CONNECTED for a in due)
+        assert [a.id for a in await store.accounts_due_for_refresh(before, limit=1)] == [
+            ids["m20"]
+        ]
+        everything = await store.accounts_due_for_refresh(NOW + timedelta(days=1), limit=10)
+        assert [a.id for a in everything] == [ids["m20"], ids["m30"], ids["m90"]]
+        assert await store.accounts_due_for_refresh(NOW + timedelta(minutes=15), limit=10) == []
+
+
+# -- reconnecting --------------------------------------------------------------------
+
+
+@gen_test
+async def test_reconnect_after_revoke_restores_connected_and_clears_the_revocation(open_store):
+    async with open_store() as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        await store.revoke_account(account.id, now=NOW, reason=4, revoked_at_tiktok=True)
+        later = NOW + timedelta(days=2)
+        fresh = grant("b", at=later, scopes=("user.info.basic", "video.list"))
+        again = await store.save_account_tokens(OWNER, fresh, now=later)
+        assert again.id == account.id
+        assert again.status is AccountStatus.CONNECTED
+        assert (again.revoked_at, again.revocation_reason, again.revoked_at_tiktok) == (
+            None,
+            None,
+            None,
+        )
+        assert again.scopes == ["user.info.basic", "video.list"]
+        assert again.created_at == NOW and again.updated_at == later
+        assert (await store.get_account(account.id)).revoked_at is None
+        await assert_tokens(store, account.id, fresh)
+        doc = await raw_document(store, account.id)
+        if doc is not None:
+            assert not {"revokedAt", "revocationReason", "revokedAtTikTok"} & doc.keys()
+        assert [a.id for a in await store.accounts_due_for_refresh(later + timedelta(days=2),
+                                                                     limit=5)] == [account.id]
+
+
+@gen_test
+async def test_reconnect_drops_a_lease_so_an_older_refresh_cannot_overwrite_it(open_store):
+    async with open_store() as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        assert await store.acquire_refresh_lease(account.id, "holder", now=NOW, until=NOW + LEASE)
+        # The user connects again while a refresh of the old grant is in flight.
+        fresh = grant("reconnected", scopes=("user.info.basic", "video.list"))
+        await store.save_account_tokens(OWNER, fresh, now=NOW)
+        assert not await store.save_refreshed_tokens(account.id, "holder", grant("old"), now=NOW)
+        await assert_tokens(store, account.id, fresh)
+        assert await store.acquire_refresh_lease(account.id, "next", now=NOW, until=NOW + LEASE)

@@ -61,6 +61,7 @@ class Gateway:
     service: ConnectionService
     resolve_user: UserResolver
     http_client: AsyncHTTPClient | None
+    tiktok: TikTokClient
     accounts: AccountService
     # The owner and the bearer's scopes (the accounts API needs both).
     resolve_principal: PrincipalResolver
@@ -149,6 +150,7 @@ def build_gateway(
         service=service,
         resolve_user=as_owner_resolver(resolve_principal),
         http_client=http_client,
+        tiktok=tiktok,
         accounts=AccountService(
             store=store, tiktok=tiktok, refresh_skew_seconds=config.refresh_skew_seconds
         ),
@@ -192,20 +194,12 @@ def start_refresher(gateway: Gateway) -> Refresher | None:
     if config.refresh_interval_seconds <= 0:
         log.info("background token refresh disabled (REFRESH_INTERVAL_SECONDS=0)")
         return None
-    tiktok = TikTokClient(
-        gateway.http_client,
-        client_key=config.tiktok_client_key,
-        client_secret=config.tiktok_client_secret,
-        redirect_uri=config.tiktok_redirect_uri,
-        api_base_url=config.tiktok_api_base_url,
-        authorize_url=config.tiktok_authorize_url,
-        connect_timeout=config.tiktok_connect_timeout,
-        request_timeout=config.tiktok_request_timeout,
-    )
     # Its own AccountService (same refresh path, same leases): refresh_account answers
     # not_due for tokens outside its skew, which here is the refresher's window.
     accounts = AccountService(
-        store=gateway.store, tiktok=tiktok, refresh_skew_seconds=config.refresh_ahead_seconds
+        store=gateway.store,
+        tiktok=gateway.tiktok,
+        refresh_skew_seconds=config.refresh_ahead_seconds,
     )
     refresher = Refresher(
         store=gateway.store,

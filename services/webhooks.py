@@ -18,12 +18,15 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from services.connect import utcnow
 from services.errors import GatewayError, Unauthenticated, ValidationFailed
 from storage.base import Store
+
+# Year 5138: anything later is garbage, and would overflow datetime.
+MAX_UNIX_TIME = 10**11
 
 log = logging.getLogger("gateway.webhooks")
 
@@ -143,7 +146,11 @@ def parse_event(body: bytes) -> WebhookEvent:
             raise _malformed(f"{name} must be a non-empty string", field=name)
         strings[name] = value
     create_time = document.get("create_time")
-    if not isinstance(create_time, int) or isinstance(create_time, bool) or create_time < 0:
+    if (
+        not isinstance(create_time, int)
+        or isinstance(create_time, bool)
+        or not 0 <= create_time < MAX_UNIX_TIME
+    ):
         raise _malformed("create_time must be a unix time", field="create_time")
     return WebhookEvent(create_time=create_time, **strings)
 
@@ -213,7 +220,12 @@ class WebhookService:
             return WebhookReceipt(event.event, WebhookOutcome.IGNORED)
         reason = removal_reason(event.content)
         changed = await self._store.revoke_accounts_by_open_id(
-            event.user_openid, now=now, reason=reason
+            event.user_openid,
+            now=now,
+            reason=reason,
+            # TikTok redelivers for up to 72 h: an old removal must spare a newer grant.
+            # create_time has whole seconds: a grant in that same second is revoked.
+            connected_before=datetime.fromtimestamp(event.create_time + 1, UTC),
         )
         log.info(
             "authorization.removed for open_id %s (reason %d: %s): %d account(s) revoked",

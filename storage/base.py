@@ -95,6 +95,8 @@ class Account:
     profile_pending: bool = True
     profile: dict[str, Any] = field(default_factory=dict)
     revoked_at: datetime | None = None
+    # When the current grant was obtained (each reconnect moves it).
+    connected_at: datetime | None = None
     # TikTok's deauthorization reason code, or "disconnected" when the product did it.
     revocation_reason: int | str | None = None
     revoked_at_tiktok: bool | None = None
@@ -213,9 +215,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def revoke_accounts_by_open_id(
-        self, open_id: str, *, now: datetime, reason: int | str | None
+        self,
+        open_id: str,
+        *,
+        now: datetime,
+        reason: int | str | None,
+        connected_before: datetime | None = None,
     ) -> int:
-        """Revoke every connected account of this TikTok user; returns how many changed."""
+        """Revoke every live account of this TikTok user; returns how many changed.
+
+        With ``connected_before``, grants obtained at or after it are kept: a late
+        redelivery of an old removal must not revoke a newer connection.
+        """
 
     @abc.abstractmethod
     async def accounts_due_for_refresh(self, before: datetime, *, limit: int) -> list[Account]:

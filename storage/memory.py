@@ -103,6 +103,7 @@ class MemoryStore(Store):
                 refresh_token_expires_at=grant.refresh_token_expires_at,
                 created_at=now,
                 updated_at=now,
+                connected_at=now,
             )
         else:
             account = replace(
@@ -112,6 +113,7 @@ class MemoryStore(Store):
                 access_token_expires_at=grant.access_token_expires_at,
                 refresh_token_expires_at=grant.refresh_token_expires_at,
                 updated_at=now,
+                connected_at=now,
                 revoked_at=None,
                 revocation_reason=None,
                 revoked_at_tiktok=None,
@@ -211,12 +213,22 @@ class MemoryStore(Store):
         return copy.deepcopy(account)
 
     async def revoke_accounts_by_open_id(
-        self, open_id: str, *, now: datetime, reason: int | str | None
+        self,
+        open_id: str,
+        *,
+        now: datetime,
+        reason: int | str | None,
+        connected_before: datetime | None = None,
     ) -> int:
         changed = 0
         for account in list(self._accounts.values()):
             live = account.status is not AccountStatus.REVOKED
-            if account.platform_account_id == open_id and live:
+            older = (
+                connected_before is None
+                or account.connected_at is None
+                or account.connected_at < connected_before
+            )
+            if account.platform_account_id == open_id and live and older:
                 await self.revoke_account(
                     account.id, now=now, reason=reason, revoked_at_tiktok=True
                 )

@@ -208,6 +208,7 @@ def _account_from_document(doc: dict[str, Any]) -> Account:
         profile_pending=bool(doc.get("profilePending", True)),
         profile=dict(doc.get("profile") or {}),
         revoked_at=doc.get("revokedAt"),
+        connected_at=doc.get("connectedAt"),
         revocation_reason=doc.get("revocationReason"),
         revoked_at_tiktok=doc.get("revokedAtTikTok"),
     )
@@ -321,6 +322,7 @@ class MongoStore(Store):
                 "scopes": list(grant.scopes),
                 "status": AccountStatus.CONNECTED.value,
                 "updatedAt": now,
+                "connectedAt": now,
             },
             "$unset": _REVOCATION_UNSET,
             "$setOnInsert": {**natural_key, "createdAt": now, "profilePending": True},
@@ -483,12 +485,23 @@ class MongoStore(Store):
 
     @_mongo_errors
     async def revoke_accounts_by_open_id(
-        self, open_id: str, *, now: datetime, reason: int | str | None
+        self,
+        open_id: str,
+        *,
+        now: datetime,
+        reason: int | str | None,
+        connected_before: datetime | None = None,
     ) -> int:
-        result = await self._accounts.update_many(
-            {"platformAccountId": open_id, "status": {"$ne": AccountStatus.REVOKED.value}},
-            self._revocation(now, reason, True),
-        )
+        query: dict[str, Any] = {
+            "platformAccountId": open_id,
+            "status": {"$ne": AccountStatus.REVOKED.value},
+        }
+        if connected_before is not None:
+            query["$or"] = [
+                {"connectedAt": {"$lt": connected_before}},
+                {"connectedAt": {"$exists": False}},
+            ]
+        result = await self._accounts.update_many(query, self._revocation(now, reason, True))
         return int(result.modified_count)
 
     @_mongo_errors

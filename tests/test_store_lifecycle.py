@@ -379,3 +379,21 @@ async def test_reconnect_drops_a_lease_so_an_older_refresh_cannot_overwrite_it(o
         assert not await store.save_refreshed_tokens(account.id, "holder", grant("old"), now=NOW)
         await assert_tokens(store, account.id, fresh)
         assert await store.acquire_refresh_lease(account.id, "next", now=NOW, until=NOW + LEASE)
+
+
+@gen_test
+async def test_an_old_removal_spares_a_grant_obtained_after_it(open_store):
+    async with open_store() as store:
+        removed_at = NOW + timedelta(minutes=1)
+        before = await store.save_account_tokens("alice", grant("a"), now=NOW)
+        reconnected = await store.save_account_tokens(
+            "bob", grant("b"), now=removed_at + timedelta(seconds=1)
+        )
+        assert reconnected.connected_at == removed_at + timedelta(seconds=1)
+        changed = await store.revoke_accounts_by_open_id(
+            OPEN_ID, now=NOW + timedelta(hours=2), reason=1, connected_before=removed_at
+        )
+        assert changed == 1
+        assert (await store.get_account(before.id)).status is AccountStatus.REVOKED
+        assert (await store.get_account(reconnected.id)).status is AccountStatus.CONNECTED
+        await assert_tokens(store, reconnected.id, grant("b"))

@@ -463,3 +463,23 @@ async def _connect(http_client: Any, base_url: str, store: Store, owner: str) ->
     [account] = await store.list_accounts(owner)
     assert account.status is AccountStatus.CONNECTED
     return account
+
+
+@pytest.mark.gen_test
+async def test_late_redelivery_spares_a_newer_connection(http_client, base_url, app):
+    store = store_of(app)
+    accounts = await seed(store)  # connected five minutes ago
+    # TikTok retries for up to 72 h: this removal happened an hour before they connected.
+    body = event(create_time=int(time.time()) - 3600)
+    response = await deliver(http_client, base_url, body)
+    assert response.code == 200
+    for account in accounts.values():
+        stored = await store.get_account(account.id)
+        assert stored.status is AccountStatus.CONNECTED
+        assert await store.get_account_tokens(account.id) is not None
+
+
+@pytest.mark.gen_test
+async def test_out_of_range_create_time_is_400(http_client, base_url, app):
+    response = await deliver(http_client, base_url, event(create_time=10**20))
+    assert_envelope(response, 400, "VALIDATION_ERROR")

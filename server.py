@@ -83,6 +83,7 @@ def create_store(config: Config) -> Store:
         driver=config.mongodb_driver,
         server_selection_timeout_ms=config.mongodb_timeout_ms,
         connect_timeout_ms=config.mongodb_timeout_ms,
+        socket_timeout_ms=config.mongodb_operation_timeout_ms,
     )
     return MongoStore(database, config.cipher(), client=client)
 

@@ -51,6 +51,7 @@ class Config:
     mongodb_database: str = "tiktok_gateway"
     mongodb_driver: str = "motor"
     mongodb_timeout_ms: int = 2000
+    mongodb_operation_timeout_ms: int = 5000
     token_encryption_keys: tuple[tuple[str, bytes], ...] = ()
     tiktok_connect_timeout: float = 2.0
     tiktok_request_timeout: float = 4.0
@@ -260,6 +261,9 @@ def load_config(environ: Mapping[str, str]) -> Config:
         mongodb_database=env.raw("MONGODB_DATABASE") or "tiktok_gateway",
         mongodb_driver=env.choice("MONGODB_DRIVER", "motor", MONGODB_DRIVERS),
         mongodb_timeout_ms=env.parsed("MONGODB_TIMEOUT_MS", 2000, _positive_int, "milliseconds"),
+        mongodb_operation_timeout_ms=env.parsed(
+            "MONGODB_OPERATION_TIMEOUT_MS", 5000, _positive_int, "milliseconds"
+        ),
         token_encryption_keys=keys,
         tiktok_connect_timeout=env.parsed(
             "TIKTOK_CONNECT_TIMEOUT_SECONDS", 2.0, _positive_float, "seconds"

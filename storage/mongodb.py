@@ -92,6 +92,7 @@ def connect_mongo(
     driver: str = "motor",
     server_selection_timeout_ms: int = 2000,
     connect_timeout_ms: int = 2000,
+    socket_timeout_ms: int = 5000,
 ) -> tuple[Any, Any]:
     """Build a client and its database handle without touching the network.
 
@@ -103,6 +104,9 @@ def connect_mongo(
     options: dict[str, Any] = {
         "serverSelectionTimeoutMS": server_selection_timeout_ms,
         "connectTimeoutMS": connect_timeout_ms,
+        # Bounds a call to a MongoDB that stalls with its connections open; without
+        # it the driver waits for its next heartbeat (about 10 s) to give up.
+        "socketTimeoutMS": socket_timeout_ms,
         "tz_aware": True,
         "tzinfo": UTC,
         "appname": APP_NAME,

@@ -483,3 +483,28 @@ async def test_late_redelivery_spares_a_newer_connection(http_client, base_url, 
 async def test_out_of_range_create_time_is_400(http_client, base_url, app):
     response = await deliver(http_client, base_url, event(create_time=10**20))
     assert_envelope(response, 400, "VALIDATION_ERROR")
+
+
+class TestInsideAnXsrfProtectedHost:
+    """Mounted in a host application with xsrf_cookies=True, deliveries still land."""
+
+    @pytest.fixture
+    def app(self):
+        import tornado.web
+
+        from server import build_gateway, routes
+
+        gateway = build_gateway(make_config())
+        host = tornado.web.Application(
+            routes(gateway), xsrf_cookies=True, cookie_secret="host-cookie-secret-for-tests"
+        )
+        host.settings["gateway"] = gateway
+        return host
+
+    @pytest.mark.gen_test
+    async def test_signed_delivery_is_accepted(self, http_client, base_url, app):
+        store = store_of(app)
+        accounts = await seed(store)
+        response = await deliver(http_client, base_url, event())
+        assert response.code == 200
+        await assert_revoked(store, accounts["alice"], 1)

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint cassettes clean
+.PHONY: demo test lint cassettes bench clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ lint: $(BIN)/.installed
 
 cassettes: $(BIN)/.installed
 	$(BIN)/python scripts/record_cassettes.py
+
+# The gateway under load (BENCHMARKS.md); shorter: make bench BENCH_ARGS="--quick".
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis artifacts

@@ -11,24 +11,33 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import tornado.netutil
+import tornado.process
 import tornado.web
+from prometheus_client import CollectorRegistry
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 
 from handlers.accounts import AccessTokenHandler, AccountHandler, AccountListHandler
-from handlers.base import NotFoundHandler, log_request
+from handlers.base import InFlight, NotFoundHandler, log_request
+from handlers.demo import demo_routes
 from handlers.health import HealthHandler, ReadinessHandler
+from handlers.meta import MetricsHandler, OpenAPIHandler, openapi_document
 from handlers.oauth import AuthorizeHandler, CallbackHandler
 from handlers.webhooks import TikTokWebhookHandler
 from services.accounts import AccountService
 from services.config import Config, load_config
 from services.connect import ConnectionService
 from services.errors import ConfigError, GatewayError
+from services.http_client import make_http_client
+from services.logging_setup import setup_logging
+from services.metrics import GatewayMetrics, InstrumentedStore
 from services.product_auth import (
     HostResolver,
     Principal,
@@ -50,6 +59,8 @@ log = logging.getLogger("gateway")
 STORE_RETRY_SECONDS = 5.0
 MAX_BODY_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 32 * 1024
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SHUTDOWN_POLL_SECONDS = 0.05
 
 
 @dataclass
@@ -65,6 +76,8 @@ class Gateway:
     accounts: AccountService
     # The owner and the bearer's scopes (the accounts API needs both).
     resolve_principal: PrincipalResolver
+    # This gateway's Prometheus metrics, in a registry of its own (GET /metrics).
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
 
 def create_store(config: Config) -> Store:
@@ -112,13 +125,18 @@ def build_gateway(
     store: Store | None = None,
     http_client: AsyncHTTPClient | None = None,
     resolve_user: HostResolver | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> Gateway:
     """Wire the dependencies; a host application may supply its own store or resolver.
 
     ``resolve_user`` may answer a user id (a principal without scopes: it can
     connect and list accounts, not read their tokens) or a ``Principal``.
+    ``registry`` receives the gateway's metrics (default: a registry of its own,
+    never prometheus_client's global one).
     """
-    store = store or create_store(config)
+    metrics = GatewayMetrics(registry)
+    # Every store operation is timed; the wrapped store stays reachable as .inner.
+    store = InstrumentedStore(store or create_store(config), metrics)
     tiktok = TikTokClient(
         http_client,
         client_key=config.tiktok_client_key,
@@ -128,6 +146,9 @@ def build_gateway(
         authorize_url=config.tiktok_authorize_url,
         connect_timeout=config.tiktok_connect_timeout,
         request_timeout=config.tiktok_request_timeout,
+        metrics=metrics,
+        # One pooled client per process (TIKTOK_HTTP_CLIENT), made in the running loop.
+        http_factory=None if http_client else lambda: make_http_client(config),
     )
     service = ConnectionService(
         store=store,
@@ -141,6 +162,7 @@ def build_gateway(
         default_scopes=config.tiktok_scopes,
         pkce_mode=config.tiktok_pkce,
         callback_budget_seconds=config.tiktok_callback_budget,
+        metrics=metrics,
     )
     resolve_principal = (
         as_principal_resolver(resolve_user) if resolve_user else bearer_principal_resolver(config)
@@ -153,9 +175,13 @@ def build_gateway(
         http_client=http_client,
         tiktok=tiktok,
         accounts=AccountService(
-            store=store, tiktok=tiktok, refresh_skew_seconds=config.refresh_skew_seconds
+            store=store,
+            tiktok=tiktok,
+            refresh_skew_seconds=config.refresh_skew_seconds,
+            metrics=metrics,
         ),
         resolve_principal=resolve_principal,
+        metrics=metrics,
     )
 
 
@@ -164,6 +190,8 @@ def routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]:
     flow = {"service": gateway.service, "resolve_user": gateway.resolve_user}
     accounts = {"accounts": gateway.accounts, "resolve_principal": gateway.resolve_principal}
     return [
+        # DEMO_MODE only: /demo, and the callback with HTML error pages for browsers.
+        *(demo_routes(gateway, prefix) if gateway.config.demo_mode else []),
         tornado.web.url(f"{prefix}/oauth/tiktok/authorize", AuthorizeHandler, flow),
         tornado.web.url(f"{prefix}/oauth/tiktok/callback", CallbackHandler, flow),
         tornado.web.url(f"{prefix}/healthz", HealthHandler),
@@ -176,6 +204,8 @@ def routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]:
             TikTokWebhookHandler,
             {"webhooks": webhook_service(gateway)},
         ),
+        tornado.web.url(f"{prefix}/metrics", MetricsHandler, {"metrics": gateway.metrics}),
+        tornado.web.url(f"{prefix}/openapi.json", OpenAPIHandler, {"document": openapi_document()}),
     ]
 
 
@@ -201,6 +231,7 @@ def start_refresher(gateway: Gateway) -> Refresher | None:
         store=gateway.store,
         tiktok=gateway.tiktok,
         refresh_skew_seconds=config.refresh_ahead_seconds,
+        metrics=gateway.metrics,
     )
     refresher = Refresher(
         store=gateway.store,
@@ -223,6 +254,7 @@ def make_app(config: Config, **kwargs: Any) -> tornado.web.Application:
         xsrf_cookies=False,
     )
     app.settings["gateway"] = gateway
+    app.settings["in_flight"] = InFlight()  # counted by the handlers, read by shut_down
     return app
 
 
@@ -243,13 +275,24 @@ async def initialize_store(store: Store, retry_seconds: float = STORE_RETRY_SECO
 
 
 def configure_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    # LOG_FORMAT=json: one JSON object per line. An invalid value logs text here,
+    # and load_config then stops the start-up naming it.
+    setup_logging(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        log_format=os.environ.get("LOG_FORMAT", "text"),
     )
 
 
-async def serve(config: Config) -> None:
+async def serve(
+    config: Config,
+    sockets: list[socket.socket] | None = None,
+    lifeline: int | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully (``shut_down``).
+
+    A worker of ``run_workers`` gets the pre-bound ``sockets`` and the read end of
+    the parent's ``lifeline`` pipe: its end of file means stop too.
+    """
     app = make_app(config)
     gateway: Gateway = app.settings["gateway"]
     # Hard ceilings for the socket; handlers enforce their own, smaller limits
@@ -257,23 +300,124 @@ async def serve(config: Config) -> None:
     server = HTTPServer(
         app, xheaders=False, max_body_size=MAX_BODY_BYTES, max_header_size=MAX_HEADER_BYTES
     )
-    server.listen(config.port, address=config.host)
-    log.info("TikTok gateway listening on http://%s:%d", config.host, config.port)
+    if sockets is None:
+        server.listen(config.port, address=config.host)
+        log.info("TikTok gateway listening on http://%s:%d", config.host, config.port)
+    else:
+        server.add_sockets(sockets)
+        log.info("worker %s (pid %d) serving", tornado.process.task_id(), os.getpid())
     init_task = asyncio.create_task(initialize_store(gateway.store))
     refresher = start_refresher(gateway)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
+    # A worker starts with them blocked (run_workers); one sent meanwhile arrives now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if lifeline is not None:
+        loop.add_reader(lifeline, stop.set)
     await stop.wait()
-    log.info("shutting down")
+    if lifeline is not None:
+        loop.remove_reader(lifeline)
     server.stop()
     init_task.cancel()
-    if refresher is not None:
-        await refresher.stop()
+    await shut_down(server, app, refresher, config.shutdown_timeout_seconds)
+
+
+async def shut_down(
+    server: HTTPServer,
+    app: tornado.web.Application,
+    refresher: Refresher | None,
+    timeout: float,
+) -> None:
+    """After ``server.stop()``: give requests in flight ``timeout`` seconds, then cut
+    the connections left; the refresher stops within the same deadline; then the
+    store is closed."""
+    in_flight: InFlight = app.settings["in_flight"]
+    log.info(
+        "shutting down: new connections refused, %d request(s) in flight, waiting up to %gs",
+        in_flight.count,
+        timeout,
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+
+    async def drain() -> None:
+        while in_flight.count > 0 and loop.time() < deadline:
+            await asyncio.sleep(SHUTDOWN_POLL_SECONDS)
+
+    await asyncio.gather(
+        drain(), refresher.stop(grace_seconds=timeout) if refresher else asyncio.sleep(0)
+    )
+    if in_flight.count > 0:
+        log.warning(
+            "shutdown timeout of %gs reached: cutting %d request(s) still in flight",
+            timeout,
+            in_flight.count,
+        )
     await server.close_all_connections()
-    await gateway.store.close()
+    await app.settings["gateway"].store.close()
+    if in_flight.count == 0:
+        # Its pooled connections to TikTok; not under requests just cut (closing curl
+        # under them logs a traceback): the exit drops it then.
+        app.settings["gateway"].tiktok.close()
+    log.info("shutdown complete")
+
+
+def run_workers(config: Config) -> int:
+    """Fork ``config.workers`` processes serving one port; this process supervises.
+
+    The socket is bound before the fork and before any event loop exists; Tornado's
+    ``fork_processes`` restarts a worker that crashes. SIGTERM or SIGINT here closes
+    this process's end of a pipe each worker watches (its lifeline) and its copy of
+    the socket: every worker then shuts down gracefully and exits 0, and so does
+    this process once they are all gone. A worker whose parent dies sees the pipe
+    close too, and stops.
+    """
+    sockets = tornado.netutil.bind_sockets(config.port, address=config.host)
+    lifeline, lifeline_end = os.pipe()
+    stopping = False
+
+    def stop_workers(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        log.info("%s: stopping the workers", signal.Signals(signum).name)
+        os.close(lifeline_end)
+        for sock in sockets:
+            sock.close()
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop_workers)
+    # Workers are born with the stop signals blocked, until serve() handles them.
+    os.register_at_fork(
+        before=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS),
+        after_in_parent=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS),
+    )
+    port = sockets[0].getsockname()[1]
+    log.info(
+        "TikTok gateway listening on http://%s:%d with %d workers (supervisor pid %d)",
+        config.host,
+        port,
+        config.workers,
+        os.getpid(),
+    )
+    try:
+        tornado.process.fork_processes(config.workers)
+    except RuntimeError as exc:  # too many restarts
+        log.error("giving up: %s", exc)
+        return 1
+    except SystemExit:
+        log.info("all workers stopped")
+        return 0
+    # A worker from here on.
+    if stopping:
+        return 0  # forked to replace a crashed worker after shutdown began
+    os.close(lifeline_end)
+    asyncio.run(serve(config, sockets, lifeline))
+    return 0
 
 
 def main(environ: Mapping[str, str] | None = None) -> int:
@@ -283,6 +427,8 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tiktok-gateway: {exc}", file=sys.stderr)
         return 2
+    if config.workers > 1:
+        return run_workers(config)
     asyncio.run(serve(config))
     return 0
 

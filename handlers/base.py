@@ -9,10 +9,13 @@ import uuid
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
+from urllib.parse import unquote
 
+import tornado.httputil
 import tornado.web
 
 from services.errors import GatewayError
+from services.logging_setup import current_request_id
 
 access_log = logging.getLogger("gateway.access")
 error_log = logging.getLogger("gateway.errors")
@@ -53,8 +56,40 @@ def utc_timestamp() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class InFlight:
+    """How many requests an application is serving right now.
+
+    Counted by ``ErrorWriterMixin`` when the application's settings hold one under
+    ``"in_flight"`` (``make_app`` does); a graceful shutdown waits for it to reach 0.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class ErrorWriterMixin(tornado.web.RequestHandler):
     """Renders every error as the seed's JSON envelope; nothing else does."""
+
+    def __init__(
+        self,
+        application: tornado.web.Application,
+        request: tornado.httputil.HTTPServerRequest,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(application, request, **kwargs)
+        # Every handler that gets this far is finished once (errors included), and
+        # finish() calls on_finish.
+        self._in_flight: InFlight | None = application.settings.get("in_flight")
+        if self._in_flight is not None:
+            self._in_flight.count += 1
+
+    def on_finish(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.count -= 1
+
+    def prepare(self) -> None:
+        # Records logged below the handler (TikTok calls, the services) carry the id.
+        current_request_id.set(request_id_of(self.request))
 
     def set_default_headers(self) -> None:
         # Runs again inside clear() before write_error, so error responses keep these.
@@ -76,11 +111,23 @@ class ErrorWriterMixin(tornado.web.RequestHandler):
             message = _MESSAGES_BY_STATUS.get(exc.status_code, "The request is not valid.")
             # Tornado's log_message can quote request data (a code, say): not echoed.
             envelope = self._envelope(code, message, None, None)
+            if exc.status_code == 405:
+                # RFC 9110: a 405 names the methods the resource does accept.
+                self.set_header("Allow", ", ".join(self.allowed_methods()))
         else:
             self.set_status(500 if status_code < 500 or status_code == 599 else status_code)
             code = _CODES_BY_STATUS.get(self.get_status(), "INTERNAL_SERVER_ERROR")
             envelope = self._envelope(code, _GENERIC_MESSAGE, None, None)
         self.finish(json.dumps(envelope))
+
+    def allowed_methods(self) -> list[str]:
+        """The methods this handler implements (Tornado's defaults answer 405)."""
+        return [
+            method
+            for method in self.SUPPORTED_METHODS
+            if getattr(type(self), method.lower(), None)
+            is not getattr(tornado.web.RequestHandler, method.lower(), None)
+        ]
 
     def _envelope(
         self,
@@ -90,6 +137,7 @@ class ErrorWriterMixin(tornado.web.RequestHandler):
         details: dict[str, Any] | None,
     ) -> dict[str, Any]:
         envelope: dict[str, Any] = {"error": code, "message": message}
+        self._outcome = code  # for the access log
         if technical_message and technical_message != message:
             envelope["technicalMessage"] = technical_message
         if details:
@@ -115,7 +163,13 @@ class ErrorWriterMixin(tornado.web.RequestHandler):
                 value.status,
                 value.code,
                 value.technical_message or value.message,
-                extra={"request_id": request_id_of(self.request)},
+                extra={
+                    "request_id": request_id_of(self.request),
+                    "method": self.request.method,
+                    "route": route_of(self),
+                    "status": value.status,
+                    "outcome": value.code,
+                },
             )
             return
         if isinstance(value, tornado.web.HTTPError):
@@ -126,6 +180,13 @@ class ErrorWriterMixin(tornado.web.RequestHandler):
             self.request.path,
             request_id_of(self.request),
             exc_info=(typ, value, tb),  # type: ignore[arg-type]
+            extra={
+                "request_id": request_id_of(self.request),
+                "method": self.request.method,
+                "route": route_of(self),
+                "status": 500,
+                "outcome": "INTERNAL_SERVER_ERROR",
+            },
         )
 
     def write_json(self, payload: Any, status: int = 200) -> None:
@@ -140,16 +201,49 @@ class NotFoundHandler(ErrorWriterMixin):
         raise tornado.web.HTTPError(404)
 
 
+def route_of(handler: tornado.web.RequestHandler) -> str:
+    """The route that answered, its path arguments shown as ``{id}`` (``/accounts/{id}``);
+    ``unmatched`` for the catch-all 404."""
+    if isinstance(handler, NotFoundHandler):
+        return "unmatched"
+    path = handler.request.path
+    args = getattr(handler, "path_args", None)
+    if not args:
+        return path
+    segments = path.split("/")
+    start = 0
+    for arg in args:
+        for index in range(start, len(segments)):
+            if unquote(segments[index]) == arg:
+                segments[index] = "{id}"
+                start = index + 1
+                break
+    return "/".join(segments)
+
+
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log without the query string: it holds the code and the state."""
     status = handler.get_status()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    duration_ms = 1000.0 * handler.request.request_time()
+    request_id = request_id_of(handler.request)
     access_log.log(
         level,
         "%s %s %d %.1fms request_id=%s",
         handler.request.method,
         handler.request.path,
         status,
-        1000.0 * handler.request.request_time(),
-        request_id_of(handler.request),
+        duration_ms,
+        request_id,
+        # The fields of LOG_FORMAT=json; never the query string.
+        extra={
+            "request_id": request_id,
+            "method": handler.request.method,
+            "route": route_of(handler),
+            "path": handler.request.path,
+            "status": status,
+            "duration_ms": round(duration_ms, 1),
+            # The envelope's error code, or ok.
+            "outcome": getattr(handler, "_outcome", None) or ("ok" if status < 400 else "error"),
+        },
     )

@@ -1,5 +1,8 @@
 """`make demo`: the sandbox as TikTok plus the gateway, and one whole flow to paste.
 
+The gateway runs in demo mode (``DEMO_MODE=1``): ``/demo`` is a stand-in product page
+to connect TikTok from a browser, through the sandbox's consent page.
+
 Everything secret here is generated per run and fake; the sandbox stands in for
 TikTok, so no real account or credential is involved.
 """
@@ -21,6 +24,8 @@ import jwt
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT_ORIGIN = "http://localhost:3000"
+# The sandbox's consent page names the app; the demo page plays this product.
+APP_NAME = "Acme Studio"
 
 
 def wait_for_port(host: str, port: int, process: subprocess.Popen, name: str) -> None:
@@ -50,7 +55,9 @@ def demo_environment(host: str, gateway_port: int, sandbox_port: int) -> dict[st
         "TIKTOK_SCOPES": "user.info.basic,user.info.profile",
         "STATE_SECRET": secrets.token_urlsafe(48),
         "AUTH_JWT_SECRET": secrets.token_urlsafe(48),
-        "ALLOWED_REDIRECT_ORIGINS": PRODUCT_ORIGIN,
+        # The demo page sends the browser back to the gateway's own /demo.
+        "ALLOWED_REDIRECT_ORIGINS": f"{PRODUCT_ORIGIN},http://{host}:{gateway_port}",
+        "DEMO_MODE": "1",
         "TOKEN_ENCRYPTION_KEYS": "demo:" + base64.b64encode(os.urandom(32)).decode(),
         "PYTHONUNBUFFERED": "1",
     }
@@ -66,9 +73,9 @@ AUTH_URL=$(curl -s -X POST {gateway}/oauth/tiktok/authorize \\
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["authorizationUrl"])')
 echo "$AUTH_URL"
 
-# 2. The browser visits TikTok (here the sandbox, which consents at once) and is
-#    sent back to the gateway's callback with a code:
-CALLBACK_URL=$(curl -s -o /dev/null -w '%{{redirect_url}}' "$AUTH_URL")
+# 2. The browser visits TikTok (here the sandbox; sandbox_decision=approve presses its
+#    Approve button for you) and is sent back to the gateway's callback with a code:
+CALLBACK_URL=$(curl -s -o /dev/null -w '%{{redirect_url}}' "$AUTH_URL&sandbox_decision=approve")
 echo "$CALLBACK_URL"
 
 # 3. The gateway exchanges the code, stores the account, and sends the browser back:
@@ -93,6 +100,8 @@ def main() -> int:
             "--client-key", env["TIKTOK_CLIENT_KEY"],
             "--client-secret", env["TIKTOK_CLIENT_SECRET"],
             "--redirect-uri", env["TIKTOK_REDIRECT_URI"],
+            "--consent", "page",
+            "--app-name", APP_NAME,
         ],
         cwd=ROOT,
         env=env,
@@ -122,7 +131,9 @@ def main() -> int:
         gateway_url = f"http://{args.host}:{args.port}"
         print(
             f"\nThe gateway is up on {gateway_url} with the in-memory store, and the TikTok "
-            f"sandbox on http://{args.host}:{args.sandbox_port}.\nIn another terminal, paste:\n\n"
+            f"sandbox on http://{args.host}:{args.sandbox_port}.\n\n"
+            f"Open {gateway_url}/demo in your browser.\n\n"
+            "In another terminal, paste:\n\n"
             f"{curl_steps(gateway_url, token)}\nPress Ctrl+C to stop.\n",
             flush=True,
         )

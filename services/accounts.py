@@ -24,6 +24,7 @@ from services.errors import (
     ProviderUnavailable,
     ServiceUnavailable,
 )
+from services.metrics import GatewayMetrics
 from services.tiktok import TikTokClient
 from storage.base import Account, AccountStatus, AccountTokens, Store, TokenGrant
 
@@ -75,6 +76,7 @@ class AccountService:
         wait_poll_seconds: float = 0.05,
         clock: Callable[[], datetime] = utcnow,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._store = store
         self._tiktok = tiktok
@@ -83,6 +85,7 @@ class AccountService:
         self._poll = wait_poll_seconds
         self._clock = clock
         self._sleep = sleep
+        self._metrics = metrics or GatewayMetrics()
         # Names this process's lease holders, so logs can tell processes apart.
         self._holder_prefix = secrets.token_hex(4)
 
@@ -148,6 +151,18 @@ class AccountService:
         return (await self._refresh(account, force=force)).outcome
 
     async def _refresh(
+        self, account: Account, *, force: bool, due: AccountTokens | None = None
+    ) -> _Attempt:
+        """``_attempt_refresh``, counted by outcome (``error`` when it raised)."""
+        outcome = "error"
+        try:
+            attempt = await self._attempt_refresh(account, force=force, due=due)
+            outcome = attempt.outcome.value
+            return attempt
+        finally:
+            self._metrics.refresh(outcome)
+
+    async def _attempt_refresh(
         self, account: Account, *, force: bool, due: AccountTokens | None = None
     ) -> _Attempt:
         now = self._clock()

@@ -8,13 +8,15 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from services.errors import ConfigError
-from services.redirects import AllowedOrigins
+from services.http_client import DEFAULT_MAX_CONNECTIONS, HTTP_CLIENTS, curl_available
+from services.redirects import AllowedOrigins, RedirectRejected
 from services.scopes import KNOWN_SCOPES
 from storage.crypto import TokenCipher
 
 MIN_HMAC_KEY_BYTES = 32
 PKCE_MODES = ("hex", "s256", "off")
 MONGODB_DRIVERS = ("motor", "pymongo")
+LOG_FORMATS = ("text", "json")
 TIKTOK_REQUESTS_PER_MINUTE = 600  # per endpoint, sliding window (TIKTOK_API.md)
 # Never echoed back in a configuration error: they end up in terminals and CI logs.
 SECRET_VARIABLES = frozenset(
@@ -40,6 +42,7 @@ class Config:
     allowed_redirect_origins: AllowedOrigins
     host: str = "127.0.0.1"
     port: int = 8080
+    log_format: str = "text"
     tiktok_authorize_url: str = "https://www.tiktok.com/v2/auth/authorize/"
     tiktok_api_base_url: str = "https://open.tiktokapis.com"
     tiktok_scopes: tuple[str, ...] = ("user.info.basic",)
@@ -56,12 +59,21 @@ class Config:
     tiktok_connect_timeout: float = 2.0
     tiktok_request_timeout: float = 4.0
     tiktok_callback_budget: float = 10.0
+    # None: curl when pycurl imports, else simple (services/http_client.py).
+    tiktok_http_client: str | None = None
+    tiktok_max_connections: int = DEFAULT_MAX_CONNECTIONS
     # The access-token endpoint refreshes first when the token expires within this.
     refresh_skew_seconds: int = 300
     webhook_tolerance_seconds: int = 300
     refresh_interval_seconds: float = 60.0
     refresh_ahead_seconds: int = 3600
     refresh_max_per_minute: int = 300
+    # Processes forked on one port (python server.py); more than 1 needs MongoDB.
+    workers: int = 1
+    # On SIGTERM/SIGINT, how long requests in flight may take before they are cut.
+    shutdown_timeout_seconds: float = 20.0
+    # Serves /demo, the browser demo's stand-in product (make demo); never in production.
+    demo_mode: bool = False
 
     def cipher(self) -> TokenCipher:
         if self.token_encryption_keys:
@@ -185,6 +197,53 @@ def _callback_url(text: str) -> str:
     return text
 
 
+def _http_client(env: _Reader) -> str | None:
+    if env.raw("TIKTOK_HTTP_CLIENT") is None:
+        return None
+    kind = env.choice("TIKTOK_HTTP_CLIENT", "curl", HTTP_CLIENTS)
+    if kind == "curl" and not curl_available():
+        env.problems.append("TIKTOK_HTTP_CLIENT=curl needs pycurl (pip install pycurl)")
+    return kind
+
+
+def _flag(text: str) -> bool:
+    value = text.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("not a yes/no value")
+
+
+_TIKTOK_HOSTS = ("tiktok.com", "tiktokapis.com")
+
+
+def _check_demo_mode(env: _Reader, config: Config) -> None:
+    """DEMO_MODE serves a page that connects accounts for a demo user without any login:
+    only against a stand-in for TikTok, and only if the browser may come back to it."""
+    if not config.demo_mode:
+        return
+    for name, url in (
+        ("TIKTOK_AUTHORIZE_URL", config.tiktok_authorize_url),
+        ("TIKTOK_API_BASE_URL", config.tiktok_api_base_url),
+    ):
+        host = (urlsplit(url).hostname or "").lower()
+        if any(host == known or host.endswith("." + known) for known in _TIKTOK_HOSTS):
+            env.problems.append(
+                f"DEMO_MODE=1 is for the local sandbox only, but {name} points at TikTok"
+            )
+    if config.tiktok_redirect_uri and config.allowed_redirect_origins.origins:
+        parts = urlsplit(config.tiktok_redirect_uri)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        try:
+            config.allowed_redirect_origins.check(origin + "/demo")
+        except RedirectRejected:
+            env.problems.append(
+                f"DEMO_MODE=1 sends the browser back to /demo on this gateway: add {origin} "
+                "to ALLOWED_REDIRECT_ORIGINS"
+            )
+
+
 def load_config(environ: Mapping[str, str]) -> Config:
     """Build the configuration or raise ``ConfigError`` naming every problem."""
     env = _Reader(environ)
@@ -235,6 +294,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
     config = Config(
         host=env.raw("HOST") or "127.0.0.1",
         port=env.parsed("PORT", 8080, _port, "a port number"),
+        log_format=env.choice("LOG_FORMAT", "text", LOG_FORMATS),
         tiktok_client_key=client_key,
         tiktok_client_secret=client_secret,
         tiktok_redirect_uri=redirect_uri,
@@ -274,6 +334,10 @@ def load_config(environ: Mapping[str, str]) -> Config:
         tiktok_callback_budget=env.parsed(
             "TIKTOK_CALLBACK_BUDGET_SECONDS", 10.0, _positive_float, "seconds"
         ),
+        tiktok_http_client=_http_client(env),
+        tiktok_max_connections=env.parsed(
+            "TIKTOK_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, _positive_int, "a number"
+        ),
         refresh_skew_seconds=env.parsed("REFRESH_SKEW_SECONDS", 300, _positive_int, "seconds"),
         webhook_tolerance_seconds=env.parsed(
             "WEBHOOK_TOLERANCE_SECONDS", 300, _positive_int, "seconds"
@@ -285,7 +349,18 @@ def load_config(environ: Mapping[str, str]) -> Config:
         refresh_max_per_minute=env.parsed(
             "REFRESH_MAX_PER_MINUTE", 300, _refresh_rate, "a number of refreshes per minute"
         ),
+        workers=env.parsed("WORKERS", 1, _positive_int, "a number of processes"),
+        shutdown_timeout_seconds=env.parsed(
+            "SHUTDOWN_TIMEOUT_SECONDS", 20.0, _non_negative_float, "seconds"
+        ),
+        demo_mode=env.parsed("DEMO_MODE", False, _flag, "1 or 0 (true/false, yes/no, on/off)"),
     )
+    if config.workers > 1 and not config.mongodb_uri:
+        env.problems.append(
+            f"WORKERS={config.workers} requires MONGODB_URI: the in-memory store lives in "
+            "one process, so a state started in one worker would be unknown to the others"
+        )
+    _check_demo_mode(env, config)
     if env.problems:
         raise ConfigError(env.problems)
     return config

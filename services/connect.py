@@ -17,6 +17,7 @@ from services.errors import (
     StateConflict,
     ValidationFailed,
 )
+from services.metrics import GatewayMetrics
 from services.redirects import AllowedOrigins, with_query
 from services.scopes import BASIC_SCOPE, KNOWN_SCOPES, parse_granted, user_fields_for
 from services.state import StateCodec
@@ -72,6 +73,7 @@ class ConnectionService:
         pkce_mode: str,
         callback_budget_seconds: float = 10.0,
         clock: Callable[[], datetime] = utcnow,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._callback_budget = callback_budget_seconds
         self._store = store
@@ -81,6 +83,7 @@ class ConnectionService:
         self._default_scopes = default_scopes
         self._pkce_mode = pkce_mode
         self._clock = clock
+        self._metrics = metrics or GatewayMetrics()
 
     async def start(
         self, owner_id: str, redirect_uri: str, scopes: list[str] | None
@@ -129,6 +132,10 @@ class ConnectionService:
 
     async def complete(self, params: CallbackParams) -> Connected:
         """Run the callback; exactly one caller per state gets past the claim."""
+        with self._metrics.callback():
+            return await self._complete(params)
+
+    async def _complete(self, params: CallbackParams) -> Connected:
         deadline = time.monotonic() + self._callback_budget
         now = self._clock()
         claims = self._states.verify(params.state, now)

@@ -9,6 +9,7 @@ from typing import Any
 import jwt
 
 from services.errors import PermissionDenied, Unauthenticated
+from services.jwt_keys import hs256_jwt
 from services.state import STATE_TYP
 
 ALGORITHM = "HS256"
@@ -84,7 +85,7 @@ class ProductTokenVerifier:
         self._secret = secret
         self._issuer = issuer
         self._audience = audience
-        self._jwt = jwt.PyJWT(options={"enforce_minimum_key_length": True})
+        self._jwt = hs256_jwt({"enforce_minimum_key_length": True})
 
     def verify(self, authorization: str | None) -> dict[str, Any]:
         scheme, _, token = (authorization or "").partition(" ")

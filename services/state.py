@@ -10,10 +10,12 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import jwt
 
 from services.errors import InvalidState
+from services.jwt_keys import hs256_jwt
 
 STATE_TYP = "tiktok-gateway-state+jwt"
 STATE_ISSUER = "tiktok-gateway"
@@ -39,7 +41,14 @@ class StateCodec:
         self._keys = keys
         self._audience = audience
         self.ttl = timedelta(seconds=ttl_seconds)
-        self._jwt = jwt.PyJWT(options={"enforce_minimum_key_length": True})
+        self._jwt = hs256_jwt({"enforce_minimum_key_length": True})
+        self._decode_options: dict[str, Any] = {
+            "algorithms": [ALGORITHM],
+            "audience": audience,
+            "issuer": STATE_ISSUER,
+            "leeway": LEEWAY_SECONDS,
+            "options": {"require": list(REQUIRED_CLAIMS)},
+        }
 
     def mint(self, owner_id: str, redirect_uri: str, now: datetime) -> tuple[str, StateClaims]:
         now = now.replace(microsecond=0)  # JWT times are whole seconds
@@ -67,33 +76,9 @@ class StateCodec:
         return token, claims
 
     def verify(self, token: str, now: datetime) -> StateClaims:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise InvalidState(technical_message=f"state is not a JWT: {exc}") from None
-        if header.get("alg") != ALGORITHM or header.get("typ") != STATE_TYP:
-            raise InvalidState(technical_message="state has the wrong JWT type or algorithm")
-        payload = None
-        for key in self._keys:
-            try:
-                payload = self._jwt.decode(
-                    token,
-                    key,
-                    algorithms=[ALGORITHM],
-                    audience=self._audience,
-                    issuer=STATE_ISSUER,
-                    leeway=LEEWAY_SECONDS,
-                    options={"require": list(REQUIRED_CLAIMS)},
-                )
-                break
-            except jwt.InvalidSignatureError:
-                continue
-            except jwt.ExpiredSignatureError:
-                raise InvalidState(technical_message="state expired") from None
-            except jwt.PyJWTError as exc:
-                raise InvalidState(technical_message=f"state rejected: {exc}") from None
+        payload = self._decode_common_case(token)
         if payload is None:
-            raise InvalidState(technical_message="state signature does not verify")
+            payload = self._decode_or_explain(token)
         issued_at = payload["iat"]
         if not isinstance(issued_at, int) or issued_at > now.timestamp() + LEEWAY_SECONDS:
             raise InvalidState(technical_message="state was issued in the future")
@@ -112,3 +97,42 @@ class StateCodec:
             issued_at=issued,
             expires_at=expires,
         )
+
+    def _decode_common_case(self, token: str) -> dict[str, Any] | None:
+        """A valid state signed with the current key, parsed once; None otherwise.
+
+        The callback's hot path. Anything else (another key, any refusal) goes
+        through ``_decode_or_explain``, which accepts exactly the same tokens
+        and says why it refuses one.
+        """
+        try:
+            decoded = self._jwt.decode_complete(token, self._keys[0], **self._decode_options)
+        except jwt.PyJWTError:
+            return None
+        header = decoded["header"]
+        if header.get("alg") != ALGORITHM or header.get("typ") != STATE_TYP:
+            return None
+        payload: dict[str, Any] = decoded["payload"]
+        return payload
+
+    def _decode_or_explain(self, token: str) -> dict[str, Any]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise InvalidState(technical_message=f"state is not a JWT: {exc}") from None
+        if header.get("alg") != ALGORITHM or header.get("typ") != STATE_TYP:
+            raise InvalidState(technical_message="state has the wrong JWT type or algorithm")
+        payload = None
+        for key in self._keys:
+            try:
+                payload = self._jwt.decode(token, key, **self._decode_options)
+                break
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.ExpiredSignatureError:
+                raise InvalidState(technical_message="state expired") from None
+            except jwt.PyJWTError as exc:
+                raise InvalidState(technical_message=f"state rejected: {exc}") from None
+        if payload is None:
+            raise InvalidState(technical_message="state signature does not verify")
+        return payload

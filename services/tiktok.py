@@ -7,7 +7,6 @@ transport failures into one domain exception. The HTTP client is injected.
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import random
@@ -20,6 +19,8 @@ from urllib.parse import urlencode
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
 from services.errors import ProviderRejected, ProviderUnavailable
+from services.http_client import close_http_client, is_refused, is_timeout
+from services.metrics import GatewayMetrics
 
 log = logging.getLogger("gateway.tiktok")
 
@@ -92,8 +93,15 @@ class TikTokClient:
         request_timeout: float,
         profile_retries: int = 2,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        metrics: GatewayMetrics | None = None,
+        http_factory: Callable[[], AsyncHTTPClient] | None = None,
     ) -> None:
         self._http = http
+        # Without ``http``: makes the client on first use (inside the running loop);
+        # this object then owns it and ``close()`` closes it.
+        self._http_factory = http_factory
+        self._owns_http = False
+        self._user_info_urls: dict[tuple[str, ...], str] = {}
         self._client_key = client_key
         self._client_secret = client_secret
         self._redirect_uri = redirect_uri
@@ -103,6 +111,7 @@ class TikTokClient:
         self._request_timeout = request_timeout
         self._profile_retries = profile_retries
         self._sleep = sleep
+        self._metrics = metrics or GatewayMetrics()
 
     def authorize_url(self, state: str, scopes: list[str], code_challenge: str | None) -> str:
         params = {
@@ -176,7 +185,7 @@ class TikTokClient:
         ``deadline`` (``time.monotonic()`` seconds) caps the whole, retries included,
         so one callback never hangs the browser for long.
         """
-        url = f"{self._api}{USER_INFO_PATH}?{urlencode({'fields': ','.join(fields)})}"
+        url = self._user_info_url(fields)
         attempt = 0
         while True:
             timeout = self._request_timeout
@@ -199,6 +208,15 @@ class TikTokClient:
                     raise retry.error from None
                 await self._sleep(wait)
                 attempt += 1
+
+    def _user_info_url(self, fields: list[str]) -> str:
+        # Fields come from a few fixed scope sets: each URL is built once.
+        key = tuple(fields)
+        url = self._user_info_urls.get(key)
+        if url is None:
+            url = f"{self._api}{USER_INFO_PATH}?{urlencode({'fields': ','.join(fields)})}"
+            self._user_info_urls[key] = url
+        return url
 
     async def _post_form(self, path: str, form: dict[str, str], endpoint: str) -> _Reply:
         request = HTTPRequest(
@@ -225,21 +243,25 @@ class TikTokClient:
         request.headers.setdefault("Accept", "application/json")
         if self._http is None:
             # Created on first use, inside the running loop, never at import time.
-            self._http = AsyncHTTPClient()
+            if self._http_factory is not None:
+                self._http, self._owns_http = self._http_factory(), True
+            else:
+                self._http = AsyncHTTPClient()
         started = time.monotonic()
         for refused_attempt in range(2):
             try:
                 response = await self._http.fetch(request, raise_error=False)
                 break
-            except OSError as exc:
-                if exc.errno == errno.ECONNREFUSED and refused_attempt == 0:
-                    # Nothing was sent: the one failure that is always safe to retry.
+            except (OSError, HTTPClientError) as exc:
+                # Refused (simple: ECONNREFUSED, curl: 599 with libcurl's code 7):
+                # nothing was sent, the one failure that is always safe to retry.
+                if is_refused(exc) and refused_attempt == 0:
                     continue
-                self._log(request, endpoint, started, f"failed ({type(exc).__name__})", None)
-                raise _Retryable(self._unavailable(endpoint, type(exc).__name__), None) from None
-            except HTTPClientError as exc:
-                # 599: timeout or connection lost; tornado raises these even with raise_error=False.
-                reason = "timeout" if "Timeout" in str(exc) else "connection error"
+                if isinstance(exc, OSError):
+                    reason = type(exc).__name__
+                else:
+                    # 599: timeout or connection lost; raised even with raise_error=False.
+                    reason = "timeout" if is_timeout(exc) else "connection error"
                 self._log(request, endpoint, started, f"failed ({reason})", None)
                 raise _Retryable(self._unavailable(endpoint, reason), None) from None
         body: Any = None
@@ -260,6 +282,12 @@ class TikTokClient:
             raise _Retryable(self._unavailable(endpoint, "unreadable body", reply), None)
         return reply
 
+    def close(self) -> None:
+        """Close the HTTP client if this object made it (its idle connections too)."""
+        if self._owns_http:
+            client, self._http, self._owns_http = self._http, None, False
+            close_http_client(client)
+
     def _unavailable(
         self, endpoint: str, reason: str, reply: _Reply | None = None
     ) -> ProviderUnavailable:
@@ -278,14 +306,27 @@ class TikTokClient:
     def _log(
         self, request: HTTPRequest, endpoint: str, started: float, outcome: str, log_id: str | None
     ) -> None:
+        """The one record (and metric sample) of each call, whatever its end."""
+        seconds = time.monotonic() - started
+        # The HTTP status, or what ended the call without one.
+        result = outcome if outcome.isdigit() else (
+            "timeout" if "timeout" in outcome.lower() else "connection_error"
+        )
+        self._metrics.tiktok_request(endpoint, result, seconds)
         log.info(
             "tiktok %s %s %s -> %s in %.0f ms log_id=%s",
             endpoint,
             request.method,
             request.url.split("?", 1)[0],
             outcome,
-            (time.monotonic() - started) * 1000,
+            seconds * 1000,
             log_id or "-",
+            extra={
+                "endpoint": endpoint,
+                "outcome": result,
+                "duration_ms": round(seconds * 1000, 1),
+                "log_id": log_id,
+            },
         )
 
     def _token_response(self, reply: _Reply) -> TokenResponse:

@@ -7,6 +7,7 @@ event loop each operation is atomic, which is what ``claim_pending`` needs.
 from __future__ import annotations
 
 import copy
+import heapq
 import uuid
 from dataclasses import replace
 from datetime import datetime
@@ -33,10 +34,29 @@ _CLAIM_REFUSALS = {
 }
 
 
+# Records go in and out as copies, so no caller shares the stored object. Only
+# their lists and dicts are mutable (str, datetime, enum fields are not), so a
+# shallow copy plus copies of those is as good as copy.deepcopy at a sixth of the
+# cost: this is the callback's hot path.
+def _copy_pending(pending: PendingAuthorization) -> PendingAuthorization:
+    clone = copy.copy(pending)
+    clone.scopes = list(pending.scopes)
+    return clone
+
+
+def _copy_account(account: Account) -> Account:
+    clone = copy.copy(account)
+    clone.scopes = list(account.scopes)
+    clone.profile = copy.deepcopy(account.profile)
+    return clone
+
+
 class MemoryStore(Store):
     def __init__(self, cipher: TokenCipher | None = None) -> None:
         self._sealer = TokenSealer(cipher or TokenCipher.ephemeral())
         self._pending: dict[str, PendingAuthorization] = {}
+        # (expires_at, jti), soonest first: purging looks at the expired ones only.
+        self._expiries: list[tuple[datetime, str]] = []
         self._accounts: dict[str, Account] = {}
         self._sealed_tokens: dict[str, dict[str, Any]] = {}
         self._account_ids: dict[tuple[str, str, str], str] = {}
@@ -53,21 +73,22 @@ class MemoryStore(Store):
 
     async def save_pending(self, pending: PendingAuthorization) -> None:
         self._purge_expired(pending.created_at)
-        self._pending[pending.jti] = copy.deepcopy(pending)
+        self._pending[pending.jti] = _copy_pending(pending)
+        heapq.heappush(self._expiries, (pending.expires_at, pending.jti))
 
     async def claim_pending(self, jti: str, *, callback_digest: str, now: datetime) -> ClaimOutcome:
         pending = self._pending.get(jti)
         if pending is None:
             return ClaimOutcome(ClaimResult.UNKNOWN)
         if pending.status is PendingStatus.COMPLETED:
-            return ClaimOutcome(ClaimResult.ALREADY_COMPLETED, copy.deepcopy(pending))
+            return ClaimOutcome(ClaimResult.ALREADY_COMPLETED, _copy_pending(pending))
         if pending.status in _CLAIM_REFUSALS:
-            return ClaimOutcome(_CLAIM_REFUSALS[pending.status], copy.deepcopy(pending))
+            return ClaimOutcome(_CLAIM_REFUSALS[pending.status], _copy_pending(pending))
         if pending.expires_at <= now:
-            return ClaimOutcome(ClaimResult.EXPIRED, copy.deepcopy(pending))
+            return ClaimOutcome(ClaimResult.EXPIRED, _copy_pending(pending))
         pending.status = PendingStatus.IN_PROGRESS
         pending.callback_digest = callback_digest
-        return ClaimOutcome(ClaimResult.CLAIMED, copy.deepcopy(pending))
+        return ClaimOutcome(ClaimResult.CLAIMED, _copy_pending(pending))
 
     async def finish_pending(
         self, jti: str, *, status: PendingStatus, final_redirect: str | None = None
@@ -81,9 +102,11 @@ class MemoryStore(Store):
 
     def _purge_expired(self, now: datetime) -> None:
         # Mirrors MongoDB's TTL index, so a long-running demo does not grow forever.
-        expired = [jti for jti, p in self._pending.items() if p.expires_at <= now]
-        for jti in expired:
-            del self._pending[jti]
+        while self._expiries and self._expiries[0][0] <= now:
+            _, jti = heapq.heappop(self._expiries)
+            pending = self._pending.get(jti)
+            if pending is not None and pending.expires_at <= now:
+                del self._pending[jti]
 
     async def save_account_tokens(
         self, owner_id: str, grant: TokenGrant, *, now: datetime
@@ -123,7 +146,7 @@ class MemoryStore(Store):
         # As MongoStore does: a refresh of the previous grant still in flight must not
         # overwrite these tokens.
         self._leases.pop(account_id, None)
-        return copy.deepcopy(account)
+        return _copy_account(account)
 
     async def save_account_profile(
         self, account_id: str, profile: dict[str, Any], *, now: datetime
@@ -135,14 +158,14 @@ class MemoryStore(Store):
         account.profile = dict(profile)
         account.profile_pending = False
         account.updated_at = now
-        return copy.deepcopy(account)
+        return _copy_account(account)
 
     async def get_account(self, account_id: str) -> Account | None:
         account = self._accounts.get(account_id)
-        return copy.deepcopy(account) if account else None
+        return _copy_account(account) if account else None
 
     async def list_accounts(self, owner_id: str) -> list[Account]:
-        return [copy.deepcopy(a) for a in self._accounts.values() if a.owner_id == owner_id]
+        return [_copy_account(a) for a in self._accounts.values() if a.owner_id == owner_id]
 
     async def get_account_tokens(self, account_id: str) -> AccountTokens | None:
         account = self._accounts.get(account_id)
@@ -210,7 +233,7 @@ class MemoryStore(Store):
             account.revocation_reason = reason
             account.revoked_at_tiktok = revoked_at_tiktok
             account.updated_at = now
-        return copy.deepcopy(account)
+        return _copy_account(account)
 
     async def revoke_accounts_by_open_id(
         self,
@@ -244,7 +267,7 @@ class MemoryStore(Store):
             and a.access_token_expires_at < before
         ]
         due.sort(key=lambda a: a.access_token_expires_at)
-        return [copy.deepcopy(a) for a in due[:limit]]
+        return [_copy_account(a) for a in due[:limit]]
 
     def _wipe_tokens(self, account_id: str) -> None:
         self._sealed_tokens.pop(account_id, None)

@@ -38,7 +38,7 @@ _CONFIG_PREFIXES = (
     "REFRESH_",
     "WEBHOOK_",
 )
-_CONFIG_NAMES = {"HOST", "PORT", "LOG_LEVEL"}
+_CONFIG_NAMES = {"HOST", "PORT", "LOG_LEVEL", "WORKERS", "SHUTDOWN_TIMEOUT_SECONDS"}
 
 _T = TypeVar("_T")
 
@@ -144,6 +144,38 @@ class GatewayProcess:
                 self._log.close()
                 self._log = None
         return self.returncode
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("gateway process not started")
+        return self._process.pid
+
+    def send_signal(self, signum: int) -> None:
+        """Signal the process and return at once (``stop()`` still cleans up)."""
+        if self._process is None:
+            raise RuntimeError("gateway process not started")
+        self._process.send_signal(signum)
+
+    async def wait_exit(self, timeout: float = 30.0) -> int:
+        """Until the process exits; its exit code. Polled, so the test's event loop
+        (and an in-process sandbox the gateway may be calling) keeps running."""
+        process = self._process
+        if process is None:
+            raise RuntimeError("gateway process not started")
+
+        async def exit_code() -> int | None:
+            return process.poll()
+
+        try:
+            code = await poll_until(
+                exit_code, lambda code: code is not None, timeout=timeout,
+                what=f"gateway (pid {process.pid}) exited",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- gateway output ---\n{self.log_tail()}") from None
+        assert code is not None
+        return code
 
     def log_tail(self, limit: int = 4000) -> str:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -35,6 +36,8 @@ def test_demo_steps_connect_an_account():
                 break
         output = "".join(lines)
         assert "In another terminal, paste:" in output, output
+        # ... and the browser demo (tests/test_browser_demo.py clicks through it).
+        assert re.search(r"^Open http://127\.0\.0\.1:\d+/demo in your browser\.$", output, re.M)
         steps = output.split("paste:\n", 1)[1].split("Press Ctrl+C", 1)[0]
         result = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", steps],

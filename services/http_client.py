@@ -1,0 +1,128 @@
+"""The HTTP client the gateway calls TikTok with, built once per process.
+
+``curl`` (default when ``pycurl`` imports): Tornado's ``CurlAsyncHTTPClient``, a
+libcurl multi handle whose keep-alive connections are reused across requests, so
+a callback costs no TCP (or, against TikTok, TLS) handshake. ``simple``: Tornado's
+pure-Python client, one new connection per request.
+
+Both are bounded by ``TIKTOK_MAX_CONNECTIONS`` requests in flight (more wait in the
+client's queue) and created with ``force_instance=True``: never the per-IOLoop
+shared ``AsyncHTTPClient()``, whose settings any other code could change.
+
+Both also report failures differently; ``is_refused`` and ``is_timeout`` read
+either: the simple client raises ``OSError(ECONNREFUSED)`` and
+``HTTPTimeoutError``, curl raises ``CurlError`` (HTTP 599) with libcurl's code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+from typing import TYPE_CHECKING, Any
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
+
+if TYPE_CHECKING:
+    from services.config import Config
+
+log = logging.getLogger("gateway.http")
+
+HTTP_CLIENTS = ("curl", "simple")
+DEFAULT_MAX_CONNECTIONS = 50
+# libcurl error codes (curl.h): nothing was sent / the time ran out.
+CURLE_COULDNT_CONNECT = 7
+CURLE_OPERATION_TIMEDOUT = 28
+
+
+@functools.cache
+def curl_available() -> bool:
+    """Whether ``pycurl`` (and the libcurl its wheel bundles) imports."""
+    try:
+        import pycurl  # noqa: F401
+        import tornado.curl_httpclient  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def client_kind(configured: str | None) -> str:
+    """The configured client, or curl when it imports and simple otherwise."""
+    if configured:
+        return configured
+    return "curl" if curl_available() else "simple"
+
+
+def make_http_client(config: Config) -> AsyncHTTPClient:
+    """A new client for calls to TikTok; call it inside the running event loop.
+
+    Its owner closes it (``close_http_client``) on shutdown.
+    """
+    kind = client_kind(config.tiktok_http_client)
+    max_connections = config.tiktok_max_connections
+    if kind == "curl":
+        client: AsyncHTTPClient = _pooled_curl_client(max_connections)
+    else:
+        if config.tiktok_http_client is None:
+            log.warning(
+                "pycurl is not installed: calling TikTok with Tornado's simple HTTP client, "
+                "which opens a new connection per request (pip install pycurl)"
+            )
+        client = SimpleAsyncHTTPClient(force_instance=True, max_clients=max_connections)
+    log.info("TikTok HTTP client: %s, at most %d requests in flight", kind, max_connections)
+    return client
+
+
+def _pooled_curl_client(max_connections: int) -> AsyncHTTPClient:
+    import pycurl
+    from tornado.curl_httpclient import CurlAsyncHTTPClient
+
+    client = CurlAsyncHTTPClient(
+        force_instance=True,
+        max_clients=max_connections,
+        defaults={"prepare_curl_callback": _never_verbose},
+    )
+    # Keep as many idle connections as transfers may run at once (libcurl's own
+    # default depends on the handles attached at the time).
+    client._multi.setopt(pycurl.M_MAXCONNECTS, max_connections)
+    return client
+
+
+def _never_verbose(curl: Any) -> None:
+    """Tornado turns libcurl's verbose trace on when its logger is at DEBUG, and
+    that trace holds request headers and bodies: the client secret, codes, PKCE
+    verifiers, tokens. Never, whatever LOG_LEVEL says."""
+    import pycurl
+
+    curl.setopt(pycurl.VERBOSE, 0)
+
+
+def close_http_client(client: AsyncHTTPClient | None) -> None:
+    """Close a client made by ``make_http_client``, with its idle connections."""
+    if client is None:
+        return
+    # Sockets of transfers still running are registered with the IOLoop: unregister
+    # them first, or closing the loop later would close their numbers a second time.
+    io_loop = getattr(client, "io_loop", None)
+    for fd in list(getattr(client, "_fds", {})):
+        with contextlib.suppress(Exception):
+            io_loop.remove_handler(fd)  # type: ignore[union-attr]
+    client.close()
+
+
+def is_refused(exc: BaseException) -> bool:
+    """The connection was refused: nothing was sent, so a retry is always safe."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ECONNREFUSED
+    return _curl_code(exc) == CURLE_COULDNT_CONNECT
+
+
+def is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, HTTPTimeoutError) or _curl_code(exc) == CURLE_OPERATION_TIMEDOUT
+
+
+def _curl_code(exc: BaseException) -> Any:
+    # CurlError keeps libcurl's error code in ``errno``; other 599s have none.
+    return getattr(exc, "errno", None) if isinstance(exc, HTTPClientError) else None

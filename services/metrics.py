@@ -1,0 +1,221 @@
+"""The gateway's Prometheus metrics, in a registry of its own.
+
+One ``GatewayMetrics`` per gateway (``build_gateway`` makes it, or takes the
+host's ``CollectorRegistry``), never the process-wide default registry, so
+several gateways in one process (tests, a host mounting two) do not clash.
+``GET /metrics`` renders it in Prometheus' text format.
+
+Label values come from small fixed sets (outcome names, error codes, endpoint
+names, HTTP statuses, store method names), never from request data. Children
+are looked up once and kept, so the hot path is a dict lookup and an add.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import inspect
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from services.errors import GatewayError
+from storage.base import Account, Store
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+CONNECTED = "connected"
+# A callback that ended in something other than a GatewayError (a bug).
+INTERNAL_ERROR = "INTERNAL_SERVER_ERROR"
+# What a callback can end in: connected, or the envelope's error code.
+CALLBACK_OUTCOMES = (
+    CONNECTED,
+    "VALIDATION_ERROR",
+    "CONFLICT",
+    "PERMISSION_DENIED",
+    "SERVICE_UNAVAILABLE",
+    INTERNAL_ERROR,
+)
+# services.accounts.RefreshOutcome values, plus "error" when refreshing raised.
+REFRESH_OUTCOMES = (
+    "refreshed",
+    "not_due",
+    "reauthorization_required",
+    "refresh_token_expired",
+    "unavailable",
+    "busy",
+    "error",
+)
+# TikTok answers in well under a second, times out at a few.
+TIKTOK_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+STORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.callbacks = Counter(
+            "tiktok_gateway_callbacks",
+            "OAuth callbacks handled, by outcome: connected or the error code answered.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.callbacks_in_flight = Gauge(
+            "tiktok_gateway_callbacks_in_flight",
+            "OAuth callbacks being handled right now.",
+            registry=self.registry,
+        )
+        self.tiktok_request_seconds = Histogram(
+            "tiktok_gateway_tiktok_request_seconds",
+            "Calls to TikTok by endpoint (token, refresh, revoke, user_info) and result "
+            "(the HTTP status, timeout or connection_error).",
+            ["endpoint", "result"],
+            buckets=TIKTOK_BUCKETS,
+            registry=self.registry,
+        )
+        self.store_operation_seconds = Histogram(
+            "tiktok_gateway_store_operation_seconds",
+            "Store operations by method name, failures included.",
+            ["operation"],
+            buckets=STORE_BUCKETS,
+            registry=self.registry,
+        )
+        self.refreshes = Counter(
+            "tiktok_gateway_refreshes",
+            "Token refresh attempts (access-token endpoint and background refresher) by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.refresher_lag_seconds = Gauge(
+            "tiktok_gateway_refresher_lag_seconds",
+            "At the last refresh round: how long the most overdue due account had been due "
+            "(0 when none was).",
+            registry=self.registry,
+        )
+        # Present from the start at 0, so rate() and alerts see every series.
+        self._callbacks = {name: self.callbacks.labels(name) for name in CALLBACK_OUTCOMES}
+        self._refreshes = {name: self.refreshes.labels(name) for name in REFRESH_OUTCOMES}
+        self._tiktok: dict[tuple[str, str], Any] = {}
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    @contextlib.contextmanager
+    def callback(self) -> Iterator[None]:
+        """Around one callback: in flight while it runs, then counted by outcome."""
+        self.callbacks_in_flight.inc()
+        outcome = INTERNAL_ERROR
+        try:
+            yield
+            outcome = CONNECTED
+        except GatewayError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            self.callbacks_in_flight.dec()
+            self._counter(self._callbacks, self.callbacks, outcome).inc()
+
+    def refresh(self, outcome: str) -> None:
+        self._counter(self._refreshes, self.refreshes, outcome).inc()
+
+    def tiktok_request(self, endpoint: str, result: str, seconds: float) -> None:
+        key = (endpoint, result)
+        child = self._tiktok.get(key)
+        if child is None:
+            child = self._tiktok[key] = self.tiktok_request_seconds.labels(endpoint, result)
+        child.observe(seconds)
+
+    def refresher_round(self, before: datetime, due: list[Account]) -> None:
+        """Record the lag from one round's ``accounts_due_for_refresh(before)``.
+
+        The refresher asks with ``before = now + ahead``, and an account is due from
+        ``expires_at - ahead``: it has been due for ``before - expires_at``. The list
+        is soonest expiry first.
+        """
+        lag = 0.0
+        expires = due[0].access_token_expires_at if due else None
+        if expires is not None:
+            lag = max((before - expires).total_seconds(), 0.0)
+        self.refresher_lag_seconds.set(lag)
+
+    @staticmethod
+    def _counter(children: dict[str, Any], counter: Counter, name: str) -> Any:
+        child = children.get(name)
+        if child is None:
+            child = children[name] = counter.labels(name)
+        return child
+
+
+class InstrumentedStore(Store):
+    """A store that times every operation of the one it wraps.
+
+    The methods are generated from ``Store`` itself, so an operation added to the
+    interface is timed without touching this class; any other attribute (a
+    store's own extras, such as ``MongoStore.database``) passes through.
+    """
+
+    def __init__(self, inner: Store, metrics: GatewayMetrics) -> None:
+        self.inner = inner
+        self.metrics = metrics
+        self._timers: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes this wrapper does not have.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def _timer(self, operation: str) -> Any:
+        timer = self._timers.get(operation)
+        if timer is None:
+            timer = self._timers[operation] = self.metrics.store_operation_seconds.labels(
+                operation
+            )
+        return timer
+
+    async def accounts_due_for_refresh(self, before: datetime, *, limit: int) -> list[Account]:
+        started = time.perf_counter()
+        try:
+            due = await self.inner.accounts_due_for_refresh(before, limit=limit)
+        finally:
+            self._timer("accounts_due_for_refresh").observe(time.perf_counter() - started)
+        # Only the refresher asks this, once per round.
+        self.metrics.refresher_round(before, due)
+        return due
+
+
+def _timed(name: str) -> Callable[..., Any]:
+    async def operation(self: InstrumentedStore, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await getattr(self.inner, name)(*args, **kwargs)
+        finally:
+            self._timer(name).observe(time.perf_counter() - started)
+
+    operation.__name__ = operation.__qualname__ = name
+    return operation
+
+
+def _passed_through(name: str) -> Callable[..., Any]:
+    def method(self: InstrumentedStore, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.inner, name)(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+for _name, _member in vars(Store).items():
+    if _name.startswith("_") or not callable(_member) or _name in vars(InstrumentedStore):
+        continue
+    wrapped = _timed if inspect.iscoroutinefunction(_member) else _passed_through
+    setattr(InstrumentedStore, _name, wrapped(_name))
+abc.update_abstractmethods(InstrumentedStore)

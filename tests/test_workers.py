@@ -1,0 +1,197 @@
+"""``WORKERS=N``: N forked gateway processes on one port, supervised by the first.
+
+The gateway runs as ``python server.py`` (``tests.processes.GatewayProcess``) on the
+session's SecantusDB (``mongo_server``, a fresh database per test); TikTok is the
+in-process sandbox, served on the test's event loop. The workers are found through
+the process tree (``/proc``), not through anything the gateway answers. Every wait
+is a bounded poll; the supervisor is stopped, and any worker left is killed, in
+``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+
+from services.errors import ConfigError
+from storage.mongodb import ACCOUNTS_COLLECTION
+from tests.fixtures_mongo import LOOPBACK
+from tests.flow import consent, follow, location, make_sandbox, start
+from tests.processes import ROOT, GatewayProcess, gateway_settings, poll_until
+from tests.support import PRODUCT_REDIRECT, make_config
+from tests.test_store_faults import raw_database, wait_for_indexes
+
+CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
+WORKERS = 2
+TIMEOUT_S = 30.0
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+
+
+@pytest.fixture
+def sandbox(io_loop):
+    sandbox = make_sandbox()
+    sandbox.url = f"http://{LOOPBACK}:{sandbox.listen()}"
+    yield sandbox
+    io_loop.run_sync(sandbox.close)
+
+
+@pytest.fixture
+def client(io_loop) -> Iterator[AsyncHTTPClient]:
+    client = AsyncHTTPClient(
+        force_instance=True, max_clients=50, defaults={"connect_timeout": 5, "request_timeout": 10}
+    )
+    yield client
+    client.close()
+
+
+def live_children(parent: int) -> set[int]:
+    """The children of ``parent`` that are alive (zombies excluded), from ``/proc``."""
+    children = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may itself hold spaces and parentheses.
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == parent and state != "Z":
+            children.add(int(entry.name))
+    return children
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def workers_of(
+    gateway: GatewayProcess, accept: Callable[[set[int]], bool] | None = None
+) -> set[int]:
+    """Until the supervisor has exactly ``WORKERS`` live children (and ``accept`` agrees)."""
+
+    async def children() -> set[int]:
+        return live_children(gateway.pid)
+
+    return await poll_until(
+        children,
+        lambda pids: len(pids) == WORKERS and (accept is None or accept(pids)),
+        timeout=TIMEOUT_S,
+        what=f"{WORKERS} workers under pid {gateway.pid}",
+    )
+
+
+async def log_count(gateway: GatewayProcess, text: str, count: int) -> None:
+    async def occurrences() -> int:
+        return gateway.log_path.read_text(errors="replace").count(text)
+
+    await poll_until(
+        occurrences, lambda n: n >= count, timeout=TIMEOUT_S, what=f"{count} x {text!r} logged"
+    )
+
+
+async def connect(client: AsyncHTTPClient, gateway_url: str, owner: str) -> None:
+    started = await start(client, gateway_url, owner=owner)
+    callback_url = await consent(client, gateway_url, started["authorizationUrl"])
+    assert location(await follow(client, callback_url)) == CONNECTED
+
+
+def count_accounts(uri: str, database_name: str) -> int:
+    database = raw_database(uri, database_name)
+    try:
+        return database[ACCOUNTS_COLLECTION].count_documents({})
+    finally:
+        database.client.close()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_workers_share_one_port_restart_after_a_crash_and_stop_on_sigterm(
+    tmp_path, mongo_server, mongo_database_name, sandbox, client
+):
+    settings = gateway_settings(
+        mongo_server.uri, mongo_database_name, sandbox.url, WORKERS=str(WORKERS)
+    )
+    gateway = GatewayProcess(tmp_path / "gateway.log", **settings)
+    seen: set[int] = set()
+    try:
+        gateway.start()
+        workers = await workers_of(gateway)
+        seen |= workers
+        assert gateway.pid not in workers
+        await gateway.wait_ready(client, TIMEOUT_S)
+        # Both workers created the indexes before the first write (see wait_for_indexes).
+        await log_count(gateway, "store ready", WORKERS)
+        await wait_for_indexes(mongo_server.uri, mongo_database_name)
+
+        # Whole flows at once, each state started and completed by whichever worker
+        # the kernel hands the connection to: the states live in MongoDB.
+        owners = [f"user-{n}" for n in range(6)]
+        await asyncio.gather(*(connect(client, gateway.url, owner) for owner in owners))
+        assert sandbox.stats["token"] == len(owners)
+        assert count_accounts(mongo_server.uri, mongo_database_name) == len(owners)
+        health = await asyncio.gather(*(gateway.get(client, "/healthz") for _ in range(20)))
+        assert all(r is not None and r.code == 200 for r in health)
+
+        # A worker that crashes is replaced; the port keeps answering.
+        crashed = min(workers)
+        os.kill(crashed, signal.SIGKILL)
+        workers = await workers_of(gateway, lambda pids: crashed not in pids)
+        seen |= workers
+        await log_count(gateway, "store ready", WORKERS + 1)
+        await connect(client, gateway.url, "user-after-crash")
+        assert count_accounts(mongo_server.uri, mongo_database_name) == len(owners) + 1
+
+        # SIGTERM to the supervisor stops every worker gracefully, then itself: 0.
+        gateway.send_signal(signal.SIGTERM)
+        assert await gateway.wait_exit(TIMEOUT_S) == 0
+        assert not any(alive(pid) for pid in workers)
+        log = gateway.log_path.read_text(errors="replace")
+        assert log.count("shutdown complete") == WORKERS, log
+        assert "all workers stopped" in log, log
+        assert "Traceback" not in log, log
+    finally:
+        gateway.stop()
+        for pid in seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_several_workers_require_mongodb(tmp_path):
+    gateway = GatewayProcess(tmp_path / "gateway.log", WORKERS="2")
+    assert "MONGODB_URI" not in gateway.env
+    result = subprocess.run(
+        [sys.executable, "server.py"],
+        cwd=ROOT,
+        env=gateway.env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=TIMEOUT_S,
+    )
+    assert result.returncode == 2, result
+    stderr = result.stderr.decode()
+    assert "WORKERS=2 requires MONGODB_URI" in stderr, stderr
+    assert "in-memory store" in stderr, stderr
+
+
+def test_workers_configuration():
+    assert make_config().workers == 1
+    assert make_config(WORKERS="1").workers == 1
+    assert make_config(WORKERS="4", MONGODB_URI="mongodb://db.internal/").workers == 4
+    with pytest.raises(ConfigError, match="WORKERS=3 requires MONGODB_URI"):
+        make_config(WORKERS="3")
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(ConfigError, match="WORKERS"):
+            make_config(WORKERS=bad, MONGODB_URI="mongodb://db.internal/")

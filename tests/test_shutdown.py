@@ -10,6 +10,7 @@ sandbox) running; the process is stopped in ``finally`` (the context manager).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Iterator
 
@@ -52,7 +53,10 @@ async def connection_refused(port: int) -> bool:
     except ConnectionResetError:  # accepted just as the listening socket closed
         return False
     writer.close()
-    await writer.wait_closed()
+    # The connection was accepted, which is the answer; the server may reset it
+    # while it shuts down, which is not an error of this check.
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
     return False
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -184,7 +185,11 @@ class ConnectionService:
             _require_basic_scope(parse_granted(params.granted_scopes))
         tokens = await self._tiktok.exchange_code(params.code, pending.code_verifier)
         granted = tokens.scopes or parse_granted(params.granted_scopes)
-        _require_basic_scope(granted)
+        if BASIC_SCOPE not in granted:
+            # We will not keep these tokens: hand them back rather than leave them live.
+            with contextlib.suppress(GatewayError):
+                await self._tiktok.revoke(tokens.access_token)
+            _require_basic_scope(granted)
         now = self._clock()
         account = await self._store.save_account_tokens(
             pending.owner_id,

@@ -258,3 +258,20 @@ class TestCallbackBudget:
         assert body["details"]["endpoint"] == "user_info"
         # Two retries were allowed, but the 1.5 s budget leaves room for one attempt only.
         assert sandbox.stats["userinfo"] == 1
+
+
+@pytest.mark.gen_test
+async def test_tokens_granted_without_basic_scope_are_revoked_not_kept(
+    http_client, base_url, app, sandbox
+):
+    started = await start(http_client, base_url, scopes=["user.info.basic", "video.list"])
+    callback_url = await consent(
+        http_client, base_url, started["authorizationUrl"], sandbox_grant="video.list"
+    )
+    # Without TikTok's scopes parameter the gap only shows in the token response.
+    without_scopes = "&".join(
+        part for part in callback_url.split("&") if not part.startswith("scopes=")
+    )
+    assert_envelope(await follow(http_client, without_scopes), 400, "PERMISSION_DENIED")
+    assert sandbox.stats["token"] == 1 and sandbox.stats["revoke"] == 1
+    assert await store_of(app).list_accounts("user-123") == []

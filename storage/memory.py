@@ -116,31 +116,32 @@ class MemoryStore(Store):
         if account_id is None:
             account_id = uuid.uuid4().hex
             self._account_ids[natural_key] = account_id
-            account = Account(
+            previous = Account(
                 id=account_id,
                 owner_id=owner_id,
                 platform_account_id=grant.open_id,
-                scopes=list(grant.scopes),
+                scopes=[],
                 status=AccountStatus.CONNECTED,
-                access_token_expires_at=grant.access_token_expires_at,
-                refresh_token_expires_at=grant.refresh_token_expires_at,
+                access_token_expires_at=None,
+                refresh_token_expires_at=None,
                 created_at=now,
                 updated_at=now,
-                connected_at=now,
             )
         else:
-            account = replace(
-                self._accounts[account_id],
-                scopes=list(grant.scopes),
-                status=AccountStatus.CONNECTED,
-                access_token_expires_at=grant.access_token_expires_at,
-                refresh_token_expires_at=grant.refresh_token_expires_at,
-                updated_at=now,
-                connected_at=now,
-                revoked_at=None,
-                revocation_reason=None,
-                revoked_at_tiktok=None,
-            )
+            previous = self._accounts[account_id]
+        # A new grant: fresh tokens and expiries, and no trace of an earlier revocation.
+        account = replace(
+            previous,
+            scopes=list(grant.scopes),
+            status=AccountStatus.CONNECTED,
+            access_token_expires_at=grant.access_token_expires_at,
+            refresh_token_expires_at=grant.refresh_token_expires_at,
+            updated_at=now,
+            connected_at=now,
+            revoked_at=None,
+            revocation_reason=None,
+            revoked_at_tiktok=None,
+        )
         self._accounts[account_id] = account
         self._sealed_tokens[account_id] = self._sealer.seal(owner_id, grant)
         # As MongoStore does: a refresh of the previous grant still in flight must not

@@ -22,7 +22,7 @@ from server import build_gateway, make_app, routes
 from services.errors import Unauthenticated
 from services.product_auth import TOKENS_SCOPE, Principal
 from storage.base import AccountStatus, AccountTokens
-from tests.flow import consent, follow, location, make_sandbox, sandbox_settings, start
+from tests.flow import consent, follow, location, sandbox_settings, start
 from tests.support import (
     CLIENT_KEY,
     CLIENT_SECRET,
@@ -62,14 +62,6 @@ def skew() -> str | None:
 
 
 always_due = pytest.mark.parametrize("skew", [ALWAYS_DUE], ids=["always-due"])
-
-
-@pytest.fixture
-def sandbox(io_loop):
-    sandbox = make_sandbox()
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
 
 
 @pytest.fixture

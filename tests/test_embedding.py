@@ -9,7 +9,7 @@ import tornado.web
 
 from server import build_gateway, routes
 from storage.memory import MemoryStore
-from tests.flow import consent, follow, location, make_sandbox, sandbox_settings
+from tests.flow import consent, follow, location, sandbox_settings
 from tests.support import PRODUCT_REDIRECT, assert_envelope, make_config
 
 
@@ -26,14 +26,6 @@ async def resolve_from_host_session(handler: tornado.web.RequestHandler) -> str:
 
         raise Unauthenticated(technical_message="host session cookie missing")
     return user.decode()
-
-
-@pytest.fixture
-def sandbox(io_loop):
-    sandbox = make_sandbox()
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
 
 
 @pytest.fixture

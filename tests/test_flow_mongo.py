@@ -24,7 +24,7 @@ from tornado.httpclient import AsyncHTTPClient
 from server import make_app
 from storage.base import Store
 from storage.mongodb import ACCOUNTS_COLLECTION, PENDING_COLLECTION
-from tests.flow import consent, follow, location, make_sandbox, sandbox_settings, start
+from tests.flow import consent, follow, location, sandbox_settings, start
 from tests.support import (
     PRODUCT_REDIRECT,
     REDIRECT_URI,
@@ -53,14 +53,6 @@ ACCOUNT_FIELDS = {
 }
 
 gen_test = pytest.mark.gen_test(timeout=30)
-
-
-@pytest.fixture
-def sandbox(io_loop):
-    sandbox = make_sandbox()
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ from tornado.httputil import parse_qs_bytes
 
 from server import make_app
 from services.state import STATE_ISSUER, STATE_TYP, StateCodec
-from tests.flow import consent, make_sandbox, sandbox_settings
+from tests.flow import consent, sandbox_settings
 from tests.support import (
     AUTH_SECRET,
     CLIENT_KEY,
@@ -89,14 +89,6 @@ def fuzz_settings(max_examples: int) -> settings:
 
 
 # -- fixtures ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def sandbox(io_loop):
-    sandbox = make_sandbox()
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
 
 
 @pytest.fixture

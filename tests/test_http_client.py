@@ -29,7 +29,7 @@ from services.http_client import (
 )
 from services.tiktok import TikTokClient
 from tests.cassettes import callback_params, replay
-from tests.flow import location, make_sandbox, sandbox_settings, start
+from tests.flow import location, sandbox_settings, start
 from tests.support import PRODUCT_REDIRECT, assert_envelope, make_config
 
 CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
@@ -41,14 +41,6 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def sandbox(io_loop):
-    sandbox = make_sandbox()
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
 
 
 @pytest.fixture(params=CLIENTS)

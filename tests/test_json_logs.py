@@ -17,7 +17,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from services.config import ConfigError
 from services.logging_setup import FIELDS, JsonFormatter, current_request_id, formatter_for
-from tests.flow import make_sandbox, sandbox_settings
+from tests.flow import sandbox_settings
 from tests.processes import ROOT, GatewayProcess
 from tests.support import (
     AUTH_SECRET,
@@ -33,14 +33,6 @@ from tests.support import (
 
 CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 BASE_FIELDS = {"time", "level", "logger", "message"}
-
-
-@pytest.fixture
-def sandbox(io_loop):
-    sandbox = make_sandbox()
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
 
 
 @pytest.fixture

@@ -19,19 +19,11 @@ from services.metrics import CALLBACK_OUTCOMES, GatewayMetrics, InstrumentedStor
 from services.refresher import Refresher
 from storage.base import Store
 from storage.memory import MemoryStore
-from tests.flow import consent, follow, location, make_sandbox, sandbox_settings, start
+from tests.flow import consent, follow, location, sandbox_settings, start
 from tests.support import PRODUCT_REDIRECT, assert_envelope, make_config
 
 CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 ACCESS_TTL = 86400  # the sandbox's access-token lifetime, as TikTok's
-
-
-@pytest.fixture
-def sandbox(io_loop):
-    sandbox = make_sandbox()
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
 
 
 @pytest.fixture

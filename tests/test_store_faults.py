@@ -34,7 +34,7 @@ from storage.mongodb import (
     PENDING_TTL_INDEX,
 )
 from tests.fixtures_mongo import free_port
-from tests.flow import consent, follow, location, make_sandbox, start
+from tests.flow import consent, follow, location, start
 from tests.processes import GatewayProcess, gateway_settings, poll_until
 from tests.support import (
     PRODUCT_REDIRECT,
@@ -51,14 +51,6 @@ DRIVERS = ["motor", "pymongo"]
 # server-selection timeout; these bounds leave room for a few rounds on a slow machine.
 READY_TIMEOUT_S = 20.0
 INDEX_TIMEOUT_S = 20.0
-
-
-@pytest.fixture
-def sandbox(io_loop):
-    sandbox = make_sandbox()
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
 
 
 @pytest.fixture

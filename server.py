@@ -35,7 +35,6 @@ from services.accounts import AccountService
 from services.config import Config, load_config
 from services.connect import ConnectionService
 from services.errors import ConfigError, GatewayError
-from services.http_client import make_http_client
 from services.logging_setup import setup_logging
 from services.metrics import GatewayMetrics, InstrumentedStore
 from services.product_auth import (
@@ -49,7 +48,7 @@ from services.product_auth import (
 )
 from services.refresher import Refresher
 from services.state import StateCodec
-from services.tiktok import TikTokClient
+from services.tiktok import TikTokClient, tiktok_client_for
 from services.webhooks import WebhookService
 from storage.base import Store
 from storage.memory import MemoryStore
@@ -137,19 +136,8 @@ def build_gateway(
     metrics = GatewayMetrics(registry)
     # Every store operation is timed; the wrapped store stays reachable as .inner.
     store = InstrumentedStore(store or create_store(config), metrics)
-    tiktok = TikTokClient(
-        http_client,
-        client_key=config.tiktok_client_key,
-        client_secret=config.tiktok_client_secret,
-        redirect_uri=config.tiktok_redirect_uri,
-        api_base_url=config.tiktok_api_base_url,
-        authorize_url=config.tiktok_authorize_url,
-        connect_timeout=config.tiktok_connect_timeout,
-        request_timeout=config.tiktok_request_timeout,
-        metrics=metrics,
-        # One pooled client per process (TIKTOK_HTTP_CLIENT), made in the running loop.
-        http_factory=None if http_client else lambda: make_http_client(config),
-    )
+    # One pooled client per process (TIKTOK_HTTP_CLIENT), made in the running loop.
+    tiktok = tiktok_client_for(config, http_client, metrics=metrics)
     service = ConnectionService(
         store=store,
         tiktok=tiktok,

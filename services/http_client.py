@@ -5,9 +5,10 @@ libcurl multi handle whose keep-alive connections are reused across requests, so
 a callback costs no TCP (or, against TikTok, TLS) handshake. ``simple``: Tornado's
 pure-Python client, one new connection per request.
 
-Both are bounded by ``TIKTOK_MAX_CONNECTIONS`` requests in flight (more wait in the
-client's queue) and created with ``force_instance=True``: never the per-IOLoop
-shared ``AsyncHTTPClient()``, whose settings any other code could change.
+Both are bounded by ``TIKTOK_MAX_CONNECTIONS`` requests in flight (``TikTokClient``
+holds calls beyond that itself, for a bounded time) and created with
+``force_instance=True``: never the per-IOLoop shared ``AsyncHTTPClient()``, whose
+settings any other code could change.
 
 Both also report failures differently; ``is_refused`` and ``is_timeout`` read
 either: the simple client raises ``OSError(ECONNREFUSED)`` and

@@ -13,14 +13,17 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
 from services.errors import ProviderRejected, ProviderUnavailable
-from services.http_client import close_http_client, is_refused, is_timeout
+from services.http_client import close_http_client, is_refused, is_timeout, make_http_client
 from services.metrics import GatewayMetrics
+
+if TYPE_CHECKING:
+    from services.config import Config
 
 log = logging.getLogger("gateway.tiktok")
 
@@ -34,6 +37,8 @@ MAX_PROVIDER_TEXT = 200
 RETRY_AFTER_CAP_SECONDS = 2.0
 # A retry with less time than this left is not worth starting.
 MIN_ATTEMPT_SECONDS = 0.5
+# What a call that waited for a free connection keeps of its request timeout, at least.
+MIN_REQUEST_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,13 @@ class TikTokClient:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         metrics: GatewayMetrics | None = None,
         http_factory: Callable[[], AsyncHTTPClient] | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self._http = http
+        # Calls past ``max_in_flight`` wait here, not in the HTTP client's queue: curl's
+        # queue has no timeout, and a call it sends late may carry a code whose
+        # callback has already answered. Here the wait is bounded and cancellable.
+        self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         # Without ``http``: makes the client on first use (inside the running loop);
         # this object then owns it and ``close()`` closes it.
         self._http_factory = http_factory
@@ -248,6 +258,35 @@ class TikTokClient:
             else:
                 self._http = AsyncHTTPClient()
         started = time.monotonic()
+        slots = self._slots
+        if slots is None:
+            return await self._send(request, endpoint, started)
+        await self._take_slot(slots, request, endpoint, started)
+        try:
+            return await self._send(request, endpoint, started)
+        finally:
+            slots.release()
+
+    async def _take_slot(
+        self, slots: asyncio.Semaphore, request: HTTPRequest, endpoint: str, started: float
+    ) -> None:
+        """Wait for a free slot at most the connect timeout, like a connection would;
+        the time waited comes off the request timeout, which stays the whole bound."""
+        if not slots.locked():
+            await slots.acquire()  # a free slot: no wait
+            return
+        try:
+            await asyncio.wait_for(slots.acquire(), request.connect_timeout)
+        except TimeoutError:
+            self._log(request, endpoint, started, "failed (timeout waiting for a connection)",
+                      None)
+            raise _Retryable(
+                self._unavailable(endpoint, "timeout waiting for a free connection"), None
+            ) from None
+        waited = time.monotonic() - started
+        request.request_timeout = max(request.request_timeout - waited, MIN_REQUEST_SECONDS)
+
+    async def _send(self, request: HTTPRequest, endpoint: str, started: float) -> _Reply:
         for refused_attempt in range(2):
             try:
                 response = await self._http.fetch(request, raise_error=False)
@@ -380,6 +419,33 @@ class TikTokClient:
             technical_message=f"TikTok user info failed: {details['providerError']}",
             details=details,
         )
+
+
+def tiktok_client_for(
+    config: Config,
+    http_client: AsyncHTTPClient | None = None,
+    *,
+    metrics: GatewayMetrics | None = None,
+    http_factory: Callable[[], AsyncHTTPClient] | None = None,
+) -> TikTokClient:
+    """The gateway's TikTok client for ``config``: it calls through ``http_client`` when
+    given, else through one pooled client (TIKTOK_HTTP_CLIENT) made on first use, in
+    the running loop, by ``http_factory`` (default: ``make_http_client(config)``)."""
+    if http_client is None and http_factory is None:
+        http_factory = lambda: make_http_client(config)  # noqa: E731 - one line, one use
+    return TikTokClient(
+        http_client,
+        client_key=config.tiktok_client_key,
+        client_secret=config.tiktok_client_secret,
+        redirect_uri=config.tiktok_redirect_uri,
+        api_base_url=config.tiktok_api_base_url,
+        authorize_url=config.tiktok_authorize_url,
+        connect_timeout=config.tiktok_connect_timeout,
+        request_timeout=config.tiktok_request_timeout,
+        metrics=metrics,
+        http_factory=None if http_client else http_factory,
+        max_in_flight=config.tiktok_max_connections,
+    )
 
 
 def _extract_log_id(body: dict[str, Any]) -> str | None:

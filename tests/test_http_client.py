@@ -8,8 +8,11 @@ either client. Counts only: no timing is asserted here (``make bench`` measures)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import AsyncIterator
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
@@ -19,7 +22,7 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 import services.http_client as http_client_module
 from server import make_app
-from services.errors import ConfigError, ProviderUnavailable
+from services.errors import ConfigError, ProviderRejected, ProviderUnavailable
 from services.http_client import (
     DEFAULT_MAX_CONNECTIONS,
     close_http_client,
@@ -27,7 +30,7 @@ from services.http_client import (
     is_timeout,
     make_http_client,
 )
-from services.tiktok import TikTokClient
+from services.tiktok import TikTokClient, tiktok_client_for
 from tests.cassettes import callback_params, replay
 from tests.flow import location, sandbox_settings, start
 from tests.support import PRODUCT_REDIRECT, assert_envelope, make_config
@@ -160,7 +163,8 @@ class TestRefusedConnection:
 async def test_refused_exchange_is_retried_once_then_unavailable(client_kind):
     """Nothing was sent when a connection is refused: the one retry the exchange allows."""
     config = make_config(
-        TIKTOK_HTTP_CLIENT=client_kind, TIKTOK_API_BASE_URL=f"http://127.0.0.1:{_closed_port()}"
+        TIKTOK_HTTP_CLIENT=client_kind, TIKTOK_API_BASE_URL=f"http://127.0.0.1:{_closed_port()}",
+        TIKTOK_CONNECT_TIMEOUT_SECONDS="1", TIKTOK_REQUEST_TIMEOUT_SECONDS="2",
     )
     attempts = []
 
@@ -176,17 +180,7 @@ async def test_refused_exchange_is_retried_once_then_unavailable(client_kind):
         client.fetch = counted
         return client
 
-    tiktok = TikTokClient(
-        None,
-        client_key=config.tiktok_client_key,
-        client_secret=config.tiktok_client_secret,
-        redirect_uri=config.tiktok_redirect_uri,
-        api_base_url=config.tiktok_api_base_url,
-        authorize_url=config.tiktok_authorize_url,
-        connect_timeout=1,
-        request_timeout=2,
-        http_factory=watched_client,
-    )
+    tiktok = tiktok_client_for(config, http_factory=watched_client)
     try:
         with pytest.raises(ProviderUnavailable) as raised:
             await tiktok.exchange_code("a-code", "a-verifier")
@@ -210,6 +204,80 @@ async def test_refused_and_timeout_are_recognised_from_either_client(client_kind
         assert is_timeout(timed_out.value) and not is_refused(timed_out.value)
     finally:
         close_http_client(client)
+
+
+# -- calls beyond the pool wait a bounded time, and never reach TikTok late ------------
+
+
+@contextlib.asynccontextmanager
+async def one_busy_connection(
+    client_kind: str, sandbox, *, connect_timeout: float, request_timeout: float,
+    busy_seconds: float, slow_calls: int = 1,
+) -> AsyncIterator[tuple[TikTokClient, asyncio.Future]]:
+    """The gateway's TikTok client with a pool of one connection, which a first exchange
+    holds for ``busy_seconds`` (TikTok answers the next ``slow_calls`` that late)."""
+    sandbox.add_fault("token", status=200, delay=busy_seconds, count=slow_calls)
+    tiktok = tiktok_client_for(make_config(
+        **sandbox_settings(sandbox.url), TIKTOK_HTTP_CLIENT=client_kind,
+        TIKTOK_MAX_CONNECTIONS="1", TIKTOK_CONNECT_TIMEOUT_SECONDS=str(connect_timeout),
+        TIKTOK_REQUEST_TIMEOUT_SECONDS=str(request_timeout),
+    ))
+    holder = asyncio.ensure_future(tiktok.exchange_code("code-holding-the-connection", None))
+    try:
+        await asyncio.sleep(0)  # it takes the connection first
+        yield tiktok, holder
+        with pytest.raises(ProviderRejected):  # the sandbox never issued that code
+            await holder
+    finally:
+        holder.cancel()  # a no-op unless the test failed before it finished
+        await asyncio.wait([holder])
+        tiktok.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_call_waiting_for_a_connection_gives_up_unsent(client_kind, sandbox):
+    async with one_busy_connection(client_kind, sandbox, connect_timeout=0.3,
+                                   request_timeout=10, busy_seconds=2.0) as (tiktok, holder):
+        with pytest.raises(ProviderUnavailable) as raised:
+            await tiktok.exchange_code("code-that-waits", None)
+        assert "waiting for a free connection" in raised.value.technical_message
+        assert raised.value.details["endpoint"] == "token"
+        assert not holder.done()  # it gave up while the connection was still busy
+        await asyncio.wait([holder])
+        # Only the holder reached TikTok: the code that waited was never sent.
+        assert sandbox.stats["token"] == 1
+        # The connection is free again for the next call.
+        with pytest.raises(ProviderRejected):
+            await tiktok.exchange_code("a-later-code", None)
+        assert sandbox.stats["token"] == 2
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_time_spent_waiting_counts_against_the_request_timeout(client_kind, sandbox):
+    # Both calls take 0.6 s at TikTok. The second waits ~0.6 s for the connection, so of
+    # its 1 s request timeout ~0.4 s are left: it must time out, not get a full second.
+    async with one_busy_connection(client_kind, sandbox, connect_timeout=0.9,
+                                   request_timeout=1.0, busy_seconds=0.6,
+                                   slow_calls=2) as (tiktok, _):
+        with pytest.raises(ProviderUnavailable) as raised:
+            await tiktok.exchange_code("second-code", None)
+        assert "timeout" in raised.value.technical_message
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_cancelled_waiter_does_not_keep_a_slot(client_kind, sandbox):
+    async with one_busy_connection(client_kind, sandbox, connect_timeout=5,
+                                   request_timeout=10, busy_seconds=0.5) as (tiktok, holder):
+        waiter = asyncio.ensure_future(tiktok.exchange_code("cancelled-code", None))
+        await asyncio.sleep(0.1)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await asyncio.wait([holder])
+        with pytest.raises(ProviderRejected):
+            await tiktok.exchange_code("next-code", None)
+        assert sandbox.stats["token"] == 2  # the cancelled one was never sent
+        assert not tiktok._slots.locked()
 
 
 # -- recorded TikTok traffic replays through either client ------------------------------
@@ -259,6 +327,9 @@ def test_configured_client_and_pool_size(io_loop, kind):
             assert isinstance(client, SimpleAsyncHTTPClient) and client.max_clients == 7
     finally:
         close_http_client(client)
+    # The gateway holds calls beyond the pool itself, with the same bound.
+    slots = make_app(config).settings["gateway"].tiktok._slots
+    assert slots is not None and slots._value == 7
 
 
 def test_each_gateway_gets_its_own_client(io_loop):

@@ -275,13 +275,18 @@ async def serve(
     config: Config,
     sockets: list[socket.socket] | None = None,
     lifeline: int | None = None,
+    *,
+    http_client: AsyncHTTPClient | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully (``shut_down``).
+
+    ``http_client``: what calls TikTok, if not the pooled client of the
+    configuration (``bench.no_upstream`` answers them in process).
 
     A worker of ``run_workers`` gets the pre-bound ``sockets`` and the read end of
     the parent's ``lifeline`` pipe: its end of file means stop too.
     """
-    app = make_app(config)
+    app = make_app(config, http_client=http_client)
     gateway: Gateway = app.settings["gateway"]
     # Hard ceilings for the socket; handlers enforce their own, smaller limits
     # with the error envelope.

@@ -9,7 +9,10 @@ upstream latency, each group with a fresh sandbox and gateway:
 * no added latency: the baseline (``GET /healthz``) and the callbacks, at each
   ``--concurrency``;
 * ``--latency`` seconds added to every TikTok call: the callbacks at each
-  ``--latency-concurrency`` (the largest shows memory with that many flows in flight).
+  ``--latency-concurrency`` (the largest shows memory with that many flows in flight);
+* with ``--floor``: the callback's two parts, each in place of the gateway:
+  ``bench.floor`` (its HTTP alone) and ``bench.no_upstream`` (all but its calls to
+  TikTok).
 
 For each scenario: callbacks/s, latency p50/p95/p99, the gateway's CPU seconds
 per 1,000 requests, its peak RSS during the scenario (``VmHWM``, reset before
@@ -68,7 +71,9 @@ TARGET_CONNECTIONS_PER_100 = 2.0
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    mode: str  # "callbacks", "healthz" or "floor" (bench.floor instead of the gateway)
+    # "callbacks", "healthz", "floor" (bench.floor instead of the gateway) or
+    # "no-upstream" (callbacks to bench.no_upstream: the gateway, TikTok answered in process)
+    mode: str
     latency: float
     concurrency: int
     count: int
@@ -157,7 +162,11 @@ class Stack:
     """The sandbox and the gateway for one upstream latency (and the store)."""
 
     def __init__(
-        self, args: argparse.Namespace, latency: float, mongo_uri: str | None, floor: bool = False
+        self,
+        args: argparse.Namespace,
+        latency: float,
+        mongo_uri: str | None,
+        process: str = "gateway",
     ) -> None:
         self.args = args
         self.latency = latency
@@ -201,13 +210,18 @@ class Stack:
             }
         try:
             wait_http(self.sandbox, f"{self.sandbox_url}/sandbox/stats")
-            if floor:
+            if process == "floor":
                 self.gateway = Service(
                     "floor",
                     [sys.executable, "-m", "bench.floor", "--port", str(self.gateway_port),
                      "--upstream", self.sandbox_url,
                      "--max-connections", str(args.max_connections)],
                     base, args.log_dir,
+                )
+            elif process == "no-upstream":
+                self.gateway = Service(
+                    "no-upstream", [sys.executable, "-m", "bench.no_upstream"], gateway_env,
+                    args.log_dir,
                 )
             else:
                 self.gateway = Service(
@@ -255,7 +269,8 @@ def run_scenario(args: argparse.Namespace, stack: Stack, scenario: Scenario) -> 
     argv = [
         sys.executable, "-m", "bench.loadgen",
         "--gateway", stack.gateway_url,
-        "--mode", scenario.mode,
+        # bench.no_upstream is the gateway: the same callbacks.
+        "--mode", "callbacks" if scenario.mode == "no-upstream" else scenario.mode,
         "--concurrency", str(scenario.concurrency),
         "--count", str(scenario.count),
         "--warmup", str(scenario.warmup),
@@ -265,7 +280,7 @@ def run_scenario(args: argparse.Namespace, stack: Stack, scenario: Scenario) -> 
         "--gateway-pid", str(gateway_pid),
         "--sandbox-pid", str(stack.sandbox.pid),
     ]
-    if scenario.mode in ("callbacks", "floor"):
+    if scenario.mode != "healthz":
         argv += ["--sandbox", stack.sandbox_url]
     env = dict(os.environ) | {"AUTH_JWT_SECRET": stack.secrets["AUTH_JWT_SECRET"]}
     if scenario.profile:
@@ -296,10 +311,12 @@ def run_scenario(args: argparse.Namespace, stack: Stack, scenario: Scenario) -> 
             f"{stderr[-2000:]}\n--- gateway log (end) ---\n{stack.gateway.tail(1500)}"
         )
     result = json.loads(stdout.strip().splitlines()[-1])
+    result["mode"] = scenario.mode
     memory = memory_of(gateway_pid)
     ok = result["ok"]
     result.update(
         name=scenario.name,
+        gateway_pid=gateway_pid,
         store=args.store,
         upstream_latency_seconds=scenario.latency,
         gateway_peak_rss_mb=round(memory.get("VmHWM", 0.0), 1),
@@ -392,6 +409,10 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
             f"floor c={TARGET_RATIO_CONCURRENCY}", "floor", 0.0, TARGET_RATIO_CONCURRENCY,
             count(args.default_count), 200,
         ))
+        scenarios.append(Scenario(
+            f"no-upstream c={TARGET_RATIO_CONCURRENCY}", "no-upstream", 0.0,
+            TARGET_RATIO_CONCURRENCY, count(args.default_count), 200,
+        ))
     if args.latency > 0:
         for concurrency in args.latency_concurrency:
             # Enough callbacks for ~8 s at full speed, never fewer than 4 per flow.
@@ -466,6 +487,14 @@ def evaluate(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
             "errors": callbacks["errors"],
             "met": ratio >= TARGET_RATIO and callbacks["errors"] == 0,
         }
+        # The same ratio for the callback's parts: what an HTTP client can still win.
+        for mode, key in (("no-upstream", "ratio_without_tiktok_http"),
+                          ("floor", "ratio_of_the_http_alone")):
+            part = find(mode, TARGET_RATIO_CONCURRENCY, 0.0)
+            if part and part["rate_per_second"]:
+                targets["ratio_to_baseline"][key] = round(
+                    part["rate_per_second"] / baseline["rate_per_second"], 3
+                )
     zero = [r["rate_per_second"] or 0 for r in results
             if r["mode"] == "callbacks" and r["upstream_latency_seconds"] == 0.0]
     loaded = find("callbacks", TARGET_LATENCY_CONCURRENCY, args.latency)
@@ -575,9 +604,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "under py-spy (artifacts/bench-profile-*.txt) and summarize where "
                         "the gateway's CPU goes")
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=None,
-                        help="also measure bench.floor: the callback's HTTP without the "
-                        "gateway's work, Tornado's and libcurl's own cost per callback "
-                        "(default: on, off with --quick)")
+                        help="also measure the callback's two parts: bench.floor (its "
+                        "HTTP without the gateway's work: Tornado's and libcurl's own cost) "
+                        "and bench.no_upstream (the gateway with TikTok answered in "
+                        "process: everything but the calls to TikTok); default: on, off "
+                        "with --quick")
     parser.add_argument("--out", type=Path, default=ARTIFACTS / "bench.json")
     parser.add_argument("--chart", type=Path, default=ARTIFACTS / "bench.png")
     parser.add_argument("--publish", action="store_true",
@@ -601,6 +632,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--latency must be >= 0")
     args.log_dir = args.out.parent
     return args
+
+
+def process_of(scenario: Scenario) -> str:
+    """Which process serves the scenario: the gateway, bench.floor or bench.no_upstream."""
+    return scenario.mode if scenario.mode in ("floor", "no-upstream") else "gateway"
+
+
+def group_order(group: tuple[str, float]) -> tuple[int, float]:
+    process, latency = group
+    return ("gateway", "no-upstream", "floor").index(process), latency
 
 
 def raise_file_limit() -> None:
@@ -628,11 +669,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     baselines: dict[int, float] = {}
     with mongo_server(args) as mongo_uri:
-        for floor, latency in sorted({(s.mode == "floor", s.latency) for s in scenarios}):
-            stack = Stack(args, latency, mongo_uri, floor=floor)
+        groups = sorted({(process_of(s), s.latency) for s in scenarios}, key=group_order)
+        for process, latency in groups:
+            stack = Stack(args, latency, mongo_uri, process=process)
             try:
                 for scenario in scenarios:
-                    if (scenario.mode == "floor", scenario.latency) != (floor, latency):
+                    if (process_of(scenario), scenario.latency) != (process, latency):
                         continue
                     result = run_scenario(args, stack, scenario)
                     if scenario.mode == "healthz":

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,25 +21,23 @@ from tests.processes import ROOT
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_small_run_reports_every_figure(tmp_path: Path):
+def run_bench(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """``python -m bench`` with ``args``, bounded and small; its stdout and report."""
     out = tmp_path / "bench.json"
-    chart = tmp_path / "bench.png"
     done = subprocess.run(
-        [
-            sys.executable, "-m", "bench",
-            "--concurrency", "4",
-            "--latency", "0.05",
-            "--latency-concurrency", "8",
-            "--callbacks", "100",
-            "--no-floor",
-            "--max-seconds", "30",
-            "--out", str(out),
-            "--chart", str(chart),
-        ],
+        [sys.executable, "-m", "bench", "--callbacks", "100", "--max-seconds", "30",
+         "--out", str(out), "--chart", str(tmp_path / "bench.png"), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return done.stdout, json.loads(out.read_text())
+
+
+def test_a_small_run_reports_every_figure(tmp_path: Path):
+    stdout, report = run_bench(
+        tmp_path, "--concurrency", "4", "--latency", "0.05", "--latency-concurrency", "8",
+        "--no-floor",
+    )
     assert report["machine"]["nproc"] >= 1 and report["machine"]["python"]
     scenarios = {s["name"]: s for s in report["scenarios"]}
     assert set(scenarios) == {"healthz c=4", "callbacks c=4", "callbacks c=8 +50ms"}
@@ -55,8 +54,29 @@ def test_a_small_run_reports_every_figure(tmp_path: Path):
         assert scenarios[name]["sandbox_connections_per_100"] <= 2
     assert scenarios["callbacks c=4"]["ratio_to_baseline"] > 0
     assert report["targets"]["connections_per_100_callbacks"]["met"]
-    assert chart.read_bytes().startswith(PNG_MAGIC)
-    assert "targets:" in done.stdout
+    assert (tmp_path / "bench.png").read_bytes().startswith(PNG_MAGIC)
+    assert "targets:" in stdout
+
+
+def test_the_callback_split_in_its_http_and_the_gateways_own_work(tmp_path: Path):
+    """--floor adds bench.floor (the HTTP alone) and bench.no_upstream (all but TikTok's
+    HTTP); each is its own process, measured like the gateway."""
+    _, report = run_bench(tmp_path, "--concurrency", "50", "--latency", "0", "--floor")
+    scenarios = {s["name"]: s for s in report["scenarios"]}
+    assert set(scenarios) == {"healthz c=50", "callbacks c=50", "floor c=50",
+                              "no-upstream c=50"}
+    for scenario in scenarios.values():
+        assert scenario["errors"] == 0, scenario["error_samples"]
+        assert scenario["ok"] == scenario["requested"] >= 100
+    # Three different processes answered: the pids differ.
+    pids = {scenarios[name]["gateway_pid"] for name in
+            ("callbacks c=50", "floor c=50", "no-upstream c=50")}
+    assert len(pids) == 3
+    # No callback of bench.no_upstream reached the sandbox's API: no connection at all.
+    assert scenarios["no-upstream c=50"]["sandbox_connections"] == 0
+    assert scenarios["no-upstream c=50"]["mode"] == "no-upstream"
+    ratio = report["targets"]["ratio_to_baseline"]
+    assert ratio["ratio_without_tiktok_http"] > 0 and ratio["ratio_of_the_http_alone"] > 0
 
 
 class _Transport:

@@ -81,7 +81,11 @@ class AuthorizeHandler(GatewayHandler):
 
 class CallbackHandler(GatewayHandler):
     async def get(self) -> None:
-        params = self.check_arguments()
+        try:
+            params = self.check_arguments()
+        except ValidationFailed as exc:
+            self.service.refuse(exc)
+            raise
         connected = await self.service.complete(params)
         self.redirect(connected.redirect_url, status=302)
 

@@ -131,6 +131,11 @@ class ConnectionService:
             requested.insert(0, BASIC_SCOPE)
         return requested
 
+    def refuse(self, error: GatewayError) -> None:
+        """A callback whose link was malformed (``complete`` never ran): counted with
+        the others, so a flood of broken links shows in the metrics."""
+        self._metrics.callback_refused(error.code)
+
     async def complete(self, params: CallbackParams) -> Connected:
         """Run the callback; exactly one caller per state gets past the claim."""
         with self._metrics.callback():

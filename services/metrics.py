@@ -124,6 +124,10 @@ class GatewayMetrics:
             self.callbacks_in_flight.dec()
             self._counter(self._callbacks, self.callbacks, outcome).inc()
 
+    def callback_refused(self, code: str) -> None:
+        """A callback refused before it could run (a malformed link): counted by code."""
+        self._counter(self._callbacks, self.callbacks, code).inc()
+
     def refresh(self, outcome: str) -> None:
         self._counter(self._refreshes, self.refreshes, outcome).inc()
 

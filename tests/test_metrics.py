@@ -84,6 +84,10 @@ async def test_flows_show_up_in_the_metrics(http_client, base_url, app, sandbox)
     callback_url = await consent(http_client, base_url, started["authorizationUrl"])
     sandbox.add_fault("token", status=500)
     assert_envelope(await follow(http_client, callback_url), 503, "SERVICE_UNAVAILABLE")
+    # Malformed links, refused before the service runs: no state, a repeated code.
+    for query in ("code=abc", f"state={started['state']}&code=a&code=b"):
+        response = await follow(http_client, f"{base_url}/oauth/tiktok/callback?{query}")
+        assert_envelope(response, 400, "VALIDATION_ERROR")
 
     after = await scrape(http_client, base_url)
     assert after.labelled("tiktok_gateway_callbacks_total", "outcome") == {
@@ -91,6 +95,7 @@ async def test_flows_show_up_in_the_metrics(http_client, base_url, app, sandbox)
         "connected": 1.0,
         "PERMISSION_DENIED": 1.0,
         "SERVICE_UNAVAILABLE": 1.0,
+        "VALIDATION_ERROR": 2.0,
     }
     assert after.value("tiktok_gateway_callbacks_in_flight") == 0
 

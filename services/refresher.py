@@ -11,6 +11,12 @@ raises for TikTok faults.
 Calls are bounded twice: at most ``concurrency`` refreshes in flight, and their
 starts spaced ``60 / max_per_minute`` seconds apart, so this process stays under
 its share of TikTok's 600 requests per minute whatever the backlog.
+
+An account whose refresh failed without a verdict (TikTok unavailable, or an
+error) is not retried every round: it waits ``interval`` seconds after the first
+failure, then twice as long after each next one, up to ``MAX_BACKOFF_SECONDS``,
+and is counted ``deferred`` meanwhile. Any other outcome clears its wait. The
+waits are this process's own; the access-token endpoint still refreshes on demand.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ DEFAULT_STOP_GRACE_SECONDS = 10.0
 # Counted when refresh_account raised instead of answering an outcome (a bug or a
 # store fault): the account is retried next round, the others carry on.
 ERROR = "error"
+# Outcomes after which the account waits before its next attempt, and what it does then.
+RETRY_LATER = frozenset({RefreshOutcome.UNAVAILABLE.value, ERROR})
+DEFERRED = "deferred"
+MAX_BACKOFF_SECONDS = 900.0
 
 Sleep = Callable[[float], Awaitable[Any]]
 
@@ -120,6 +130,9 @@ class Refresher:
         # for the next round, soonest expiry first.
         self.batch_size = batch_size or max_per_minute
         self._limiter = RateLimiter(max_per_minute, clock=monotonic, sleep=sleep)
+        self._monotonic = monotonic
+        # Account id -> (failed attempts in a row, not before this monotonic time).
+        self._backoff: dict[str, tuple[int, float]] = {}
         self._clock = clock
         self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
@@ -138,14 +151,22 @@ class Refresher:
         now = now or self._clock()
         due = await self._store.accounts_due_for_refresh(now + self.ahead, limit=self.batch_size)
         summary = RoundSummary(due=len(due))
-        queue = iter(due)
+        # Accounts no longer due (refreshed elsewhere, disconnected) are forgotten:
+        # the waits never outnumber one round's batch.
+        due_ids = {account.id for account in due}
+        for account_id in [a for a in self._backoff if a not in due_ids]:
+            del self._backoff[account_id]
+        ready = [account for account in due if not self._waiting(account.id)]
+        if len(ready) < len(due):
+            summary.outcomes[DEFERRED] = len(due) - len(ready)
+        queue = iter(ready)
 
         async def worker() -> None:
             # next() on a shared iterator never awaits: each account goes to one worker.
             for account in queue:
                 summary.outcomes[await self._refresh_one(account, now)] += 1
 
-        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(due)))))
+        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(ready)))))
         self.rounds += 1
         if due:
             log.info("refresh round: %s", summary.describe())
@@ -153,7 +174,23 @@ class Refresher:
             log.debug("refresh round: nothing due")
         return summary
 
+    def _waiting(self, account_id: str) -> bool:
+        entry = self._backoff.get(account_id)
+        return entry is not None and entry[1] > self._monotonic()
+
+    def _record(self, account_id: str, outcome: str) -> str:
+        if outcome in RETRY_LATER:
+            failures = self._backoff.get(account_id, (0, 0.0))[0] + 1
+            wait = min(self.interval * 2 ** (failures - 1), MAX_BACKOFF_SECONDS)
+            self._backoff[account_id] = (failures, self._monotonic() + wait)
+        else:
+            self._backoff.pop(account_id, None)
+        return outcome
+
     async def _refresh_one(self, account: Account, now: datetime) -> str:
+        return self._record(account.id, await self._attempt(account, now))
+
+    async def _attempt(self, account: Account, now: datetime) -> str:
         try:
             expired = account.refresh_token_expires_at
             if expired is None or expired > now:

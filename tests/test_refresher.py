@@ -19,7 +19,7 @@ from sandbox.state import OAuthError
 from server import build_gateway, start_refresher
 from services.accounts import AccountService, RefreshOutcome
 from services.errors import ConfigError, StoreUnavailable
-from services.refresher import ERROR, RateLimiter, Refresher
+from services.refresher import DEFERRED, ERROR, MAX_BACKOFF_SECONDS, RateLimiter, Refresher
 from services.tiktok import TikTokClient
 from storage.base import Account, AccountStatus, Store, TokenGrant
 from storage.memory import MemoryStore
@@ -235,7 +235,9 @@ async def test_one_failing_account_does_not_stop_the_others(sandbox, tiktok, cap
     broken = await connect(store, sandbox, "broken", expires_in=soon)
     last = await connect(store, sandbox, "last", expires_in=soon)
     store.broken.add(broken.id)
-    refresher = refresher_for(store, RecordingAccounts(store=store, tiktok=tiktok))
+    fake = FakeTime()
+    refresher = refresher_for(store, RecordingAccounts(store=store, tiktok=tiktok),
+                              monotonic=fake.monotonic, sleep=fake.sleep)
 
     summary = await refresher.run_once()
 
@@ -250,9 +252,67 @@ async def test_one_failing_account_does_not_stop_the_others(sandbox, tiktok, cap
     assert (await store.get_account(refused.id)).status is AccountStatus.REAUTHORIZATION_REQUIRED
     assert (await store.get_account(broken.id)).status is AccountStatus.CONNECTED
     assert f"refresh of account {broken.id} failed unexpectedly" in caplog.text
-    # The broken account's lease was given back: it is tried again next round.
+    # The broken account's lease was given back: it is tried again once its wait is over.
     store.broken.clear()
+    assert (await refresher.run_once()).outcomes == {DEFERRED: 1}
+    fake.now += refresher.interval
     assert (await refresher.run_once()).outcomes == {RefreshOutcome.REFRESHED.value: 1}
+
+
+async def failing_refreshes(
+    store: Store, sandbox: Any, tiktok: TikTokClient, failures: int
+) -> tuple[Account, FakeTime, Refresher]:
+    """One due account whose next ``failures`` refreshes TikTok answers 503; a refresher
+    on fake time, every 60 s, whose rate budget hardly waits."""
+    account = await connect(store, sandbox, "flaky", expires_in=timedelta(minutes=5))
+    fake = FakeTime()
+    refresher = refresher_for(store, RecordingAccounts(store=store, tiktok=tiktok),
+                              interval_seconds=60, max_per_minute=600,
+                              monotonic=fake.monotonic, sleep=fake.sleep)
+    sandbox.add_fault("token", status=503, count=failures)
+    return account, fake, refresher
+
+
+@gen_test
+async def test_a_failing_account_waits_longer_after_each_failure(make_store, sandbox, tiktok):
+    async with make_store() as store:
+        account, fake, refresher = await failing_refreshes(store, sandbox, tiktok, 3)
+        unavailable = {RefreshOutcome.UNAVAILABLE.value: 1}
+
+        async def rounds_after(seconds: float) -> dict[str, int]:
+            fake.now += seconds
+            return dict((await refresher.run_once()).outcomes)
+
+        assert await rounds_after(0) == unavailable
+        # Waits of 60, 120, then 240 s: asked earlier, the account is deferred, unasked.
+        for wait in (60, 120, 240):
+            assert await rounds_after(wait - 1) == {DEFERRED: 1}
+            outcome = await rounds_after(1)
+            if wait < 240:
+                assert outcome == unavailable
+        assert outcome == {RefreshOutcome.REFRESHED.value: 1}
+        assert sandbox.stats["token_refresh"] == 4  # three failures and the success
+        stored = await store.get_account(account.id)
+        assert stored.access_token_expires_at > utc_now() + timedelta(hours=23)
+        # Success clears the wait: nothing is due or deferred any more.
+        assert (await refresher.run_once()).due == 0
+        assert refresher._backoff == {}
+
+
+@gen_test
+async def test_waits_are_capped_and_forgotten_when_no_longer_due(sandbox, tiktok):
+    store = MemoryStore()
+    account, fake, refresher = await failing_refreshes(store, sandbox, tiktok, 20)
+    for _ in range(8):  # waits of 60, 120, ..., capped
+        fake.now += MAX_BACKOFF_SECONDS
+        assert (await refresher.run_once()).outcomes == {RefreshOutcome.UNAVAILABLE.value: 1}
+    failures, not_before = refresher._backoff[account.id]
+    assert failures == 8 and not_before - fake.now == MAX_BACKOFF_SECONDS
+    # Disconnected meanwhile: no longer due, so its wait is dropped.
+    await store.revoke_account(account.id, now=utc_now(), reason="disconnected",
+                               revoked_at_tiktok=None)
+    assert (await refresher.run_once()).due == 0
+    assert refresher._backoff == {}
 
 
 # -- budget and concurrency --------------------------------------------------------

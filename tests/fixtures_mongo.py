@@ -17,11 +17,15 @@ Nothing here mocks a driver: the stores talk to SecantusDB over TCP.
   ``mongo_driver`` fixture runs it at teardown.
 * ``mongo_failpoint(uri, **data)``: context manager arming SecantusDB's
   ``failCommand`` failpoint (mongod's test command) and disarming it on exit.
+* ``make_store`` (function, parametrized ``memory`` / ``motor`` / ``pymongo``):
+  ``async with make_store() as store:`` (optionally ``make_store(cipher)``), an
+  initialized store of each backend, opened inside the test's running loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import signal
@@ -31,7 +35,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +43,13 @@ import pytest
 from pymongo import MongoClient
 from secantus import SecantusDBServer
 
+from storage.base import Store
 from storage.crypto import TokenCipher
+from storage.memory import MemoryStore
 from storage.mongodb import MongoStore, connect_mongo
 
 LOOPBACK = "127.0.0.1"
+StoreFactory = Callable[..., contextlib.AbstractAsyncContextManager[Store]]
 _START_TIMEOUT_S = 20.0
 _STOP_TIMEOUT_S = 10.0
 
@@ -267,6 +274,28 @@ async def open_mongo_store(
     finally:
         with contextlib.suppress(Exception):
             await store.close()
+
+
+@contextlib.asynccontextmanager
+async def open_memory_store(cipher: TokenCipher | None = None) -> AsyncIterator[Store]:
+    store = MemoryStore(cipher)
+    await store.initialize()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture(params=["memory", "motor", "pymongo"])
+def make_store(request: pytest.FixtureRequest, mongo_database_name: str) -> Iterator[StoreFactory]:
+    """``async with make_store() as store:`` -- one backend per parameter."""
+    if request.param == "memory":
+        yield open_memory_store
+        return
+    server = request.getfixturevalue("mongo_server")
+    yield functools.partial(open_mongo_store, server.uri, mongo_database_name, request.param)
+    if request.param == "pymongo":
+        collect_leaked_driver_sockets()
 
 
 @contextlib.contextmanager

@@ -7,9 +7,7 @@ about counts and fake seconds, never about wall time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,13 +21,11 @@ from services.refresher import DEFERRED, ERROR, MAX_BACKOFF_SECONDS, RateLimiter
 from services.tiktok import TikTokClient
 from storage.base import Account, AccountStatus, Store, TokenGrant
 from storage.memory import MemoryStore
-from tests.fixtures_mongo import collect_leaked_driver_sockets, open_mongo_store
 from tests.flow import make_sandbox
 from tests.support import CLIENT_KEY, CLIENT_SECRET, REDIRECT_URI, make_config
 
 gen_test = pytest.mark.gen_test(timeout=30)
 AHEAD = 3600
-StoreFactory = Callable[[], contextlib.AbstractAsyncContextManager[Store]]
 
 
 def utc_now() -> datetime:
@@ -71,22 +67,6 @@ class RecordingAccounts(AccountService):
             return await super().refresh_account(account, force=force)
         finally:
             self.in_flight -= 1
-
-
-@contextlib.asynccontextmanager
-async def memory_store() -> AsyncIterator[Store]:
-    yield MemoryStore()
-
-
-@pytest.fixture(params=["memory", "motor", "pymongo"])
-def make_store(request: pytest.FixtureRequest, mongo_database_name: str) -> Iterator[StoreFactory]:
-    if request.param == "memory":
-        yield memory_store
-        return
-    server = request.getfixturevalue("mongo_server")
-    yield functools.partial(open_mongo_store, server.uri, mongo_database_name, request.param)
-    if request.param == "pymongo":
-        collect_leaked_driver_sockets()
 
 
 @pytest.fixture

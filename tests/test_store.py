@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import functools
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,11 +25,9 @@ from storage.base import (
     ClaimResult,
     PendingAuthorization,
     PendingStatus,
-    Store,
     TokenGrant,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
-from storage.memory import MemoryStore
 from storage.mongodb import (
     ACCOUNT_KEY_INDEX,
     PENDING_TTL_INDEX,
@@ -38,15 +36,12 @@ from storage.mongodb import (
     connect_mongo,
 )
 from tests.fixtures_mongo import (
-    collect_leaked_driver_sockets,
     free_port,
     mongo_failpoint,
     open_mongo_store,
 )
 
 gen_test = pytest.mark.gen_test(timeout=30)
-
-StoreFactory = Callable[..., contextlib.AbstractAsyncContextManager[Store]]
 
 
 def utc_now() -> datetime:
@@ -77,28 +72,6 @@ def fake_pending(*, now: datetime, ttl: timedelta = timedelta(minutes=10)) -> Pe
         created_at=now,
         expires_at=now + ttl,
     )
-
-
-@contextlib.asynccontextmanager
-async def open_memory_store(cipher: TokenCipher | None = None) -> AsyncIterator[Store]:
-    store = MemoryStore(cipher)
-    await store.initialize()
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-@pytest.fixture(params=["memory", "motor", "pymongo"])
-def make_store(request: pytest.FixtureRequest, mongo_database_name: str) -> Iterator[StoreFactory]:
-    """``async with make_store() as store:`` -- one backend per parameter."""
-    if request.param == "memory":
-        yield open_memory_store
-        return
-    server = request.getfixturevalue("mongo_server")
-    yield functools.partial(open_mongo_store, server.uri, mongo_database_name, request.param)
-    if request.param == "pymongo":
-        collect_leaked_driver_sockets()
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ AsyncMongoClient); where it matters the stored document itself is read back, so
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,9 +15,7 @@ import pytest
 from bson import ObjectId
 
 from storage.base import AccountStatus, Store, TokenGrant
-from storage.memory import MemoryStore
 from storage.mongodb import ACCOUNTS_COLLECTION, MongoStore
-from tests.fixtures_mongo import collect_leaked_driver_sockets, open_mongo_store
 
 # Whole seconds: MongoDB keeps milliseconds, so these survive a round trip unchanged.
 NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -47,31 +43,6 @@ def grant(
         refresh_token_expires_at=at + timedelta(days=365),
         scopes=list(scopes),
     )
-
-
-@pytest.fixture(params=["memory", "motor", "pymongo"])
-def store_kind(request: pytest.FixtureRequest) -> Iterator[str]:
-    yield str(request.param)
-    if request.param == "pymongo":
-        collect_leaked_driver_sockets()
-
-
-@pytest.fixture
-def open_store(
-    request: pytest.FixtureRequest, store_kind: str, mongo_database_name: str
-) -> Callable[[], contextlib.AbstractAsyncContextManager[Store]]:
-    """``async with open_store() as store``: drivers bind to the test's running loop."""
-    uri = None if store_kind == "memory" else request.getfixturevalue("mongo_server").uri
-
-    @contextlib.asynccontextmanager
-    async def opened() -> AsyncIterator[Store]:
-        if uri is None:
-            yield MemoryStore()
-            return
-        async with open_mongo_store(uri, mongo_database_name, store_kind) as store:
-            yield store
-
-    return opened
 
 
 async def raw_document(store: Store, account_id: str) -> dict[str, Any] | None:
@@ -115,8 +86,8 @@ async def assert_tokens(store: Store, account_id: str, expected: TokenGrant) -> 
 
 
 @gen_test
-async def test_lease_is_exclusive_among_concurrent_acquirers(open_store):
-    async with open_store() as store:
+async def test_lease_is_exclusive_among_concurrent_acquirers(make_store):
+    async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
         holders = [f"holder-{n}" for n in range(20)]
         won = await asyncio.gather(
@@ -139,8 +110,8 @@ async def test_lease_is_exclusive_among_concurrent_acquirers(open_store):
 
 
 @gen_test
-async def test_an_expired_lease_can_be_taken_over(open_store):
-    async with open_store() as store:
+async def test_an_expired_lease_can_be_taken_over(make_store):
+    async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
         later = NOW + timedelta(seconds=10)
         assert await store.acquire_refresh_lease(account.id, "crashed", now=NOW, until=later)
@@ -163,8 +134,8 @@ async def test_an_expired_lease_can_be_taken_over(open_store):
 
 
 @gen_test
-async def test_only_the_holder_releases_the_lease(open_store):
-    async with open_store() as store:
+async def test_only_the_holder_releases_the_lease(make_store):
+    async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
         assert await store.acquire_refresh_lease(account.id, "one", now=NOW, until=NOW + LEASE)
         await store.release_refresh_lease(account.id, "two")
@@ -177,8 +148,8 @@ async def test_only_the_holder_releases_the_lease(open_store):
 
 
 @gen_test
-async def test_refreshed_tokens_are_saved_by_the_holder_only_and_atomically(open_store):
-    async with open_store() as store:
+async def test_refreshed_tokens_are_saved_by_the_holder_only_and_atomically(make_store):
+    async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
         later = NOW + timedelta(hours=23)
         rotated = grant("b", at=later, scopes=("user.info.basic", "user.info.profile"))
@@ -210,8 +181,8 @@ async def test_refreshed_tokens_are_saved_by_the_holder_only_and_atomically(open
 
 
 @gen_test
-async def test_no_lease_on_an_account_that_is_not_connected_or_unknown(open_store):
-    async with open_store() as store:
+async def test_no_lease_on_an_account_that_is_not_connected_or_unknown(make_store):
+    async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
         await store.require_reauthorization(account.id, now=NOW)
         assert not await store.acquire_refresh_lease(account.id, "h", now=NOW, until=NOW + LEASE)
@@ -224,8 +195,8 @@ async def test_no_lease_on_an_account_that_is_not_connected_or_unknown(open_stor
 
 
 @gen_test
-async def test_require_reauthorization_wipes_both_tokens_and_the_lease(open_store):
-    async with open_store() as store:
+async def test_require_reauthorization_wipes_both_tokens_and_the_lease(make_store):
+    async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
         assert await store.acquire_refresh_lease(account.id, "holder", now=NOW, until=NOW + LEASE)
         later = NOW + timedelta(minutes=1)
@@ -240,8 +211,8 @@ async def test_require_reauthorization_wipes_both_tokens_and_the_lease(open_stor
 
 
 @gen_test
-async def test_require_reauthorization_leaves_a_revoked_account_revoked(open_store):
-    async with open_store() as store:
+async def test_require_reauthorization_leaves_a_revoked_account_revoked(make_store):
+    async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
         await store.revoke_account(account.id, now=NOW, reason="disconnected",
                                    revoked_at_tiktok=True)
@@ -250,8 +221,8 @@ async def test_require_reauthorization_leaves_a_revoked_account_revoked(open_sto
 
 
 @gen_test
-async def test_revoke_account_is_idempotent_and_keeps_the_first_revocation(open_store):
-    async with open_store() as store:
+async def test_revoke_account_is_idempotent_and_keeps_the_first_revocation(make_store):
+    async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
         first = await store.revoke_account(
             account.id, now=NOW, reason="disconnected", revoked_at_tiktok=True
@@ -280,8 +251,8 @@ async def test_revoke_account_is_idempotent_and_keeps_the_first_revocation(open_
 
 
 @gen_test
-async def test_revoke_by_open_id_reaches_every_owner_and_counts_changes(open_store):
-    async with open_store() as store:
+async def test_revoke_by_open_id_reaches_every_owner_and_counts_changes(make_store):
+    async with make_store() as store:
         alice = await store.save_account_tokens("alice", grant("a"), now=NOW)
         bob = await store.save_account_tokens("bob", grant("b"), now=NOW)
         carol = await store.save_account_tokens("carol", grant("c"), now=NOW)
@@ -313,8 +284,8 @@ async def test_revoke_by_open_id_reaches_every_owner_and_counts_changes(open_sto
 
 
 @gen_test
-async def test_accounts_due_for_refresh_soonest_first_connected_only(open_store):
-    async with open_store() as store:
+async def test_accounts_due_for_refresh_soonest_first_connected_only(make_store):
+    async with make_store() as store:
         ids = {}
         for name, minutes in (("m30", 30), ("m5", 5), ("m90", 90), ("m10", 10), ("m20", 20)):
             account = await store.save_account_tokens(
@@ -343,8 +314,8 @@ async def test_accounts_due_for_refresh_soonest_first_connected_only(open_store)
 
 
 @gen_test
-async def test_reconnect_after_revoke_restores_connected_and_clears_the_revocation(open_store):
-    async with open_store() as store:
+async def test_reconnect_after_revoke_restores_connected_and_clears_the_revocation(make_store):
+    async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
         await store.revoke_account(account.id, now=NOW, reason=4, revoked_at_tiktok=True)
         later = NOW + timedelta(days=2)
@@ -369,8 +340,8 @@ async def test_reconnect_after_revoke_restores_connected_and_clears_the_revocati
 
 
 @gen_test
-async def test_reconnect_drops_a_lease_so_an_older_refresh_cannot_overwrite_it(open_store):
-    async with open_store() as store:
+async def test_reconnect_drops_a_lease_so_an_older_refresh_cannot_overwrite_it(make_store):
+    async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
         assert await store.acquire_refresh_lease(account.id, "holder", now=NOW, until=NOW + LEASE)
         # The user connects again while a refresh of the old grant is in flight.
@@ -382,8 +353,8 @@ async def test_reconnect_drops_a_lease_so_an_older_refresh_cannot_overwrite_it(o
 
 
 @gen_test
-async def test_an_old_removal_spares_a_grant_obtained_after_it(open_store):
-    async with open_store() as store:
+async def test_an_old_removal_spares_a_grant_obtained_after_it(make_store):
+    async with make_store() as store:
         removed_at = NOW + timedelta(minutes=1)
         before = await store.save_account_tokens("alice", grant("a"), now=NOW)
         reconnected = await store.save_account_tokens(

@@ -1,4 +1,7 @@
+from collections.abc import Iterator
+
 import pytest
+from tornado.httpclient import AsyncHTTPClient
 
 from tests.flow import make_sandbox
 
@@ -12,3 +15,16 @@ def sandbox(io_loop):
     sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
     yield sandbox
     io_loop.run_sync(sandbox.close)
+
+
+@pytest.fixture
+def client(io_loop) -> Iterator[AsyncHTTPClient]:
+    """An HTTP client of its own, for gateway processes: bounded, really concurrent
+    (up to 50 requests at once), and patient enough for a slow sandbox."""
+    client = AsyncHTTPClient(
+        force_instance=True,
+        max_clients=50,
+        defaults={"connect_timeout": 5, "request_timeout": 20},
+    )
+    yield client
+    client.close()

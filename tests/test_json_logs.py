@@ -8,7 +8,6 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, quote, quote_plus, urlsplit
 
@@ -33,15 +32,6 @@ from tests.support import (
 
 CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 BASE_FIELDS = {"time", "level", "logger", "message"}
-
-
-@pytest.fixture
-def client(io_loop) -> Iterator[AsyncHTTPClient]:
-    client = AsyncHTTPClient(
-        force_instance=True, defaults={"connect_timeout": 5, "request_timeout": 10}
-    )
-    yield client
-    client.close()
 
 
 class Session:

@@ -12,36 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterator
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from services.errors import ConfigError
 from tests.fixtures_mongo import LOOPBACK
-from tests.flow import consent, follow, location, make_sandbox, sandbox_settings, start
+from tests.flow import consent, follow, location, sandbox_settings, start
 from tests.processes import GatewayProcess, poll_until
 from tests.support import PRODUCT_REDIRECT, make_config
 
 CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 EXIT_TIMEOUT_S = 30.0
-
-
-@pytest.fixture
-def sandbox(io_loop):
-    sandbox = make_sandbox()
-    sandbox.url = f"http://{LOOPBACK}:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
-
-
-@pytest.fixture
-def client(io_loop) -> Iterator[AsyncHTTPClient]:
-    client = AsyncHTTPClient(
-        force_instance=True, defaults={"connect_timeout": 5, "request_timeout": 20}
-    )
-    yield client
-    client.close()
 
 
 async def connection_refused(port: int) -> bool:

@@ -17,7 +17,6 @@ import secrets
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import jwt
@@ -51,18 +50,6 @@ DRIVERS = ["motor", "pymongo"]
 # server-selection timeout; these bounds leave room for a few rounds on a slow machine.
 READY_TIMEOUT_S = 20.0
 INDEX_TIMEOUT_S = 20.0
-
-
-@pytest.fixture
-def client(io_loop) -> Iterator[AsyncHTTPClient]:
-    """Requests to the gateway processes: bounded, and really concurrent (up to 50)."""
-    client = AsyncHTTPClient(
-        force_instance=True,
-        max_clients=50,
-        defaults={"connect_timeout": 5, "request_timeout": 10},
-    )
-    yield client
-    client.close()
 
 
 def raw_database(uri: str, database: str) -> Any:

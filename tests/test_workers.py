@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,8 +23,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from services.errors import ConfigError
 from storage.mongodb import ACCOUNTS_COLLECTION
-from tests.fixtures_mongo import LOOPBACK
-from tests.flow import consent, follow, location, make_sandbox, start
+from tests.flow import consent, follow, location, start
 from tests.processes import ROOT, GatewayProcess, gateway_settings, poll_until
 from tests.support import PRODUCT_REDIRECT, make_config
 from tests.test_store_faults import raw_database, wait_for_indexes
@@ -34,23 +33,6 @@ WORKERS = 2
 TIMEOUT_S = 30.0
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-
-
-@pytest.fixture
-def sandbox(io_loop):
-    sandbox = make_sandbox()
-    sandbox.url = f"http://{LOOPBACK}:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
-
-
-@pytest.fixture
-def client(io_loop) -> Iterator[AsyncHTTPClient]:
-    client = AsyncHTTPClient(
-        force_instance=True, max_clients=50, defaults={"connect_timeout": 5, "request_timeout": 10}
-    )
-    yield client
-    client.close()
 
 
 def live_children(parent: int) -> set[int]:

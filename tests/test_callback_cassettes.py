@@ -8,16 +8,20 @@ once (``replay`` checks on exit, the tests check where it matters mid-way too).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import pytest
+from tornado.httpclient import HTTPResponse
 
 from server import make_app
 from tests.cassettes import (
@@ -95,6 +99,18 @@ async def callback(http_client, base_url, params: dict[str, str]):
         follow_redirects=False,
         raise_error=False,
     )
+
+
+@contextlib.asynccontextmanager
+async def replayed_callback(
+    http_client, base_url, scenario: str
+) -> AsyncIterator[tuple[HTTPResponse, Any]]:
+    """A state minted for ``scenario``, then its callback with TikTok replayed from the
+    cassette; every recorded interaction must have been played by the end."""
+    state = await start_state(http_client, base_url, scenario)
+    with replay(scenario) as cassette:
+        yield await callback(http_client, base_url, callback_params(scenario, state)), cassette
+        assert_all_played(cassette)
 
 
 def requested_fields(uri: str) -> list[str]:
@@ -239,13 +255,10 @@ async def test_partial_scopes_connect_with_basic_fields_only(app, http_client, b
 
 @pytest.mark.gen_test
 async def test_access_denied_makes_no_request(app, http_client, base_url):
-    state = await start_state(http_client, base_url, "access_denied")
-    with replay("access_denied") as cassette:
-        response = await callback(http_client, base_url, callback_params("access_denied", state))
+    async with replayed_callback(http_client, base_url, "access_denied") as (response, cassette):
         body = assert_envelope(response, 400, "PERMISSION_DENIED")
         assert body["details"]["providerError"] == "access_denied"
         assert len(cassette) == 0 and cassette.play_count == 0
-        assert_all_played(cassette)
     assert await store_of(app).list_accounts(OWNER) == []
 
 
@@ -271,63 +284,51 @@ async def test_used_code_is_refused_and_the_state_is_spent(app, http_client, bas
 
 @pytest.mark.gen_test
 async def test_invalid_client_is_a_validation_error(app, http_client, base_url):
-    state = await start_state(http_client, base_url, "invalid_client")
-    with replay("invalid_client") as cassette:
-        response = await callback(http_client, base_url, callback_params("invalid_client", state))
+    async with replayed_callback(http_client, base_url, "invalid_client") as (response, cassette):
         body = assert_envelope(response, 400, "VALIDATION_ERROR")
         assert body["details"]["providerError"] == "invalid_client"
         assert cassette.responses[0]["status"]["code"] == 401
-        assert_all_played(cassette)
     assert_uris(cassette, TOKEN_URL)
     assert await store_of(app).list_accounts(OWNER) == []
 
 
 @pytest.mark.gen_test
 async def test_token_server_error_is_unavailable_and_never_retried(app, http_client, base_url):
-    state = await start_state(http_client, base_url, "token_server_error")
-    with replay("token_server_error") as cassette:
-        response = await callback(
-            http_client, base_url, callback_params("token_server_error", state)
-        )
+    async with replayed_callback(
+        http_client, base_url, "token_server_error"
+    ) as (response, cassette):
         assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
         assert int(response.headers["Retry-After"]) > 0
         assert cassette.responses[0]["status"]["code"] == 500
         # A code is single-use: the token endpoint is called exactly once.
         assert len(cassette) == 1 and cassette.play_count == 1
-        assert_all_played(cassette)
     assert_uris(cassette, TOKEN_URL)
     assert await store_of(app).list_accounts(OWNER) == []
 
 
 @pytest.mark.gen_test
 async def test_token_rate_limit_passes_retry_after_on(app, http_client, base_url):
-    state = await start_state(http_client, base_url, "token_rate_limited")
-    with replay("token_rate_limited") as cassette:
-        response = await callback(
-            http_client, base_url, callback_params("token_rate_limited", state)
-        )
+    async with replayed_callback(
+        http_client, base_url, "token_rate_limited"
+    ) as (response, cassette):
         assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
         assert cassette.responses[0]["status"]["code"] == 429
         assert cassette.responses[0]["headers"]["Retry-After"] == ["7"]
         assert response.headers["Retry-After"] == "7"
         assert cassette.play_count == 1
-        assert_all_played(cassette)
     assert await store_of(app).list_accounts(OWNER) == []
 
 
 @pytest.mark.gen_test
 async def test_userinfo_unauthorized_keeps_tokens_with_profile_pending(app, http_client, base_url):
-    state = await start_state(http_client, base_url, "userinfo_unauthorized")
-    with replay("userinfo_unauthorized") as cassette:
-        before = datetime.now(UTC)
-        response = await callback(
-            http_client, base_url, callback_params("userinfo_unauthorized", state)
-        )
+    before = datetime.now(UTC)
+    async with replayed_callback(
+        http_client, base_url, "userinfo_unauthorized"
+    ) as (response, cassette):
         after = datetime.now(UTC)
         body = assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
         assert body["details"]["providerError"] == "access_token_invalid"
         assert cassette.responses[1]["status"]["code"] == 401
-        assert_all_played(cassette)
     assert_uris(cassette, TOKEN_URL, USER_INFO_URL)
     account = await only_account(app)
     assert account.profile_pending is True
@@ -339,16 +340,13 @@ async def test_userinfo_unauthorized_keeps_tokens_with_profile_pending(app, http
 
 @pytest.mark.gen_test
 async def test_userinfo_is_retried_once_then_connects(app, http_client, base_url):
-    state = await start_state(http_client, base_url, "userinfo_retry_then_ok")
-    with replay("userinfo_retry_then_ok") as cassette:
-        response = await callback(
-            http_client, base_url, callback_params("userinfo_retry_then_ok", state)
-        )
+    async with replayed_callback(
+        http_client, base_url, "userinfo_retry_then_ok"
+    ) as (response, cassette):
         assert response.code == 302, response.body
         assert response.headers["Location"] == CONNECTED
         assert [r["status"]["code"] for r in cassette.responses] == [200, 500, 200]
         assert cassette.play_count == 3  # token + two user-info attempts
-        assert_all_played(cassette)
     assert_uris(cassette, TOKEN_URL, USER_INFO_URL, USER_INFO_URL)
     account = await only_account(app)
     assert account.profile_pending is False

@@ -382,6 +382,38 @@ def callback_state(query: str) -> str | None:
     return dict(parse_qsl(query)).get("state")
 
 
+def recording_sandbox(client_secret: str, **settings: str | None) -> tuple[Sandbox, Config]:
+    """A sandbox on a free port that knows ``client_secret``, and a gateway config for it
+    (``settings`` on top; ``TIKTOK_CLIENT_SECRET`` among them to give the gateway another)."""
+    sandbox = Sandbox([SandboxClient(CLIENT_KEY, client_secret, [REDIRECT_URI])])
+    sandbox_url = f"http://127.0.0.1:{sandbox.listen(0)}"
+    config = make_config(
+        TIKTOK_API_BASE_URL=sandbox_url,
+        TIKTOK_AUTHORIZE_URL=sandbox_url + SANDBOX_AUTHORIZE_PATH,
+        **{"TIKTOK_CLIENT_SECRET": client_secret, **settings},
+    )
+    return sandbox, config
+
+
+def add_faults(sandbox: Sandbox, faults: tuple[FaultSpec, ...]) -> None:
+    for fault in faults:
+        sandbox.add_fault(
+            fault.endpoint, status=fault.status, retry_after=fault.retry_after, count=fault.count
+        )
+
+
+def check_recorded(
+    name: str, recipe: Recipe | AccountRecipe, response: HTTPResponse, recorded: int
+) -> None:
+    """The gateway answered what the recipe expects after as many TikTok calls."""
+    if (response.code, recorded) != (recipe.expect_status, recipe.expect_interactions):
+        raise RecordingError(
+            f"{name}: the gateway answered {response.code} after {recorded} TikTok "
+            f"call(s); expected {recipe.expect_status} after {recipe.expect_interactions}"
+        )
+    log.info("%s: %d -> %d interaction(s)", name, response.code, recorded)
+
+
 # -- the two targets ----------------------------------------------------------------
 
 
@@ -391,14 +423,8 @@ async def record_sandbox_scenario(scenario: Scenario, out_dir: Path) -> dict[str
     gateway_secret = (
         "wrong-secret-" + secrets.token_hex(16) if recipe.wrong_client_secret else client_secret
     )
-    sandbox = Sandbox([SandboxClient(CLIENT_KEY, client_secret, [REDIRECT_URI])])
-    sandbox_url = f"http://127.0.0.1:{sandbox.listen(0)}"
-    config = make_config(
-        TIKTOK_API_BASE_URL=sandbox_url,
-        TIKTOK_AUTHORIZE_URL=sandbox_url + SANDBOX_AUTHORIZE_PATH,
-        TIKTOK_CLIENT_SECRET=gateway_secret,
-    )
-    scrubber = Scrubber(sandbox_url, fake_code(scenario.name))
+    sandbox, config = recording_sandbox(client_secret, TIKTOK_CLIENT_SECRET=gateway_secret)
+    scrubber = Scrubber(config.tiktok_api_base_url, fake_code(scenario.name))
     scrubber.remember(client_secret, "client secret")
     scrubber.remember(gateway_secret, "client secret")
     try:
@@ -427,21 +453,13 @@ async def record_sandbox_scenario(scenario: Scenario, out_dir: Path) -> dict[str
                     raise RecordingError(f"consuming the code answered {first.code}")
                 again = await start_authorization(gateway_url, scenario.requested_scopes)
                 query = urlencode({**params, "state": again["state"]})
-            for fault in recipe.faults:
-                sandbox.add_fault(
-                    fault.endpoint, status=fault.status, retry_after=fault.retry_after
-                )
+            add_faults(sandbox, recipe.faults)
             response, recorded = await record_callback(
                 gateway_url, query, cassette_path(scenario.name, out_dir), scrubber
             )
     finally:
         await sandbox.close()
-    if (response.code, recorded) != (recipe.expect_status, recipe.expect_interactions):
-        raise RecordingError(
-            f"{scenario.name}: the gateway answered {response.code} after {recorded} TikTok "
-            f"call(s); expected {recipe.expect_status} after {recipe.expect_interactions}"
-        )
-    log.info("%s: %d -> %d interaction(s)", scenario.name, response.code, recorded)
+    check_recorded(scenario.name, recipe, response, recorded)
     return scrubber.seen
 
 
@@ -480,15 +498,11 @@ async def record_sandbox_account_scenario(
 ) -> dict[str, str]:
     recipe = ACCOUNT_RECIPES[scenario.name]
     client_secret = "record-secret-" + secrets.token_hex(16)
-    sandbox = Sandbox([SandboxClient(CLIENT_KEY, client_secret, [REDIRECT_URI])])
-    sandbox_url = f"http://127.0.0.1:{sandbox.listen(0)}"
-    config = make_config(
-        TIKTOK_API_BASE_URL=sandbox_url,
-        TIKTOK_AUTHORIZE_URL=sandbox_url + SANDBOX_AUTHORIZE_PATH,
-        TIKTOK_CLIENT_SECRET=client_secret,
+    sandbox, config = recording_sandbox(
+        client_secret,
         REFRESH_SKEW_SECONDS=ALWAYS_DUE_SKEW_SECONDS if scenario.endpoint == "refresh" else None,
     )
-    scrubber = Scrubber(sandbox_url)
+    scrubber = Scrubber(config.tiktok_api_base_url)
     scrubber.remember(client_secret, "client secret")
     store = MemoryStore(config.cipher())
     try:
@@ -501,13 +515,7 @@ async def record_sandbox_account_scenario(
             scrubber.remember(tokens.refresh_token, "refresh token")
             if recipe.revoke_user_first:
                 sandbox.revoke_all_for(sandbox.users[0].open_id)
-            for fault in recipe.faults:
-                sandbox.add_fault(
-                    fault.endpoint,
-                    status=fault.status,
-                    retry_after=fault.retry_after,
-                    count=fault.count,
-                )
+            add_faults(sandbox, recipe.faults)
             response, recorded = await record_request(
                 account_request(gateway_url, scenario, account_id),
                 cassette_path(scenario.name, out_dir),
@@ -515,12 +523,7 @@ async def record_sandbox_account_scenario(
             )
     finally:
         await sandbox.close()
-    if (response.code, recorded) != (recipe.expect_status, recipe.expect_interactions):
-        raise RecordingError(
-            f"{scenario.name}: the gateway answered {response.code} after {recorded} TikTok "
-            f"call(s); expected {recipe.expect_status} after {recipe.expect_interactions}"
-        )
-    log.info("%s: %d -> %d interaction(s)", scenario.name, response.code, recorded)
+    check_recorded(scenario.name, recipe, response, recorded)
     return scrubber.seen
 
 

@@ -17,6 +17,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from services.product_auth import TOKENS_SCOPE
+from storage.base import AccountTokens
 from storage.crypto import TokenCipher
 from tests.fixtures_mongo import open_mongo_store
 from tests.flow import consent, follow, location, make_sandbox, start
@@ -51,6 +52,13 @@ def wide_client(io_loop) -> Iterator[AsyncHTTPClient]:
     client.close()
 
 
+async def stored_tokens(uri: str, database: str, account_id: str) -> AccountTokens | None:
+    """The account's tokens as MongoDB holds them, decrypted with the gateways' key."""
+    cipher = TokenCipher(TokenCipher.parse_keys(TOKEN_KEY))
+    async with open_mongo_store(uri, database, "motor", cipher, initialize=False) as store:
+        return await store.get_account_tokens(account_id)
+
+
 @pytest.mark.gen_test(timeout=120)
 async def test_concurrent_token_requests_over_two_processes_refresh_once(
     sandbox, mongo_server, mongo_database_name, wide_client, tmp_path
@@ -79,14 +87,7 @@ async def test_concurrent_token_requests_over_two_processes_refresh_once(
         [account] = json.loads(listed.body)["accounts"]
         expires = datetime.fromisoformat(account["accessTokenExpiresAt"].replace("Z", "+00:00"))
         assert expires - datetime.now(UTC) < timedelta(seconds=SKEW_SECONDS)  # due
-        async with open_mongo_store(
-            mongo_server.uri,
-            mongo_database_name,
-            "motor",
-            TokenCipher(TokenCipher.parse_keys(TOKEN_KEY)),
-            initialize=False,
-        ) as store:
-            original = await store.get_account_tokens(account["id"])
+        original = await stored_tokens(mongo_server.uri, mongo_database_name, account["id"])
         assert original is not None
         assert sandbox.stats["token_refresh"] == 0
 
@@ -119,14 +120,7 @@ async def test_concurrent_token_requests_over_two_processes_refresh_once(
         assert len({b["expiresAt"] for b in bodies}) == 1
         assert sandbox.stats["token_refresh"] == 1
 
-        async with open_mongo_store(
-            mongo_server.uri,
-            mongo_database_name,
-            "motor",
-            TokenCipher(TokenCipher.parse_keys(TOKEN_KEY)),
-            initialize=False,
-        ) as store:
-            stored = await store.get_account_tokens(account["id"])
+        stored = await stored_tokens(mongo_server.uri, mongo_database_name, account["id"])
         assert stored is not None
         assert stored.access_token in tokens
         assert stored.refresh_token != original.refresh_token

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -36,7 +37,13 @@ from services.config import Config, load_config
 from services.connect import ConnectionService
 from services.errors import ConfigError, GatewayError
 from services.logging_setup import setup_logging
-from services.metrics import GatewayMetrics, InstrumentedStore
+from services.metrics import (
+    GatewayMetrics,
+    InstrumentedStore,
+    enable_multiprocess,
+    leave_multiprocess,
+    prepare_multiprocess_dir,
+)
 from services.product_auth import (
     HostResolver,
     Principal,
@@ -366,9 +373,11 @@ def run_workers(config: Config) -> int:
     this process's end of a pipe each worker watches (its lifeline) and its copy of
     the socket: every worker then shuts down gracefully and exits 0, and so does
     this process once they are all gone. A worker whose parent dies sees the pipe
-    close too, and stops.
+    close too, and stops. The workers keep their metrics in one directory, so a
+    scrape of any worker's ``/metrics`` reports them all.
     """
     sockets = tornado.netutil.bind_sockets(config.port, address=config.host)
+    metrics_dir, temporary_metrics_dir = prepare_multiprocess_dir()
     lifeline, lifeline_end = os.pipe()
     stopping = False
 
@@ -397,6 +406,7 @@ def run_workers(config: Config) -> int:
         config.workers,
         os.getpid(),
     )
+    log.info("the workers' metrics are kept in %s", metrics_dir)
     try:
         tornado.process.fork_processes(config.workers)
     except RuntimeError as exc:  # too many restarts
@@ -405,11 +415,19 @@ def run_workers(config: Config) -> int:
     except SystemExit:
         log.info("all workers stopped")
         return 0
+    finally:
+        # Only the supervisor gets here before the workers' code below.
+        if temporary_metrics_dir and tornado.process.task_id() is None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     # A worker from here on.
     if stopping:
         return 0  # forked to replace a crashed worker after shutdown began
     os.close(lifeline_end)
-    asyncio.run(serve(config, sockets, lifeline))
+    enable_multiprocess(metrics_dir)
+    try:
+        asyncio.run(serve(config, sockets, lifeline))
+    finally:
+        leave_multiprocess()
     return 0
 
 

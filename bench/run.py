@@ -241,7 +241,7 @@ class Stack:
 def _gateway_variable(name: str) -> bool:
     prefixes = ("TIKTOK_", "MONGODB_", "STATE_", "AUTH_JWT_", "ALLOWED_REDIRECT_",
                 "TOKEN_ENCRYPTION_", "REFRESH_", "WEBHOOK_", "LOG_", "WORKERS", "SHUTDOWN_")
-    return name.startswith(prefixes) or name in ("HOST", "PORT")
+    return name.startswith(prefixes) or name in ("HOST", "PORT", "PROMETHEUS_MULTIPROC_DIR")
 
 
 @contextlib.contextmanager

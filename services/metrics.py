@@ -8,13 +8,22 @@ several gateways in one process (tests, a host mounting two) do not clash.
 Label values come from small fixed sets (outcome names, error codes, endpoint
 names, HTTP statuses, store method names), never from request data. Children
 are looked up once and kept, so the hot path is a dict lookup and an add.
+
+With ``WORKERS=N`` each worker calls ``enable_multiprocess`` before building its
+gateway: values then live in files under one directory (prometheus_client's
+multiprocess mode), and a scrape, whichever worker answers it, reports the sum
+over all workers, those that died included (their in-flight gauge excepted).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import glob
 import inspect
+import os
+import re
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -28,6 +37,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client import values as prometheus_values
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from services.errors import GatewayError
 from storage.base import Account, Store
@@ -58,11 +69,62 @@ REFRESH_OUTCOMES = (
 # TikTok answers in well under a second, times out at a few.
 TIKTOK_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 STORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# prometheus_client's own variable: where the workers' metric files are.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
+
+
+def prepare_multiprocess_dir() -> tuple[str, bool]:
+    """For a supervisor about to fork workers: the directory their metrics go to, and
+    whether it is a new temporary one (the supervisor removes it when it exits).
+    ``PROMETHEUS_MULTIPROC_DIR`` when set, emptied of an earlier run's files."""
+    configured = os.environ.get(MULTIPROCESS_DIR_ENV)
+    if not configured:
+        return tempfile.mkdtemp(prefix="tiktok-gateway-metrics-"), True
+    os.makedirs(configured, exist_ok=True)
+    for path in glob.glob(os.path.join(configured, "*.db")):
+        os.remove(path)
+    return configured, False
+
+
+def enable_multiprocess(directory: str) -> None:
+    """From now on this process's metric values live in ``directory`` (a worker of
+    ``WORKERS=N``; call it before any metric is made). Live gauges left by workers
+    that died, say killed, are dropped so they no longer count."""
+    os.environ[MULTIPROCESS_DIR_ENV] = directory
+    prometheus_values.ValueClass = prometheus_values.MultiProcessValue()
+    for path in glob.glob(os.path.join(directory, "gauge_live*.db")):
+        match = _LIVE_GAUGE_FILE.fullmatch(os.path.basename(path))
+        if match and not _alive(int(match.group(1))):
+            mark_process_dead(int(match.group(1)), directory)
+
+
+def leave_multiprocess() -> None:
+    """A worker stopping: its in-flight gauge no longer counts (its counters do)."""
+    directory = os.environ.get(MULTIPROCESS_DIR_ENV)
+    if directory:
+        mark_process_dead(os.getpid(), directory)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # Set when this process's values are files shared with other workers.
+        self.multiprocess_dir = (
+            os.environ.get(MULTIPROCESS_DIR_ENV)
+            if getattr(prometheus_values.ValueClass, "_multiprocess", False)
+            else None
+        )
         self.callbacks = Counter(
             "tiktok_gateway_callbacks",
             "OAuth callbacks handled, by outcome: connected or the error code answered.",
@@ -73,6 +135,7 @@ class GatewayMetrics:
             "tiktok_gateway_callbacks_in_flight",
             "OAuth callbacks being handled right now.",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.tiktok_request_seconds = Histogram(
             "tiktok_gateway_tiktok_request_seconds",
@@ -100,6 +163,7 @@ class GatewayMetrics:
             "At the last refresh round: how long the most overdue due account had been due "
             "(0 when none was).",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         # Present from the start at 0, so rate() and alerts see every series.
         self._callbacks = {name: self.callbacks.labels(name) for name in CALLBACK_OUTCOMES}
@@ -107,7 +171,12 @@ class GatewayMetrics:
         self._tiktok: dict[tuple[str, str], Any] = {}
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        # Every worker's files, read at each scrape.
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)
+        return generate_latest(merged)
 
     @contextlib.contextmanager
     def callback(self) -> Iterator[None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from tornado.httpclient import AsyncHTTPClient
 
 from services.errors import ConfigError
@@ -26,6 +28,7 @@ from storage.mongodb import ACCOUNTS_COLLECTION
 from tests.flow import consent, follow, location, start
 from tests.processes import ROOT, GatewayProcess, gateway_settings, poll_until
 from tests.support import PRODUCT_REDIRECT, make_config
+from tests.test_metrics import Scrape
 from tests.test_store_faults import raw_database, wait_for_indexes
 
 CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
@@ -91,6 +94,23 @@ async def connect(client: AsyncHTTPClient, gateway_url: str, owner: str) -> None
     assert location(await follow(client, callback_url)) == CONNECTED
 
 
+async def assert_metrics_of_all_workers(
+    client: AsyncHTTPClient, gateway: GatewayProcess, *, starts: int, connected: int
+) -> None:
+    """Whichever worker answers, ``/metrics`` sums every worker, dead ones included:
+    each worker that started created the indexes once."""
+    for _ in range(8):  # several scrapes, so more than one worker answers some
+        response = await gateway.get(client, "/metrics")
+        assert response is not None and response.code == 200
+        scrape = Scrape(response.body.decode())
+        initialized = scrape.value(
+            "tiktok_gateway_store_operation_seconds_count", operation="initialize"
+        )
+        assert initialized == starts, scrape.samples
+        assert scrape.value("tiktok_gateway_callbacks_total", outcome="connected") == connected
+        assert scrape.value("tiktok_gateway_callbacks_in_flight") == 0
+
+
 def count_accounts(uri: str, database_name: str) -> int:
     database = raw_database(uri, database_name)
     try:
@@ -126,6 +146,8 @@ async def test_workers_share_one_port_restart_after_a_crash_and_stop_on_sigterm(
         assert count_accounts(mongo_server.uri, mongo_database_name) == len(owners)
         health = await asyncio.gather(*(gateway.get(client, "/healthz") for _ in range(20)))
         assert all(r is not None and r.code == 200 for r in health)
+        await assert_metrics_of_all_workers(client, gateway, starts=WORKERS,
+                                            connected=len(owners))
 
         # A worker that crashes is replaced; the port keeps answering.
         crashed = min(workers)
@@ -135,6 +157,9 @@ async def test_workers_share_one_port_restart_after_a_crash_and_stop_on_sigterm(
         await log_count(gateway, "store ready", WORKERS + 1)
         await connect(client, gateway.url, "user-after-crash")
         assert count_accounts(mongo_server.uri, mongo_database_name) == len(owners) + 1
+        # The crashed worker's counts stay; its replacement's add up.
+        await assert_metrics_of_all_workers(client, gateway, starts=WORKERS + 1,
+                                            connected=len(owners) + 1)
 
         # SIGTERM to the supervisor stops every worker gracefully, then itself: 0.
         gateway.send_signal(signal.SIGTERM)
@@ -144,6 +169,82 @@ async def test_workers_share_one_port_restart_after_a_crash_and_stop_on_sigterm(
         assert log.count("shutdown complete") == WORKERS, log
         assert "all workers stopped" in log, log
         assert "Traceback" not in log, log
+        # The metrics directory the supervisor made for the workers is gone with it.
+        [metrics_dir] = re.findall(r"the workers' metrics are kept in (\S+)", log)
+        assert not Path(metrics_dir).exists()
+    finally:
+        gateway.stop()
+        for pid in seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def unused_pid() -> int:
+    """A process id no process has right now."""
+    pid = 4_000_000
+    while alive(pid) or Path(f"/proc/{pid}").exists():
+        pid -= 1
+    return pid
+
+
+def leave_in_flight_gauge(directory: Path, pid: int, value: float) -> None:
+    """The in-flight gauge file a worker killed mid-callback would leave behind."""
+    name = "tiktok_gateway_callbacks_in_flight"
+    gauge = MmapedDict(str(directory / f"gauge_livesum_{pid}.db"))
+    try:
+        gauge.write_value(mmap_key(name, name, [], [], "OAuth callbacks being handled right now."),
+                          value, 0.0)
+    finally:
+        gauge.close()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_configured_metrics_directory_and_a_dead_workers_in_flight_gauge(
+    tmp_path, mongo_server, mongo_database_name, sandbox, client
+):
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    stale = metrics_dir / "counter_4000001.db"  # an earlier run's
+    stale.write_bytes(b"")
+    settings = gateway_settings(mongo_server.uri, mongo_database_name, sandbox.url,
+                                WORKERS=str(WORKERS), PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    gateway = GatewayProcess(tmp_path / "gateway.log", **settings)
+    seen: set[int] = set()
+
+    async def in_flight() -> float | None:
+        response = await gateway.get(client, "/metrics")
+        assert response is not None and response.code == 200
+        return Scrape(response.body.decode()).value("tiktok_gateway_callbacks_in_flight")
+
+    try:
+        gateway.start()
+        workers = await workers_of(gateway)
+        seen |= workers
+        await gateway.wait_ready(client, TIMEOUT_S)
+        await log_count(gateway, "store ready", WORKERS)
+        # Emptied at start; then each worker writes files of its own there.
+        assert not stale.exists()
+        writers = {int(pid) for pid in re.findall(r"_(\d+)\.db", " ".join(
+            path.name for path in metrics_dir.iterdir()))}
+        assert workers <= writers
+
+        # A worker killed with 3 callbacks in flight left its gauge: it counts until
+        # the next worker starts, which drops it.
+        leave_in_flight_gauge(metrics_dir, unused_pid(), 3)
+        assert await in_flight() == 3
+        crashed = min(workers)
+        os.kill(crashed, signal.SIGKILL)
+        workers = await workers_of(gateway, lambda pids: crashed not in pids)
+        seen |= workers
+        await log_count(gateway, "store ready", WORKERS + 1)
+        assert await in_flight() == 0
+
+        gateway.send_signal(signal.SIGTERM)
+        assert await gateway.wait_exit(TIMEOUT_S) == 0
+        assert metrics_dir.is_dir()  # the operator's directory stays
+        # Workers that stopped gracefully took their live gauges with them.
+        assert not list(metrics_dir.glob("gauge_live*.db"))
+        assert list(metrics_dir.glob("counter_*.db"))
     finally:
         gateway.stop()
         for pid in seen:

@@ -291,7 +291,9 @@ async def serve(
     configuration (``bench.no_upstream`` answers them in process).
 
     A worker of ``run_workers`` gets the pre-bound ``sockets`` and the read end of
-    the parent's ``lifeline`` pipe: its end of file means stop too.
+    the parent's ``lifeline`` pipe: its end of file means stop too. Only worker 0
+    runs the background refresher, so ``REFRESH_MAX_PER_MINUTE`` holds for the
+    whole gateway (a crashed worker 0 is replaced as worker 0).
     """
     app = make_app(config, http_client=http_client)
     gateway: Gateway = app.settings["gateway"]
@@ -307,7 +309,7 @@ async def serve(
         server.add_sockets(sockets)
         log.info("worker %s (pid %d) serving", tornado.process.task_id(), os.getpid())
     init_task = asyncio.create_task(initialize_store(gateway.store))
-    refresher = start_refresher(gateway)
+    refresher = start_refresher(gateway) if tornado.process.task_id() in (None, 0) else None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

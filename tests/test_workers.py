@@ -111,6 +111,16 @@ async def assert_metrics_of_all_workers(
         assert scrape.value("tiktok_gateway_callbacks_in_flight") == 0
 
 
+def refreshers_started(gateway: GatewayProcess) -> int:
+    return gateway.log_path.read_text(errors="replace").count("background refresh every")
+
+
+def worker_number(gateway: GatewayProcess, pid: int) -> int:
+    [number] = re.findall(rf"worker (\d+) \(pid {pid}\) serving",
+                          gateway.log_path.read_text(errors="replace"))
+    return int(number)
+
+
 def count_accounts(uri: str, database_name: str) -> int:
     database = raw_database(uri, database_name)
     try:
@@ -148,13 +158,18 @@ async def test_workers_share_one_port_restart_after_a_crash_and_stop_on_sigterm(
         assert all(r is not None and r.code == 200 for r in health)
         await assert_metrics_of_all_workers(client, gateway, starts=WORKERS,
                                             connected=len(owners))
+        # One refresher for the gateway, in worker 0: one REFRESH_MAX_PER_MINUTE budget.
+        assert refreshers_started(gateway) == 1
 
         # A worker that crashes is replaced; the port keeps answering.
         crashed = min(workers)
+        crashed_number = worker_number(gateway, crashed)
         os.kill(crashed, signal.SIGKILL)
         workers = await workers_of(gateway, lambda pids: crashed not in pids)
         seen |= workers
         await log_count(gateway, "store ready", WORKERS + 1)
+        # A new worker 0 starts the refresher again; any other does not.
+        assert refreshers_started(gateway) == (2 if crashed_number == 0 else 1)
         await connect(client, gateway.url, "user-after-crash")
         assert count_accounts(mongo_server.uri, mongo_database_name) == len(owners) + 1
         # The crashed worker's counts stay; its replacement's add up.

@@ -378,8 +378,13 @@ def run_workers(config: Config) -> int:
     close too, and stops. The workers keep their metrics in one directory, so a
     scrape of any worker's ``/metrics`` reports them all.
     """
+    try:
+        metrics_dir, temporary_metrics_dir = prepare_multiprocess_dir()
+    except OSError as exc:
+        print(f"tiktok-gateway: no directory for the workers' metrics "
+              f"(PROMETHEUS_MULTIPROC_DIR): {exc}", file=sys.stderr)
+        return 2
     sockets = tornado.netutil.bind_sockets(config.port, address=config.host)
-    metrics_dir, temporary_metrics_dir = prepare_multiprocess_dir()
     lifeline, lifeline_end = os.pipe()
     stopping = False
 

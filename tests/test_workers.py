@@ -267,19 +267,32 @@ async def test_a_configured_metrics_directory_and_a_dead_workers_in_flight_gauge
                 os.kill(pid, signal.SIGKILL)
 
 
+def refused_start_up(gateway: GatewayProcess) -> str:
+    """Run ``python server.py`` with the gateway's environment: it must refuse to start
+    (exit code 2); what it said."""
+    result = subprocess.run(
+        [sys.executable, "server.py"], cwd=ROOT, env=gateway.env, stdin=subprocess.DEVNULL,
+        capture_output=True, timeout=TIMEOUT_S, check=False,
+    )
+    assert result.returncode == 2, result
+    return result.stderr.decode()
+
+
+def test_an_unusable_metrics_directory_stops_the_start_up(tmp_path):
+    not_a_directory = tmp_path / "metrics"
+    not_a_directory.write_text("a file")
+    gateway = GatewayProcess(tmp_path / "gateway.log", WORKERS="2",
+                             MONGODB_URI="mongodb://127.0.0.1:9/",
+                             PROMETHEUS_MULTIPROC_DIR=str(not_a_directory))
+    stderr = refused_start_up(gateway)
+    assert "no directory for the workers' metrics (PROMETHEUS_MULTIPROC_DIR)" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+
+
 def test_several_workers_require_mongodb(tmp_path):
     gateway = GatewayProcess(tmp_path / "gateway.log", WORKERS="2")
     assert "MONGODB_URI" not in gateway.env
-    result = subprocess.run(
-        [sys.executable, "server.py"],
-        cwd=ROOT,
-        env=gateway.env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=TIMEOUT_S,
-    )
-    assert result.returncode == 2, result
-    stderr = result.stderr.decode()
+    stderr = refused_start_up(gateway)
     assert "WORKERS=2 requires MONGODB_URI" in stderr, stderr
     assert "in-memory store" in stderr, stderr
 

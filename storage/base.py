@@ -110,6 +110,22 @@ class AccountTokens:
     refresh_token_expires_at: datetime
 
 
+@dataclass
+class ResealBatch:
+    """What one ``Store.reseal_tokens`` call did, account by account, in id order."""
+
+    # The last account looked at: where the next batch starts (None: there was none).
+    last_id: str | None
+    # Encrypted again with the current key.
+    resealed: int = 0
+    # Already under the current key, or holding no tokens: nothing to do.
+    current: int = 0
+    # Rewritten meanwhile (a refresh, a disconnect), so left as that write made them.
+    changed: int = 0
+    # Accounts whose tokens no configured key opens (the key was dropped too early).
+    unreadable: list[str] = field(default_factory=list)
+
+
 PROFILE_FIELDS = {
     # TikTok user-info field -> account attribute
     "union_id": "union_id",
@@ -231,3 +247,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def accounts_due_for_refresh(self, before: datetime, *, limit: int) -> list[Account]:
         """Connected accounts whose access token expires before ``before``, soonest first."""
+
+    # -- key rotation ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def reseal_tokens(self, *, after: str | None, limit: int) -> ResealBatch:
+        """Encrypt again, with the current key, the tokens of up to ``limit`` accounts
+        whose id comes after ``after`` (all from the first with None).
+
+        Each account is rewritten only if its tokens are still those that were read,
+        so a refresh or a disconnect running meanwhile is never undone.
+        """

@@ -74,6 +74,11 @@ class TokenCipher:
             (_VERSION, self._primary_kid, _b64(nonce), _b64(sealed))
         )
 
+    def is_current(self, token: str) -> bool:
+        """Whether ``token`` is encrypted with the key that encrypts new tokens."""
+        parts = token.split(":")
+        return len(parts) == 4 and parts[0] == _VERSION and parts[1] == self._primary_kid
+
     def decrypt(self, token: str, associated_data: str) -> str:
         try:
             version, kid, nonce, sealed = token.split(":")

@@ -22,10 +22,11 @@ from storage.base import (
     ClaimResult,
     PendingAuthorization,
     PendingStatus,
+    ResealBatch,
     Store,
     TokenGrant,
 )
-from storage.crypto import TokenCipher
+from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.tokens import TokenSealer
 
 _CLAIM_REFUSALS = {
@@ -269,6 +270,24 @@ class MemoryStore(Store):
         ]
         due.sort(key=lambda a: a.access_token_expires_at)
         return [_copy_account(a) for a in due[:limit]]
+
+    async def reseal_tokens(self, *, after: str | None, limit: int) -> ResealBatch:
+        ids = sorted(i for i in self._accounts if after is None or i > after)[:limit]
+        batch = ResealBatch(last_id=ids[-1] if ids else None)
+        for account_id in ids:  # no await in here: nothing can change a record meanwhile
+            account = self._accounts[account_id]
+            sealed = self._sealed_tokens.get(account_id) or {}
+            try:
+                fresh = self._sealer.reseal(account.owner_id, account.platform_account_id, sealed)
+            except TokenIntegrityError:
+                batch.unreadable.append(account_id)
+                continue
+            if fresh is None:
+                batch.current += 1
+            else:
+                self._sealed_tokens[account_id] = sealed | fresh
+                batch.resealed += 1
+        return batch
 
     def _wipe_tokens(self, account_id: str) -> None:
         self._sealed_tokens.pop(account_id, None)

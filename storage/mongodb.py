@@ -40,10 +40,11 @@ from storage.base import (
     ClaimResult,
     PendingAuthorization,
     PendingStatus,
+    ResealBatch,
     Store,
     TokenGrant,
 )
-from storage.crypto import TokenCipher
+from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.tokens import TokenSealer
 
 ACCOUNTS_COLLECTION = "social_accounts"
@@ -521,6 +522,43 @@ class MongoStore(Store):
             .limit(limit)
         )
         return [_account_from_document(doc) async for doc in cursor]
+
+    @_mongo_errors
+    async def reseal_tokens(self, *, after: str | None, limit: int) -> ResealBatch:
+        query: dict[str, Any] = {}
+        if after is not None:
+            start = _object_id(after)
+            if start is None:
+                raise ValueError(f"not an account id: {after!r}")
+            query["_id"] = {"$gt": start}
+        fields = dict.fromkeys(("ownerId", "platformAccountId", "accessToken", "refreshToken",
+                                "accessTokenExpiresAt", "refreshTokenExpiresAt"), 1)
+        cursor = self._accounts.find(query, fields).sort([("_id", ASCENDING)]).limit(limit)
+        documents = [doc async for doc in cursor]
+        batch = ResealBatch(last_id=str(documents[-1]["_id"]) if documents else None)
+        for doc in documents:
+            await self._reseal_one(doc, batch)
+        return batch
+
+    async def _reseal_one(self, doc: dict[str, Any], batch: ResealBatch) -> None:
+        try:
+            fresh = self._sealer.reseal(doc["ownerId"], doc["platformAccountId"], doc)
+        except TokenIntegrityError:
+            batch.unreadable.append(str(doc["_id"]))
+            return
+        if fresh is None:
+            batch.current += 1
+            return
+        # Only over the ciphertext that was read: a refresh or a disconnect meanwhile wins.
+        result = await self._accounts.update_one(
+            {"_id": doc["_id"], "accessToken": doc["accessToken"],
+             "refreshToken": doc["refreshToken"]},
+            {"$set": fresh},
+        )
+        if result.matched_count:
+            batch.resealed += 1
+        else:
+            batch.changed += 1
 
     @staticmethod
     def _revocation(

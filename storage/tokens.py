@@ -31,6 +31,26 @@ class TokenSealer:
             "refreshTokenExpiresAt": grant.refresh_token_expires_at,
         }
 
+    def reseal(self, owner_id: str, open_id: str, sealed: dict[str, Any]) -> dict[str, str] | None:
+        """Both token fields encrypted again with the current key; None when they
+        already are or there are none. Raises ``TokenIntegrityError`` when no key
+        opens them."""
+        names = ("accessToken", "refreshToken")
+        if not all(sealed.get(name) for name in names) or all(
+            self._cipher.is_current(sealed[name]) for name in names
+        ):
+            return None
+        tokens = self.open(owner_id, open_id, sealed)
+        if tokens is None:  # cannot happen: both fields are there
+            return None
+        return {
+            name: self._cipher.encrypt(value, _associated_data(owner_id, open_id, name))
+            for name, value in (
+                ("accessToken", tokens.access_token),
+                ("refreshToken", tokens.refresh_token),
+            )
+        }
+
     def open(self, owner_id: str, open_id: str, sealed: dict[str, Any]) -> AccountTokens | None:
         if not sealed.get("accessToken") or not sealed.get("refreshToken"):
             return None

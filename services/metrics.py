@@ -77,13 +77,15 @@ _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
 def prepare_multiprocess_dir() -> tuple[str, bool]:
     """For a supervisor about to fork workers: the directory their metrics go to, and
     whether it is a new temporary one (the supervisor removes it when it exits).
-    ``PROMETHEUS_MULTIPROC_DIR`` when set, emptied of an earlier run's files."""
+    ``PROMETHEUS_MULTIPROC_DIR`` when set, emptied of an earlier run's metric files."""
     configured = os.environ.get(MULTIPROCESS_DIR_ENV)
     if not configured:
         return tempfile.mkdtemp(prefix="tiktok-gateway-metrics-"), True
     os.makedirs(configured, exist_ok=True)
-    for path in glob.glob(os.path.join(configured, "*.db")):
-        os.remove(path)
+    # Only prometheus_client's own files: the directory may hold anything else.
+    for kind in ("counter", "gauge", "histogram", "summary"):
+        for path in glob.glob(os.path.join(configured, f"{kind}_*.db")):
+            os.remove(path)
     return configured, False
 
 

@@ -43,7 +43,7 @@ DEFAULT_MAX_PER_MINUTE = 300
 DEFAULT_CONCURRENCY = 4
 DEFAULT_STOP_GRACE_SECONDS = 10.0
 # Counted when refresh_account raised instead of answering an outcome (a bug or a
-# store fault): the account is retried next round, the others carry on.
+# store fault): the account is retried after its wait, the others carry on.
 ERROR = "error"
 # Outcomes after which the account waits before its next attempt, and what it does then.
 RETRY_LATER = frozenset({RefreshOutcome.UNAVAILABLE.value, ERROR})
@@ -181,7 +181,7 @@ class Refresher:
     def _record(self, account_id: str, outcome: str) -> str:
         if outcome in RETRY_LATER:
             failures = self._backoff.get(account_id, (0, 0.0))[0] + 1
-            wait = min(self.interval * 2 ** (failures - 1), MAX_BACKOFF_SECONDS)
+            wait = min(self.interval * 2 ** min(failures - 1, 16), MAX_BACKOFF_SECONDS)
             self._backoff[account_id] = (failures, self._monotonic() + wait)
         else:
             self._backoff.pop(account_id, None)

@@ -221,6 +221,8 @@ async def test_a_configured_metrics_directory_and_a_dead_workers_in_flight_gauge
     metrics_dir.mkdir()
     stale = metrics_dir / "counter_4000001.db"  # an earlier run's
     stale.write_bytes(b"")
+    unrelated = metrics_dir / "README.txt"  # not prometheus_client's: left alone
+    unrelated.write_text("keep me")
     settings = gateway_settings(mongo_server.uri, mongo_database_name, sandbox.url,
                                 WORKERS=str(WORKERS), PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     gateway = GatewayProcess(tmp_path / "gateway.log", **settings)
@@ -239,6 +241,7 @@ async def test_a_configured_metrics_directory_and_a_dead_workers_in_flight_gauge
         await log_count(gateway, "store ready", WORKERS)
         # Emptied at start; then each worker writes files of its own there.
         assert not stale.exists()
+        assert unrelated.read_text() == "keep me"
         writers = {int(pid) for pid in re.findall(r"_(\d+)\.db", " ".join(
             path.name for path in metrics_dir.iterdir()))}
         assert workers <= writers

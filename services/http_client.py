@@ -100,6 +100,15 @@ def _never_verbose(curl: Any) -> None:
     curl.setopt(pycurl.VERBOSE, 0)
 
 
+def capacity_of(client: AsyncHTTPClient) -> int | None:
+    """How many requests ``client`` runs at once, when it says (Tornado's simple and
+    curl clients do); more wait in its own queue."""
+    if isinstance(client, SimpleAsyncHTTPClient):
+        return int(client.max_clients)
+    curls = getattr(client, "_curls", None)  # the curl client: one handle per slot
+    return len(curls) if isinstance(curls, list) else None
+
+
 def close_http_client(client: AsyncHTTPClient | None) -> None:
     """Close a client made by ``make_http_client``, with its idle connections."""
     if client is None:

@@ -19,7 +19,13 @@ from urllib.parse import urlencode
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
 from services.errors import ProviderRejected, ProviderUnavailable
-from services.http_client import close_http_client, is_refused, is_timeout, make_http_client
+from services.http_client import (
+    capacity_of,
+    close_http_client,
+    is_refused,
+    is_timeout,
+    make_http_client,
+)
 from services.metrics import GatewayMetrics
 
 if TYPE_CHECKING:
@@ -430,7 +436,13 @@ def tiktok_client_for(
 ) -> TikTokClient:
     """The gateway's TikTok client for ``config``: it calls through ``http_client`` when
     given, else through one pooled client (TIKTOK_HTTP_CLIENT) made on first use, in
-    the running loop, by ``http_factory`` (default: ``make_http_client(config)``)."""
+    the running loop, by ``http_factory`` (default: ``make_http_client(config)``).
+
+    At most TIKTOK_MAX_CONNECTIONS calls go out at once, fewer if a given client runs
+    fewer: calls beyond that wait in the gateway, for a bounded time, not in it."""
+    max_in_flight = config.tiktok_max_connections
+    if http_client is not None:
+        max_in_flight = min(max_in_flight, capacity_of(http_client) or max_in_flight)
     if http_client is None and http_factory is None:
         http_factory = lambda: make_http_client(config)  # noqa: E731 - one line, one use
     return TikTokClient(
@@ -444,7 +456,7 @@ def tiktok_client_for(
         request_timeout=config.tiktok_request_timeout,
         metrics=metrics,
         http_factory=None if http_client else http_factory,
-        max_in_flight=config.tiktok_max_connections,
+        max_in_flight=max_in_flight,
     )
 
 

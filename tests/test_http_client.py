@@ -332,6 +332,22 @@ def test_configured_client_and_pool_size(io_loop, kind):
     assert slots is not None and slots._value == 7
 
 
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_a_hosts_smaller_client_bounds_the_calls_in_flight(io_loop, kind):
+    """An embedding host's own client with fewer slots than TIKTOK_MAX_CONNECTIONS: the
+    gateway lets only as many calls through, so none waits in that client's queue."""
+    config = make_config(TIKTOK_MAX_CONNECTIONS="20")
+    host_client = (CurlAsyncHTTPClient if kind == "curl" else SimpleAsyncHTTPClient)(
+        force_instance=True, max_clients=5
+    )
+    try:
+        assert tiktok_client_for(config, host_client)._slots._value == 5
+        roomy = make_config(TIKTOK_MAX_CONNECTIONS="3")
+        assert tiktok_client_for(roomy, host_client)._slots._value == 3
+    finally:
+        close_http_client(host_client)
+
+
 def test_each_gateway_gets_its_own_client(io_loop):
     config = make_config()
     first, second = make_http_client(config), make_http_client(config)

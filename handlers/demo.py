@@ -173,6 +173,10 @@ class DemoHandler(HtmlErrorPages):
     def demo_url(self) -> str:
         return self.base
 
+    async def show_failure(self, exc: DemoFailed) -> None:
+        self.set_status(exc.status)
+        self.finish(self.render_page(cards=await self.product.cards(), error=exc))
+
     def render_page(self, *, error: DemoFailed | None = None, **extra: Any) -> bytes:
         return TEMPLATES.load("page.html").generate(
             product=PRODUCT_NAME,
@@ -216,12 +220,8 @@ class DemoConnectHandler(DemoHandler):
             return
         self.redirect(authorization_url, status=303)
 
-    async def show_failure(self, exc: DemoFailed) -> None:
-        self.set_status(exc.status)
-        self.finish(self.render_page(cards=await self.product.cards(), error=exc))
 
-
-class DemoAccountActionHandler(DemoConnectHandler):
+class DemoAccountActionHandler(DemoHandler):
     async def post(self, account_id: str, action: str) -> None:
         try:
             notice = await self.run(account_id, action)

@@ -290,12 +290,16 @@ class TikTokClient:
                 self._unavailable(endpoint, "timeout waiting for a free connection"), None
             ) from None
         waited = time.monotonic() - started
-        request.request_timeout = max(request.request_timeout - waited, MIN_REQUEST_SECONDS)
+        allowed = request.request_timeout or self._request_timeout
+        request.request_timeout = max(allowed - waited, MIN_REQUEST_SECONDS)
 
     async def _send(self, request: HTTPRequest, endpoint: str, started: float) -> _Reply:
+        http = self._http
+        if http is None:  # _fetch made it; a close() meanwhile is a caller's bug
+            raise RuntimeError("the TikTok client was closed")
         for refused_attempt in range(2):
             try:
-                response = await self._http.fetch(request, raise_error=False)
+                response = await http.fetch(request, raise_error=False)
                 break
             except (OSError, HTTPClientError) as exc:
                 # Refused (simple: ECONNREFUSED, curl: 599 with libcurl's code 7):

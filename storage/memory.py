@@ -261,15 +261,14 @@ class MemoryStore(Store):
         return changed
 
     async def accounts_due_for_refresh(self, before: datetime, *, limit: int) -> list[Account]:
-        due = [
-            a
+        due = sorted(
+            (a.access_token_expires_at, a.id)
             for a in self._accounts.values()
             if a.status is AccountStatus.CONNECTED
             and a.access_token_expires_at is not None
             and a.access_token_expires_at < before
-        ]
-        due.sort(key=lambda a: a.access_token_expires_at)
-        return [_copy_account(a) for a in due[:limit]]
+        )
+        return [_copy_account(self._accounts[account_id]) for _, account_id in due[:limit]]
 
     async def reseal_tokens(self, *, after: str | None, limit: int) -> ResealBatch:
         ids = sorted(i for i in self._accounts if after is None or i > after)[:limit]

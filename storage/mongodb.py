@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
@@ -143,8 +143,8 @@ def _unavailable(exc: PyMongoError) -> StoreUnavailable:
 
 
 def _mongo_errors(
-    method: Callable[_P, Awaitable[_T]],
-) -> Callable[_P, Awaitable[_T]]:
+    method: Callable[_P, Coroutine[Any, Any, _T]],
+) -> Callable[_P, Coroutine[Any, Any, _T]]:
     """Map every driver error raised by a store method to ``StoreUnavailable``."""
 
     @functools.wraps(method)

@@ -183,3 +183,10 @@ def test_the_command_refuses_the_memory_store(tmp_path):
     done = run_script(tmp_path)
     assert done.returncode == 2
     assert "MONGODB_URI is not set" in done.stderr
+
+
+def test_the_command_reports_an_unreachable_mongodb(tmp_path):
+    done = run_script(tmp_path, MONGODB_URI="mongodb://127.0.0.1:9/", MONGODB_TIMEOUT_MS="300")
+    assert done.returncode == 2
+    assert "MongoDB unreachable" in done.stderr
+    assert "Traceback" not in done.stderr

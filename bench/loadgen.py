@@ -375,25 +375,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
     stats_connection = await sandbox.connect() if sandbox is not None else None
-    before = {
-        "gateway_cpu": cpu_seconds(args.gateway_pid),
-        "sandbox_cpu": cpu_seconds(args.sandbox_pid),
-        "own_cpu": time.process_time(),
-        "sandbox_connections": (
-            await read_sandbox_connections(stats_connection, sandbox)
-            if stats_connection is not None and sandbox is not None else None
-        ),
-    }
+
+    async def counters() -> dict[str, Any]:
+        """CPU of the three processes and the sandbox's connection count, right now."""
+        return {
+            "gateway_cpu": cpu_seconds(args.gateway_pid),
+            "sandbox_cpu": cpu_seconds(args.sandbox_pid),
+            "own_cpu": time.process_time(),
+            "sandbox_connections": (
+                await read_sandbox_connections(stats_connection, sandbox)
+                if stats_connection is not None and sandbox is not None else None
+            ),
+        }
+
+    before = await counters()
     measured = await closed_loop(gateway, requests[args.warmup :], args.concurrency, **common)
-    after = {
-        "gateway_cpu": cpu_seconds(args.gateway_pid),
-        "sandbox_cpu": cpu_seconds(args.sandbox_pid),
-        "own_cpu": time.process_time(),
-        "sandbox_connections": (
-            await read_sandbox_connections(stats_connection, sandbox)
-            if stats_connection is not None and sandbox is not None else None
-        ),
-    }
+    after = await counters()
     gateway.close_all()
     if sandbox is not None:
         sandbox.close_all()

@@ -9,7 +9,14 @@ from urllib.parse import urlencode
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
 from sandbox import Sandbox, SandboxClient
-from tests.support import CLIENT_KEY, CLIENT_SECRET, PRODUCT_REDIRECT, REDIRECT_URI, bearer
+from tests.support import (
+    CLIENT_KEY,
+    CLIENT_SECRET,
+    PRODUCT_REDIRECT,
+    REDIRECT_URI,
+    assert_envelope,
+    bearer,
+)
 
 
 def make_sandbox(pkce: str = "hex", **kwargs: Any) -> Sandbox:
@@ -66,6 +73,30 @@ async def follow(client: AsyncHTTPClient, url: str) -> HTTPResponse:
     return await client.fetch(url, follow_redirects=False, raise_error=False)
 
 
+async def fetch_with_request_id(
+    client: AsyncHTTPClient, url: str, request_id: str, *, method: str = "GET",
+    body: Any = None, headers: dict[str, str] | None = None,
+) -> HTTPResponse:
+    """One request, not followed, carrying ``request_id``, which the gateway must echo."""
+    response = await client.fetch(
+        url, method=method, body=body, follow_redirects=False, raise_error=False,
+        headers={**(headers or {}), "X-Request-ID": request_id},
+    )
+    assert response.headers["X-Request-ID"] == request_id
+    return response
+
+
 def location(response: HTTPResponse) -> str:
     assert response.code == 302, response.body
     return response.headers["Location"]
+
+
+def assert_one_state_connected_once(responses: list[HTTPResponse], connected: str) -> None:
+    """Callbacks of one state sent at once: the winner (and any repeat after it finished)
+    answers the ``connected`` redirect, every other one 400 CONFLICT."""
+    assert any(r.code == 302 for r in responses), [r.code for r in responses]
+    for response in responses:
+        if response.code == 302:
+            assert location(response) == connected
+        else:
+            assert_envelope(response, 400, "CONFLICT")

@@ -16,7 +16,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from services.config import ConfigError
 from services.logging_setup import FIELDS, JsonFormatter, current_request_id, formatter_for
-from tests.flow import sandbox_settings
+from tests.flow import fetch_with_request_id, sandbox_settings
 from tests.processes import ROOT, GatewayProcess
 from tests.support import (
     AUTH_SECRET,
@@ -47,11 +47,8 @@ class Session:
     async def call(self, label: str, url: str, *, method: str = "GET", body: str | None = None,
                    headers: dict[str, str] | None = None) -> Any:
         request_id = f"jsonlog-{label}-{len(self.requests):03d}"
-        response = await self.client.fetch(
-            url, method=method, body=body, follow_redirects=False, raise_error=False,
-            headers={**(headers or {}), "X-Request-ID": request_id},
-        )
-        assert response.headers["X-Request-ID"] == request_id
+        response = await fetch_with_request_id(self.client, url, request_id, method=method,
+                                               body=body, headers=headers)
         self.requests[request_id] = (method, urlsplit(url).path, response.code)
         return response
 

@@ -31,7 +31,7 @@ import pytest
 import sandbox.app as sandbox_app
 from server import make_app
 from storage.memory import MemoryStore
-from tests.flow import make_sandbox, sandbox_settings
+from tests.flow import fetch_with_request_id, make_sandbox, sandbox_settings
 from tests.support import (
     AUTH_SECRET,
     CLIENT_SECRET,
@@ -219,11 +219,8 @@ class Driver:
     async def call(self, label: str, url: str, *, method: str = "GET", body: Any = None,
                    headers: dict[str, str] | None = None) -> Any:
         request_id = f"redaction-{label}-{len(self.journey.exchanges):03d}"
-        response = await self.http.fetch(
-            url, method=method, body=body, follow_redirects=False, raise_error=False,
-            headers={**(headers or {}), "X-Request-ID": request_id},
-        )
-        assert response.headers["X-Request-ID"] == request_id
+        response = await fetch_with_request_id(self.http, url, request_id, method=method,
+                                               body=body, headers=headers)
         self.journey.exchanges.append(
             Exchange(label, method, urlsplit(url).path, request_id, response))
         if response.code >= 400:

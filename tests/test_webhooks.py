@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -98,6 +100,16 @@ async def snapshot(store: Store, accounts: dict[str, Account]) -> dict[str, Any]
     return state
 
 
+@contextlib.asynccontextmanager
+async def changes_nothing(app: Any) -> AsyncIterator[None]:
+    """Seeded accounts that the block must leave exactly as they were."""
+    store = store_of(app)
+    accounts = await seed(store)
+    before = await snapshot(store, accounts)
+    yield
+    assert await snapshot(store, accounts) == before
+
+
 async def assert_revoked(store: Store, account: Account, reason: int) -> Account:
     stored = await store.get_account(account.id)
     assert stored is not None
@@ -179,15 +191,12 @@ async def test_event_for_an_unknown_user_is_200(http_client, base_url, app):
 
 @pytest.mark.gen_test
 async def test_unknown_event_is_200_logged_and_ignored(http_client, base_url, app, caplog):
-    store = store_of(app)
-    accounts = await seed(store)
-    before = await snapshot(store, accounts)
     caplog.set_level(logging.INFO, logger="gateway.webhooks")
     body = event("video.publish.completed", content=json.dumps({"publish_id": "v_pub_1"}))
-    response = await deliver(http_client, base_url, body)
-    assert response.code == 200
-    assert json.loads(response.body) == {"received": True}
-    assert await snapshot(store, accounts) == before
+    async with changes_nothing(app):
+        response = await deliver(http_client, base_url, body)
+        assert response.code == 200
+        assert json.loads(response.body) == {"received": True}
     assert "ignoring TikTok webhook event 'video.publish.completed'" in caplog.text
 
 
@@ -237,15 +246,12 @@ BAD_SIGNATURES = {
 @pytest.mark.gen_test
 @pytest.mark.parametrize("case", list(BAD_SIGNATURES))
 async def test_unverifiable_requests_are_401_and_change_nothing(http_client, base_url, app, case):
-    store = store_of(app)
-    accounts = await seed(store)
-    before = await snapshot(store, accounts)
     body = event()
     signature = BAD_SIGNATURES[case](body, int(time.time()))
-    envelope = assert_envelope(await deliver(http_client, base_url, body, signature), 401,
-                               "UNAUTHORIZED")
+    async with changes_nothing(app):
+        envelope = assert_envelope(await deliver(http_client, base_url, body, signature), 401,
+                                   "UNAUTHORIZED")
     assert "TikTok-Signature" in envelope["technicalMessage"]
-    assert await snapshot(store, accounts) == before
 
 
 @pytest.mark.gen_test
@@ -312,34 +318,27 @@ MALFORMED = {
 @pytest.mark.gen_test
 @pytest.mark.parametrize("case", list(MALFORMED))
 async def test_signed_but_malformed_body_is_400(http_client, base_url, app, case):
-    store = store_of(app)
-    accounts = await seed(store)
-    before = await snapshot(store, accounts)
-    assert_envelope(await deliver(http_client, base_url, MALFORMED[case]), 400, "VALIDATION_ERROR")
-    assert await snapshot(store, accounts) == before
+    async with changes_nothing(app):
+        assert_envelope(await deliver(http_client, base_url, MALFORMED[case]), 400,
+                        "VALIDATION_ERROR")
 
 
 @pytest.mark.gen_test
 async def test_event_of_another_app_is_400_and_changes_nothing(http_client, base_url, app):
-    store = store_of(app)
-    accounts = await seed(store)
-    before = await snapshot(store, accounts)
     body = event(client_key="another-app-client-key")
-    envelope = assert_envelope(await deliver(http_client, base_url, body), 400, "VALIDATION_ERROR")
+    async with changes_nothing(app):
+        envelope = assert_envelope(await deliver(http_client, base_url, body), 400,
+                                   "VALIDATION_ERROR")
     assert envelope["details"] == {"field": "client_key"}
-    assert await snapshot(store, accounts) == before
 
 
 @pytest.mark.gen_test
 async def test_oversize_body_is_413_and_changes_nothing(http_client, base_url, app):
-    store = store_of(app)
-    accounts = await seed(store)
-    before = await snapshot(store, accounts)
     padded = json.loads(event())
     padded["padding"] = "x" * MAX_WEBHOOK_BODY_BYTES
     body = json.dumps(padded).encode()
-    assert_envelope(await deliver(http_client, base_url, body), 413, "PAYLOAD_TOO_LARGE")
-    assert await snapshot(store, accounts) == before
+    async with changes_nothing(app):
+        assert_envelope(await deliver(http_client, base_url, body), 413, "PAYLOAD_TOO_LARGE")
     # Just under the limit is accepted.
     padded["padding"] = "x" * (MAX_WEBHOOK_BODY_BYTES - len(event()) - 20)
     assert (await deliver(http_client, base_url, json.dumps(padded).encode())).code == 200

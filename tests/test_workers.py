@@ -24,6 +24,7 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from tornado.httpclient import AsyncHTTPClient
 
 from services.errors import ConfigError
+from services.metrics import MULTIPROCESS_DIR_ENV, prepare_multiprocess_dir
 from storage.mongodb import ACCOUNTS_COLLECTION
 from tests.flow import consent, follow, location, start
 from tests.processes import ROOT, GatewayProcess, gateway_settings, poll_until
@@ -221,8 +222,6 @@ async def test_a_configured_metrics_directory_and_a_dead_workers_in_flight_gauge
     metrics_dir.mkdir()
     stale = metrics_dir / "counter_4000001.db"  # an earlier run's
     stale.write_bytes(b"")
-    unrelated = metrics_dir / "README.txt"  # not prometheus_client's: left alone
-    unrelated.write_text("keep me")
     settings = gateway_settings(mongo_server.uri, mongo_database_name, sandbox.url,
                                 WORKERS=str(WORKERS), PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     gateway = GatewayProcess(tmp_path / "gateway.log", **settings)
@@ -241,7 +240,6 @@ async def test_a_configured_metrics_directory_and_a_dead_workers_in_flight_gauge
         await log_count(gateway, "store ready", WORKERS)
         # Emptied at start; then each worker writes files of its own there.
         assert not stale.exists()
-        assert unrelated.read_text() == "keep me"
         writers = {int(pid) for pid in re.findall(r"_(\d+)\.db", " ".join(
             path.name for path in metrics_dir.iterdir()))}
         assert workers <= writers
@@ -268,6 +266,21 @@ async def test_a_configured_metrics_directory_and_a_dead_workers_in_flight_gauge
         for pid in seen:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_configured_metrics_directory_loses_only_metric_files(tmp_path, monkeypatch):
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    stale = [metrics_dir / f"{kind}_4000001.db" for kind in ("counter", "gauge_livesum",
+                                                            "histogram", "summary")]
+    for path in stale:
+        path.write_bytes(b"")
+    unrelated = metrics_dir / "notes.db"  # someone else's file: never deleted
+    unrelated.write_text("keep me")
+    monkeypatch.setenv(MULTIPROCESS_DIR_ENV, str(metrics_dir))
+    assert prepare_multiprocess_dir() == (str(metrics_dir), False)
+    assert not any(path.exists() for path in stale)
+    assert unrelated.read_text() == "keep me"
 
 
 def refused_start_up(gateway: GatewayProcess) -> str:

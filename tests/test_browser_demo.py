@@ -124,12 +124,25 @@ def css(driver: Any, selector: str) -> Any:
 
 
 def click(driver: Any, selector: str) -> None:
-    """Click and wait until the browser has left the page it was on."""
-    from selenium.webdriver.support import expected_conditions as ec
+    """Click and wait until the browser has left the page it was on and loaded the next.
 
-    before = css(driver, "html")
+    The page it leaves is marked, and the wait is for a loaded page without the mark:
+    watching the old ``<html>`` element go stale is not enough, as ChromeDriver may
+    answer an inspector error instead of "stale element" for it mid-navigation."""
+    from selenium.common.exceptions import WebDriverException
+
+    driver.execute_script("document.documentElement.dataset.leftByTest = '1'")
     css(driver, selector).click()
-    wait_for(driver, ec.staleness_of(before), f"navigation after clicking {selector}")
+
+    def arrived(driver: Any) -> bool:
+        try:
+            return bool(driver.execute_script(
+                "return document.readyState === 'complete'"
+                " && !document.documentElement.dataset.leftByTest"))
+        except WebDriverException:  # between two documents
+            return False
+
+    wait_for(driver, arrived, f"navigation after clicking {selector}")
 
 
 def shot(driver: Any, name: str) -> Path:

@@ -18,6 +18,7 @@ PKCE_MODES = ("hex", "s256", "off")
 MONGODB_DRIVERS = ("motor", "pymongo")
 LOG_FORMATS = ("text", "json")
 TIKTOK_REQUESTS_PER_MINUTE = 600  # per endpoint, sliding window (TIKTOK_API.md)
+WEBHOOK_RETRY_WINDOW_SECONDS = 72 * 3600  # TikTok retries a webhook for up to 72 h
 # Never echoed back in a configuration error: they end up in terminals and CI logs.
 SECRET_VARIABLES = frozenset(
     {
@@ -64,7 +65,8 @@ class Config:
     tiktok_max_connections: int = DEFAULT_MAX_CONNECTIONS
     # The access-token endpoint refreshes first when the token expires within this.
     refresh_skew_seconds: int = 300
-    webhook_tolerance_seconds: int = 300
+    # Whether a retry is signed afresh is undocumented: accept the whole retry window.
+    webhook_tolerance_seconds: int = WEBHOOK_RETRY_WINDOW_SECONDS
     refresh_interval_seconds: float = 60.0
     refresh_ahead_seconds: int = 3600
     refresh_max_per_minute: int = 300
@@ -340,7 +342,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
         ),
         refresh_skew_seconds=env.parsed("REFRESH_SKEW_SECONDS", 300, _positive_int, "seconds"),
         webhook_tolerance_seconds=env.parsed(
-            "WEBHOOK_TOLERANCE_SECONDS", 300, _positive_int, "seconds"
+            "WEBHOOK_TOLERANCE_SECONDS", WEBHOOK_RETRY_WINDOW_SECONDS, _positive_int, "seconds"
         ),
         refresh_interval_seconds=env.parsed(
             "REFRESH_INTERVAL_SECONDS", 60.0, _non_negative_float, "seconds (0 disables)"

@@ -3,7 +3,8 @@
 TikTok POSTs events to the URL registered for the app and counts only an HTTP 200
 as delivered; it retries for up to 72 hours, so the same event may arrive more
 than once and handling is idempotent. The ``TikTok-Signature`` header is
-``t=<unix time>,s=<hex HMAC-SHA256 of "<t>.<raw body>" keyed by the client secret>``.
+``t=<unix time>,s=<hex HMAC-SHA256 of "<t>.<raw body>" keyed by the client secret>``;
+other elements are ignored, as TikTok asks.
 
 No Tornado here: failures are domain errors the handler's mixin renders.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from services.config import WEBHOOK_RETRY_WINDOW_SECONDS
 from services.connect import utcnow
 from services.errors import GatewayError, Unauthenticated, ValidationFailed
 from storage.base import Store
@@ -32,7 +34,11 @@ log = logging.getLogger("gateway.webhooks")
 
 SIGNATURE_HEADER = "TikTok-Signature"
 MAX_WEBHOOK_BODY_BYTES = 64 * 1024
-DEFAULT_TOLERANCE_SECONDS = 300
+# Whether a retry carries the first attempt's `t` is undocumented, so the default
+# accepts the whole 72-hour retry window (SECURITY.md says what that costs).
+DEFAULT_TOLERANCE_SECONDS = WEBHOOK_RETRY_WINDOW_SECONDS
+# A timestamp in the future is only clock skew: never allow more than this.
+MAX_FUTURE_SKEW_SECONDS = 300
 AUTHORIZATION_REMOVED = "authorization.removed"
 # TikTok's documented reason codes for authorization.removed.
 REMOVAL_REASONS = {
@@ -44,8 +50,11 @@ REMOVAL_REASONS = {
     5: "developer revoked",
 }
 UNKNOWN_REASON = 0
+# Reasons TikTok may add later are kept; beyond an int32 is garbage (and past an
+# int64, BSON could not even store it).
+MAX_REASON = 2**31 - 1
 
-# Exactly what TikTok documents, nothing lenient: "t=<digits>,s=<64 hex>" in either order.
+# The `t` and `s` values exactly as TikTok documents them, nothing lenient.
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _HEX_SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -74,7 +83,7 @@ class WebhookEvent:
     event: str
     create_time: int
     user_openid: str
-    content: str
+    content: object  # TikTok sends a string holding JSON; anything else, as received
 
 
 @dataclass(frozen=True)
@@ -93,22 +102,30 @@ def sign(body: bytes, secret: str, timestamp: int) -> str:
     return f"t={timestamp},s={digest}"
 
 
-def parse_signature_header(header: str | None) -> tuple[int, str]:
-    """``(timestamp, signature hex)`` or ``SignatureInvalid``; no whitespace, no extra parts."""
+def parse_signature_header(header: str | None) -> tuple[int, tuple[str, ...]]:
+    """``(timestamp, signatures in hex)`` or ``SignatureInvalid``.
+
+    Elements are split on ``,`` then ``=``, without trimming whitespace. Elements other
+    than ``t`` and ``s`` are ignored (forward compatibility, as TikTok asks). Exactly one
+    ``t``: two would leave the signed one ambiguous. One or more ``s``, each 64 hex
+    digits: like Stripe, a delivery may carry several (say, during a secret rotation),
+    and one matching is enough.
+    """
     if not header:
         raise _unverified("TikTok-Signature header is missing")
-    values: dict[str, str] = {}
+    timestamps: list[str] = []
+    signatures: list[str] = []
     for part in header.split(","):
-        name, separator, value = part.partition("=")
-        if not separator or name not in ("t", "s") or name in values:
-            raise _unverified("TikTok-Signature header is malformed")
-        values[name] = value
-    timestamp, signature = values.get("t"), values.get("s")
-    if timestamp is None or not _TIMESTAMP.fullmatch(timestamp):
-        raise _unverified("TikTok-Signature header has no valid timestamp")
-    if signature is None or not _HEX_SIGNATURE.fullmatch(signature):
-        raise _unverified("TikTok-Signature header has no valid hex signature")
-    return int(timestamp), signature.lower()
+        name, _, value = part.partition("=")
+        if name == "t":
+            timestamps.append(value)
+        elif name == "s":
+            signatures.append(value)
+    if len(timestamps) != 1 or not _TIMESTAMP.fullmatch(timestamps[0]):
+        raise _unverified("TikTok-Signature header needs exactly one valid timestamp t")
+    if not signatures or not all(_HEX_SIGNATURE.fullmatch(s) for s in signatures):
+        raise _unverified("TikTok-Signature header needs s elements of 64 hex digits")
+    return int(timestamps[0]), tuple(s.lower() for s in signatures)
 
 
 def verify_signature(
@@ -116,33 +133,46 @@ def verify_signature(
 ) -> int:
     """Check the header against ``body``; returns the signed timestamp.
 
-    The HMAC is compared in constant time first, then the timestamp must lie within
-    ``tolerance_seconds`` of ``now``, in the past or in the future.
+    The HMAC is compared in constant time first (every ``s``, so the time taken does
+    not tell which one matched), then the timestamp must be at most
+    ``tolerance_seconds`` old and at most ``MAX_FUTURE_SKEW_SECONDS`` (or the
+    tolerance, if smaller) ahead of ``now``.
     """
-    timestamp, signature = parse_signature_header(header)
+    timestamp, signatures = parse_signature_header(header)
     expected = sign(body, secret, timestamp).partition(",s=")[2]
-    if not hmac.compare_digest(expected, signature):
+    matches = [hmac.compare_digest(expected, signature) for signature in signatures]
+    if not any(matches):
         raise _unverified("TikTok-Signature does not match the body")
-    if abs(now - timestamp) > tolerance_seconds:
+    age = now - timestamp
+    if age > tolerance_seconds:
         raise _unverified(
-            f"TikTok-Signature timestamp is {int(now - timestamp)}s from now "
-            f"(tolerance {tolerance_seconds}s)"
+            f"TikTok-Signature timestamp is {int(age)}s old (tolerance {tolerance_seconds}s)"
+        )
+    future_skew = min(tolerance_seconds, MAX_FUTURE_SKEW_SECONDS)
+    if -age > future_skew:
+        raise _unverified(
+            f"TikTok-Signature timestamp is {int(-age)}s in the future "
+            f"(tolerance {future_skew}s)"
         )
     return timestamp
 
 
 def parse_event(body: bytes) -> WebhookEvent:
-    """The documented body, or ``ValidationFailed``."""
+    """The documented body, or ``ValidationFailed``.
+
+    ``content`` is kept as it came (missing is ``None``): what an event needs from it
+    is the event's business, and an unreadable one must not refuse the whole delivery.
+    """
     try:
         document: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise _malformed("body is not JSON") from None
     if not isinstance(document, dict):
         raise _malformed("body is not a JSON object")
     strings = {}
-    for name in ("client_key", "event", "user_openid", "content"):
+    for name in ("client_key", "event", "user_openid"):
         value = document.get(name)
-        if not isinstance(value, str) or (name != "content" and not value):
+        if not isinstance(value, str) or not value:
             raise _malformed(f"{name} must be a non-empty string", field=name)
         strings[name] = value
     create_time = document.get("create_time")
@@ -152,26 +182,26 @@ def parse_event(body: bytes) -> WebhookEvent:
         or not 0 <= create_time < MAX_UNIX_TIME
     ):
         raise _malformed("create_time must be a unix time", field="create_time")
-    return WebhookEvent(create_time=create_time, **strings)
+    return WebhookEvent(create_time=create_time, content=document.get("content"), **strings)
 
 
-def removal_reason(content: str) -> int:
+def removal_reason(content: object) -> int:
     """The ``reason`` of an ``authorization.removed`` event's ``content`` (a JSON string).
 
-    Content that is not a JSON object is refused; a missing or non-integer reason is
-    kept as 0 (TikTok's "unknown"), because the user did remove the app either way.
+    Never refuses: the signed event says the user removed the app, and refusing it
+    would only make TikTok retry it for 72 hours while the account stays connected.
+    Content that is missing, empty, not a string holding a JSON object, or whose
+    ``reason`` is not an integer TikTok could mean, is applied as 0 (TikTok's "unknown").
     """
-    try:
-        document: Any = json.loads(content)
-    except ValueError:
-        raise _malformed("content is not a JSON document", field="content") from None
-    if not isinstance(document, dict):
-        raise _malformed("content is not a JSON object", field="content")
-    reason = document.get("reason")
-    if not isinstance(reason, int) or isinstance(reason, bool):
-        log.warning("authorization.removed without an integer reason; keeping 0 (unknown)")
-        return UNKNOWN_REASON
-    return reason
+    document = _json_object(content)
+    reason = document.get("reason") if document is not None else None
+    if isinstance(reason, int) and not isinstance(reason, bool) and 0 <= reason <= MAX_REASON:
+        return reason
+    log.warning(
+        "authorization.removed without a readable reason in its content; "
+        "applying it with reason 0 (unknown)"
+    )
+    return UNKNOWN_REASON
 
 
 class WebhookService:
@@ -236,6 +266,16 @@ class WebhookService:
         )
         outcome = WebhookOutcome.REVOKED if changed else WebhookOutcome.ALREADY_APPLIED
         return WebhookReceipt(event.event, outcome, changed, reason)
+
+
+def _json_object(text: object) -> dict[str, Any] | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return document if isinstance(document, dict) else None
 
 
 def _unverified(technical: str) -> SignatureInvalid:

@@ -32,7 +32,6 @@ def test_defaults():
     assert config.mongodb_uri is None
     assert config.mongodb_database == "tiktok_gateway"
     assert config.mongodb_driver == "motor"
-    assert config.webhook_tolerance_seconds == 72 * 3600  # TikTok's retry window
 
 
 def test_every_missing_variable_is_named_at_once():

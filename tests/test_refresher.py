@@ -479,7 +479,7 @@ def test_configuration():
     assert config.refresh_interval_seconds == 60
     assert config.refresh_ahead_seconds == 3600
     assert config.refresh_max_per_minute == 300
-    assert config.webhook_tolerance_seconds == 300
+    assert config.webhook_tolerance_seconds == 72 * 3600  # TikTok's retry window
     for name, value in [
         ("REFRESH_INTERVAL_SECONDS", "-1"),
         ("REFRESH_INTERVAL_SECONDS", "nan"),

@@ -31,8 +31,8 @@ from bench.profile import area_of
 
 TOKEN = {
     "open_id": "bench-open-id", "access_token": "act." + "a" * 60,
-    "refresh_token": "rft." + "r" * 60, "expires_in": 86400,
-    "refresh_expires_in": 31536000, "scope": "user.info.basic", "token_type": "Bearer",
+    "refresh_token": "rft." + "r" * 60, "expires_in": 7200,
+    "refresh_expires_in": 15552000, "scope": "user.info.basic", "token_type": "Bearer",
 }
 USER = {
     "data": {"user": {

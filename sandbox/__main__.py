@@ -55,6 +55,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--consent", choices=CONSENT_MODES, default="auto")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to API calls")
     parser.add_argument(
+        "--revoke-empty-body",
+        action="store_true",
+        help="answer a successful revoke with an empty body, as TikTok's revoke page "
+        "describes (default: {}, as its older page's example shows)",
+    )
+    parser.add_argument(
         "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     args = parser.parse_args(argv)
@@ -72,7 +78,13 @@ async def run(args: argparse.Namespace) -> int:
         redirect_uris=args.redirect_uris,
         app_name=args.app_name,
     )
-    sandbox = Sandbox([client], pkce=args.pkce, consent=args.consent, latency=args.latency)
+    sandbox = Sandbox(
+        [client],
+        pkce=args.pkce,
+        consent=args.consent,
+        latency=args.latency,
+        revoke_empty_body=args.revoke_empty_body,
+    )
     port = sandbox.listen(args.port, args.host)
 
     stop = asyncio.Event()
@@ -84,6 +96,7 @@ async def run(args: argparse.Namespace) -> int:
     print(
         f"TikTok sandbox listening on http://{host}:{port} "
         f"(client_key={client.client_key}, pkce={args.pkce}, consent={args.consent}, "
+        f"revoke_body={'empty' if args.revoke_empty_body else '{}'}, "
         f"redirect_uris={','.join(client.redirect_uris)})",
         flush=True,
     )

@@ -27,7 +27,9 @@ from tornado.httputil import url_concat
 
 from sandbox import pages
 from sandbox.state import (
+    ACCESS_TOKEN_TTL,
     KNOWN_SCOPES,
+    REFRESH_TOKEN_TTL,
     SCOPE_DESCRIPTIONS,
     SCOPE_OF_FIELD,
     OAuthError,
@@ -151,10 +153,15 @@ class Sandbox:
         pkce: str = "hex",
         consent: str = "auto",
         latency: float = 0.0,
-        access_ttl: int = 86400,
-        refresh_ttl: int = 31536000,
+        access_ttl: int = ACCESS_TOKEN_TTL,
+        refresh_ttl: int = REFRESH_TOKEN_TTL,
         code_ttl: int = 300,
+        revoke_empty_body: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``revoke_empty_body``: answer a successful revoke with an empty body, as
+        TikTok's revoke page describes, instead of the older page's ``{}``. ``clock``:
+        seconds, monotonic; a frozen one makes recorded lifetimes reproducible."""
         if consent not in CONSENT_MODES:
             raise ValueError(f"consent must be one of {', '.join(CONSENT_MODES)}, not {consent!r}")
         if latency < 0:
@@ -166,7 +173,9 @@ class Sandbox:
             access_ttl=access_ttl,
             refresh_ttl=refresh_ttl,
             code_ttl=code_ttl,
+            clock=clock,
         )
+        self.revoke_empty_body = revoke_empty_body
         self.consent = consent
         self.latency = latency
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
@@ -627,6 +636,16 @@ class RevokeHandler(_FormHandler):
 
     def post(self) -> None:
         self.answer(self.revoke)
+
+    def send_json(self, status: int, body: object) -> None:
+        if status == 200 and self.sandbox.revoke_empty_body:
+            # The only 200 here is a success; TikTok's revoke page describes it as an
+            # empty body (its older page's example shows {}).
+            self.set_status(200)
+            self.set_header("Content-Type", "application/json; charset=utf-8")
+            self.finish()
+            return
+        super().send_json(status, body)
 
     def revoke(self) -> dict[str, Any]:
         key, secret, token = self.form("client_key", "client_secret", "token")

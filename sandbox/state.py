@@ -42,6 +42,11 @@ FIELDS_BY_SCOPE: dict[str, tuple[str, ...]] = {
 }
 SCOPE_OF_FIELD: dict[str, str] = {f: s for s, fields in FIELDS_BY_SCOPE.items() for f in fields}
 
+# TikTok's current lifetimes (TIKTOK_API.md, "Token lifetimes and rotation"); the older
+# pages' 24 h / 365 days, still in their token example, no longer hold.
+ACCESS_TOKEN_TTL = 7200  # 2 hours
+REFRESH_TOKEN_TTL = 15_552_000  # 180 days
+
 PKCE_MODES = ("hex", "s256", "optional")
 _VERIFIER_RE = re.compile(r"[A-Za-z0-9\-._~]{43,128}")
 _HEX_CHALLENGE_RE = re.compile(r"[0-9a-f]{64}")
@@ -177,6 +182,7 @@ class SandboxState:
         access_ttl: int,
         refresh_ttl: int,
         code_ttl: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if pkce not in PKCE_MODES:
             raise ValueError(f"pkce must be one of {', '.join(PKCE_MODES)}, not {pkce!r}")
@@ -192,6 +198,7 @@ class SandboxState:
         self.refresh_ttl = refresh_ttl
         self.code_ttl = code_ttl
         self.clock_offset = 0.0
+        self._clock = clock
         self._codes: dict[str, _AuthCode] = {}
         self._grants: dict[int, _Grant] = {}
         self._access: dict[str, _Token] = {}
@@ -199,8 +206,9 @@ class SandboxState:
         self._grant_ids: Callable[[], int] = itertools.count(1).__next__
 
     def now(self) -> float:
-        # Monotonic plus an offset tests can push forward to expire things.
-        return time.monotonic() + self.clock_offset
+        # The clock (monotonic unless a recorder freezes it) plus an offset tests can
+        # push forward to expire things.
+        return self._clock() + self.clock_offset
 
     # -- authorize side -------------------------------------------------------
 
@@ -317,34 +325,55 @@ class SandboxState:
             raise _grant_error("Refresh token has been revoked.")
         if self.now() >= token.expires_at:
             raise _grant_error("Refresh token has expired.")
-        # Rotation: the presented refresh token dies; the old access token lives on until
-        # it expires, so clients must not assume refresh invalidates it.
+        # Strict rotation: the presented refresh token dies at once (no grace period is
+        # documented); the old access token lives on until it expires, so clients must
+        # not assume refresh invalidates it.
         token.revoked = True
-        return self._mint(grant)
+        # A refresh does not restart the refresh token's lifetime: the new one keeps the
+        # old one's expiry, and refresh_expires_in says what remains of it.
+        return self._mint(grant, refresh_expires_at=token.expires_at)
 
-    def _mint(self, grant: _Grant) -> dict[str, object]:
+    def _mint(self, grant: _Grant, refresh_expires_at: float | None = None) -> dict[str, object]:
         now = self.now()
+        if refresh_expires_at is None:
+            refresh_expires_at = now + self.refresh_ttl
         suffix = f"!{secrets.randbelow(10000):04d}.va"
         access = f"act.{secrets.token_urlsafe(32)}{suffix}"
         refresh = f"rft.{secrets.token_urlsafe(32)}{suffix}"
         self._access[access] = _Token(grant.id, now + self.access_ttl)
-        self._refresh[refresh] = _Token(grant.id, now + self.refresh_ttl)
+        self._refresh[refresh] = _Token(grant.id, refresh_expires_at)
         return {
             "access_token": access,
             "expires_in": self.access_ttl,
             "open_id": grant.open_id,
-            "refresh_expires_in": self.refresh_ttl,
+            # Whole seconds, as TikTok sends; never 0, which would read as "no lifetime".
+            "refresh_expires_in": max(1, round(refresh_expires_at - now)),
             "refresh_token": refresh,
             "scope": ",".join(grant.scopes),
             "token_type": "Bearer",
         }
 
     def revoke(self, client: SandboxClient, token: str) -> bool:
-        """Revoke the grant behind an access or refresh token; unknown tokens are a no-op."""
-        record = self._access.get(token) or self._refresh.get(token)
+        """Revoke the grant behind an access or refresh token; unknown tokens are a no-op.
+
+        An expired access token is refused. Whether TikTok accepts one is undocumented
+        (TIKTOK_API.md: refresh first when it has expired), so the sandbox takes the
+        strict reading and makes clients that skip the refresh visible.
+        """
+        access = self._access.get(token)
+        record = access or self._refresh.get(token)
         grant = self._grants.get(record.grant_id) if record else None
         if grant is None or grant.client_key != client.client_key:
             return False
+        if access is not None and self.now() >= access.expires_at:
+            # invalid_request, in the token endpoint's flat shape: TikTok's OAuth error list
+            # has nothing for an expired access token (invalid_grant is about codes and
+            # refresh tokens; access_token_invalid belongs to the open API's envelope), and
+            # invalid_request is its code for a parameter it cannot accept, answered 400.
+            raise OAuthError(
+                "invalid_request",
+                "The access token has expired; refresh it and revoke the new access token.",
+            )
         grant.revoked = True
         return True
 

@@ -23,6 +23,10 @@ through the same flow without recording, then record what the gateway sends TikT
 for ``POST /accounts/{id}/access-token`` (a token due for a refresh) or
 ``DELETE /accounts/{id}``.
 
+The sandbox runs on its default (TikTok's current) lifetimes with a frozen clock that
+moves only when a recipe says so, so recorded ``expires_in`` / ``refresh_expires_in``
+are the same on every run, however slow the machine.
+
 Both modes scrub what they record (see ``tests/cassettes.py``): the API base URL
 becomes https://open.tiktokapis.com, the client key and redirect URI become the
 tests' values, the code becomes the scenario's fake code, client_secret,
@@ -65,6 +69,7 @@ from vcr.serializers import yamlserializer  # noqa: E402
 
 from sandbox import Sandbox, SandboxClient  # noqa: E402
 from sandbox.app import AUTHORIZE_PATH as SANDBOX_AUTHORIZE_PATH  # noqa: E402
+from sandbox.state import ACCESS_TOKEN_TTL  # noqa: E402
 from server import make_app  # noqa: E402
 from services.config import Config  # noqa: E402
 from services.errors import ConfigError  # noqa: E402
@@ -145,12 +150,18 @@ class AccountRecipe:
     faults: tuple[FaultSpec, ...] = ()
     # The user removes the app in TikTok first, so the refresh token is refused.
     revoke_user_first: bool = False
+    # Seconds the sandbox's clock moves between connecting and the recorded call.
+    sandbox_time_passes: int = 0
     expect_status: int = 200
     expect_interactions: int = 1
 
 
+ONE_DAY = 86400
+
 ACCOUNT_RECIPES: dict[str, AccountRecipe] = {
-    "refresh_rotated": AccountRecipe(),
+    # A day after connecting: the answer carries what remains of the refresh token's
+    # lifetime (a refresh does not restart it), not a fresh 180 days.
+    "refresh_rotated": AccountRecipe(sandbox_time_passes=ONE_DAY),
     "refresh_refused": AccountRecipe(revoke_user_first=True, expect_status=409),
     "revoke_ok": AccountRecipe(),
     # Answered 200 with revokedAtTikTok false, after the gateway's 3 attempts.
@@ -158,8 +169,9 @@ ACCOUNT_RECIPES: dict[str, AccountRecipe] = {
         faults=(FaultSpec("revoke", 500, count=3),), expect_interactions=3
     ),
 }
-# Makes the sandbox's 24 h access token due, so the access-token endpoint refreshes.
-ALWAYS_DUE_SKEW_SECONDS = "90000"
+# Longer than the sandbox's access-token lifetime: the token is due at once, so the
+# access-token endpoint refreshes (the gateway judges by its own clock, not the sandbox's).
+ALWAYS_DUE_SKEW_SECONDS = str(2 * ACCESS_TOKEN_TTL)
 
 
 def sandbox_knobs(scenario: Scenario) -> dict[str, str]:
@@ -385,7 +397,10 @@ def callback_state(query: str) -> str | None:
 def recording_sandbox(client_secret: str, **settings: str | None) -> tuple[Sandbox, Config]:
     """A sandbox on a free port that knows ``client_secret``, and a gateway config for it
     (``settings`` on top; ``TIKTOK_CLIENT_SECRET`` among them to give the gateway another)."""
-    sandbox = Sandbox([SandboxClient(CLIENT_KEY, client_secret, [REDIRECT_URI])])
+    # Frozen clock: lifetimes in the answers do not depend on how long recording takes.
+    sandbox = Sandbox(
+        [SandboxClient(CLIENT_KEY, client_secret, [REDIRECT_URI])], clock=lambda: 0.0
+    )
     sandbox_url = f"http://127.0.0.1:{sandbox.listen(0)}"
     config = make_config(
         TIKTOK_API_BASE_URL=sandbox_url,
@@ -515,6 +530,7 @@ async def record_sandbox_account_scenario(
             scrubber.remember(tokens.refresh_token, "refresh token")
             if recipe.revoke_user_first:
                 sandbox.revoke_all_for(sandbox.users[0].open_id)
+            sandbox.advance_clock(recipe.sandbox_time_passes)
             add_faults(sandbox, recipe.faults)
             response, recorded = await record_request(
                 account_request(gateway_url, scenario, account_id),

@@ -49,7 +49,7 @@ ACCOUNT_KEYS = {
     "updatedAt",
 }
 SCOPES = ["user.info.basic", "user.info.profile"]
-# Enough that the sandbox's 24 h access token is always due for a refresh.
+# Enough that the sandbox's 2 h access token is always due for a refresh.
 ALWAYS_DUE = "90000"
 
 gen_test = pytest.mark.gen_test(timeout=20)

@@ -40,6 +40,8 @@ SEEDED_REFRESH_TOKEN = "rft.seeded-before-the-cassette"
 # The recordings were made with the sandbox's first user.
 RECORDED_OPEN_ID = default_users()[0].open_id
 CLOCK_SLACK = timedelta(seconds=60)
+REFRESH_LIFETIME = 15_552_000  # 180 days (TIKTOK_API.md)
+ONE_DAY = 86400
 
 
 @pytest.fixture
@@ -148,6 +150,9 @@ async def test_recorded_refresh_rotates_both_tokens(app, http_client, base_url):
     # The rotated refresh token replaced the seeded one, with both expiries absolute.
     assert tokens.access_token == FAKE_TOKENS["access_token"]
     assert tokens.refresh_token == FAKE_TOKENS["refresh_token"] != SEEDED_REFRESH_TOKEN
+    # Recorded a day after connecting: what remains of the 180 days, so a gateway that
+    # assumed a full lifetime instead of reading the answer would be a day off below.
+    assert recorded["refresh_expires_in"] == REFRESH_LIFETIME - ONE_DAY
     access_ttl = timedelta(seconds=recorded["expires_in"])
     refresh_ttl = timedelta(seconds=recorded["refresh_expires_in"])
     assert before + access_ttl - CLOCK_SLACK <= tokens.access_token_expires_at

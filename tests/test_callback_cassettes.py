@@ -63,8 +63,10 @@ BASIC_FIELDS = [
     "display_name",
 ]
 PROFILE_FIELDS = ["bio_description", "profile_deep_link", "is_verified", "username"]
-ACCESS_TTL = timedelta(seconds=86400)
-REFRESH_TTL = timedelta(seconds=31536000)
+# TikTok's current lifetimes (TIKTOK_API.md, "Token lifetimes and rotation"), not the
+# older pages' 86400 / 31536000: a code exchange answers both in full.
+ACCESS_TTL = timedelta(hours=2)
+REFRESH_TTL = timedelta(days=180)
 CLOCK_SLACK = timedelta(seconds=60)
 RECORDER = Path(__file__).resolve().parent.parent / "scripts" / "record_cassettes.py"
 
@@ -176,6 +178,23 @@ def test_cassette_exists_and_holds_nothing_secret(scenario):
 def test_every_cassette_file_is_a_scenario():
     # Callbacks here; account calls (refresh_*, revoke_*) in test_accounts_cassettes.py.
     assert {p.stem for p in CASSETTE_DIR.glob("*.yaml")} == set(CASSETTE_NAMES)
+
+
+def test_every_recorded_token_answer_carries_the_current_lifetimes():
+    """No cassette keeps the older pages' 24 h / 365 days: every token answer has a
+    2-hour access token and at most 180 days of refresh token left."""
+    token_answers = 0
+    for path in sorted(CASSETTE_DIR.glob("*.yaml")):
+        with tiktok_vcr().use_cassette(path.name) as cassette:
+            for index, response in enumerate(cassette.responses):
+                body = json.loads(response["body"]["string"] or "null")
+                if not isinstance(body, dict) or "access_token" not in body:
+                    continue
+                token_answers += 1
+                where = f"{path.name} #{index}: re-record with `make cassettes`"
+                assert body["expires_in"] == ACCESS_TTL.total_seconds(), where
+                assert 0 < body["refresh_expires_in"] <= REFRESH_TTL.total_seconds(), where
+    assert token_answers >= 5  # the exchanges and the refresh are there to check
 
 
 def test_replay_fails_when_a_recorded_interaction_is_not_played():

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from sandbox.state import ACCESS_TOKEN_TTL
 from server import build_gateway, make_app
 from services.accounts import AccountService
 from services.connect import utcnow
@@ -23,7 +24,7 @@ from tests.flow import consent, follow, location, sandbox_settings, start
 from tests.support import PRODUCT_REDIRECT, assert_envelope, make_config
 
 CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
-ACCESS_TTL = 86400  # the sandbox's access-token lifetime, as TikTok's
+ACCESS_TTL = ACCESS_TOKEN_TTL  # the sandbox's access-token lifetime, as TikTok's (2 h)
 
 
 @pytest.fixture
@@ -146,7 +147,7 @@ async def test_refreshes_by_outcome_and_refresher_lag(http_client, base_url, app
     assert location(await follow(http_client, callback_url)) == CONNECTED
     gateway = app.settings["gateway"]
 
-    # A round that looks two days ahead: the one-day token has been due for a day.
+    # A round that looks two lifetimes ahead: the token has been due for one lifetime.
     ahead = 2 * ACCESS_TTL
     accounts = AccountService(store=gateway.store, tiktok=gateway.tiktok,
                               refresh_skew_seconds=ahead, metrics=gateway.metrics)

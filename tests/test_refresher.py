@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sandbox.state import OAuthError
+from sandbox.state import ACCESS_TOKEN_TTL, OAuthError
 from server import build_gateway, start_refresher
 from services.accounts import AccountService, RefreshOutcome
 from services.errors import ConfigError, StoreUnavailable
@@ -26,6 +26,9 @@ from tests.support import CLIENT_KEY, CLIENT_SECRET, REDIRECT_URI, make_config
 
 gen_test = pytest.mark.gen_test(timeout=30)
 AHEAD = 3600
+# A refreshed access token lives the sandbox's (TikTok's) 2 hours, well past AHEAD and
+# the due expiries the tests seed (minutes): an expiry this late shows a refresh happened.
+REFRESHED = timedelta(seconds=ACCESS_TOKEN_TTL) - timedelta(minutes=1)
 
 
 def utc_now() -> datetime:
@@ -153,7 +156,7 @@ async def test_refreshes_only_what_is_due(make_store, sandbox, tiktok):
         assert summary.outcomes == {RefreshOutcome.REFRESHED.value: 1}
         assert sandbox.stats["token_refresh"] == 1
         refreshed = await store.get_account(due.id)
-        assert refreshed.access_token_expires_at > utc_now() + timedelta(hours=23)
+        assert refreshed.access_token_expires_at > utc_now() + REFRESHED
         tokens = await store.get_account_tokens(due.id)
         sandbox.state.check_access(tokens.access_token)  # the new token works at TikTok
         untouched = await store.get_account(fresh.id)
@@ -228,7 +231,7 @@ async def test_one_failing_account_does_not_stop_the_others(sandbox, tiktok, cap
     }
     for account in (first, last):
         stored = await store.get_account(account.id)
-        assert stored.access_token_expires_at > utc_now() + timedelta(hours=23)
+        assert stored.access_token_expires_at > utc_now() + REFRESHED
     assert (await store.get_account(refused.id)).status is AccountStatus.REAUTHORIZATION_REQUIRED
     assert (await store.get_account(broken.id)).status is AccountStatus.CONNECTED
     assert f"refresh of account {broken.id} failed unexpectedly" in caplog.text
@@ -273,7 +276,7 @@ async def test_a_failing_account_waits_longer_after_each_failure(make_store, san
         assert outcome == {RefreshOutcome.REFRESHED.value: 1}
         assert sandbox.stats["token_refresh"] == 4  # three failures and the success
         stored = await store.get_account(account.id)
-        assert stored.access_token_expires_at > utc_now() + timedelta(hours=23)
+        assert stored.access_token_expires_at > utc_now() + REFRESHED
         # Success clears the wait: nothing is due or deferred any more.
         assert (await refresher.run_once()).due == 0
         assert refresher._backoff == {}
@@ -400,7 +403,7 @@ async def test_loop_survives_failed_rounds_and_stop_ends_it(sandbox, tiktok, cap
     assert not refresher.running
     assert sandbox.stats["token_refresh"] == 1
     stored = await store.get_account(account.id)
-    assert stored.access_token_expires_at > utc_now() + timedelta(hours=23)
+    assert stored.access_token_expires_at > utc_now() + REFRESHED
     assert "refresh round skipped: MongoDB unreachable: test" in caplog.text
     assert "refresh round failed" in caplog.text
     assert set(sleeps) == {42}
@@ -430,7 +433,7 @@ async def test_stop_lets_an_in_flight_refresh_finish():
         assert not refresher.running
         stored = await store.get_account(account.id)
         assert stored.status is AccountStatus.CONNECTED
-        assert stored.access_token_expires_at > utc_now() + timedelta(hours=23)
+        assert stored.access_token_expires_at > utc_now() + REFRESHED
         new_tokens = await store.get_account_tokens(account.id)
         assert new_tokens.refresh_token != old_tokens.refresh_token
         with pytest.raises(OAuthError):  # the old one was rotated away at TikTok

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -22,6 +23,7 @@ from tornado.httpclient import HTTPResponse
 from tornado.httputil import url_concat
 
 from sandbox import Sandbox, SandboxClient, default_users, hex_challenge, s256_challenge
+from sandbox.__main__ import DEFAULT_CLIENT_SECRET
 
 CLIENT_KEY = "test-client-key"
 CLIENT_SECRET = "test-client-secret"
@@ -43,6 +45,10 @@ TOKEN_KEYS = {
     "token_type",
 }
 FIRST_USER, SECOND_USER = default_users()
+# TikTok's current lifetimes (TIKTOK_API.md, "Token lifetimes and rotation").
+ACCESS_LIFETIME = 7200  # 2 hours
+REFRESH_LIFETIME = 15_552_000  # 180 days
+DAY = 86400
 
 
 @pytest.fixture
@@ -258,7 +264,8 @@ async def test_hex_pkce_exchange_returns_documented_shape(http_client, base_url)
     assert set(body) == TOKEN_KEYS
     assert body["access_token"].startswith("act.")
     assert body["refresh_token"].startswith("rft.")
-    assert body["expires_in"] == 86400 and body["refresh_expires_in"] == 31536000
+    assert body["expires_in"] == ACCESS_LIFETIME
+    assert body["refresh_expires_in"] == REFRESH_LIFETIME
     assert body["open_id"] == FIRST_USER.open_id
     assert body["scope"] == "user.info.basic,user.info.profile"
     assert body["token_type"] == "Bearer"
@@ -386,13 +393,41 @@ async def test_refresh_rotates_and_old_refresh_token_is_refused(http_client, bas
 @pytest.mark.gen_test
 async def test_expired_access_token_then_refresh(http_client, base_url, sandbox):
     tokens = await connect(http_client, base_url)
-    sandbox.advance_clock(86400)
+    sandbox.advance_clock(ACCESS_LIFETIME - 1)
+    response, _ = await user_info(http_client, base_url, tokens["access_token"])
+    assert response.code == 200
+    sandbox.advance_clock(1)  # two hours after the exchange
     response, body = await user_info(http_client, base_url, tokens["access_token"])
     assert response.code == 401
     assert_api_error(body, "access_token_invalid")
+    assert "expired" in body["error"]["message"]
     fresh = await refresh(http_client, base_url, tokens["refresh_token"])
     response, _ = await user_info(http_client, base_url, fresh["access_token"])
     assert response.code == 200
+
+
+@pytest.mark.gen_test
+async def test_refresh_answers_the_remaining_refresh_lifetime(http_client, base_url, sandbox):
+    first = await connect(http_client, base_url)
+    sandbox.advance_clock(30 * DAY)
+    second = await refresh(http_client, base_url, first["refresh_token"])
+    # The access token gets its two hours from now; the refresh token keeps the first
+    # one's expiry, so the answer is what remains of the 180 days, not 180 days again.
+    assert second["expires_in"] == ACCESS_LIFETIME
+    assert second["refresh_expires_in"] == REFRESH_LIFETIME - 30 * DAY
+    sandbox.advance_clock(ACCESS_LIFETIME - 1)
+    assert (await user_info(http_client, base_url, second["access_token"]))[0].code == 200
+    sandbox.advance_clock(1)
+    assert (await user_info(http_client, base_url, second["access_token"]))[0].code == 401
+
+    sandbox.advance_clock(60 * DAY - ACCESS_LIFETIME)
+    third = await refresh(http_client, base_url, second["refresh_token"])
+    assert third["refresh_expires_in"] == REFRESH_LIFETIME - 90 * DAY
+    # 180 days after the code exchange, however many refreshes happened in between.
+    sandbox.advance_clock(90 * DAY)
+    expired = await refresh(http_client, base_url, third["refresh_token"])
+    assert_flat_error(expired, "invalid_grant")
+    assert "expired" in expired["error_description"]
 
 
 # -- user info ---------------------------------------------------------------
@@ -462,6 +497,56 @@ async def test_revoke_invalidates_access_and_refresh_tokens(http_client, base_ur
         await refresh(http_client, base_url, tokens["refresh_token"]), "invalid_grant"
     )
     assert sandbox.stats["revoke"] == 1
+
+
+async def revoke(http_client, base_url: str, token: str) -> HTTPResponse:
+    return await http_client.fetch(
+        base_url + REVOKE,
+        method="POST",
+        body=urlencode({"client_key": CLIENT_KEY, "client_secret": CLIENT_SECRET, "token": token}),
+        headers={"Content-Type": FORM},
+        raise_error=False,
+    )
+
+
+@pytest.mark.gen_test
+async def test_revoke_refuses_an_expired_access_token(http_client, base_url, sandbox):
+    tokens = await connect(http_client, base_url)
+    sandbox.advance_clock(ACCESS_LIFETIME)
+    response = await revoke(http_client, base_url, tokens["access_token"])
+    # The token endpoint's flat error shape, with its status for invalid_request.
+    assert response.code == 400
+    body = json.loads(response.body)
+    assert set(body) == {"error", "error_description", "log_id"}
+    assert_flat_error(body, "invalid_request")
+    assert "expired" in body["error_description"]
+    assert body["log_id"] == response.headers["X-Tt-Logid"]
+    # Nothing was revoked: refreshing first, then revoking the new token, works.
+    fresh = await refresh(http_client, base_url, tokens["refresh_token"])
+    response = await revoke(http_client, base_url, fresh["access_token"])
+    assert response.code == 200 and json.loads(response.body) == {}
+    assert (await user_info(http_client, base_url, fresh["access_token"]))[0].code == 401
+    assert sandbox.stats["revoke"] == 2
+
+
+@pytest.mark.parametrize("sandbox_options", [{"revoke_empty_body": True}])
+@pytest.mark.gen_test
+async def test_revoke_empty_body_switch(http_client, base_url, sandbox):
+    tokens = await connect(http_client, base_url)
+    response = await revoke(http_client, base_url, tokens["access_token"])
+    assert response.code == 200
+    assert response.body == b""
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Tt-Logid"])
+    assert (await user_info(http_client, base_url, tokens["access_token"]))[0].code == 401
+    assert (await revoke(http_client, base_url, "act.unknown")).body == b""
+    # Errors keep their JSON body.
+    response, body = await post_form(
+        http_client,
+        base_url + REVOKE,
+        {"client_key": CLIENT_KEY, "client_secret": "wrong", "token": "act.whatever"},
+    )
+    assert response.code == 401
+    assert_flat_error(body, "invalid_client")
 
 
 @pytest.mark.gen_test
@@ -732,6 +817,12 @@ def test_default_users_are_deterministic():
     assert re.fullmatch(r"sbx-open-0001-[0-9a-f-]+", FIRST_USER.open_id)
 
 
+def test_default_lifetimes_are_tiktoks_current_ones():
+    client = SandboxClient(CLIENT_KEY, CLIENT_SECRET, [REDIRECT_URI])
+    state = Sandbox([client]).state
+    assert (state.access_ttl, state.refresh_ttl) == (ACCESS_LIFETIME, REFRESH_LIFETIME)
+
+
 def test_constructor_rejects_unknown_modes():
     client = SandboxClient(CLIENT_KEY, CLIENT_SECRET, [REDIRECT_URI])
     with pytest.raises(ValueError):
@@ -747,7 +838,7 @@ def test_cli_prints_where_it_listens_and_exits_cleanly_on_sigterm():
     env = {**os.environ, "TIKTOK_CLIENT_KEY": "from-env-key"}
     env.pop("TIKTOK_CLIENT_SECRET", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "sandbox", "--port", "0"],
+        [sys.executable, "-m", "sandbox", "--port", "0", "--revoke-empty-body"],
         cwd=Path(__file__).resolve().parent.parent,
         env=env,
         stdout=subprocess.PIPE,
@@ -759,7 +850,18 @@ def test_cli_prints_where_it_listens_and_exits_cleanly_on_sigterm():
         line = process.stdout.readline()
         assert re.match(r"TikTok sandbox listening on http://127\.0\.0\.1:\d+ ", line), line
         assert "client_key=from-env-key" in line
+        assert "revoke_body=empty" in line
         assert "secret" not in line
+        # The flag reaches the sandbox: a successful revoke answers an empty body.
+        port = re.search(r":(\d+) ", line).group(1)
+        form = urlencode(
+            {"client_key": "from-env-key", "client_secret": DEFAULT_CLIENT_SECRET, "token": "x"}
+        )
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{REVOKE}", data=form.encode(), headers={"Content-Type": FORM}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback
+            assert (answer.status, answer.read()) == (200, b"")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
     finally:

@@ -114,7 +114,9 @@ class ConnectionService:
 
     def _requested_scopes(self, scopes: list[str] | None) -> list[str]:
         if scopes is None:
-            return list(self._default_scopes)
+            # TIKTOK_SCOPES too: without user.info.basic every default flow would
+            # fail after consent, at the profile call.
+            scopes = list(self._default_scopes)
         unknown = [s for s in scopes if s not in KNOWN_SCOPES]
         if unknown:
             raise ValidationFailed(

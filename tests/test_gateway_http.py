@@ -96,6 +96,20 @@ async def test_authorize_returns_tiktok_url_without_secret(http_client, base_url
     assert response.headers["Cache-Control"] == "no-store"
 
 
+class TestDefaultScopes:
+    @pytest.fixture
+    def app(self):
+        return make_app(make_config(TIKTOK_SCOPES="video.list"))
+
+    @pytest.mark.gen_test
+    async def test_default_scopes_always_include_basic(self, http_client, base_url):
+        # The profile call after consent needs user.info.basic, whatever TIKTOK_SCOPES says.
+        response = await authorize(http_client, base_url)
+        assert response.code == 200, response.body
+        query = query_of(json.loads(response.body)["authorizationUrl"])
+        assert query["scope"] == ["user.info.basic,video.list"]
+
+
 @pytest.mark.gen_test
 @pytest.mark.parametrize(
     "headers",

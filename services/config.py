@@ -38,7 +38,8 @@ class Config:
     tiktok_client_secret: str
     tiktok_redirect_uri: str
     state_secrets: tuple[bytes, ...]
-    auth_jwt_secret: bytes
+    # The product's bearer keys: any of them verifies (rotation, like state_secrets).
+    auth_jwt_secrets: tuple[bytes, ...]
     allowed_redirect_origins: AllowedOrigins
     host: str = "127.0.0.1"
     port: int = 8080
@@ -259,8 +260,10 @@ def load_config(environ: Mapping[str, str]) -> Config:
     if env.required("STATE_SECRET", "HS256 key(s) that sign the OAuth state, comma-separated"):
         state_secrets = env.parsed("STATE_SECRET", (), _hmac_keys, "keys of at least 32 bytes")
     auth_secret: tuple[bytes, ...] = ()
-    if env.required("AUTH_JWT_SECRET", "HS256 key that verifies your product's bearer tokens"):
-        auth_secret = env.parsed("AUTH_JWT_SECRET", (), _hmac_keys, "a key of at least 32 bytes")
+    if env.required(
+        "AUTH_JWT_SECRET", "HS256 key(s) that verify your product's bearer tokens, comma-separated"
+    ):
+        auth_secret = env.parsed("AUTH_JWT_SECRET", (), _hmac_keys, "keys of at least 32 bytes")
     if auth_secret and state_secrets and set(auth_secret) & set(state_secrets):
         env.problems.append(
             "AUTH_JWT_SECRET must differ from every STATE_SECRET key, so a product token "
@@ -313,7 +316,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
         tiktok_pkce=env.choice("TIKTOK_PKCE", "hex", PKCE_MODES),
         state_secrets=state_secrets,
         state_ttl_seconds=env.parsed("STATE_TTL_SECONDS", 600, _positive_int, "seconds"),
-        auth_jwt_secret=auth_secret[0] if auth_secret else b"",
+        auth_jwt_secrets=auth_secret,
         auth_jwt_issuer=env.raw("AUTH_JWT_ISSUER"),
         auth_jwt_audience=env.raw("AUTH_JWT_AUDIENCE"),
         allowed_redirect_origins=origins,

@@ -76,6 +76,14 @@ def test_invalid_values_are_explained(overrides, needle):
     assert needle in "\n".join(problems(**overrides))
 
 
+def test_every_auth_jwt_secret_key_is_kept_for_rotation():
+    old = "test-old-auth-secret-" + "o" * 32
+    config = load_config(environ(AUTH_JWT_SECRET=f"{AUTH_SECRET}, {old}"))
+    assert config.auth_jwt_secrets == (AUTH_SECRET.encode(), old.encode())
+    assert "key 2" in "\n".join(problems(AUTH_JWT_SECRET=AUTH_SECRET + ",tooshort"))
+    assert "must differ" in "\n".join(problems(AUTH_JWT_SECRET=f"{AUTH_SECRET},{STATE_SECRET}"))
+
+
 def test_secrets_are_never_echoed():
     short_secret = "sekrit-value-1234"
     text = "\n".join(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from urllib.parse import urlencode
 
@@ -22,6 +23,7 @@ from tests.support import (
     assert_envelope,
     bearer,
     make_config,
+    product_token,
     query_of,
 )
 
@@ -126,6 +128,63 @@ class TestDefaultScopes:
 async def test_authorize_refuses_bad_bearer(http_client, base_url, headers):
     response = await authorize(http_client, base_url, headers=headers)
     assert_envelope(response, 401, "UNAUTHORIZED")
+
+
+@pytest.mark.gen_test
+async def test_a_bearer_without_exp_is_refused_with_what_to_do(http_client, base_url):
+    token = jwt.encode({"sub": "user-123", "iat": int(time.time())}, AUTH_SECRET)
+    response = await authorize(http_client, base_url, headers={"Authorization": f"Bearer {token}"})
+    body = assert_envelope(response, 401, "UNAUTHORIZED")
+    assert '"exp"' in body["technicalMessage"] and "mint it with an expiry" in body[
+        "technicalMessage"]
+
+
+OLD_AUTH_SECRET = "test-old-auth-secret-" + "o" * 32
+
+
+class TestBearerKeyRotation:
+    @pytest.fixture
+    def app(self):
+        return make_app(make_config(AUTH_JWT_SECRET=f"{AUTH_SECRET},{OLD_AUTH_SECRET}"))
+
+    @pytest.mark.gen_test
+    async def test_every_auth_jwt_secret_key_verifies(self, http_client, base_url):
+        for key in (AUTH_SECRET, OLD_AUTH_SECRET):
+            token = product_token(secret=key)
+            response = await authorize(
+                http_client, base_url, headers={"Authorization": f"Bearer {token}"}
+            )
+            assert response.code == 200, response.body
+        other = product_token(secret="test-unknown-auth-secret-" + "u" * 32)
+        refused = await authorize(
+            http_client, base_url, headers={"Authorization": f"Bearer {other}"}
+        )
+        assert_envelope(refused, 401, "UNAUTHORIZED")
+
+
+@pytest.mark.parametrize(
+    ("settings", "unset"),
+    [
+        ({}, "AUTH_JWT_ISSUER and AUTH_JWT_AUDIENCE not set"),
+        ({"AUTH_JWT_ISSUER": "https://app.example.com"}, "AUTH_JWT_AUDIENCE not set"),
+        ({"AUTH_JWT_AUDIENCE": "tiktok-gateway"}, "AUTH_JWT_ISSUER not set"),
+        ({"AUTH_JWT_ISSUER": "https://app.example.com", "AUTH_JWT_AUDIENCE": "tiktok-gateway"},
+         None),
+    ],
+    ids=["neither", "no-audience", "no-issuer", "both"],
+)
+def test_start_up_warns_when_the_bearer_issuer_or_audience_is_unchecked(
+    caplog, settings, unset
+):
+    with caplog.at_level(logging.WARNING, logger="gateway"):
+        make_app(make_config(**settings))
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "AUTH_JWT_" in r.getMessage()]
+    if unset is None:
+        assert warnings == []
+    else:
+        [warning] = warnings
+        assert warning.startswith(unset + ":"), warning
 
 
 @pytest.mark.gen_test

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -188,8 +189,30 @@ def _absolute_url(text: str) -> str:
     return text
 
 
-def _callback_url(text: str) -> str:
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tls_url(text: str) -> str:
+    """Codes, tokens and the client secret travel here: https, except to this machine
+    (the sandbox and the demo)."""
     _absolute_url(text)
+    parts = urlsplit(text)
+    if parts.scheme != "https" and not _is_loopback(parts.hostname or ""):
+        raise ValueError(
+            "must use https; plain http only to a loopback host: 127.0.0.0/8, ::1 or "
+            "localhost"
+        )
+    return text
+
+
+def _callback_url(text: str) -> str:
+    _tls_url(text)
     parts = urlsplit(text)
     if parts.query or parts.fragment:
         raise ValueError("TikTok requires a redirect URI without query or fragment")
@@ -304,11 +327,11 @@ def load_config(environ: Mapping[str, str]) -> Config:
         tiktok_authorize_url=env.parsed(
             "TIKTOK_AUTHORIZE_URL",
             "https://www.tiktok.com/v2/auth/authorize/",
-            _absolute_url,
+            _tls_url,
             "an absolute URL",
         ),
         tiktok_api_base_url=env.parsed(
-            "TIKTOK_API_BASE_URL", "https://open.tiktokapis.com", _absolute_url, "an absolute URL"
+            "TIKTOK_API_BASE_URL", "https://open.tiktokapis.com", _tls_url, "an absolute URL"
         ).rstrip("/"),
         tiktok_scopes=env.parsed(
             "TIKTOK_SCOPES", ("user.info.basic",), _scopes, "comma-separated TikTok scopes"

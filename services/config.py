@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -35,12 +35,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Config:
+    # Secrets are left out of repr(): a logged or printed config must not leak them.
     tiktok_client_key: str
-    tiktok_client_secret: str
+    tiktok_client_secret: str = field(repr=False)
     tiktok_redirect_uri: str
-    state_secrets: tuple[bytes, ...]
+    state_secrets: tuple[bytes, ...] = field(repr=False)
     # The product's bearer keys: any of them verifies (rotation, like state_secrets).
-    auth_jwt_secrets: tuple[bytes, ...]
+    auth_jwt_secrets: tuple[bytes, ...] = field(repr=False)
     allowed_redirect_origins: AllowedOrigins
     host: str = "127.0.0.1"
     port: int = 8080
@@ -52,12 +53,13 @@ class Config:
     state_ttl_seconds: int = 600
     auth_jwt_issuer: str | None = None
     auth_jwt_audience: str | None = None
-    mongodb_uri: str | None = None
+    # May hold the database password.
+    mongodb_uri: str | None = field(default=None, repr=False)
     mongodb_database: str = "tiktok_gateway"
     mongodb_driver: str = "motor"
     mongodb_timeout_ms: int = 2000
     mongodb_operation_timeout_ms: int = 5000
-    token_encryption_keys: tuple[tuple[str, bytes], ...] = ()
+    token_encryption_keys: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
     tiktok_connect_timeout: float = 2.0
     tiktok_request_timeout: float = 4.0
     tiktok_callback_budget: float = 10.0

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from services import pkce
@@ -49,8 +49,8 @@ class AuthorizationStart:
 
 @dataclass(frozen=True)
 class CallbackParams:
-    state: str
-    code: str | None
+    state: str = field(repr=False)
+    code: str | None = field(repr=False)  # single-use, but redeemable until used
     error: str | None
     error_description: str | None
     granted_scopes: str | None

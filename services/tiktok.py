@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
@@ -50,8 +50,9 @@ MIN_REQUEST_SECONDS = 0.1
 @dataclass(frozen=True)
 class TokenResponse:
     open_id: str
-    access_token: str
-    refresh_token: str
+    # Never in repr(): a response logged or shown in a traceback must not leak them.
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
     expires_in: int
     refresh_expires_in: int
     scopes: list[str]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import os
 import time
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
 
 import jwt
@@ -12,7 +15,10 @@ import pytest
 
 from server import make_app
 from services.state import STATE_ISSUER, STATE_TYP
+from storage.base import TokenGrant
+from storage.crypto import TokenCipher
 from storage.memory import MemoryStore
+from tests.fixtures_mongo import open_mongo_store
 from tests.support import (
     AUTH_SECRET,
     CLIENT_KEY,
@@ -354,3 +360,53 @@ class TestBug:
         body = assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")
         assert "hunter2" not in response.body.decode()
         assert "technicalMessage" not in body and "details" not in body
+
+
+# -- stored tokens no configured key opens ---------------------------------------------
+
+KEY_A = "key-a:" + base64.b64encode(os.urandom(32)).decode()
+KEY_B = "key-b:" + base64.b64encode(os.urandom(32)).decode()
+
+
+class TestTokensSealedWithARemovedKey:
+    """Tokens sealed with key A, a gateway holding only key B: data loss or a wrong key
+    set. The product gets the generic 500; the operator gets an ERROR line."""
+
+    @pytest.fixture
+    def app(self, io_loop, mongo_server, mongo_database_name):
+        app = make_app(make_config(MONGODB_URI=mongo_server.uri,
+                                   MONGODB_DATABASE=mongo_database_name,
+                                   TOKEN_ENCRYPTION_KEYS=KEY_B))
+        yield app
+        io_loop.run_sync(app.settings["gateway"].store.close)
+
+    @pytest.mark.gen_test
+    async def test_access_token_is_a_generic_500_and_an_error_log(
+        self, http_client, base_url, mongo_server, mongo_database_name, caplog
+    ):
+        now = datetime.now(UTC)
+        sealed_with_a = TokenCipher(TokenCipher.parse_keys(KEY_A))
+        async with open_mongo_store(mongo_server.uri, mongo_database_name, "motor",
+                                    sealed_with_a) as store:
+            account = await store.save_account_tokens(
+                "user-123",
+                TokenGrant(open_id="open-1", access_token="act.test-sealed-with-a",
+                           refresh_token="rft.test-sealed-with-a",
+                           access_token_expires_at=now + timedelta(days=1),
+                           refresh_token_expires_at=now + timedelta(days=365),
+                           scopes=["user.info.basic"]),
+                now=now,
+            )
+        with caplog.at_level(logging.INFO, logger="gateway"):
+            response = await http_client.fetch(
+                f"{base_url}/accounts/{account.id}/access-token", method="POST", body="",
+                headers=bearer(scope="tiktok.tokens"), raise_error=False,
+            )
+        body = assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")
+        assert "technicalMessage" not in body and "details" not in body
+        text = response.body.decode()
+        assert "key-a" not in text and "key-b" not in text and "act.test" not in text
+        [logged] = [r for r in caplog.records if r.name == "gateway.errors"]
+        assert logged.levelno == logging.ERROR
+        assert "key-a" in logged.getMessage()  # the operator learns which key is missing
+        assert "Traceback" not in caplog.text

@@ -87,7 +87,12 @@ class ConnectionService:
         self._metrics = metrics or GatewayMetrics()
 
     async def start(
-        self, owner_id: str, redirect_uri: str, scopes: list[str] | None
+        self,
+        owner_id: str,
+        redirect_uri: str,
+        scopes: list[str] | None,
+        *,
+        force_consent: bool = False,
     ) -> AuthorizationStart:
         redirect_uri = self._origins.check(redirect_uri)
         requested = self._requested_scopes(scopes)
@@ -107,7 +112,9 @@ class ConnectionService:
         )
         challenge = pkce.challenge(verifier, self._pkce_mode) if verifier else None
         return AuthorizationStart(
-            authorization_url=self._tiktok.authorize_url(state, requested, challenge),
+            authorization_url=self._tiktok.authorize_url(
+                state, requested, challenge, force_consent=force_consent
+            ),
             state=state,
             expires_at=claims.expires_at,
         )

@@ -130,7 +130,16 @@ class TikTokClient:
         self._sleep = sleep
         self._metrics = metrics or GatewayMetrics()
 
-    def authorize_url(self, state: str, scopes: list[str], code_challenge: str | None) -> str:
+    def authorize_url(
+        self,
+        state: str,
+        scopes: list[str],
+        code_challenge: str | None,
+        *,
+        force_consent: bool = False,
+    ) -> str:
+        """TikTok's consent URL; ``force_consent`` shows the consent page even to a user
+        TikTok would authorize silently, so they can pick another account."""
         params = {
             "client_key": self._client_key,
             "response_type": "code",
@@ -141,6 +150,8 @@ class TikTokClient:
         if code_challenge:
             params["code_challenge"] = code_challenge
             params["code_challenge_method"] = "S256"
+        if force_consent:
+            params["disable_auto_auth"] = "1"
         separator = "&" if "?" in self._authorize_url else "?"
         return self._authorize_url + separator + urlencode(params)
 

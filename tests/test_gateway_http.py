@@ -137,6 +137,36 @@ async def test_authorize_refuses_bad_bearer(http_client, base_url, headers):
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize(
+    ("force_consent", "sent"),
+    [(True, ["1"]), (False, None), ("absent", None)],
+    ids=["true", "false", "absent"],
+)
+async def test_force_consent_asks_tiktok_to_show_its_consent_page(
+    http_client, base_url, force_consent, sent
+):
+    # So a user can switch TikTok accounts instead of being authorized silently again.
+    body = {"redirectUri": PRODUCT_REDIRECT}
+    if force_consent != "absent":
+        body["forceConsent"] = force_consent
+    response = await authorize(http_client, base_url, body)
+    assert response.code == 200, response.body
+    query = query_of(json.loads(response.body)["authorizationUrl"])
+    assert query.get("disable_auto_auth") == sent
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("value", ["true", 1, 0, None, [], {}], ids=repr)
+async def test_force_consent_must_be_a_boolean(http_client, base_url, value):
+    response = await authorize(
+        http_client, base_url, {"redirectUri": PRODUCT_REDIRECT, "forceConsent": value}
+    )
+    body = assert_envelope(response, 400, "VALIDATION_ERROR")
+    assert body["details"] == {"field": "forceConsent"}
+    assert "forceConsent" in body["message"]
+
+
+@pytest.mark.gen_test
 async def test_a_bearer_without_exp_is_refused_with_what_to_do(http_client, base_url):
     token = jwt.encode({"sub": "user-123", "iat": int(time.time())}, AUTH_SECRET)
     response = await authorize(http_client, base_url, headers={"Authorization": f"Bearer {token}"})

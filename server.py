@@ -111,8 +111,20 @@ def bearer_principal_resolver(config: Config) -> PrincipalResolver:
     """Default way to know the product's user: its HS256 bearer JWT, claims ``sub``
     and ``scope``."""
     verifier = ProductTokenVerifier(
-        config.auth_jwt_secret, config.auth_jwt_issuer, config.auth_jwt_audience
+        config.auth_jwt_secrets, config.auth_jwt_issuer, config.auth_jwt_audience
     )
+    checked = {"AUTH_JWT_ISSUER": config.auth_jwt_issuer,
+               "AUTH_JWT_AUDIENCE": config.auth_jwt_audience}
+    unset = " and ".join(name for name, value in checked.items() if not value)
+    if unset:
+        # Recommended, not required: a product with one key per purpose is safe without.
+        log.warning(
+            "%s not set: any token signed with AUTH_JWT_SECRET and a sub is accepted as a "
+            "bearer, even one your product minted for another service; set %s to what "
+            "your product puts in its gateway tokens (iss, aud)",
+            unset,
+            unset,
+        )
 
     async def resolve(handler: tornado.web.RequestHandler) -> Principal:
         return verifier.principal(handler.request.headers.get("Authorization"))

@@ -229,7 +229,7 @@ class DemoProduct:
             claims["iss"] = self._config.auth_jwt_issuer
         if self._config.auth_jwt_audience:
             claims["aud"] = self._config.auth_jwt_audience
-        return jwt.encode(claims, self._config.auth_jwt_secret, algorithm="HS256")
+        return jwt.encode(claims, self._config.auth_jwt_secrets[0], algorithm="HS256")
 
     async def _call(
         self, method: str, url: str, payload: dict[str, Any] | None, *, bearer: bool

@@ -101,7 +101,7 @@ class ErrorWriterMixin(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, GatewayError):
+        if isinstance(exc, GatewayError) and exc.status != 500:
             self.set_status(exc.status)
             envelope = self._envelope(exc.code, exc.message, exc.technical_message, exc.details)
             if exc.retry_after is not None:
@@ -115,6 +115,8 @@ class ErrorWriterMixin(tornado.web.RequestHandler):
                 # RFC 9110: a 405 names the methods the resource does accept.
                 self.set_header("Allow", ", ".join(self.allowed_methods()))
         else:
+            # A bug, or a GatewayError of our own making (tokens no configured key
+            # opens): its detail is for the log, not for the caller.
             self.set_status(500 if status_code < 500 or status_code == 599 else status_code)
             code = _CODES_BY_STATUS.get(self.get_status(), "INTERNAL_SERVER_ERROR")
             envelope = self._envelope(code, _GENERIC_MESSAGE, None, None)
@@ -154,7 +156,12 @@ class ErrorWriterMixin(tornado.web.RequestHandler):
     ) -> None:
         if isinstance(value, GatewayError):
             # Expected outcomes: one line, no traceback, no request URI (it holds the code).
-            level = logging.WARNING if value.status >= 500 else logging.INFO
+            # A 500 is a fault of ours (e.g. stored tokens no key opens): ERROR.
+            level = (
+                logging.ERROR if value.status == 500
+                else logging.WARNING if value.status > 500
+                else logging.INFO
+            )
             error_log.log(
                 level,
                 "%s %s -> %s %s: %s",

@@ -31,8 +31,10 @@ class GatewayHandler(ErrorWriterMixin):
 class AuthorizeHandler(GatewayHandler):
     async def post(self) -> None:
         owner_id = await self.resolve_user(self)
-        redirect_uri, scopes = self.check_body()
-        started = await self.service.start(owner_id, redirect_uri, scopes)
+        redirect_uri, scopes, force_consent = self.check_body()
+        started = await self.service.start(
+            owner_id, redirect_uri, scopes, force_consent=force_consent
+        )
         self.write_json(
             {
                 "authorizationUrl": started.authorization_url,
@@ -41,7 +43,7 @@ class AuthorizeHandler(GatewayHandler):
             }
         )
 
-    def check_body(self) -> tuple[str, list[str] | None]:
+    def check_body(self) -> tuple[str, list[str] | None, bool]:
         if len(self.request.body) > MAX_AUTHORIZE_BODY:
             raise ValidationFailed(
                 "The request is too large.",
@@ -76,7 +78,14 @@ class AuthorizeHandler(GatewayHandler):
                 "scopes must be a non-empty list of TikTok scope names.",
                 details={"field": "scopes"},
             )
-        return redirect_uri, scopes
+        force_consent = body.get("forceConsent", False)
+        if not isinstance(force_consent, bool):
+            raise ValidationFailed(
+                "forceConsent must be true or false.",
+                technical_message="forceConsent must be a JSON boolean",
+                details={"field": "forceConsent"},
+            )
+        return redirect_uri, scopes, force_consent
 
 
 class CallbackHandler(GatewayHandler):

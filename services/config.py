@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -35,11 +36,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Config:
+    # Secrets are left out of repr(): a logged or printed config must not leak them.
     tiktok_client_key: str
-    tiktok_client_secret: str
+    tiktok_client_secret: str = field(repr=False)
     tiktok_redirect_uri: str
-    state_secrets: tuple[bytes, ...]
-    auth_jwt_secret: bytes
+    state_secrets: tuple[bytes, ...] = field(repr=False)
+    # The product's bearer keys: any of them verifies (rotation, like state_secrets).
+    auth_jwt_secrets: tuple[bytes, ...] = field(repr=False)
     allowed_redirect_origins: AllowedOrigins
     host: str = "127.0.0.1"
     port: int = 8080
@@ -51,12 +54,13 @@ class Config:
     state_ttl_seconds: int = 600
     auth_jwt_issuer: str | None = None
     auth_jwt_audience: str | None = None
-    mongodb_uri: str | None = None
+    # May hold the database password.
+    mongodb_uri: str | None = field(default=None, repr=False)
     mongodb_database: str = "tiktok_gateway"
     mongodb_driver: str = "motor"
     mongodb_timeout_ms: int = 2000
     mongodb_operation_timeout_ms: int = 5000
-    token_encryption_keys: tuple[tuple[str, bytes], ...] = ()
+    token_encryption_keys: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
     tiktok_connect_timeout: float = 2.0
     tiktok_request_timeout: float = 4.0
     tiktok_callback_budget: float = 10.0
@@ -189,8 +193,30 @@ def _absolute_url(text: str) -> str:
     return text
 
 
-def _callback_url(text: str) -> str:
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tls_url(text: str) -> str:
+    """Codes, tokens and the client secret travel here: https, except to this machine
+    (the sandbox and the demo)."""
     _absolute_url(text)
+    parts = urlsplit(text)
+    if parts.scheme != "https" and not _is_loopback(parts.hostname or ""):
+        raise ValueError(
+            "must use https; plain http only to a loopback host: 127.0.0.0/8, ::1 or "
+            "localhost"
+        )
+    return text
+
+
+def _callback_url(text: str) -> str:
+    _tls_url(text)
     parts = urlsplit(text)
     if parts.query or parts.fragment:
         raise ValueError("TikTok requires a redirect URI without query or fragment")
@@ -261,8 +287,10 @@ def load_config(environ: Mapping[str, str]) -> Config:
     if env.required("STATE_SECRET", "HS256 key(s) that sign the OAuth state, comma-separated"):
         state_secrets = env.parsed("STATE_SECRET", (), _hmac_keys, "keys of at least 32 bytes")
     auth_secret: tuple[bytes, ...] = ()
-    if env.required("AUTH_JWT_SECRET", "HS256 key that verifies your product's bearer tokens"):
-        auth_secret = env.parsed("AUTH_JWT_SECRET", (), _hmac_keys, "a key of at least 32 bytes")
+    if env.required(
+        "AUTH_JWT_SECRET", "HS256 key(s) that verify your product's bearer tokens, comma-separated"
+    ):
+        auth_secret = env.parsed("AUTH_JWT_SECRET", (), _hmac_keys, "keys of at least 32 bytes")
     if auth_secret and state_secrets and set(auth_secret) & set(state_secrets):
         env.problems.append(
             "AUTH_JWT_SECRET must differ from every STATE_SECRET key, so a product token "
@@ -303,11 +331,11 @@ def load_config(environ: Mapping[str, str]) -> Config:
         tiktok_authorize_url=env.parsed(
             "TIKTOK_AUTHORIZE_URL",
             "https://www.tiktok.com/v2/auth/authorize/",
-            _absolute_url,
+            _tls_url,
             "an absolute URL",
         ),
         tiktok_api_base_url=env.parsed(
-            "TIKTOK_API_BASE_URL", "https://open.tiktokapis.com", _absolute_url, "an absolute URL"
+            "TIKTOK_API_BASE_URL", "https://open.tiktokapis.com", _tls_url, "an absolute URL"
         ).rstrip("/"),
         tiktok_scopes=env.parsed(
             "TIKTOK_SCOPES", ("user.info.basic",), _scopes, "comma-separated TikTok scopes"
@@ -315,7 +343,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
         tiktok_pkce=env.choice("TIKTOK_PKCE", "hex", PKCE_MODES),
         state_secrets=state_secrets,
         state_ttl_seconds=env.parsed("STATE_TTL_SECONDS", 600, _positive_int, "seconds"),
-        auth_jwt_secret=auth_secret[0] if auth_secret else b"",
+        auth_jwt_secrets=auth_secret,
         auth_jwt_issuer=env.raw("AUTH_JWT_ISSUER"),
         auth_jwt_audience=env.raw("AUTH_JWT_AUDIENCE"),
         allowed_redirect_origins=origins,

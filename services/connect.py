@@ -7,7 +7,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from services import pkce
@@ -49,8 +49,8 @@ class AuthorizationStart:
 
 @dataclass(frozen=True)
 class CallbackParams:
-    state: str
-    code: str | None
+    state: str = field(repr=False)
+    code: str | None = field(repr=False)  # single-use, but redeemable until used
     error: str | None
     error_description: str | None
     granted_scopes: str | None
@@ -87,7 +87,12 @@ class ConnectionService:
         self._metrics = metrics or GatewayMetrics()
 
     async def start(
-        self, owner_id: str, redirect_uri: str, scopes: list[str] | None
+        self,
+        owner_id: str,
+        redirect_uri: str,
+        scopes: list[str] | None,
+        *,
+        force_consent: bool = False,
     ) -> AuthorizationStart:
         redirect_uri = self._origins.check(redirect_uri)
         requested = self._requested_scopes(scopes)
@@ -107,14 +112,18 @@ class ConnectionService:
         )
         challenge = pkce.challenge(verifier, self._pkce_mode) if verifier else None
         return AuthorizationStart(
-            authorization_url=self._tiktok.authorize_url(state, requested, challenge),
+            authorization_url=self._tiktok.authorize_url(
+                state, requested, challenge, force_consent=force_consent
+            ),
             state=state,
             expires_at=claims.expires_at,
         )
 
     def _requested_scopes(self, scopes: list[str] | None) -> list[str]:
         if scopes is None:
-            return list(self._default_scopes)
+            # TIKTOK_SCOPES too: without user.info.basic every default flow would
+            # fail after consent, at the profile call.
+            scopes = list(self._default_scopes)
         unknown = [s for s in scopes if s not in KNOWN_SCOPES]
         if unknown:
             raise ValidationFailed(

@@ -79,45 +79,71 @@ def scopes_of(claims: dict[str, Any]) -> frozenset[str]:
 
 
 class ProductTokenVerifier:
-    """Verifies ``Authorization: Bearer <JWT>`` minted by the product."""
+    """Verifies ``Authorization: Bearer <JWT>`` minted by the product.
 
-    def __init__(self, secret: bytes, issuer: str | None, audience: str | None) -> None:
-        self._secret = secret
+    Any of ``secrets`` verifies (AUTH_JWT_SECRET=new,old while the product rotates).
+    """
+
+    def __init__(
+        self, secrets: bytes | tuple[bytes, ...], issuer: str | None, audience: str | None
+    ) -> None:
+        self._secrets = (secrets,) if isinstance(secrets, bytes) else tuple(secrets)
+        if not self._secrets:
+            raise ValueError("at least one bearer key is required")
         self._issuer = issuer
         self._audience = audience
         self._jwt = hs256_jwt({"enforce_minimum_key_length": True})
+        required = ["sub", "exp"]
+        if issuer:
+            required.append("iss")
+        if audience:
+            required.append("aud")
+        self._decode_options: dict[str, Any] = {
+            "algorithms": [ALGORITHM],
+            "issuer": issuer,
+            "audience": audience,
+            "leeway": 30,
+            "options": {"require": required, "verify_aud": bool(audience)},
+        }
 
     def verify(self, authorization: str | None) -> dict[str, Any]:
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             raise Unauthenticated(
                 technical_message="missing Authorization: Bearer <token> header"
             )
-        required = ["sub", "exp"]
-        if self._issuer:
-            required.append("iss")
-        if self._audience:
-            required.append("aud")
         try:
-            if jwt.get_unverified_header(token.strip()).get("typ") == STATE_TYP:
+            if jwt.get_unverified_header(token).get("typ") == STATE_TYP:
                 # A state must never open the door a product token opens.
                 raise Unauthenticated(technical_message="a state token is not a bearer token")
-            claims = self._jwt.decode(
-                token.strip(),
-                self._secret,
-                algorithms=[ALGORITHM],
-                issuer=self._issuer,
-                audience=self._audience,
-                leeway=30,
-                options={"require": required, "verify_aud": bool(self._audience)},
-            )
+            claims = self._decode(token)
         except jwt.ExpiredSignatureError:
             raise Unauthenticated(technical_message="bearer token expired") from None
+        except jwt.MissingRequiredClaimError as exc:
+            if exc.claim == "exp":
+                # A token without expiry would be valid forever once leaked.
+                raise Unauthenticated(
+                    technical_message='bearer token has no "exp" claim: mint it with an '
+                    "expiry a few minutes ahead (exp, in seconds since the epoch)"
+                ) from None
+            raise Unauthenticated(technical_message=f"bearer token rejected: {exc}") from None
         except jwt.PyJWTError as exc:
             raise Unauthenticated(technical_message=f"bearer token rejected: {exc}") from None
         if not isinstance(claims.get("sub"), str) or not claims["sub"]:
             raise Unauthenticated(technical_message="bearer token has no usable sub claim")
         return claims
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        """Claims of the first key whose signature matches; the last key's refusal else."""
+        for key in self._secrets[:-1]:
+            try:
+                claims: dict[str, Any] = self._jwt.decode(token, key, **self._decode_options)
+                return claims
+            except jwt.InvalidSignatureError:
+                continue
+        last: dict[str, Any] = self._jwt.decode(token, self._secrets[-1], **self._decode_options)
+        return last
 
     def principal(self, authorization: str | None) -> Principal:
         claims = self.verify(authorization)

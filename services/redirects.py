@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote_plus, urlencode, urlsplit
 
 from services.errors import ValidationFailed
 
@@ -133,8 +133,15 @@ class AllowedOrigins:
 
 
 def with_query(uri: str, params: dict[str, str]) -> str:
-    """Add ``params`` to the URI's own query, keeping what it already had."""
-    parts = urlsplit(uri)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in params]
-    query.extend(params.items())
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    """Append ``params`` to the URI's own query, before any fragment.
+
+    The product's query is kept byte for byte (its encoding, bare flags, order): it
+    may be signed. Only pairs named like ours are dropped, so ours win.
+    """
+    rest, hash_mark, fragment = uri.partition("#")
+    path, _, query = rest.partition("?")
+    kept = "&".join(
+        part for part in query.split("&") if unquote_plus(part.partition("=")[0]) not in params
+    ) if query else ""
+    separator = "&" if kept and not kept.endswith("&") else ""
+    return f"{path}?{kept}{separator}{urlencode(params)}{hash_mark}{fragment}"

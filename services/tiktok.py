@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
@@ -50,8 +50,9 @@ MIN_REQUEST_SECONDS = 0.1
 @dataclass(frozen=True)
 class TokenResponse:
     open_id: str
-    access_token: str
-    refresh_token: str
+    # Never in repr(): a response logged or shown in a traceback must not leak them.
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
     expires_in: int
     refresh_expires_in: int
     scopes: list[str]
@@ -129,7 +130,16 @@ class TikTokClient:
         self._sleep = sleep
         self._metrics = metrics or GatewayMetrics()
 
-    def authorize_url(self, state: str, scopes: list[str], code_challenge: str | None) -> str:
+    def authorize_url(
+        self,
+        state: str,
+        scopes: list[str],
+        code_challenge: str | None,
+        *,
+        force_consent: bool = False,
+    ) -> str:
+        """TikTok's consent URL; ``force_consent`` shows the consent page even to a user
+        TikTok would authorize silently, so they can pick another account."""
         params = {
             "client_key": self._client_key,
             "response_type": "code",
@@ -140,6 +150,8 @@ class TikTokClient:
         if code_challenge:
             params["code_challenge"] = code_challenge
             params["code_challenge_method"] = "S256"
+        if force_consent:
+            params["disable_auto_auth"] = "1"
         separator = "&" if "?" in self._authorize_url else "?"
         return self._authorize_url + separator + urlencode(params)
 

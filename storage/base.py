@@ -37,7 +37,8 @@ class PendingAuthorization:
     owner_id: str
     redirect_uri: str
     scopes: list[str]
-    code_verifier: str | None
+    # Secrets are left out of repr() here and below: records end up in logs and tracebacks.
+    code_verifier: str | None = field(repr=False)
     created_at: datetime
     expires_at: datetime
     status: PendingStatus = PendingStatus.PENDING
@@ -67,8 +68,8 @@ class TokenGrant:
     """What a successful token exchange or refresh gave us, with absolute expiries."""
 
     open_id: str
-    access_token: str
-    refresh_token: str
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
     access_token_expires_at: datetime
     refresh_token_expires_at: datetime
     scopes: list[str]
@@ -104,8 +105,8 @@ class Account:
 
 @dataclass
 class AccountTokens:
-    access_token: str
-    refresh_token: str
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
     access_token_expires_at: datetime
     refresh_token_expires_at: datetime
 

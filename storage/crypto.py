@@ -17,8 +17,11 @@ NONCE_BYTES = 12
 
 
 class TokenIntegrityError(GatewayError):
-    """A stored ciphertext failed authentication: tampered, or its key is gone."""
+    """A stored ciphertext failed authentication: tampered, or its key is gone.
 
+    Answered with the generic 500 (the technical message, naming the key id, goes to
+    the ERROR log only): it means lost data or a wrong TOKEN_ENCRYPTION_KEYS.
+    """
 
 
 class TokenCipher:
@@ -87,7 +90,8 @@ class TokenCipher:
         aead = self._keys.get(kid)
         if version != _VERSION or aead is None:
             raise TokenIntegrityError(
-                technical_message=f"token ciphertext uses unknown key id {kid!r}"
+                technical_message=f"token ciphertext uses key id {kid!r}, which "
+                "TOKEN_ENCRYPTION_KEYS does not hold (removed too early?)"
             )
         try:
             return aead.decrypt(

@@ -76,6 +76,43 @@ def test_invalid_values_are_explained(overrides, needle):
     assert needle in "\n".join(problems(**overrides))
 
 
+TLS_VARIABLES = ("TIKTOK_API_BASE_URL", "TIKTOK_AUTHORIZE_URL", "TIKTOK_REDIRECT_URI")
+
+
+@pytest.mark.parametrize(
+    "base",
+    ["http://127.0.0.1:9000", "http://127.8.9.10", "http://localhost:9000", "http://[::1]:9000",
+     "HTTP://LOCALHOST:9000", "https://open.tiktokapis.com"],
+)
+def test_plain_http_is_accepted_to_loopback_hosts_only(base):
+    config = load_config(environ(TIKTOK_API_BASE_URL=base, TIKTOK_AUTHORIZE_URL=base + "/auth/",
+                                 TIKTOK_REDIRECT_URI=base + "/oauth/tiktok/callback"))
+    assert config.tiktok_api_base_url == base
+
+
+@pytest.mark.parametrize(
+    "base",
+    ["http://open.tiktokapis.com", "http://10.0.0.5:9000", "http://0.0.0.0:9000",
+     "http://localhost.example.com", "http://127.0.0.1.nip.io", "http://[::2]:9000",
+     "http://gateway.internal"],
+)
+def test_plain_http_elsewhere_is_refused_for_every_tiktok_url_at_once(base):
+    found = problems(TIKTOK_API_BASE_URL=base, TIKTOK_AUTHORIZE_URL=base + "/auth/",
+                     TIKTOK_REDIRECT_URI=base + "/oauth/tiktok/callback")
+    assert len(found) == 3, found
+    for name in TLS_VARIABLES:
+        [problem] = [p for p in found if p.startswith(name + "=")]
+        assert "must use https" in problem and "loopback" in problem
+
+
+def test_every_auth_jwt_secret_key_is_kept_for_rotation():
+    old = "test-old-auth-secret-" + "o" * 32
+    config = load_config(environ(AUTH_JWT_SECRET=f"{AUTH_SECRET}, {old}"))
+    assert config.auth_jwt_secrets == (AUTH_SECRET.encode(), old.encode())
+    assert "key 2" in "\n".join(problems(AUTH_JWT_SECRET=AUTH_SECRET + ",tooshort"))
+    assert "must differ" in "\n".join(problems(AUTH_JWT_SECRET=f"{AUTH_SECRET},{STATE_SECRET}"))
+
+
 def test_secrets_are_never_echoed():
     short_secret = "sekrit-value-1234"
     text = "\n".join(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
+import os
 import time
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
 
 import jwt
@@ -11,7 +15,10 @@ import pytest
 
 from server import make_app
 from services.state import STATE_ISSUER, STATE_TYP
+from storage.base import TokenGrant
+from storage.crypto import TokenCipher
 from storage.memory import MemoryStore
+from tests.fixtures_mongo import open_mongo_store
 from tests.support import (
     AUTH_SECRET,
     CLIENT_KEY,
@@ -22,6 +29,7 @@ from tests.support import (
     assert_envelope,
     bearer,
     make_config,
+    product_token,
     query_of,
 )
 
@@ -96,6 +104,20 @@ async def test_authorize_returns_tiktok_url_without_secret(http_client, base_url
     assert response.headers["Cache-Control"] == "no-store"
 
 
+class TestDefaultScopes:
+    @pytest.fixture
+    def app(self):
+        return make_app(make_config(TIKTOK_SCOPES="video.list"))
+
+    @pytest.mark.gen_test
+    async def test_default_scopes_always_include_basic(self, http_client, base_url):
+        # The profile call after consent needs user.info.basic, whatever TIKTOK_SCOPES says.
+        response = await authorize(http_client, base_url)
+        assert response.code == 200, response.body
+        query = query_of(json.loads(response.body)["authorizationUrl"])
+        assert query["scope"] == ["user.info.basic,video.list"]
+
+
 @pytest.mark.gen_test
 @pytest.mark.parametrize(
     "headers",
@@ -112,6 +134,93 @@ async def test_authorize_returns_tiktok_url_without_secret(http_client, base_url
 async def test_authorize_refuses_bad_bearer(http_client, base_url, headers):
     response = await authorize(http_client, base_url, headers=headers)
     assert_envelope(response, 401, "UNAUTHORIZED")
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(
+    ("force_consent", "sent"),
+    [(True, ["1"]), (False, None), ("absent", None)],
+    ids=["true", "false", "absent"],
+)
+async def test_force_consent_asks_tiktok_to_show_its_consent_page(
+    http_client, base_url, force_consent, sent
+):
+    # So a user can switch TikTok accounts instead of being authorized silently again.
+    body = {"redirectUri": PRODUCT_REDIRECT}
+    if force_consent != "absent":
+        body["forceConsent"] = force_consent
+    response = await authorize(http_client, base_url, body)
+    assert response.code == 200, response.body
+    query = query_of(json.loads(response.body)["authorizationUrl"])
+    assert query.get("disable_auto_auth") == sent
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("value", ["true", 1, 0, None, [], {}], ids=repr)
+async def test_force_consent_must_be_a_boolean(http_client, base_url, value):
+    response = await authorize(
+        http_client, base_url, {"redirectUri": PRODUCT_REDIRECT, "forceConsent": value}
+    )
+    body = assert_envelope(response, 400, "VALIDATION_ERROR")
+    assert body["details"] == {"field": "forceConsent"}
+    assert "forceConsent" in body["message"]
+
+
+@pytest.mark.gen_test
+async def test_a_bearer_without_exp_is_refused_with_what_to_do(http_client, base_url):
+    token = jwt.encode({"sub": "user-123", "iat": int(time.time())}, AUTH_SECRET)
+    response = await authorize(http_client, base_url, headers={"Authorization": f"Bearer {token}"})
+    body = assert_envelope(response, 401, "UNAUTHORIZED")
+    assert '"exp"' in body["technicalMessage"] and "mint it with an expiry" in body[
+        "technicalMessage"]
+
+
+OLD_AUTH_SECRET = "test-old-auth-secret-" + "o" * 32
+
+
+class TestBearerKeyRotation:
+    @pytest.fixture
+    def app(self):
+        return make_app(make_config(AUTH_JWT_SECRET=f"{AUTH_SECRET},{OLD_AUTH_SECRET}"))
+
+    @pytest.mark.gen_test
+    async def test_every_auth_jwt_secret_key_verifies(self, http_client, base_url):
+        for key in (AUTH_SECRET, OLD_AUTH_SECRET):
+            token = product_token(secret=key)
+            response = await authorize(
+                http_client, base_url, headers={"Authorization": f"Bearer {token}"}
+            )
+            assert response.code == 200, response.body
+        other = product_token(secret="test-unknown-auth-secret-" + "u" * 32)
+        refused = await authorize(
+            http_client, base_url, headers={"Authorization": f"Bearer {other}"}
+        )
+        assert_envelope(refused, 401, "UNAUTHORIZED")
+
+
+@pytest.mark.parametrize(
+    ("settings", "unset"),
+    [
+        ({}, "AUTH_JWT_ISSUER and AUTH_JWT_AUDIENCE not set"),
+        ({"AUTH_JWT_ISSUER": "https://app.example.com"}, "AUTH_JWT_AUDIENCE not set"),
+        ({"AUTH_JWT_AUDIENCE": "tiktok-gateway"}, "AUTH_JWT_ISSUER not set"),
+        ({"AUTH_JWT_ISSUER": "https://app.example.com", "AUTH_JWT_AUDIENCE": "tiktok-gateway"},
+         None),
+    ],
+    ids=["neither", "no-audience", "no-issuer", "both"],
+)
+def test_start_up_warns_when_the_bearer_issuer_or_audience_is_unchecked(
+    caplog, settings, unset
+):
+    with caplog.at_level(logging.WARNING, logger="gateway"):
+        make_app(make_config(**settings))
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "AUTH_JWT_" in r.getMessage()]
+    if unset is None:
+        assert warnings == []
+    else:
+        [warning] = warnings
+        assert warning.startswith(unset + ":"), warning
 
 
 @pytest.mark.gen_test
@@ -281,3 +390,53 @@ class TestBug:
         body = assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")
         assert "hunter2" not in response.body.decode()
         assert "technicalMessage" not in body and "details" not in body
+
+
+# -- stored tokens no configured key opens ---------------------------------------------
+
+KEY_A = "key-a:" + base64.b64encode(os.urandom(32)).decode()
+KEY_B = "key-b:" + base64.b64encode(os.urandom(32)).decode()
+
+
+class TestTokensSealedWithARemovedKey:
+    """Tokens sealed with key A, a gateway holding only key B: data loss or a wrong key
+    set. The product gets the generic 500; the operator gets an ERROR line."""
+
+    @pytest.fixture
+    def app(self, io_loop, mongo_server, mongo_database_name):
+        app = make_app(make_config(MONGODB_URI=mongo_server.uri,
+                                   MONGODB_DATABASE=mongo_database_name,
+                                   TOKEN_ENCRYPTION_KEYS=KEY_B))
+        yield app
+        io_loop.run_sync(app.settings["gateway"].store.close)
+
+    @pytest.mark.gen_test
+    async def test_access_token_is_a_generic_500_and_an_error_log(
+        self, http_client, base_url, mongo_server, mongo_database_name, caplog
+    ):
+        now = datetime.now(UTC)
+        sealed_with_a = TokenCipher(TokenCipher.parse_keys(KEY_A))
+        async with open_mongo_store(mongo_server.uri, mongo_database_name, "motor",
+                                    sealed_with_a) as store:
+            account = await store.save_account_tokens(
+                "user-123",
+                TokenGrant(open_id="open-1", access_token="act.test-sealed-with-a",
+                           refresh_token="rft.test-sealed-with-a",
+                           access_token_expires_at=now + timedelta(days=1),
+                           refresh_token_expires_at=now + timedelta(days=365),
+                           scopes=["user.info.basic"]),
+                now=now,
+            )
+        with caplog.at_level(logging.INFO, logger="gateway"):
+            response = await http_client.fetch(
+                f"{base_url}/accounts/{account.id}/access-token", method="POST", body="",
+                headers=bearer(scope="tiktok.tokens"), raise_error=False,
+            )
+        body = assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")
+        assert "technicalMessage" not in body and "details" not in body
+        text = response.body.decode()
+        assert "key-a" not in text and "key-b" not in text and "act.test" not in text
+        [logged] = [r for r in caplog.records if r.name == "gateway.errors"]
+        assert logged.levelno == logging.ERROR
+        assert "key-a" in logged.getMessage()  # the operator learns which key is missing
+        assert "Traceback" not in caplog.text

@@ -1,4 +1,5 @@
-"""No secret in any log record, across whole flows against the live sandbox.
+"""No secret in any log record, across whole flows against the live sandbox, nor in
+the repr() of any object that carries one.
 
 Every record of every logger (root at DEBUG, nothing filtered, nothing disabled) is
 formatted in full, traceback and extra attributes included, while real flows run:
@@ -23,6 +24,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, quote, quote_plus, urlencode, urlsplit
 
@@ -30,7 +32,12 @@ import pytest
 
 import sandbox.app as sandbox_app
 from server import make_app
+from services.connect import CallbackParams
+from services.tiktok import TokenResponse
+from storage.base import AccountTokens, PendingAuthorization, TokenGrant
+from storage.crypto import TokenCipher
 from storage.memory import MemoryStore
+from storage.tokens import TokenSealer
 from tests.flow import fetch_with_request_id, make_sandbox, sandbox_settings
 from tests.support import (
     AUTH_SECRET,
@@ -466,3 +473,57 @@ def test_tiktok_log_lines_carry_tiktoks_log_id(captured, journey, sandbox, log_i
     for message in connected:
         log_id = re.search(r"log_id=(\S+)\)", message)[1]
         assert log_id in {m["log_id"] for m in calls if m["endpoint"] == "user_info"}
+
+
+# -- repr() of the objects that carry secrets --------------------------------------
+
+
+REPR_SECRET = "repr-secret-" + "s" * 40
+# The AES key of TOKEN_ENCRYPTION_KEYS below: 32 bytes of the secret.
+REPR_KEY = base64.b64encode(REPR_SECRET.encode()[:32]).decode()
+
+
+def _holding_secrets(kind: str) -> Any:
+    """An object of ``kind`` with ``REPR_SECRET`` in every secret field."""
+    secret, now = REPR_SECRET, datetime.now(UTC)
+    if kind == "Config":
+        return make_config(
+            TIKTOK_CLIENT_SECRET=secret,
+            STATE_SECRET=secret + "-state",
+            AUTH_JWT_SECRET=f"{secret}-auth,{secret}-old-auth",
+            TOKEN_ENCRYPTION_KEYS=f"k1:{REPR_KEY}",
+            MONGODB_URI=f"mongodb://gateway:{secret}@db.example.com/",
+        )
+    if kind == "TokenGrant":
+        return TokenGrant(open_id="open-1", access_token=secret + "-access",
+                          refresh_token=secret + "-refresh", access_token_expires_at=now,
+                          refresh_token_expires_at=now, scopes=["user.info.basic"])
+    if kind == "TokenResponse":
+        return TokenResponse(open_id="open-1", access_token=secret + "-access",
+                             refresh_token=secret + "-refresh", expires_in=86400,
+                             refresh_expires_in=31536000, scopes=["user.info.basic"],
+                             log_id="log-1")
+    if kind == "AccountTokens":
+        return AccountTokens(access_token=secret + "-access", refresh_token=secret + "-refresh",
+                             access_token_expires_at=now, refresh_token_expires_at=now)
+    if kind == "PendingAuthorization":
+        return PendingAuthorization(jti="jti-1", owner_id="user-1", redirect_uri=PRODUCT_REDIRECT,
+                                    scopes=["user.info.basic"], code_verifier=secret + "-pkce",
+                                    created_at=now, expires_at=now)
+    if kind == "CallbackParams":
+        return CallbackParams(state=secret + "-state-jwt", code=secret + "-code", error=None,
+                              error_description=None, granted_scopes="user.info.basic")
+    assert kind == "TokenSealer"
+    return TokenSealer(TokenCipher(TokenCipher.parse_keys(f"k1:{REPR_KEY}")))
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["Config", "TokenGrant", "TokenResponse", "AccountTokens", "PendingAuthorization",
+     "CallbackParams", "TokenSealer"],
+)
+def test_no_secret_in_the_repr_of_objects_that_carry_one(kind):
+    made = _holding_secrets(kind)
+    assert type(made).__name__ == kind
+    for shown in (repr(made), str(made)):
+        assert REPR_SECRET[:16] not in shown and REPR_KEY[:16] not in shown, shown

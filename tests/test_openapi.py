@@ -93,6 +93,12 @@ def test_error_envelope_and_statuses_are_documented():
     assert [p["name"] for p in webhook["parameters"]] == ["TikTok-Signature"]
 
 
+def test_authorize_request_documents_force_consent():
+    properties = DOCUMENT["components"]["schemas"]["AuthorizeRequest"]["properties"]
+    assert properties["forceConsent"]["type"] == "boolean"
+    assert "disable_auto_auth=1" in properties["forceConsent"]["description"]
+
+
 def _template(pattern: str) -> str:
     return re.sub(r"\(\[\^/\]\+\)", "{id}", pattern).removesuffix("$")
 

@@ -105,13 +105,32 @@ def test_bad_allow_list_entries_are_refused(spec):
         AllowedOrigins.parse(spec)
 
 
-def test_success_parameters_are_added_to_the_existing_query():
-    assert (
-        with_query("https://app.example.com/s?tab=social&x=a%20b", {"platform": "tiktok",
-                                                                   "status": "connected"})
-        == "https://app.example.com/s?tab=social&x=a+b&platform=tiktok&status=connected"
-    )
-    # The product cannot pre-set the outcome: ours wins.
-    assert with_query("https://app.example.com/?status=failed", {"status": "connected"}) == (
-        "https://app.example.com/?status=connected"
-    )
+SUCCESS = {"platform": "tiktok", "status": "connected"}
+ADDED = "platform=tiktok&status=connected"
+
+
+@pytest.mark.parametrize(
+    ("uri", "sent"),
+    [
+        # A signed URL stays valid: its encoding, bare flags and order are kept as they are.
+        ("https://app.example.com/s?sig=a%20b&flag&x=1",
+         f"https://app.example.com/s?sig=a%20b&flag&x=1&{ADDED}"),
+        ("https://app.example.com/s?tab=social&x=a%20b&y=c+d&z=%2B&e=",
+         f"https://app.example.com/s?tab=social&x=a%20b&y=c+d&z=%2B&e=&{ADDED}"),
+        ("https://app.example.com/s?b=2&a=1&b=1", f"https://app.example.com/s?b=2&a=1&b=1&{ADDED}"),
+        ("https://app.example.com/s?a=%7e&%E2%9C%93",
+         f"https://app.example.com/s?a=%7e&%E2%9C%93&{ADDED}"),
+        ("https://app.example.com/s?a=1&", f"https://app.example.com/s?a=1&{ADDED}"),
+        ("https://app.example.com/s?", f"https://app.example.com/s?{ADDED}"),
+        ("https://app.example.com/s", f"https://app.example.com/s?{ADDED}"),
+        ("https://app.example.com", f"https://app.example.com?{ADDED}"),
+        # Ours go before a fragment (a redirect URI never has one: check() refuses it).
+        ("https://app.example.com/s?a=1#top", f"https://app.example.com/s?a=1&{ADDED}#top"),
+        ("https://app.example.com/s#x?y", f"https://app.example.com/s?{ADDED}#x?y"),
+        # The product cannot pre-set the outcome: its pairs named like ours are dropped.
+        ("https://app.example.com/?status=failed&sig=a%2Bb&st%61tus=x&platform",
+         f"https://app.example.com/?sig=a%2Bb&{ADDED}"),
+    ],
+)
+def test_success_parameters_are_appended_to_the_query_as_it_was(uri, sent):
+    assert with_query(uri, SUCCESS) == sent

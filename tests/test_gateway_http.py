@@ -204,8 +204,14 @@ async def test_access_denied_then_replay(http_client, base_url):
     assert body["details"]["providerError"] == "access_denied"
     assert "<b>" not in body["message"]
     assert len(body.get("technicalMessage", "")) < 300
+    # The same callback again (a reload, a double click) is told the same...
     again = await callback(http_client, base_url, state=state, error="access_denied")
-    assert_envelope(again, 400, "CONFLICT")
+    repeated = assert_envelope(again, 400, "PERMISSION_DENIED")
+    for key in ("message", "technicalMessage", "details"):
+        assert repeated[key] == body[key], key
+    # ...another use of the state is not.
+    other = await callback(http_client, base_url, state=state, code="abc")
+    assert_envelope(other, 400, "CONFLICT")
 
 
 @pytest.mark.gen_test

@@ -15,6 +15,7 @@ from services import pkce
 from services.errors import (
     AuthorizationDenied,
     GatewayError,
+    InvalidState,
     ScopeMissing,
     ServiceUnavailable,
     StateConflict,
@@ -161,6 +162,9 @@ class ConnectionService:
             f"{params.code or ''}\x1f{params.error or ''}".encode()
         ).hexdigest()
         outcome = await self._store.claim_pending(claims.jti, callback_digest=digest, now=now)
+        if outcome.result is ClaimResult.EXPIRED:
+            # The same answer as when the state's own expiry notices it first.
+            raise InvalidState(technical_message="state expired")
         if outcome.result is not ClaimResult.CLAIMED or outcome.pending is None:
             return await self._answer_repeat(claims.jti, outcome, digest, deadline)
         pending = outcome.pending

@@ -1,16 +1,21 @@
-"""The callback repeated (a double click, a reload), over real HTTP against the live
-sandbox, on the memory store and on MongoDB (SecantusDB, both drivers).
+"""The callback repeated (a double click, a reload) and the callback of an expired state,
+over real HTTP against the live sandbox, on the memory store and on MongoDB (SecantusDB,
+both drivers).
 
 A repeat of the same callback URL waits for the first one's outcome and answers the
-same; another callback of a claimed state is refused.
+same; another callback of a claimed state is refused; a state past its expiry is
+``400 VALIDATION_ERROR`` whoever notices it first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 import jwt
 import pytest
@@ -18,7 +23,8 @@ from tornado.httpclient import HTTPResponse
 
 from server import make_app
 from services.connect import STILL_CONNECTING, CallbackParams
-from storage.base import PendingStatus, Store
+from services.errors import InvalidState
+from storage.base import PendingAuthorization, PendingStatus, Store
 from storage.memory import MemoryStore
 from storage.mongodb import MongoStore, connect_mongo
 from tests.fixtures_mongo import collect_leaked_driver_sockets
@@ -28,6 +34,7 @@ from tests.support import (
     REDIRECT_URI,
     STATE_SECRET,
     assert_envelope,
+    forged_state,
     make_config,
     query_of,
 )
@@ -283,3 +290,60 @@ async def test_cancelled_callback_marks_the_state_failed(http_client, base_url, 
     assert pending is not None and pending.status is PendingStatus.FAILED
     # The browser's repeat is not left waiting for an outcome that never comes.
     assert_envelope(await follow(http_client, url), 503, "SERVICE_UNAVAILABLE")
+
+
+# -- deliverable 2: an expired state says so ------------------------------------------
+
+
+@gen_test
+@pytest.mark.parametrize(
+    ("state_exp", "record_exp"),
+    [(-10, -10), (600, -10), (-10, 600)],
+    ids=["both-expired", "record-expired", "jwt-expired"],
+)
+async def test_expired_state_is_validation_error(
+    http_client, base_url, app, state_exp, record_exp
+):
+    store = await ready_store(app)
+    now = datetime.now(UTC).replace(microsecond=0)
+    jti = f"expiring-{time.monotonic_ns()}"
+    await store.save_pending(
+        PendingAuthorization(
+            jti=jti,
+            owner_id=OWNER,
+            redirect_uri=PRODUCT_REDIRECT,
+            scopes=["user.info.basic"],
+            code_verifier="v" * 64,
+            created_at=now - timedelta(seconds=610),
+            expires_at=now + timedelta(seconds=record_exp),
+        )
+    )
+    state = forged_state(
+        jti=jti,
+        iat=int(now.timestamp()) - 610,
+        exp=int(now.timestamp()) + state_exp,
+    )
+    response = await follow(
+        http_client, f"{base_url}/oauth/tiktok/callback?code=abc&state={state}"
+    )
+    body = assert_envelope(response, 400, "VALIDATION_ERROR")
+    assert body["message"] == InvalidState.default_message
+    assert body["technicalMessage"] == "state expired"
+
+
+@gen_test
+async def test_repeat_of_a_completed_callback_after_expiry_is_expired(
+    http_client, base_url, app, sandbox
+):
+    """The state's expiry is one moment for every use, a completed one included."""
+    await ready_store(app)
+    state, url = await started_callback(http_client, base_url)
+    assert location(await follow(http_client, url)) == CONNECTED
+    claims = jwt.decode(state, STATE_SECRET, algorithms=["HS256"], audience=REDIRECT_URI)
+    now = int(time.time())
+    expired = forged_state(**(claims | {"iat": now - 610, "exp": now - 10}))
+    query = urlencode({"code": query_of(url)["code"][0], "state": expired})
+    response = await follow(http_client, f"{base_url}/oauth/tiktok/callback?{query}")
+    body = assert_envelope(response, 400, "VALIDATION_ERROR")
+    assert body["message"] == InvalidState.default_message
+    assert sandbox.stats["token"] == 1

@@ -10,7 +10,6 @@ import jwt
 import pytest
 
 from server import make_app
-from services.state import STATE_ISSUER, STATE_TYP
 from storage.memory import MemoryStore
 from tests.support import (
     AUTH_SECRET,
@@ -18,9 +17,9 @@ from tests.support import (
     CLIENT_SECRET,
     PRODUCT_REDIRECT,
     REDIRECT_URI,
-    STATE_SECRET,
     assert_envelope,
     bearer,
+    forged_state,
     make_config,
     query_of,
 )
@@ -53,22 +52,6 @@ async def start_state(http_client, base_url) -> str:
     response = await authorize(http_client, base_url)
     assert response.code == 200, response.body
     return json.loads(response.body)["state"]
-
-
-def forged_state(key: str = STATE_SECRET, algorithm: str = "HS256", **overrides):
-    now = int(time.time())
-    claims = {
-        "iss": STATE_ISSUER,
-        "aud": REDIRECT_URI,
-        "sub": "user-123",
-        "jti": "forged-jti",
-        "iat": now,
-        "exp": now + 600,
-        "redirect_uri": PRODUCT_REDIRECT,
-    }
-    claims.update(overrides)
-    claims = {k: v for k, v in claims.items() if v is not None}
-    return jwt.encode(claims, key, algorithm=algorithm, headers={"typ": STATE_TYP})
 
 
 # -- authorize -------------------------------------------------------------------

@@ -223,7 +223,7 @@ class ConnectionService:
         except Exception as store_exc:  # the original error is the one to answer
             log.warning(
                 "could not mark a failed callback's state as failed (%s); "
-                "its repeats wait until it expires",
+                "until it expires, its repeats answer 503",
                 getattr(store_exc, "technical_message", None) or type(store_exc).__name__,
             )
 

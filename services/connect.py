@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -14,7 +15,9 @@ from services import pkce
 from services.errors import (
     AuthorizationDenied,
     GatewayError,
+    InvalidState,
     ScopeMissing,
+    ServiceUnavailable,
     StateConflict,
     ValidationFailed,
 )
@@ -24,8 +27,10 @@ from services.scopes import BASIC_SCOPE, KNOWN_SCOPES, parse_granted, user_field
 from services.state import StateCodec
 from services.tiktok import TikTokClient, clip
 from storage.base import (
+    ClaimOutcome,
     ClaimResult,
     PendingAuthorization,
+    PendingFailure,
     PendingStatus,
     Store,
     TokenGrant,
@@ -34,6 +39,13 @@ from storage.base import (
 log = logging.getLogger("gateway.connect")
 
 MAX_SCOPES = 20
+# How often a repeated callback looks at the record while the first one runs:
+# soon at first (a double click lands within the first one's exchange), then less.
+REPEAT_POLL_FIRST_SECONDS = 0.02
+REPEAT_POLL_MAX_SECONDS = 0.25
+STILL_CONNECTING = (
+    "We are still connecting your TikTok account. Please reload this page in a moment."
+)
 
 
 def utcnow() -> datetime:
@@ -159,26 +171,70 @@ class ConnectionService:
             f"{params.code or ''}\x1f{params.error or ''}".encode()
         ).hexdigest()
         outcome = await self._store.claim_pending(claims.jti, callback_digest=digest, now=now)
-        if outcome.result is ClaimResult.ALREADY_COMPLETED:
-            pending = outcome.pending
-            if pending and pending.callback_digest == digest and pending.final_redirect:
-                return Connected(redirect_url=pending.final_redirect, account_id="")
-            raise StateConflict(technical_message="state already completed with another code")
+        if outcome.result is ClaimResult.EXPIRED:
+            # The same answer as when the state's own expiry notices it first.
+            raise InvalidState(technical_message="state expired")
         if outcome.result is not ClaimResult.CLAIMED or outcome.pending is None:
-            raise StateConflict(technical_message=f"state cannot be used: {outcome.result.value}")
+            return await self._answer_repeat(claims.jti, outcome, digest, deadline)
         pending = outcome.pending
-        if pending.owner_id != claims.owner_id or pending.redirect_uri != claims.redirect_uri:
-            await self._store.finish_pending(claims.jti, status=PendingStatus.FAILED)
-            raise StateConflict(technical_message="state does not match its pending record")
+        # From the claim on, every way out records an outcome: a state left
+        # in_progress would keep its repeats waiting until it expires.
         try:
+            if pending.owner_id != claims.owner_id or pending.redirect_uri != claims.redirect_uri:
+                raise StateConflict(technical_message="state does not match its pending record")
             connected = await self._connect(pending, params, deadline)
-        except GatewayError:
-            await self._store.finish_pending(claims.jti, status=PendingStatus.FAILED)
+            await self._store.finish_pending(
+                claims.jti, status=PendingStatus.COMPLETED, final_redirect=connected.redirect_url
+            )
+        except (Exception, asyncio.CancelledError) as exc:
+            await self._record_failure(claims.jti, exc)
             raise
-        await self._store.finish_pending(
-            claims.jti, status=PendingStatus.COMPLETED, final_redirect=connected.redirect_url
-        )
         return connected
+
+    async def _answer_repeat(
+        self, jti: str, outcome: ClaimOutcome, digest: str, deadline: float
+    ) -> Connected:
+        """Another request claimed this state. The same callback repeated (a double
+        click, a reload) gets what the first one answered, waiting for it if need be;
+        anything else is refused."""
+        pending = outcome.pending
+        delay = REPEAT_POLL_FIRST_SECONDS
+        while True:
+            if pending is None:
+                raise StateConflict(technical_message=f"state cannot be used: {outcome.result}")
+            if pending.callback_digest != digest:
+                raise StateConflict(
+                    technical_message=f"state cannot be used: {pending.status} with another code"
+                )
+            if pending.status is PendingStatus.COMPLETED and pending.final_redirect:
+                return Connected(redirect_url=pending.final_redirect, account_id="")
+            if pending.status is PendingStatus.FAILED and pending.failure is not None:
+                raise _replayed(pending.failure)
+            if pending.status is not PendingStatus.IN_PROGRESS:
+                raise StateConflict(technical_message=f"state cannot be used: {pending.status}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # Not CONFLICT: the first one may still connect the account, and
+                # this same URL will then answer its redirect.
+                raise ServiceUnavailable(
+                    STILL_CONNECTING,
+                    technical_message="the same callback is still in progress elsewhere",
+                )
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, REPEAT_POLL_MAX_SECONDS)
+            pending = await self._store.get_pending(jti)
+
+    async def _record_failure(self, jti: str, exc: BaseException) -> None:
+        try:
+            await self._store.finish_pending(
+                jti, status=PendingStatus.FAILED, failure=_failure_of(exc)
+            )
+        except Exception as store_exc:  # the original error is the one to answer
+            log.warning(
+                "could not mark a failed callback's state as failed (%s); "
+                "until it expires, its repeats answer 503",
+                getattr(store_exc, "technical_message", None) or type(store_exc).__name__,
+            )
 
     async def _connect(
         self, pending: PendingAuthorization, params: CallbackParams, deadline: float
@@ -236,3 +292,34 @@ def _require_basic_scope(granted: list[str]) -> None:
             technical_message=f"granted scopes lack {BASIC_SCOPE}",
             details={"grantedScopes": granted[:MAX_SCOPES]},
         )
+
+
+def _failure_of(exc: BaseException) -> PendingFailure:
+    """What the callback answers for ``exc``, as the error writer renders it."""
+    if isinstance(exc, asyncio.CancelledError):
+        exc = ServiceUnavailable(technical_message="the callback was interrupted")
+    if not isinstance(exc, GatewayError):
+        # A bug: the generic 500, never its details.
+        return PendingFailure(
+            status=500, code=GatewayError.code, message=GatewayError.default_message
+        )
+    return PendingFailure(
+        status=exc.status,
+        code=exc.code,
+        message=exc.message,
+        technical_message=exc.technical_message,
+        details=dict(exc.details),
+        retry_after=exc.retry_after,
+    )
+
+
+def _replayed(failure: PendingFailure) -> GatewayError:
+    error = GatewayError(
+        failure.message,
+        technical_message=failure.technical_message,
+        details=dict(failure.details),
+        retry_after=failure.retry_after,
+        status=failure.status,
+    )
+    error.code = failure.code
+    return error

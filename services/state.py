@@ -21,7 +21,9 @@ STATE_TYP = "tiktok-gateway-state+jwt"
 STATE_ISSUER = "tiktok-gateway"
 ALGORITHM = "HS256"
 REQUIRED_CLAIMS = ("exp", "iat", "jti", "aud", "iss", "sub", "redirect_uri")
-# Clock skew tolerated between the gateway processes that mint and verify.
+# Clock skew tolerated between the gateway processes that mint and verify, for
+# ``iat`` only: a state expires at its ``exp``, as its pending record does, so an
+# expired state gets one answer whichever of the two notices first.
 LEEWAY_SECONDS = 30
 
 
@@ -82,6 +84,10 @@ class StateCodec:
         issued_at = payload["iat"]
         if not isinstance(issued_at, int) or issued_at > now.timestamp() + LEEWAY_SECONDS:
             raise InvalidState(technical_message="state was issued in the future")
+        if not isinstance(payload["exp"], int):
+            raise InvalidState(technical_message="state claim exp is malformed")
+        if payload["exp"] <= now.timestamp():
+            raise InvalidState(technical_message="state expired")
         for claim in ("sub", "jti", "redirect_uri"):
             if not isinstance(payload[claim], str) or not payload[claim]:
                 raise InvalidState(technical_message=f"state claim {claim} is malformed")

@@ -30,6 +30,19 @@ class AccountStatus(enum.StrEnum):
 
 
 @dataclass
+class PendingFailure:
+    """What a failed callback answered (the error envelope's parts), so that the same
+    callback repeated gets the same answer."""
+
+    status: int
+    code: str
+    message: str
+    technical_message: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    retry_after: int | None = None
+
+
+@dataclass
 class PendingAuthorization:
     """One started connection, named by the state JWT's ``jti``."""
 
@@ -46,6 +59,8 @@ class PendingAuthorization:
     # repeated identical callback can be told from a forged one.
     callback_digest: str | None = None
     final_redirect: str | None = None
+    # Set with status FAILED: what the callback that claimed the record answered.
+    failure: PendingFailure | None = None
 
 
 class ClaimResult(enum.StrEnum):
@@ -165,8 +180,17 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def finish_pending(
-        self, jti: str, *, status: PendingStatus, final_redirect: str | None = None
+        self,
+        jti: str,
+        *,
+        status: PendingStatus,
+        final_redirect: str | None = None,
+        failure: PendingFailure | None = None,
     ) -> None: ...
+
+    @abc.abstractmethod
+    async def get_pending(self, jti: str) -> PendingAuthorization | None:
+        """The record as it stands, without claiming it (None once it is gone)."""
 
     # -- accounts -----------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from storage.base import (
     ClaimOutcome,
     ClaimResult,
     PendingAuthorization,
+    PendingFailure,
     PendingStatus,
     ResealBatch,
     Store,
@@ -42,6 +43,8 @@ _CLAIM_REFUSALS = {
 def _copy_pending(pending: PendingAuthorization) -> PendingAuthorization:
     clone = copy.copy(pending)
     clone.scopes = list(pending.scopes)
+    if pending.failure is not None:
+        clone.failure = copy.deepcopy(pending.failure)
     return clone
 
 
@@ -92,14 +95,24 @@ class MemoryStore(Store):
         return ClaimOutcome(ClaimResult.CLAIMED, _copy_pending(pending))
 
     async def finish_pending(
-        self, jti: str, *, status: PendingStatus, final_redirect: str | None = None
+        self,
+        jti: str,
+        *,
+        status: PendingStatus,
+        final_redirect: str | None = None,
+        failure: PendingFailure | None = None,
     ) -> None:
         pending = self._pending.get(jti)
         if pending is not None:
             pending.status = status
             pending.final_redirect = final_redirect
+            pending.failure = copy.deepcopy(failure)
             # Only the outcome is needed from here on.
             pending.code_verifier = None
+
+    async def get_pending(self, jti: str) -> PendingAuthorization | None:
+        pending = self._pending.get(jti)
+        return _copy_pending(pending) if pending is not None else None
 
     def _purge_expired(self, now: datetime) -> None:
         # Mirrors MongoDB's TTL index, so a long-running demo does not grow forever.

@@ -39,6 +39,7 @@ from storage.base import (
     ClaimOutcome,
     ClaimResult,
     PendingAuthorization,
+    PendingFailure,
     PendingStatus,
     ResealBatch,
     Store,
@@ -176,7 +177,34 @@ def _pending_document(pending: PendingAuthorization) -> dict[str, Any]:
         "expiresAt": pending.expires_at,
         "callbackDigest": pending.callback_digest,
         "finalRedirect": pending.final_redirect,
+        "failure": _failure_document(pending.failure),
     }
+
+
+def _failure_document(failure: PendingFailure | None) -> dict[str, Any] | None:
+    if failure is None:
+        return None
+    return {
+        "status": failure.status,
+        "code": failure.code,
+        "message": failure.message,
+        "technicalMessage": failure.technical_message,
+        "details": dict(failure.details),
+        "retryAfter": failure.retry_after,
+    }
+
+
+def _failure_from_document(doc: Any) -> PendingFailure | None:
+    if not isinstance(doc, dict):
+        return None
+    return PendingFailure(
+        status=int(doc["status"]),
+        code=doc["code"],
+        message=doc["message"],
+        technical_message=doc.get("technicalMessage"),
+        details=dict(doc.get("details") or {}),
+        retry_after=doc.get("retryAfter"),
+    )
 
 
 def _pending_from_document(doc: dict[str, Any]) -> PendingAuthorization:
@@ -191,6 +219,7 @@ def _pending_from_document(doc: dict[str, Any]) -> PendingAuthorization:
         status=PendingStatus(doc["status"]),
         callback_digest=doc.get("callbackDigest"),
         final_redirect=doc.get("finalRedirect"),
+        failure=_failure_from_document(doc.get("failure")),
     )
 
 
@@ -299,16 +328,30 @@ class MongoStore(Store):
 
     @_mongo_errors
     async def finish_pending(
-        self, jti: str, *, status: PendingStatus, final_redirect: str | None = None
+        self,
+        jti: str,
+        *,
+        status: PendingStatus,
+        final_redirect: str | None = None,
+        failure: PendingFailure | None = None,
     ) -> None:
         await self._pending.update_one(
             {"_id": jti},
             {
-                "$set": {"status": PendingStatus(status).value, "finalRedirect": final_redirect},
+                "$set": {
+                    "status": PendingStatus(status).value,
+                    "finalRedirect": final_redirect,
+                    "failure": _failure_document(failure),
+                },
                 # Only the outcome is needed from here on.
                 "$unset": {"codeVerifier": ""},
             },
         )
+
+    @_mongo_errors
+    async def get_pending(self, jti: str) -> PendingAuthorization | None:
+        doc = await self._pending.find_one({"_id": jti})
+        return _pending_from_document(doc) if doc is not None else None
 
     # -- accounts -----------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import jwt
 
 from services.config import Config, load_config
+from services.state import STATE_ISSUER, STATE_TYP
 
 # Obviously fake and fresh every run: nothing here is a real credential.
 CLIENT_KEY = "test-client-key"
@@ -53,6 +54,23 @@ def product_token(sub: str = "user-123", secret: str = AUTH_SECRET, **claims: An
 
 def bearer(sub: str = "user-123", **claims: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {product_token(sub, **claims)}"}
+
+
+def forged_state(key: str = STATE_SECRET, algorithm: str = "HS256", **overrides: Any) -> str:
+    """A state JWT as the gateway would mint one (claims overridable; None drops one)."""
+    now = int(time.time())
+    claims = {
+        "iss": STATE_ISSUER,
+        "aud": REDIRECT_URI,
+        "sub": "user-123",
+        "jti": "forged-jti",
+        "iat": now,
+        "exp": now + 600,
+        "redirect_uri": PRODUCT_REDIRECT,
+    }
+    claims.update(overrides)
+    claims = {k: v for k, v in claims.items() if v is not None}
+    return jwt.encode(claims, key, algorithm=algorithm, headers={"typ": STATE_TYP})
 
 
 def query_of(url: str) -> dict[str, list[str]]:

@@ -291,8 +291,13 @@ async def test_used_code_is_refused_and_the_state_is_spent(app, http_client, bas
         assert body["details"]["providerError"] == recorded["error"] == "invalid_grant"
         assert body["details"]["logId"] == recorded["log_id"]
 
+        # The same callback again (a reload) is told the same without asking TikTok...
         again = await callback(http_client, base_url, params)
-        assert_envelope(again, 400, "CONFLICT")
+        repeated = assert_envelope(again, 400, "VALIDATION_ERROR")
+        assert repeated["details"] == body["details"]
+        # ...and the spent state takes no other code.
+        other = await callback(http_client, base_url, params | {"code": params["code"] + "x"})
+        assert_envelope(other, 400, "CONFLICT")
         assert cassette.play_count == 1
     assert_uris(cassette, TOKEN_URL)
     assert await store_of(app).list_accounts(OWNER) == []

@@ -14,7 +14,6 @@ import jwt
 import pytest
 
 from server import make_app
-from services.state import STATE_ISSUER, STATE_TYP
 from storage.base import TokenGrant
 from storage.crypto import TokenCipher
 from storage.memory import MemoryStore
@@ -25,9 +24,9 @@ from tests.support import (
     CLIENT_SECRET,
     PRODUCT_REDIRECT,
     REDIRECT_URI,
-    STATE_SECRET,
     assert_envelope,
     bearer,
+    forged_state,
     make_config,
     product_token,
     query_of,
@@ -61,22 +60,6 @@ async def start_state(http_client, base_url) -> str:
     response = await authorize(http_client, base_url)
     assert response.code == 200, response.body
     return json.loads(response.body)["state"]
-
-
-def forged_state(key: str = STATE_SECRET, algorithm: str = "HS256", **overrides):
-    now = int(time.time())
-    claims = {
-        "iss": STATE_ISSUER,
-        "aud": REDIRECT_URI,
-        "sub": "user-123",
-        "jti": "forged-jti",
-        "iat": now,
-        "exp": now + 600,
-        "redirect_uri": PRODUCT_REDIRECT,
-    }
-    claims.update(overrides)
-    claims = {k: v for k, v in claims.items() if v is not None}
-    return jwt.encode(claims, key, algorithm=algorithm, headers={"typ": STATE_TYP})
 
 
 # -- authorize -------------------------------------------------------------------
@@ -313,8 +296,14 @@ async def test_access_denied_then_replay(http_client, base_url):
     assert body["details"]["providerError"] == "access_denied"
     assert "<b>" not in body["message"]
     assert len(body.get("technicalMessage", "")) < 300
+    # The same callback again (a reload, a double click) is told the same...
     again = await callback(http_client, base_url, state=state, error="access_denied")
-    assert_envelope(again, 400, "CONFLICT")
+    repeated = assert_envelope(again, 400, "PERMISSION_DENIED")
+    for key in ("message", "technicalMessage", "details"):
+        assert repeated[key] == body[key], key
+    # ...another use of the state is not.
+    other = await callback(http_client, base_url, state=state, code="abc")
+    assert_envelope(other, 400, "CONFLICT")
 
 
 @pytest.mark.gen_test

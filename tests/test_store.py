@@ -24,6 +24,7 @@ from storage.base import (
     AccountStatus,
     ClaimResult,
     PendingAuthorization,
+    PendingFailure,
     PendingStatus,
     TokenGrant,
 )
@@ -185,6 +186,35 @@ async def test_failed_pending(make_store):
     assert outcome.pending is not None
     assert outcome.pending.code_verifier is None
     assert outcome.pending.final_redirect == "https://app.example.test/e"
+
+
+@gen_test
+async def test_failed_pending_keeps_what_the_callback_answered(make_store):
+    now = utc_now()
+    pending = fake_pending(now=now)
+    failure = PendingFailure(
+        status=503,
+        code="SERVICE_UNAVAILABLE",
+        message="TikTok is not responding right now. Please try again in a moment.",
+        technical_message="token endpoint answered 500",
+        details={"dependency": "tiktok", "logId": "log-1"},
+        retry_after=9,
+    )
+    async with make_store() as store:
+        await store.save_pending(pending)
+        await store.claim_pending(pending.jti, callback_digest="d", now=now)
+        in_progress = await store.get_pending(pending.jti)
+        await store.finish_pending(pending.jti, status=PendingStatus.FAILED, failure=failure)
+        outcome = await store.claim_pending(pending.jti, callback_digest="d", now=now)
+        read = await store.get_pending(pending.jti)
+        missing = await store.get_pending("no-such-jti")
+    assert in_progress is not None and in_progress.status is PendingStatus.IN_PROGRESS
+    assert in_progress.failure is None and in_progress.callback_digest == "d"
+    assert outcome.result is ClaimResult.FAILED
+    assert outcome.pending is not None and outcome.pending.failure == failure
+    assert read is not None and read.status is PendingStatus.FAILED
+    assert read.failure == failure and read.code_verifier is None
+    assert missing is None
 
 
 # -- accounts -----------------------------------------------------------------------
@@ -581,6 +611,7 @@ async def test_unreachable_mongodb_raises_store_unavailable(mongo_driver):
         "save_pending": lambda: store.save_pending(pending),
         "claim_pending": lambda: store.claim_pending(pending.jti, callback_digest="d", now=now),
         "finish_pending": lambda: store.finish_pending(pending.jti, status=PendingStatus.FAILED),
+        "get_pending": lambda: store.get_pending(pending.jti),
         "save_account_tokens": lambda: store.save_account_tokens("o", grant, now=now),
         "save_account_profile": lambda: store.save_account_profile(account_id, {}, now=now),
         "get_account": lambda: store.get_account(account_id),

@@ -178,8 +178,9 @@ async def test_mongodb_stopped_mid_flow_answers_503_then_recovers(
         # claim_pending, before ConnectionService.complete records any outcome), so
         # the pending record is still "pending" and TikTok's code is still unused.
         # The same callback URL therefore completes now; this is what the code
-        # guarantees when the outage hits before the claim. (An outage after the
-        # claim would leave the state "in_progress" or "failed": 400 CONFLICT.)
+        # guarantees when the outage hits before the claim. (After the claim, the
+        # same URL answers what the first one did if its failure could be recorded,
+        # else 503 while the state stays "in_progress", until it expires.)
         assert location(await follow(client, old_callback)) == CONNECTED
         assert sandbox.stats["token"] == 2
 

@@ -116,7 +116,7 @@ class AccountService:
             # Replaced since we found it due (by us, or by a concurrent holder): that is
             # the token to hand out, even if TikTok made it shorter-lived than the skew.
             if fresh or _replaced(tokens, due):
-                return _access_token(account, tokens)
+                return await self._handed_out(account, tokens)
             due = tokens
             attempt = await self._refresh(account, force=False, due=due)
             outcome = attempt.outcome
@@ -145,6 +145,16 @@ class AccountService:
             if reloaded is None:
                 raise NotFound(technical_message="account disappeared during refresh")
             account = reloaded
+
+    async def _handed_out(self, account: Account, tokens: AccountTokens) -> AccessToken:
+        """The access token as handed out, its use noted for the background refresher."""
+        try:
+            await self._store.mark_token_used(account.id, now=self._clock())
+        except GatewayError as exc:
+            # Only keep-warm depends on it: the token itself is good to hand out.
+            log.warning("could not note the token use of account %s: %s", account.id,
+                        exc.technical_message or exc.message)
+        return _access_token(account, tokens)
 
     async def refresh_account(self, account: Account, *, force: bool = False) -> RefreshOutcome:
         """Refresh one account's tokens under the lease. Never raises for TikTok faults."""

@@ -143,6 +143,10 @@ class SandboxServer(tornado.httpserver.HTTPServer):
 class Sandbox:
     """TikTok's OAuth + user-info API for one process: state, fault injection, counters."""
 
+    # Answer a successful revoke with an empty body, as TikTok's revoke page describes,
+    # instead of the older page's {} (tests set it on the instance).
+    revoke_empty_body = False
+
     def __init__(
         self,
         clients: list[SandboxClient],
@@ -627,6 +631,16 @@ class RevokeHandler(_FormHandler):
 
     def post(self) -> None:
         self.answer(self.revoke)
+
+    def send_json(self, status: int, body: object) -> None:
+        if status == 200 and self.sandbox.revoke_empty_body:
+            # The only 200 here is a success; TikTok's revoke page describes it as an
+            # empty body (its older page's example shows {}).
+            self.set_status(200)
+            self.set_header("Content-Type", "application/json; charset=utf-8")
+            self.finish()
+            return
+        super().send_json(status, body)
 
     def revoke(self) -> dict[str, Any]:
         key, secret, token = self.form("client_key", "client_secret", "token")

@@ -688,6 +688,30 @@ class TestOnEveryStore:
         assert stored.status is AccountStatus.REVOKED and stored.revoked_at_tiktok is False
 
     @gen_test
+    async def test_a_token_handed_out_keeps_the_account_warm(
+        self, http_client, base_url, app, sandbox
+    ):
+        account = await self.connect(http_client, base_url, app)
+        gateway = app.settings["gateway"]
+        # A window so wide that the token is due: only the keep-warm rule decides.
+        ahead = 2 * sandbox.state.access_ttl
+        refresher = Refresher(
+            store=gateway.store, ahead_seconds=ahead,
+            accounts=AccountService(store=gateway.store, tiktok=gateway.tiktok,
+                                    refresh_skew_seconds=ahead),
+        )
+        assert (await refresher.run_once()).due == 0  # never handed out: on demand only
+        assert (await store_of(app).get_account(account["id"])).token_used_at is None
+
+        path = f"/accounts/{account['id']}/access-token"
+        before = datetime.now(UTC)
+        assert (await call(http_client, base_url, "POST", path, tokens_bearer())).code == 200
+        used = (await store_of(app).get_account(account["id"])).token_used_at
+        assert before - timedelta(seconds=1) <= used <= datetime.now(UTC)
+        assert (await refresher.run_once()).outcomes == {"refreshed": 1}
+        assert sandbox.stats["token_refresh"] == 1
+
+    @gen_test
     async def test_an_expired_refresh_token_reads_as_reauthorization_required(
         self, http_client, base_url, app, sandbox
     ):

@@ -245,6 +245,7 @@ def start_refresher(gateway: Gateway) -> Refresher | None:
         accounts=accounts,
         interval_seconds=config.refresh_interval_seconds,
         ahead_seconds=config.refresh_ahead_seconds,
+        keep_warm_seconds=config.refresh_keep_warm_seconds,
         max_per_minute=config.refresh_max_per_minute,
     )
     refresher.start()

@@ -39,6 +39,8 @@ def account_json(account: Account) -> dict[str, Any]:
         "status": account.status.value,
         # The tokens of a revoked or refused account are gone, and so is their expiry.
         "accessTokenExpiresAt": iso_utc(account.access_token_expires_at) if connected else None,
+        # The user must connect again by then: refreshes do not extend it.
+        "refreshTokenExpiresAt": iso_utc(account.refresh_token_expires_at) if connected else None,
         "createdAt": iso_utc(account.created_at),
         "updatedAt": iso_utc(account.updated_at),
     }
@@ -60,7 +62,7 @@ class AccountListHandler(AccountsHandlerBase):
 class AccountHandler(AccountsHandlerBase):
     async def get(self, account_id: str) -> None:
         principal = await self.resolve_principal(self)
-        account = await self.accounts.get_account(principal.owner_id, account_id)
+        account = await self.accounts.view_account(principal.owner_id, account_id)
         self.write_json(account_json(account))
 
     async def delete(self, account_id: str) -> None:

@@ -11,7 +11,7 @@ import enum
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -90,7 +90,12 @@ class AccountService:
         self._holder_prefix = secrets.token_hex(4)
 
     async def list_accounts(self, owner_id: str) -> list[Account]:
-        return await self._store.list_accounts(owner_id)
+        now = self._clock()
+        return [_as_seen(a, now) for a in await self._store.list_accounts(owner_id)]
+
+    async def view_account(self, owner_id: str, account_id: str) -> Account:
+        """The account as the product sees it (``get_account`` is the stored record)."""
+        return _as_seen(await self.get_account(owner_id, account_id), self._clock())
 
     async def get_account(self, owner_id: str, account_id: str) -> Account:
         account = await self._store.get_account(account_id)
@@ -116,7 +121,7 @@ class AccountService:
             # Replaced since we found it due (by us, or by a concurrent holder): that is
             # the token to hand out, even if TikTok made it shorter-lived than the skew.
             if fresh or _replaced(tokens, due):
-                return _access_token(account, tokens)
+                return await self._handed_out(account, tokens)
             due = tokens
             attempt = await self._refresh(account, force=False, due=due)
             outcome = attempt.outcome
@@ -145,6 +150,16 @@ class AccountService:
             if reloaded is None:
                 raise NotFound(technical_message="account disappeared during refresh")
             account = reloaded
+
+    async def _handed_out(self, account: Account, tokens: AccountTokens) -> AccessToken:
+        """The access token as handed out, its use noted for the background refresher."""
+        try:
+            await self._store.mark_token_used(account.id, now=self._clock())
+        except GatewayError as exc:
+            # Only keep-warm depends on it: the token itself is good to hand out.
+            log.warning("could not note the token use of account %s: %s", account.id,
+                        exc.technical_message or exc.message)
+        return _access_token(account, tokens)
 
     async def refresh_account(self, account: Account, *, force: bool = False) -> RefreshOutcome:
         """Refresh one account's tokens under the lease. Never raises for TikTok faults."""
@@ -224,11 +239,18 @@ class AccountService:
             await self._store.release_refresh_lease(account.id, holder)
 
     async def disconnect(self, owner_id: str, account_id: str) -> Disconnected:
-        """Revoke at TikTok (bounded retries), then wipe the tokens whatever TikTok said."""
+        """Revoke at TikTok (bounded retries), then wipe the tokens whatever TikTok said.
+
+        Revoke takes the access token, and whether TikTok accepts an expired one is
+        undocumented: one that has expired or is about to is refreshed first, through
+        the one refresh path. A dead refresh token leaves nothing to revoke with.
+        """
         account = await self.get_account(owner_id, account_id)
         if account.status is AccountStatus.REVOKED:
             return Disconnected("revoked", bool(account.revoked_at_tiktok))
         tokens = await self._store.get_account_tokens(account.id)
+        if tokens is not None:
+            tokens = await self._revocable(account, tokens)
         revoked_at_tiktok = False
         if tokens is not None:
             revoked_at_tiktok = await self._revoke_at_tiktok(account.id, tokens.access_token)
@@ -239,6 +261,26 @@ class AccountService:
         # A concurrent disconnect may have won: report what is stored.
         stored = bool(revoked.revoked_at_tiktok) if revoked else revoked_at_tiktok
         return Disconnected("revoked", stored)
+
+    async def _revocable(self, account: Account, tokens: AccountTokens) -> AccountTokens | None:
+        """Tokens whose access token is live for a while yet, refreshed if need be; None
+        when the refresh token turned out dead (the account then needs reauthorization)."""
+        deadline = self._clock() + self._lease * 2
+        while tokens.access_token_expires_at - self._clock() <= self.refresh_skew:
+            outcome = await self.refresh_account(account, force=True)
+            if outcome in (RefreshOutcome.REAUTHORIZATION_REQUIRED,
+                           RefreshOutcome.REFRESH_TOKEN_EXPIRED):
+                return None
+            if outcome is RefreshOutcome.BUSY:
+                await self._sleep(self._poll)
+            current = await self._store.get_account_tokens(account.id)
+            # Refreshed here or by another holder (or replaced by a reconnect).
+            if current is None or outcome is RefreshOutcome.REFRESHED or _replaced(current, tokens):
+                return current
+            if outcome is not RefreshOutcome.BUSY or self._clock() > deadline:
+                # TikTok failed: the old token is still worth a revoke.
+                return tokens
+        return tokens
 
     async def _revoke_at_tiktok(self, account_id: str, access_token: str) -> bool:
         for attempt in range(REVOKE_ATTEMPTS):
@@ -263,6 +305,15 @@ def _replaced(tokens: AccountTokens, due: AccountTokens | None) -> bool:
         tokens.access_token != due.access_token
         or tokens.access_token_expires_at != due.access_token_expires_at
     )
+
+
+def _as_seen(account: Account, now: datetime) -> Account:
+    """A connected account whose refresh token has expired needs reauthorization, even
+    before the refresher records it: the product never sees it ``connected``."""
+    expires = account.refresh_token_expires_at
+    if account.status is AccountStatus.CONNECTED and expires is not None and expires <= now:
+        return replace(account, status=AccountStatus.REAUTHORIZATION_REQUIRED)
+    return account
 
 
 def _raise_if_unusable(account: Account) -> None:

@@ -36,6 +36,8 @@ log = logging.getLogger("gateway.tiktok")
 TOKEN_PATH = "/v2/oauth/token/"  # noqa: S105 - a URL path, not a secret
 USER_INFO_PATH = "/v2/user/info/"
 REVOKE_PATH = "/v2/oauth/revoke/"
+# TikTok's revoke page describes success as an empty body (its older page shows {}).
+EMPTY_SUCCESS_ENDPOINTS = frozenset({"revoke"})
 # TikTok's token errors that mean "try later", not "your request is wrong".
 TRANSIENT_TOKEN_ERRORS = frozenset({"server_error", "temporarily_unavailable"})
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -331,6 +333,8 @@ class TikTokClient:
             body = json.loads(response.body or b"")
         except ValueError:
             body = None
+        if not response.body and response.code == 200 and endpoint in EMPTY_SUCCESS_ENDPOINTS:
+            body = {}
         if isinstance(body, dict):
             log_id = _extract_log_id(body) or log_id
         self._log(request, endpoint, started, str(response.code), log_id)

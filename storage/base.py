@@ -10,10 +10,12 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 PLATFORM = "tiktok"
+# See Store.mark_token_used.
+TOKEN_USE_RESOLUTION = timedelta(seconds=60)
 
 
 class PendingStatus(enum.StrEnum):
@@ -116,6 +118,13 @@ class Account:
     # TikTok's deauthorization reason code, or "disconnected" when the product did it.
     revocation_reason: int | str | None = None
     revoked_at_tiktok: bool | None = None
+    # When the access-token endpoint last handed a token out: the refresher keeps only
+    # recently used accounts warm (REFRESH_KEEP_WARM_SECONDS).
+    token_used_at: datetime | None = None
+    # The background refresher's backoff after refreshes that failed without a verdict
+    # (TikTok unavailable): it does not try again before refresh_retry_at.
+    refresh_retry_at: datetime | None = None
+    refresh_failures: int = 0
 
 
 @dataclass
@@ -270,8 +279,42 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def accounts_due_for_refresh(self, before: datetime, *, limit: int) -> list[Account]:
-        """Connected accounts whose access token expires before ``before``, soonest first."""
+    async def accounts_due_for_refresh(
+        self,
+        before: datetime,
+        *,
+        limit: int,
+        now: datetime | None = None,
+        used_since: datetime | None = None,
+    ) -> list[Account]:
+        """Connected accounts whose access token expires before ``before``, soonest first.
+
+        With ``now``, accounts whose ``refresh_retry_at`` is after it (waiting out a
+        backoff) are left out; with ``used_since``, so are accounts whose token was
+        not handed out at or after it (``token_used_at``), never-used ones included.
+        """
+
+    @abc.abstractmethod
+    async def mark_token_used(self, account_id: str, *, now: datetime) -> None:
+        """Record that the account's access token was handed out at ``now``.
+
+        A use less than ``TOKEN_USE_RESOLUTION`` after the recorded one is not written
+        again: a product asking for the token on every call costs no write each time.
+        """
+
+    @abc.abstractmethod
+    async def defer_refresh(self, account_id: str, *, retry_at: datetime, failures: int) -> None:
+        """Keep the account out of ``accounts_due_for_refresh(now=...)`` until ``retry_at``,
+        noting ``failures`` refreshes failed in a row."""
+
+    @abc.abstractmethod
+    async def clear_refresh_retry(self, account_id: str) -> None:
+        """Forget the account's backoff (``refresh_retry_at`` and ``refresh_failures``)."""
+
+    @abc.abstractmethod
+    async def expire_refresh_tokens(self, *, now: datetime) -> int:
+        """Mark ``reauthorization_required`` (tokens wiped) every connected account whose
+        refresh token expired at or before ``now``; returns how many changed."""
 
     # -- key rotation ---------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from storage.base import (
     PROFILE_FIELDS,
+    TOKEN_USE_RESOLUTION,
     Account,
     AccountStatus,
     AccountTokens,
@@ -155,6 +156,8 @@ class MemoryStore(Store):
             revoked_at=None,
             revocation_reason=None,
             revoked_at_tiktok=None,
+            refresh_retry_at=None,
+            refresh_failures=0,
         )
         self._accounts[account_id] = account
         self._sealed_tokens[account_id] = self._sealer.seal(owner_id, grant)
@@ -273,15 +276,58 @@ class MemoryStore(Store):
                 changed += 1
         return changed
 
-    async def accounts_due_for_refresh(self, before: datetime, *, limit: int) -> list[Account]:
+    async def accounts_due_for_refresh(
+        self,
+        before: datetime,
+        *,
+        limit: int,
+        now: datetime | None = None,
+        used_since: datetime | None = None,
+    ) -> list[Account]:
         due = sorted(
             (a.access_token_expires_at, a.id)
             for a in self._accounts.values()
             if a.status is AccountStatus.CONNECTED
             and a.access_token_expires_at is not None
             and a.access_token_expires_at < before
+            and (now is None or a.refresh_retry_at is None or a.refresh_retry_at <= now)
+            and (used_since is None or (a.token_used_at is not None
+                                        and a.token_used_at >= used_since))
         )
         return [_copy_account(self._accounts[account_id]) for _, account_id in due[:limit]]
+
+    async def mark_token_used(self, account_id: str, *, now: datetime) -> None:
+        account = self._accounts.get(account_id)
+        if account is None:
+            return
+        used = account.token_used_at
+        if used is None or used <= now - TOKEN_USE_RESOLUTION:
+            account.token_used_at = now
+
+    async def defer_refresh(self, account_id: str, *, retry_at: datetime, failures: int) -> None:
+        account = self._accounts.get(account_id)
+        if account is not None:
+            account.refresh_retry_at = retry_at
+            account.refresh_failures = failures
+
+    async def clear_refresh_retry(self, account_id: str) -> None:
+        account = self._accounts.get(account_id)
+        if account is not None:
+            account.refresh_retry_at = None
+            account.refresh_failures = 0
+
+    async def expire_refresh_tokens(self, *, now: datetime) -> int:
+        expired = [
+            a for a in self._accounts.values()
+            if a.status is AccountStatus.CONNECTED
+            and a.refresh_token_expires_at is not None
+            and a.refresh_token_expires_at <= now
+        ]
+        for account in expired:
+            self._wipe_tokens(account.id)
+            account.status = AccountStatus.REAUTHORIZATION_REQUIRED
+            account.updated_at = now
+        return len(expired)
 
     async def reseal_tokens(self, *, after: str | None, limit: int) -> ResealBatch:
         ids = sorted(i for i in self._accounts if after is None or i > after)[:limit]

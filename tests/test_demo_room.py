@@ -247,3 +247,19 @@ def test_a_gateway_without_demo_mode_never_imports_the_demo():
     assert_the_gateway_serves(answers)
     assert_json(answers["demo"], 404, "NOT_FOUND")
     assert answers["demo_imported"] is False
+
+
+def test_the_demo_product_knows_the_gateway_by_http_only():
+    """Like a real product's backend: no gateway module, only its URL and API."""
+    gateway_modules = {"server", "handlers", "services", "storage"}
+    module = ast.parse((ROOT / "demo" / "product.py").read_text())
+    imported = {
+        name.split(".")[0]
+        for node in ast.walk(module)
+        for name in (
+            [alias.name for alias in node.names] if isinstance(node, ast.Import)
+            else [node.module or ""] if isinstance(node, ast.ImportFrom)
+            else []
+        )
+    }
+    assert not imported & gateway_modules, imported & gateway_modules

@@ -27,7 +27,6 @@ from tornado.httpserver import HTTPServer
 
 from handlers.accounts import AccessTokenHandler, AccountHandler, AccountListHandler
 from handlers.base import InFlight, NotFoundHandler, log_request
-from handlers.demo import demo_routes
 from handlers.health import HealthHandler, ReadinessHandler
 from handlers.meta import MetricsHandler, OpenAPIHandler, openapi_document
 from handlers.oauth import AuthorizeHandler, CallbackHandler
@@ -198,7 +197,9 @@ def routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]:
     accounts = {"accounts": gateway.accounts, "resolve_principal": gateway.resolve_principal}
     return [
         # DEMO_MODE only: /demo, and the callback with HTML error pages for browsers.
-        *(demo_routes(gateway, prefix) if gateway.config.demo_mode else []),
+        # The demo is demo/ and this line (imported here only when on): delete both to
+        # remove it.
+        *(__import__("demo").routes(gateway, prefix) if gateway.config.demo_mode else []),
         tornado.web.url(f"{prefix}/oauth/tiktok/authorize", AuthorizeHandler, flow),
         tornado.web.url(f"{prefix}/oauth/tiktok/callback", CallbackHandler, flow),
         tornado.web.url(f"{prefix}/healthz", HealthHandler),

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from handlers.demo import prefers_html
+from demo.handlers import prefers_html
 from services.errors import ConfigError
 from tests.support import assert_envelope, environ, make_config
 

@@ -12,7 +12,7 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 # test-deps first: what the suite needs outside .venv (Chromium, chromedriver, curl,
 # venv) is installed as root with apt-get, else named with its install command.

@@ -34,7 +34,7 @@ from handlers.webhooks import TikTokWebhookHandler
 from services.accounts import AccountService
 from services.config import Config, load_config
 from services.connect import ConnectionService
-from services.errors import ConfigError, GatewayError
+from services.errors import ConfigError, GatewayError, StoreSetupFailed
 from services.logging_setup import setup_logging
 from services.metrics import (
     GatewayMetrics,
@@ -85,8 +85,12 @@ class Gateway:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
 
-def create_store(config: Config) -> Store:
-    """The store named by the configuration; does no I/O."""
+def create_store(config: Config, *, require_indexes: bool = False) -> Store:
+    """The store named by the configuration; does no I/O.
+
+    ``require_indexes``: a MongoDB store refuses data operations until its
+    ``initialize`` has created the indexes (the gateway's own store does).
+    """
     if not config.mongodb_uri:
         log.warning(
             "MONGODB_URI is not set: using the in-memory store. Nothing persists across "
@@ -103,7 +107,7 @@ def create_store(config: Config) -> Store:
         connect_timeout_ms=config.mongodb_timeout_ms,
         socket_timeout_ms=config.mongodb_operation_timeout_ms,
     )
-    return MongoStore(database, config.cipher(), client=client)
+    return MongoStore(database, config.cipher(), client=client, require_indexes=require_indexes)
 
 
 def bearer_principal_resolver(config: Config) -> PrincipalResolver:
@@ -153,7 +157,7 @@ def build_gateway(
     """
     metrics = GatewayMetrics(registry)
     # Every store operation is timed; the wrapped store stays reachable as .inner.
-    store = InstrumentedStore(store or create_store(config), metrics)
+    store = InstrumentedStore(store or create_store(config, require_indexes=True), metrics)
     # One pooled client per process (TIKTOK_HTTP_CLIENT), made in the running loop.
     tiktok = tiktok_client_for(config, http_client, metrics=metrics)
     service = ConnectionService(
@@ -267,13 +271,28 @@ def make_app(config: Config, **kwargs: Any) -> tornado.web.Application:
     return app
 
 
-async def initialize_store(store: Store, retry_seconds: float = STORE_RETRY_SECONDS) -> None:
-    """Create indexes, retrying in the background while the store is down."""
+async def initialize_store(store: Store, retry_seconds: float = STORE_RETRY_SECONDS) -> bool:
+    """Create indexes, retrying in the background while the store is down.
+
+    Returns True once they exist; False when one can never be created (a
+    conflicting index, duplicate documents): each is logged as an ERROR, and
+    ``/readyz`` answers 503 naming it until the database is fixed and the
+    gateway restarted.
+    """
     while True:
         try:
             await store.initialize()
             log.info("store ready")
-            return
+            return True
+        except StoreSetupFailed as exc:
+            for problem in exc.problems:
+                log.error("%s", problem)
+            log.error(
+                "the store is not ready and will not be: /readyz answers 503 and "
+                "requests that need the store are refused until the database is "
+                "fixed and the gateway restarted"
+            )
+            return False
         except GatewayError as exc:
             log.warning(
                 "store not reachable yet (%s); retrying in %.0fs",

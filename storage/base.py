@@ -171,6 +171,12 @@ class Store(abc.ABC):
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""
 
+    async def check_ready(self) -> None:
+        """Raise ``StoreUnavailable`` unless the store can serve requests (``/readyz``):
+        it answers and ``initialize`` has set it up. A store with nothing to set up
+        only needs to answer."""
+        await self.ping()
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 

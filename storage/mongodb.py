@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
@@ -29,7 +30,7 @@ from pymongo.errors import (
     PyMongoError,
 )
 
-from services.errors import StoreUnavailable
+from services.errors import StoreSetupFailed, StoreUnavailable
 from storage.base import (
     PLATFORM,
     PROFILE_FIELDS,
@@ -65,6 +66,54 @@ REFRESH_DUE_KEYS = [
 # expire_refresh_tokens: connected accounts whose refresh token has expired.
 REFRESH_EXPIRY_INDEX = "status_refresh_expiry"
 REFRESH_EXPIRY_KEYS = [("status", ASCENDING), ("refreshTokenExpiresAt", ASCENDING)]
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    collection: str
+    keys: list[tuple[str, int]]
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+# Every index ``MongoStore.initialize`` creates, in order; one that cannot be created
+# is reported by name without stopping the others.
+INDEXES: tuple[IndexSpec, ...] = (
+    IndexSpec(
+        ACCOUNTS_COLLECTION,
+        [("ownerId", ASCENDING), ("platform", ASCENDING), ("platformAccountId", ASCENDING)],
+        ACCOUNT_KEY_INDEX,
+        {"unique": True},
+    ),
+    # Webhooks name the account by open_id only.
+    IndexSpec(ACCOUNTS_COLLECTION, [("platformAccountId", ASCENDING)], PLATFORM_ACCOUNT_INDEX),
+    # Led by tokenUsedAt, so a keep-warm round reads only recently used accounts,
+    # however many idle ones the collection holds.
+    IndexSpec(ACCOUNTS_COLLECTION, REFRESH_DUE_KEYS, REFRESH_DUE_INDEX),
+    IndexSpec(ACCOUNTS_COLLECTION, REFRESH_EXPIRY_KEYS, REFRESH_EXPIRY_INDEX),
+    # Housekeeping only: claim_pending checks expiry itself, since the TTL
+    # monitor deletes late (once a minute on mongod).
+    IndexSpec(
+        PENDING_COLLECTION, [("expiresAt", ASCENDING)], PENDING_TTL_INDEX,
+        {"expireAfterSeconds": 0},
+    ),
+)
+
+# createIndexes failures that no retry can fix. The server's own message is not
+# repeated: for a duplicate key it quotes the stored values.
+_INDEX_CONFLICTS = {
+    68: "an index with this name already exists (IndexAlreadyExists, code 68); "
+        "drop it or give it this index's keys and options",
+    85: "an index on the same keys already exists under another name or with other "
+        "options (IndexOptionsConflict, code 85); drop that index",
+    86: "an index with this name already exists with other keys or options "
+        "(IndexKeySpecsConflict, code 86); drop that index",
+    11000: "documents already stored share a key this unique index forbids "
+           "(DuplicateKey, code 11000); remove the duplicates",
+}
+# Store methods that work before the indexes exist; every other one waits for them
+# when the store requires its indexes (see MongoStore).
+_SETUP_METHODS = frozenset({"_create_indexes", "ping", "close"})
 
 APP_NAME = "tiktok-gateway"
 DRIVERS = ("motor", "pymongo")
@@ -159,10 +208,16 @@ def _unavailable(exc: PyMongoError) -> StoreUnavailable:
 def _mongo_errors(
     method: Callable[_P, Coroutine[Any, Any, _T]],
 ) -> Callable[_P, Coroutine[Any, Any, _T]]:
-    """Map every driver error raised by a store method to ``StoreUnavailable``."""
+    """Map every driver error raised by a store method to ``StoreUnavailable``;
+    refuse data operations while a store that requires its indexes lacks them."""
+    gated = method.__name__ not in _SETUP_METHODS
 
     @functools.wraps(method)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if gated:
+            store: Any = args[0]
+            if store.requires_indexes:
+                store.raise_unless_indexed()
         try:
             return await method(*args, **kwargs)
         except PyMongoError as exc:
@@ -284,12 +339,28 @@ def expired_refresh_query(now: datetime) -> dict[str, Any]:
 
 
 class MongoStore(Store):
-    def __init__(self, database: Any, cipher: TokenCipher, *, client: Any = None) -> None:
+    """``require_indexes``: refuse every data operation (``StoreUnavailable``) until
+    ``initialize`` has created the indexes. The gateway's store does: a unique index
+    created after the first writes may find duplicates, and SecantusDB can hang when
+    an index is created while the first write lands on a new collection."""
+
+    def __init__(
+        self,
+        database: Any,
+        cipher: TokenCipher,
+        *,
+        client: Any = None,
+        require_indexes: bool = False,
+    ) -> None:
         self._database = database
         self._client = client if client is not None else getattr(database, "client", None)
         self._sealer = TokenSealer(cipher)
         self._accounts = database[ACCOUNTS_COLLECTION]
         self._pending = database[PENDING_COLLECTION]
+        self.requires_indexes = require_indexes
+        self._indexed = False
+        # Why the indexes are missing: the last failed initialize() (None: not tried yet).
+        self._setup_error: StoreUnavailable | None = None
 
     @property
     def database(self) -> Any:
@@ -297,26 +368,58 @@ class MongoStore(Store):
 
     # -- lifecycle ------------------------------------------------------------------
 
-    @_mongo_errors
     async def initialize(self) -> None:
-        await self._accounts.create_index(
-            [("ownerId", ASCENDING), ("platform", ASCENDING), ("platformAccountId", ASCENDING)],
-            unique=True,
-            name=ACCOUNT_KEY_INDEX,
+        """Create every index of ``INDEXES``.
+
+        Raises ``StoreSetupFailed`` naming each index that can never be created as
+        asked (a conflicting index, duplicate documents), after trying all of them;
+        ``StoreUnavailable`` when MongoDB cannot be reached (worth retrying).
+        """
+        try:
+            await self._create_indexes()
+        except StoreUnavailable as exc:
+            self._setup_error = exc
+            raise
+        self._indexed = True
+        self._setup_error = None
+
+    @_mongo_errors
+    async def _create_indexes(self) -> None:
+        problems = []
+        for spec in INDEXES:
+            try:
+                await self._database[spec.collection].create_index(
+                    spec.keys, name=spec.name, **spec.options
+                )
+            except OperationFailure as exc:
+                reason = _INDEX_CONFLICTS.get(exc.code or 0)
+                if reason is None:
+                    raise
+                problems.append(
+                    f"MongoDB index {spec.name} on {spec.collection} cannot be created: {reason}"
+                )
+        if problems:
+            raise StoreSetupFailed(problems, details=dict(_DETAILS))
+
+    def raise_unless_indexed(self) -> None:
+        """Raise ``StoreUnavailable`` unless ``initialize`` has created the indexes."""
+        if self._indexed:
+            return
+        if isinstance(self._setup_error, StoreSetupFailed):
+            # A new exception each time: raising one instance again grows its traceback.
+            raise StoreSetupFailed(self._setup_error.problems, details=dict(_DETAILS))
+        last = self._setup_error.technical_message if self._setup_error else None
+        raise StoreUnavailable(
+            technical_message="MongoDB indexes not created yet"
+            + (f" (last attempt: {last})" if last else " (start-up has not created them)"),
+            details=dict(_DETAILS),
         )
-        # Webhooks name the account by open_id only.
-        await self._accounts.create_index(
-            [("platformAccountId", ASCENDING)], name=PLATFORM_ACCOUNT_INDEX
-        )
-        # Led by tokenUsedAt, so a keep-warm round reads only recently used accounts,
-        # however many idle ones the collection holds.
-        await self._accounts.create_index(REFRESH_DUE_KEYS, name=REFRESH_DUE_INDEX)
-        await self._accounts.create_index(REFRESH_EXPIRY_KEYS, name=REFRESH_EXPIRY_INDEX)
-        # Housekeeping only: claim_pending checks expiry itself, since the TTL
-        # monitor deletes late (once a minute on mongod).
-        await self._pending.create_index(
-            [("expiresAt", ASCENDING)], expireAfterSeconds=0, name=PENDING_TTL_INDEX
-        )
+
+    async def check_ready(self) -> None:
+        if isinstance(self._setup_error, StoreSetupFailed):
+            self.raise_unless_indexed()
+        await self.ping()
+        self.raise_unless_indexed()
 
     @_mongo_errors
     async def ping(self) -> None:

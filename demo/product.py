@@ -172,7 +172,7 @@ class DemoProduct:
         account = await self._accounts.get_account(self.user_id, account_id)
         before = account.access_token_expires_at
         outcome = await self._accounts.refresh_account(account, force=True)
-        if outcome in (RefreshOutcome.UNAVAILABLE, RefreshOutcome.BUSY):
+        if outcome in (RefreshOutcome.UNAVAILABLE, RefreshOutcome.UNKNOWN, RefreshOutcome.BUSY):
             raise DemoFailed(
                 503, "TikTok did not answer the refresh in time. Please try again."
             )

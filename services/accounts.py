@@ -109,6 +109,7 @@ class _Unsaved:
     account_id: str
     grant: TokenGrant = field(repr=False)  # tokens: never in a repr or a log
     version: int  # the generation the refresh sent to TikTok
+    holder: str  # its lease, released once the grant is settled (if still held)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     retrying: asyncio.Task[None] | None = field(default=None, repr=False)
     # None until settled; then True (stored) or False (newer tokens were stored).
@@ -159,14 +160,16 @@ class UnsavedGrants:
         finally:
             self._refreshing -= 1
 
-    async def save(self, account_id: str, grant: TokenGrant, *, version: int) -> bool:
+    async def save(
+        self, account_id: str, grant: TokenGrant, *, version: int, holder: str
+    ) -> bool:
         """Store ``grant`` over generation ``version``: True once stored, False when
         newer tokens were. Raises ``StoreUnavailable`` if the write fails: the grant
         is kept and written again in the background."""
-        unsaved = _Unsaved(account_id, grant, version)
+        unsaved = _Unsaved(account_id, grant, version, holder)
         self._unsaved[account_id] = unsaved
         try:
-            return await self._write(unsaved)
+            return await self._write(unsaved, release=False)  # the refresh releases it
         except BaseException as exc:  # the store failed, or this task was cancelled
             if unsaved.stored is None:
                 log.error(
@@ -186,7 +189,7 @@ class UnsavedGrants:
             return None
         return await self._write(unsaved)
 
-    async def _write(self, unsaved: _Unsaved) -> bool:
+    async def _write(self, unsaved: _Unsaved, *, release: bool = True) -> bool:
         async with unsaved.lock:
             if unsaved.stored is not None:
                 return unsaved.stored
@@ -209,6 +212,11 @@ class UnsavedGrants:
             unsaved.stored = stored
             if self._unsaved.get(account_id) is unsaved:
                 del self._unsaved[account_id]
+            if release:
+                # Its holder could not give it back (the store was failing): it would
+                # hold the next refresh until it runs out.
+                with contextlib.suppress(GatewayError):
+                    await self._store.release_refresh_lease(account_id, unsaved.holder)
             return stored
 
     def _retry_in_background(self, unsaved: _Unsaved) -> None:
@@ -454,11 +462,13 @@ class AccountService:
                 # Someone refreshed between our read and our lease.
                 return _Attempt(RefreshOutcome.NOT_DUE)
             with self.unsaved.refreshing():
-                return await self._refresh_at_tiktok(account, tokens)
+                return await self._refresh_at_tiktok(account, tokens, holder)
         finally:
             await self._release(account.id, holder)
 
-    async def _refresh_at_tiktok(self, account: Account, tokens: AccountTokens) -> _Attempt:
+    async def _refresh_at_tiktok(
+        self, account: Account, tokens: AccountTokens, holder: str
+    ) -> _Attempt:
         try:
             response = await self._tiktok.refresh(tokens.refresh_token)
         except OutcomeUnknown as exc:
@@ -497,7 +507,7 @@ class AccountService:
             scopes=response.scopes or account.scopes,
         )
         # Over the generation this refresh read, whoever holds the lease by now.
-        if not await self.unsaved.save(account.id, grant, version=tokens.version):
+        if not await self.unsaved.save(account.id, grant, version=tokens.version, holder=holder):
             return _Attempt(RefreshOutcome.SUPERSEDED)
         log.info("refreshed account %s (log_id=%s)", account.id, response.log_id or "-")
         return _Attempt(RefreshOutcome.REFRESHED)

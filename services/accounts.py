@@ -205,8 +205,9 @@ class UnsavedGrants:
                 )
                 if not stored:
                     log.warning(
-                        "account %s: newer tokens were stored while this refresh ran (a "
-                        "reconnect): they stay, and this refresh's tokens are dropped",
+                        "account %s: newer tokens were stored (a reconnect), or the account "
+                        "was disconnected, while this refresh ran: this refresh's tokens "
+                        "are dropped",
                         account_id,
                     )
             unsaved.stored = stored
@@ -259,8 +260,13 @@ class UnsavedGrants:
                         "(for up to %gs)", len(self._unsaved), max(deadline - loop.time(), 0))
         while self._unsaved:
             for unsaved in list(self._unsaved.values()):
-                with contextlib.suppress(GatewayError):
+                try:
                     await self._write(unsaved)
+                except GatewayError:
+                    pass  # the store still fails: again until the deadline
+                except Exception:
+                    log.exception("storing the new tokens of account %s failed",
+                                  unsaved.account_id)
             if not self._unsaved or loop.time() >= deadline:
                 break
             await asyncio.sleep(min(self._first_delay, deadline - loop.time()))

@@ -56,8 +56,8 @@ class OutcomeUnknown(ProviderUnavailable):
 
 @dataclass(frozen=True)
 class TokenResponse:
-    # Required from a code exchange; a refresh answer may leave it out (None then).
-    open_id: str | None
+    # Required from a code exchange; empty when a refresh answer leaves it out.
+    open_id: str
     access_token: str
     refresh_token: str
     expires_in: int
@@ -424,7 +424,7 @@ class TikTokClient:
             open_id = body.get("open_id")
             return TokenResponse(
                 # A refresh keeps the account's stored identity: its open_id is not needed.
-                open_id=_nonempty_str(open_id) if require_open_id else _str_or_none(open_id),
+                open_id=_nonempty_str(open_id) if require_open_id else _str_or_empty(open_id),
                 access_token=_nonempty_str(body["access_token"]),
                 refresh_token=_nonempty_str(body["refresh_token"]),
                 expires_in=_positive_int(body["expires_in"]),
@@ -506,8 +506,8 @@ def _nonempty_str(value: Any) -> str:
     return value
 
 
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+def _str_or_empty(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def _positive_int(value: Any) -> int:

@@ -430,7 +430,7 @@ async def test_a_refresh_answer_without_open_id_or_with_string_lifetimes_is_acce
     response = await tiktok.refresh("rft.any")
     assert (response.access_token, response.refresh_token) == ("act.parsed", "rft.parsed")
     assert (response.expires_in, response.refresh_expires_in) == (7200, 15552000)
-    assert response.open_id == (None if "open_id" in fields else "sbx-open-id")
+    assert response.open_id == ("" if "open_id" in fields else "sbx-open-id")
 
 
 @gen_test

@@ -124,7 +124,7 @@ class UnsavedGrants:
     background with backoff until it lands or finds newer tokens stored, after the
     request that caused it has answered 503 too. It lives in this process's memory
     only (its tokens are never logged): one ``UnsavedGrants`` per process, shared by
-    its ``AccountService``\\ s, flushed by a graceful shutdown. A process killed while
+    its ``AccountService`` objects, flushed by a graceful shutdown. A process killed while
     the store is down loses it, and the user must connect the account again.
     """
 

@@ -144,6 +144,8 @@ class UnsavedGrants:
         self._max_delay = max_delay
         self._unsaved: dict[str, _Unsaved] = {}
         self._refreshing = 0
+        # Background writes, until they end (a write just landed may still be releasing).
+        self._retries: dict[asyncio.Task[None], _Unsaved] = {}
 
     def __contains__(self, account_id: object) -> bool:
         return account_id in self._unsaved
@@ -222,7 +224,9 @@ class UnsavedGrants:
 
     def _retry_in_background(self, unsaved: _Unsaved) -> None:
         if unsaved.retrying is None:
-            unsaved.retrying = asyncio.ensure_future(self._retry(unsaved))
+            task = unsaved.retrying = asyncio.ensure_future(self._retry(unsaved))
+            self._retries[task] = unsaved
+            task.add_done_callback(lambda done: self._retries.pop(done, None))
 
     async def _retry(self, unsaved: _Unsaved) -> None:
         delay = self._first_delay
@@ -277,9 +281,17 @@ class UnsavedGrants:
                 "and the user must connect the account again",
                 unsaved.account_id,
             )
-        tasks = [u.retrying for u in lost if u.retrying is not None]
-        for task in tasks:
+        # No background write may outlive the store: those waiting for their next attempt
+        # stop now; one writing (a grant that just landed may be releasing its lease)
+        # finishes, until the deadline.
+        tasks = dict(self._retries)
+        writing = {t for t, unsaved in tasks.items() if unsaved.lock.locked()}
+        for task in tasks.keys() - writing:
             task.cancel()
+        if writing:
+            _, late = await asyncio.wait(writing, timeout=max(deadline - loop.time(), 0.1))
+            for task in late:
+                task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._refreshing:
             log.error("%d token refresh(es) still under way at shutdown: what TikTok answers "

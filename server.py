@@ -31,7 +31,7 @@ from handlers.health import HealthHandler, ReadinessHandler
 from handlers.meta import MetricsHandler, OpenAPIHandler, openapi_document
 from handlers.oauth import AuthorizeHandler, CallbackHandler
 from handlers.webhooks import TikTokWebhookHandler
-from services.accounts import AccountService
+from services.accounts import AccountService, refresh_lease_seconds
 from services.config import Config, load_config
 from services.connect import ConnectionService
 from services.errors import ConfigError, GatewayError, StoreSetupFailed
@@ -188,6 +188,7 @@ def build_gateway(
             store=store,
             tiktok=tiktok,
             refresh_skew_seconds=config.refresh_skew_seconds,
+            lease_seconds=refresh_lease_seconds(config),
             metrics=metrics,
         ),
         resolve_principal=resolve_principal,
@@ -237,14 +238,10 @@ def start_refresher(gateway: Gateway) -> Refresher | None:
     if config.refresh_interval_seconds <= 0:
         log.info("background token refresh disabled (REFRESH_INTERVAL_SECONDS=0)")
         return None
-    # Its own AccountService (same refresh path, same leases): refresh_account answers
-    # not_due for tokens outside its skew, which here is the refresher's window.
-    accounts = AccountService(
-        store=gateway.store,
-        tiktok=gateway.tiktok,
-        refresh_skew_seconds=config.refresh_ahead_seconds,
-        metrics=gateway.metrics,
-    )
+    # Its own AccountService (same refresh path, same leases, same unsaved grants):
+    # refresh_account answers not_due for tokens outside its skew, which here is the
+    # refresher's window.
+    accounts = gateway.accounts.with_skew(config.refresh_ahead_seconds)
     refresher = Refresher(
         store=gateway.store,
         accounts=accounts,
@@ -367,8 +364,9 @@ async def shut_down(
     timeout: float,
 ) -> None:
     """After ``server.stop()``: give requests in flight ``timeout`` seconds, then cut
-    the connections left; the refresher stops within the same deadline; then the
-    store is closed."""
+    the connections left; the refresher stops within the same deadline; then new
+    tokens not stored yet (refreshes under way, writes that failed) get up to
+    ``timeout`` seconds more to be stored; then the store is closed."""
     in_flight: InFlight = app.settings["in_flight"]
     log.info(
         "shutting down: new connections refused, %d request(s) in flight, waiting up to %gs",
@@ -392,6 +390,9 @@ async def shut_down(
             in_flight.count,
         )
     await server.close_all_connections()
+    # A cut request's refresh runs on: what TikTok answers it is stored before the
+    # store closes, like the grants whose first write failed.
+    await app.settings["gateway"].accounts.close(timeout)
     await app.settings["gateway"].store.close()
     if in_flight.count == 0:
         # Its pooled connections to TikTok; not under requests just cut (closing curl

@@ -245,7 +245,7 @@ class DemoAccountActionHandler(DemoHandler):
         refreshes only close to expiry, so the demo has the gateway refresh at once."""
         account = await self.accounts.get_account(self.product.user_id, account_id)
         outcome = await self.accounts.refresh_account(account, force=True)
-        if outcome in (RefreshOutcome.UNAVAILABLE, RefreshOutcome.BUSY):
+        if outcome in (RefreshOutcome.UNAVAILABLE, RefreshOutcome.UNKNOWN, RefreshOutcome.BUSY):
             raise DemoFailed(503, "TikTok did not answer the refresh in time. Please try again.")
 
 

@@ -63,6 +63,8 @@ REFRESH_OUTCOMES = (
     "reauthorization_required",
     "refresh_token_expired",
     "unavailable",
+    "unknown",
+    "superseded",
     "busy",
     "error",
 )

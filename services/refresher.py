@@ -57,7 +57,7 @@ DEFAULT_STOP_GRACE_SECONDS = 10.0
 # store fault): the account is retried after its wait, the others carry on.
 ERROR = "error"
 # Outcomes after which the account waits before its next attempt.
-RETRY_LATER = frozenset({RefreshOutcome.UNAVAILABLE.value, ERROR})
+RETRY_LATER = frozenset({RefreshOutcome.UNAVAILABLE.value, RefreshOutcome.UNKNOWN.value, ERROR})
 # Another holder (maybe another process) is refreshing it: its outcome decides the wait.
 KEEP_WAIT = frozenset({RefreshOutcome.BUSY.value})
 MAX_BACKOFF_SECONDS = 900.0

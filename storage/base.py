@@ -133,6 +133,10 @@ class AccountTokens:
     refresh_token: str = field(repr=False)
     access_token_expires_at: datetime
     refresh_token_expires_at: datetime
+    # The token generation: every grant stored (connect, reconnect, refresh) adds one;
+    # re-encryption does not. A refresh stores its answer only over the generation it
+    # read (``Store.save_refreshed_tokens``). 0: written before the counter existed.
+    version: int = 0
 
 
 @dataclass
@@ -231,15 +235,17 @@ class Store(abc.ABC):
         """The only way to read tokens back in clear text."""
 
     # -- token lifecycle ----------------------------------------------------------
-    # A refresh is guarded by a lease on the account record, claimed atomically
-    # and expiring on its own, so one refresh runs across every gateway process
-    # and a crashed holder blocks nobody for longer than the lease.
+    # A refresh takes a lease on the account record, claimed atomically and expiring
+    # on its own, so concurrent requests in every gateway process make one call to
+    # TikTok and a crashed holder blocks nobody for longer than the lease. The lease
+    # only avoids duplicate calls: what a refresh stores is decided by the token
+    # generation it read (``AccountTokens.version``), never by the lease.
 
     @abc.abstractmethod
-    async def acquire_refresh_lease(
-        self, account_id: str, holder: str, *, now: datetime, until: datetime
-    ) -> bool:
-        """Take the lease if it is free or expired and the account is connected."""
+    async def acquire_refresh_lease(self, account_id: str, holder: str, *, seconds: float) -> bool:
+        """Take the lease for ``seconds`` if it is free or expired and the account is
+        connected. Expiry is judged by one clock, the store's own: MongoDB's ``$$NOW``,
+        the process's monotonic clock for ``MemoryStore``."""
 
     @abc.abstractmethod
     async def release_refresh_lease(self, account_id: str, holder: str) -> None:
@@ -247,16 +253,26 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def save_refreshed_tokens(
-        self, account_id: str, holder: str, grant: TokenGrant, *, now: datetime
+        self, account_id: str, grant: TokenGrant, *, version: int, now: datetime
     ) -> bool:
-        """Store the new tokens and expiries and drop the lease, in one atomic update.
+        """Store a refresh's tokens, expiries and scopes in one atomic update, only if
+        the stored tokens are still generation ``version`` (those the refresh sent) and
+        the account is not revoked; the generation moves on and the account is
+        ``connected`` again (a refusal of the token this refresh replaced may have
+        marked it). Whoever holds the lease does not matter.
 
-        Returns False (and writes nothing) if ``holder`` no longer holds the lease.
+        Returns False (and writes nothing) when newer tokens were stored meanwhile, the
+        account was revoked, or it does not exist.
         """
 
     @abc.abstractmethod
-    async def require_reauthorization(self, account_id: str, *, now: datetime) -> None:
-        """Wipe both tokens and mark the account ``reauthorization_required``."""
+    async def require_reauthorization(
+        self, account_id: str, *, now: datetime, version: int | None = None
+    ) -> bool:
+        """Wipe both tokens and mark the account ``reauthorization_required`` (never a
+        revoked one). With ``version``, only if the stored tokens are still that
+        generation: TikTok refused the refresh token it holds, not a newer one.
+        Returns whether the account was marked."""
 
     @abc.abstractmethod
     async def revoke_account(

@@ -48,7 +48,7 @@ from storage.base import (
     TokenGrant,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
-from storage.tokens import TokenSealer
+from storage.tokens import TOKEN_VERSION_FIELD, TokenSealer
 
 ACCOUNTS_COLLECTION = "social_accounts"
 PENDING_COLLECTION = "oauth_states"
@@ -144,6 +144,7 @@ _REVOCATION_UNSET = {
     "refreshFailures": "",
 }
 _TOKEN_UNSET = {"accessToken": "", "refreshToken": "", "refreshLease": ""}
+_ONE_MORE_GENERATION = {"$inc": {TOKEN_VERSION_FIELD: 1}}
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -224,6 +225,23 @@ def _mongo_errors(
             raise _unavailable(exc) from exc
 
     return wrapper
+
+
+def _generation_is(version: int) -> dict[str, Any]:
+    """The query for tokens of generation ``version``; documents written before the
+    counter existed have none, which is generation 0."""
+    if version:
+        return {TOKEN_VERSION_FIELD: version}
+    return {TOKEN_VERSION_FIELD: {"$in": [None, 0]}}
+
+
+# "The lease has expired", judged by MongoDB's clock ($$NOW), never a gateway's: two
+# processes whose clocks disagree still agree on who holds it. Compared as numbers
+# (milliseconds since the epoch): SecantusDB 0.7.0b3 compares a stored date with
+# $$NOW wrongly (as equal, whatever they are), and on mongod the two forms agree.
+_LEASE_EXPIRED = {
+    "$expr": {"$lte": [{"$toLong": "$refreshLease.expiresAt"}, {"$toLong": "$$NOW"}]}
+}
 
 
 def _object_id(account_id: str) -> ObjectId | None:
@@ -516,6 +534,7 @@ class MongoStore(Store):
             },
             "$unset": _REVOCATION_UNSET,
             "$setOnInsert": {**natural_key, "createdAt": now, "profilePending": True},
+            **_ONE_MORE_GENERATION,
         }
         for attempt in (1, 2):
             try:
@@ -590,22 +609,27 @@ class MongoStore(Store):
     # -- token lifecycle ----------------------------------------------------------
 
     @_mongo_errors
-    async def acquire_refresh_lease(
-        self, account_id: str, holder: str, *, now: datetime, until: datetime
-    ) -> bool:
+    async def acquire_refresh_lease(self, account_id: str, holder: str, *, seconds: float) -> bool:
         object_id = _object_id(account_id)
         if object_id is None:
             return False
+        # An update pipeline, so that the expiry is $$NOW + seconds on MongoDB's clock.
         claimed = await self._accounts.find_one_and_update(
             {
                 "_id": object_id,
                 "status": AccountStatus.CONNECTED.value,
-                "$or": [
-                    {"refreshLease": {"$exists": False}},
-                    {"refreshLease.expiresAt": {"$lte": now}},
-                ],
+                "$or": [{"refreshLease": {"$exists": False}}, _LEASE_EXPIRED],
             },
-            {"$set": {"refreshLease": {"holder": holder, "expiresAt": until}}},
+            [
+                {
+                    "$set": {
+                        "refreshLease": {
+                            "holder": {"$literal": holder},
+                            "expiresAt": {"$add": ["$$NOW", max(1, round(seconds * 1000))]},
+                        }
+                    }
+                }
+            ],
             projection={"_id": 1},
         )
         return claimed is not None
@@ -621,7 +645,7 @@ class MongoStore(Store):
 
     @_mongo_errors
     async def save_refreshed_tokens(
-        self, account_id: str, holder: str, grant: TokenGrant, *, now: datetime
+        self, account_id: str, grant: TokenGrant, *, version: int, now: datetime
     ) -> bool:
         object_id = _object_id(account_id)
         if object_id is None:
@@ -629,22 +653,35 @@ class MongoStore(Store):
         doc = await self._accounts.find_one({"_id": object_id}, projection={"ownerId": 1})
         if doc is None:
             return False
-        fields: dict[str, Any] = {**self._sealer.seal(doc["ownerId"], grant), "updatedAt": now}
+        fields: dict[str, Any] = {
+            **self._sealer.seal(doc["ownerId"], grant),
+            "status": AccountStatus.CONNECTED.value,
+            "updatedAt": now,
+        }
         if grant.scopes:
             fields["scopes"] = list(grant.scopes)
         result = await self._accounts.update_one(
-            {"_id": object_id, "refreshLease.holder": holder},
-            {"$set": fields, "$unset": {"refreshLease": ""}},
+            {
+                "_id": object_id,
+                "status": {"$ne": AccountStatus.REVOKED.value},
+                **_generation_is(version),
+            },
+            {"$set": fields, **_ONE_MORE_GENERATION},
         )
         return result.modified_count == 1
 
     @_mongo_errors
-    async def require_reauthorization(self, account_id: str, *, now: datetime) -> None:
+    async def require_reauthorization(
+        self, account_id: str, *, now: datetime, version: int | None = None
+    ) -> bool:
         object_id = _object_id(account_id)
         if object_id is None:
-            return
-        await self._accounts.update_one(
-            {"_id": object_id, "status": {"$ne": AccountStatus.REVOKED.value}},
+            return False
+        query: dict[str, Any] = {"_id": object_id, "status": {"$ne": AccountStatus.REVOKED.value}}
+        if version is not None:
+            query.update(_generation_is(version))
+        result = await self._accounts.update_one(
+            query,
             {
                 "$set": {
                     "status": AccountStatus.REAUTHORIZATION_REQUIRED.value,
@@ -653,6 +690,7 @@ class MongoStore(Store):
                 "$unset": _TOKEN_UNSET,
             },
         )
+        return result.matched_count == 1
 
     @_mongo_errors
     async def revoke_account(

@@ -92,7 +92,7 @@ class _Attempt:
 
 @dataclass(frozen=True)
 class AccessToken:
-    access_token: str
+    access_token: str = field(repr=False)
     expires_at: datetime
     scopes: list[str]
     open_id: str
@@ -580,7 +580,8 @@ class AccountService:
     async def _revocable(self, account: Account, tokens: AccountTokens) -> AccountTokens | None:
         """Tokens whose access token is live for a while yet, refreshed if need be; None
         when the refresh token turned out dead (the account then needs reauthorization)."""
-        deadline = self._clock() + self._lease * 2
+        # A concurrent holder's refresh is stored, or its lease free, within this.
+        deadline = self._monotonic() + self.lease_seconds + LEASE_MARGIN_SECONDS
         while tokens.access_token_expires_at - self._clock() <= self.refresh_skew:
             outcome = await self.refresh_account(account, force=True)
             if outcome in (RefreshOutcome.REAUTHORIZATION_REQUIRED,
@@ -592,7 +593,7 @@ class AccountService:
             # Refreshed here or by another holder (or replaced by a reconnect).
             if current is None or outcome is RefreshOutcome.REFRESHED or _replaced(current, tokens):
                 return current
-            if outcome is not RefreshOutcome.BUSY or self._clock() > deadline:
+            if outcome is not RefreshOutcome.BUSY or self._monotonic() > deadline:
                 # TikTok failed: the old token is still worth a revoke.
                 return tokens
         return tokens

@@ -10,7 +10,7 @@ import copy
 import heapq
 import uuid
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from storage.base import (
@@ -18,6 +18,7 @@ from storage.base import (
     Account,
     AccountStatus,
     AccountTokens,
+    CallAdmission,
     ClaimOutcome,
     ClaimResult,
     PendingAuthorization,
@@ -25,6 +26,7 @@ from storage.base import (
     ResealBatch,
     Store,
     TokenGrant,
+    judge_call,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.tokens import TokenSealer
@@ -62,6 +64,8 @@ class MemoryStore(Store):
         self._sealed_tokens: dict[str, dict[str, Any]] = {}
         self._account_ids: dict[tuple[str, str, str], str] = {}
         self._leases: dict[str, tuple[str, datetime]] = {}
+        # Budget name -> (admitted calls, admitted background calls), epoch seconds.
+        self._call_logs: dict[str, tuple[list[float], list[float]]] = {}
 
     async def initialize(self) -> None:
         return None
@@ -291,3 +295,29 @@ class MemoryStore(Store):
     def _wipe_tokens(self, account_id: str) -> None:
         self._sealed_tokens.pop(account_id, None)
         self._leases.pop(account_id, None)
+
+    # -- TikTok call budgets ----------------------------------------------------------
+
+    async def admit_call(
+        self,
+        budget: str,
+        *,
+        limit: int,
+        window_seconds: float,
+        background: bool = False,
+        background_limit: int | None = None,
+        now: datetime | None = None,
+    ) -> CallAdmission:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        calls, background_calls = self._call_logs.setdefault(budget, ([], []))
+        # No await in here: the decision and its record are one step on this loop.
+        return judge_call(
+            calls,
+            background_calls,
+            (now or datetime.now(UTC)).timestamp(),
+            limit=limit,
+            window_seconds=window_seconds,
+            background=background,
+            background_limit=background_limit,
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -291,6 +292,8 @@ class CallAdmission:
     """One ``Store.admit_call`` decision, timed by the clock that made it."""
 
     admitted: bool
+    # When it was decided (epoch seconds, by the clock that decided).
+    at: float
     # Seconds until a call of this kind could be admitted; 0 when this one was.
     retry_after: float
     # For each call admitted within the window ending now (this one included), how many
@@ -313,10 +316,13 @@ def judge_call(
     background: bool,
     background_limit: int | None,
     admitted: bool | None = None,
+    unit: float = 1.0,
 ) -> CallAdmission:
-    """The sliding-window rule on the logs of admitted calls (seconds, admission order,
-    the most recent last): room when the ``limit``-th most recent call is at least
+    """The sliding-window rule on the logs of admitted calls (admission order, the most
+    recent last): room when the ``limit``-th most recent call is at least
     ``window_seconds`` old (the background log likewise against ``background_limit``).
+    Times and window are in ``unit`` seconds (0.001: integer milliseconds, exact); the
+    answer is in seconds.
 
     ``admitted`` given: the logs already hold the decision (MongoDB's post-image), only
     describe it. Otherwise decide, and append ``now`` to the logs when admitted, so that
@@ -340,10 +346,16 @@ def judge_call(
     cutoff = now - window_seconds
     return CallAdmission(
         admitted=admitted,
-        retry_after=retry_after,
-        leaving=tuple(sorted(t - cutoff for t in calls if t > cutoff)),
+        at=now * unit,
+        retry_after=retry_after * unit,
+        leaving=tuple(sorted((t - cutoff) * unit for t in calls if t > cutoff)),
         background_used=sum(1 for t in background_calls if t > cutoff),
     )
+
+
+def window_ms(window_seconds: float) -> int:
+    """A window in whole milliseconds, the stores' precision: rounded up, never down."""
+    return math.ceil(round(window_seconds * 1000, 6))
 
 
 def _free_at(

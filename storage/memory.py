@@ -27,6 +27,7 @@ from storage.base import (
     Store,
     TokenGrant,
     judge_call,
+    window_ms,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.tokens import TokenSealer
@@ -64,7 +65,7 @@ class MemoryStore(Store):
         self._sealed_tokens: dict[str, dict[str, Any]] = {}
         self._account_ids: dict[tuple[str, str, str], str] = {}
         self._leases: dict[str, tuple[str, datetime]] = {}
-        # Budget name -> (admitted calls, admitted background calls), epoch seconds.
+        # Budget name -> (admitted calls, admitted background calls), epoch milliseconds.
         self._call_logs: dict[str, tuple[list[float], list[float]]] = {}
 
     async def initialize(self) -> None:
@@ -312,12 +313,14 @@ class MemoryStore(Store):
             raise ValueError("limit must be at least 1")
         calls, background_calls = self._call_logs.setdefault(budget, ([], []))
         # No await in here: the decision and its record are one step on this loop.
+        # Whole milliseconds, as MongoDB keeps them: exact comparisons.
         return judge_call(
             calls,
             background_calls,
-            (now or datetime.now(UTC)).timestamp(),
+            round((now or datetime.now(UTC)).timestamp() * 1000),
             limit=limit,
-            window_seconds=window_seconds,
+            window_seconds=window_ms(window_seconds),
             background=background,
             background_limit=background_limit,
+            unit=0.001,
         )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
@@ -47,6 +46,7 @@ from storage.base import (
     Store,
     TokenGrant,
     judge_call,
+    window_ms,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.tokens import TokenSealer
@@ -603,26 +603,26 @@ class MongoStore(Store):
     ) -> CallAdmission:
         if limit < 1 or (background and not background_limit):
             raise ValueError("limit and background_limit must be at least 1")
-        # BSON dates are milliseconds: round the window up, never down.
-        window_ms = math.ceil(window_seconds * 1000)
+        # BSON dates are milliseconds: so is the window, rounded up.
+        window = window_ms(window_seconds)
         pipeline = _admission_pipeline(
-            now, limit, window_ms, background_limit if background else None
+            now, limit, window, background_limit if background else None
         )
         for _ in range(2):
             doc = await self._call_budgets.find_one_and_update(
                 {"_id": budget}, pipeline, return_document=ReturnDocument.AFTER
             )
             if doc is not None:
-                asked = doc["askedAt"].timestamp()
                 return judge_call(
-                    [t.timestamp() for t in doc["calls"]],
-                    [t.timestamp() for t in doc["background"]],
-                    asked,
+                    [_ms(t) for t in doc["calls"]],
+                    [_ms(t) for t in doc["background"]],
+                    _ms(doc["askedAt"]),
                     limit=limit,
-                    window_seconds=window_ms / 1000,
+                    window_seconds=window,
                     background=background,
                     background_limit=background_limit,
                     admitted=bool(doc["admitted"]),
+                    unit=0.001,
                 )
             # Not made yet (initialize has not run): make it, then ask again. Never an
             # upsert of the admission itself, whose answer may be lost in a race.
@@ -647,8 +647,12 @@ class MongoStore(Store):
 CALL_BUDGETS_COLLECTION = "tiktok_call_budgets"
 
 
+def _ms(moment: datetime) -> int:
+    return round(moment.timestamp() * 1000)
+
+
 def _admission_pipeline(
-    now: datetime | None, limit: int, window_ms: int, background_limit: int | None
+    now: datetime | None, limit: int, window: int, background_limit: int | None
 ) -> list[dict[str, Any]]:
     """The update that admits a call if its logs have room, and records it.
 
@@ -663,7 +667,7 @@ def _admission_pipeline(
             "$or": [
                 {"$lt": [{"$size": log}, most]},
                 {"$lte": [{"$arrayElemAt": [log, -most]},
-                          {"$subtract": ["$askedAt", window_ms]}]},
+                          {"$subtract": ["$askedAt", window]}]},
             ]
         }
 

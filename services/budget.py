@@ -113,7 +113,7 @@ class CallBudget(Protocol):
 
     async def acquire(
         self, budget: str, priority: Priority | None = None, deadline: float | None = None
-    ) -> None: ...
+    ) -> CallAdmission | None: ...
 
 
 class SlidingWindow:
@@ -224,8 +224,9 @@ class TikTokBudget:
 
     async def acquire(
         self, budget: str, priority: Priority | None = None, deadline: float | None = None
-    ) -> None:
-        """Return once one call to ``budget`` is admitted (at once if it has no limit).
+    ) -> CallAdmission | None:
+        """Return once one call to ``budget`` is admitted: the admission (None at once
+        when ``budget`` has no limit).
 
         ``priority``: default the caller's context (``call_priority``), interactive
         unless set. ``deadline`` (``monotonic`` seconds): how long the call may wait for
@@ -235,7 +236,7 @@ class TikTokBudget:
         """
         state = self._budgets.get(budget)
         if state is None:
-            return
+            return None
         priority = priority or current_priority()
         admission: CallAdmission | None = None
         # Behind waiters of the same priority (or, for background, of interactive
@@ -243,11 +244,11 @@ class TikTokBudget:
         if not state.waiting[priority] and not self._stepping_aside(state, priority):
             admission = await self._ask(state, priority)
             if admission.admitted:
-                return
+                return admission
         self._metrics.budget_wait(state.name, priority.value)
         state.waiting[priority] += 1
         try:
-            await self._wait(state, priority, deadline, admission)
+            return await self._wait(state, priority, deadline, admission)
         finally:
             state.waiting[priority] -= 1
 
@@ -260,7 +261,7 @@ class TikTokBudget:
         priority: Priority,
         deadline: float | None,
         admission: CallAdmission | None,
-    ) -> None:
+    ) -> CallAdmission:
         turn = state.turns[priority]
         if turn.locked():
             admission = None  # stale by the time our turn comes
@@ -278,7 +279,7 @@ class TikTokBudget:
                 if admission is None and not self._stepping_aside(state, priority):
                     admission = await self._ask(state, priority)
                     if admission.admitted:
-                        return
+                        return admission
                 wait = admission.retry_after if admission else STEP_ASIDE_SECONDS
                 if deadline is None or self._monotonic() + wait > deadline:
                     raise self._refused(state, priority, admission)

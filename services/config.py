@@ -468,11 +468,12 @@ def _check_rate_limits(env: _Reader, config: Config) -> None:
         if not share_of(limit, config.tiktok_background_share):
             env.problems.append(
                 f"TIKTOK_BACKGROUND_SHARE={config.tiktok_background_share:g} leaves background "
-                f"work (token refreshes) no call of {name}={limit}: raise that limit or the share"
+                f"work (refreshes, profile filling) no call of {name}={limit}: raise that limit "
+                "or the share"
             )
         if config.tiktok_fallback_share and not share_of(limit, config.tiktok_fallback_share):
             env.problems.append(
                 f"TIKTOK_FALLBACK_SHARE={config.tiktok_fallback_share:g} leaves a process that "
                 f"cannot reach the store no call of {name}={limit}: raise the share, or set 0 "
-                "to stop calls to that endpoint while the store cannot be asked"
+                "to stop every call while the store cannot be asked"
             )

@@ -11,12 +11,14 @@ process is stopped in ``finally`` (the context manager).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import signal
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -296,6 +298,24 @@ class TestStoreUnreachableInProcess:
 SOCKET_TIMEOUT_MS = 500
 
 
+def freeze(pid: int) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it has stopped: the signal is
+    asynchronous, and a thread still running can answer one more request."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    tasks = Path(f"/proc/{pid}/task")
+    while time.monotonic() < deadline:
+        states = set()
+        for task in tasks.iterdir():
+            with contextlib.suppress(OSError):
+                # "pid (comm) S ...": the state follows the last ")".
+                states.add((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        if states <= {"T", "t"}:
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop: thread states {states}")
+
+
 # The bound is the point: without a socket timeout the call waits for the driver's
 # next heartbeat (about 10 s) and the test times out.
 @pytest.mark.gen_test(timeout=8)
@@ -319,7 +339,7 @@ async def test_a_stalled_mongodb_fails_a_store_call_at_the_socket_timeout(
     try:
         await store.initialize()
         assert await store.list_accounts("owner") == []
-        os.kill(mongo_process.pid, signal.SIGSTOP)
+        freeze(mongo_process.pid)
         try:
             with pytest.raises(StoreUnavailable) as caught:
                 await store.list_accounts("owner")

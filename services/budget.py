@@ -218,10 +218,6 @@ class TikTokBudget:
     def limits(self) -> dict[str, RateLimit]:
         return {name: budget.limit for name, budget in self._budgets.items()}
 
-    def background_limit(self, budget: str) -> int | None:
-        state = self._budgets.get(budget)
-        return state.background_limit if state else None
-
     async def acquire(
         self, budget: str, priority: Priority | None = None, deadline: float | None = None
     ) -> CallAdmission | None:
@@ -245,7 +241,6 @@ class TikTokBudget:
             admission = await self._ask(state, priority)
             if admission.admitted:
                 return admission
-        self._metrics.budget_wait(state.name, priority.value)
         state.waiting[priority] += 1
         try:
             return await self._wait(state, priority, deadline, admission)
@@ -263,11 +258,14 @@ class TikTokBudget:
         admission: CallAdmission | None,
     ) -> CallAdmission:
         turn = state.turns[priority]
+        deferred = False
         if turn.locked():
             admission = None  # stale by the time our turn comes
             remaining = -1.0 if deadline is None else deadline - self._monotonic()
             if remaining <= 0:
                 raise self._refused(state, priority, None)
+            self._metrics.budget_wait(state.name, priority.value)
+            deferred = True
             try:
                 await asyncio.wait_for(turn.acquire(), remaining)
             except TimeoutError:
@@ -283,6 +281,9 @@ class TikTokBudget:
                 wait = admission.retry_after if admission else STEP_ASIDE_SECONDS
                 if deadline is None or self._monotonic() + wait > deadline:
                     raise self._refused(state, priority, admission)
+                if not deferred:
+                    self._metrics.budget_wait(state.name, priority.value)
+                    deferred = True
                 await self._sleep(wait)
                 admission = None
         finally:

@@ -248,8 +248,8 @@ class GatewayMetrics:
         )
         self.budget_deferred = Counter(
             "tiktok_gateway_budget_deferred",
-            "Calls that found their TikTok budget spent and waited for room, by budget and "
-            "priority.",
+            "Calls that found their TikTok budget spent and waited for room (admitted or "
+            "refused after), by budget and priority.",
             ["budget", "priority"],
             registry=self.registry,
         )

@@ -318,7 +318,8 @@ def fake_budget(
 @gen_test
 async def test_interactive_call_waits_for_the_next_free_slot_within_its_deadline():
     fake = FakeTime()
-    budget = fake_budget(fake)
+    metrics = GatewayMetrics()
+    budget = fake_budget(fake, metrics=metrics)
     await budget.acquire("user_info")
     await budget.acquire("user_info")
     with pytest.raises(RateLimited) as refused:
@@ -332,6 +333,10 @@ async def test_interactive_call_waits_for_the_next_free_slot_within_its_deadline
     assert admission is not None and admission.admitted
     assert fake.slept == [pytest.approx(10)]
     assert admission.at == (BASE + timedelta(seconds=10)).timestamp()
+    calls = functools.partial(metric, metrics, budget="user_info", priority="interactive")
+    assert calls("tiktok_gateway_budget_calls_total", result="admitted") == 3
+    assert calls("tiktok_gateway_budget_calls_total", result="refused") == 1
+    assert calls("tiktok_gateway_budget_deferred_total") == 1
     # An endpoint without a limit never waits and never asks the store.
     assert await budget.acquire("token") is None
 
@@ -451,8 +456,9 @@ async def test_without_the_store_interactive_calls_use_the_local_share_and_backg
     assert calls(priority="interactive", result="local") == 3
     assert calls(priority="interactive", result="refused") == 1
     assert calls(priority="background", result="paused") == 1
+    # Refused at once (its deadline came before the next slot): never waited.
     assert metric(metrics, "tiktok_gateway_budget_deferred_total", budget="user_info",
-                  priority="interactive") == 1
+                  priority="interactive") == 0
 
 
 @gen_test

@@ -144,3 +144,10 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+class RateLimited(ServiceUnavailable):
+    """TikTok's call budget for an endpoint has no room before the caller's deadline
+    (services/budget.py): nothing was sent to TikTok."""
+
+    default_message = "Too many requests to TikTok right now. Please try again in a moment."

@@ -422,6 +422,8 @@ class MongoStore(Store):
                 )
         if problems:
             raise StoreSetupFailed(problems, details=dict(_DETAILS))
+        # TikTok call budgets: their documents exist before any call is admitted.
+        await self._create_call_budgets(CALL_BUDGETS)
 
     def raise_unless_indexed(self) -> None:
         """Raise ``StoreUnavailable`` unless ``initialize`` has created the indexes."""
@@ -436,8 +438,6 @@ class MongoStore(Store):
             + (f" (last attempt: {last})" if last else " (start-up has not created them)"),
             details=dict(_DETAILS),
         )
-        # TikTok call budgets: their documents exist before any call is admitted.
-        await self._create_call_budgets(CALL_BUDGETS)
 
     async def check_ready(self) -> None:
         if isinstance(self._setup_error, StoreSetupFailed):

@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.connect import utcnow
-from services.errors import (
+from core.clock import utcnow
+from core.errors import (
     Conflict,
     GatewayError,
     NotFound,

@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from core.clock import utcnow
+from core.errors import GatewayError
 from services.accounts import AccountService, RefreshOutcome
-from services.connect import utcnow
-from services.errors import GatewayError
 from storage.base import Account, Store
 
 log = logging.getLogger("gateway.refresher")

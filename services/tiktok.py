@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
-from services.errors import ProviderRejected, ProviderUnavailable
+from core.errors import ProviderRejected, ProviderUnavailable
 from services.http_client import (
     capacity_of,
     close_http_client,

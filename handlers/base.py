@@ -188,8 +188,8 @@ class ErrorWriterMixin(BaseHandler):
                 "request_id": request_id_of(self.request),
                 "method": self.request.method,
                 "route": route_of(self),
-                "status": 500,
-                "outcome": "INTERNAL_SERVER_ERROR",
+                "status": GatewayError.status,
+                "outcome": GatewayError.code,
             },
         )
 

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 
+from core.errors import ConfigError, GatewayError, StoreSetupFailed
 from handlers.accounts import AccessTokenHandler, AccountHandler, AccountListHandler
 from handlers.base import InFlight, NotFoundHandler, log_request
 from handlers.health import HealthHandler, ReadinessHandler
@@ -35,7 +36,6 @@ from services.accounts import AccountService, refresh_lease_seconds
 from services.budget import TikTokBudget
 from services.config import Config, load_config
 from services.connect import ConnectionService
-from services.errors import ConfigError, GatewayError, StoreSetupFailed
 from services.logging_setup import setup_logging
 from services.metrics import (
     GatewayMetrics,

@@ -7,22 +7,13 @@ also needs the bearer scope ``tiktok.tokens``.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
+from core.clock import iso_z
 from handlers.base import ErrorWriterMixin
 from services.accounts import AccountService
 from services.product_auth import TOKENS_SCOPE, PrincipalResolver
 from storage.base import Account, AccountStatus
-
-
-def iso_utc(moment: datetime | None) -> str | None:
-    """ISO-8601 in UTC with a ``Z``, milliseconds like the error envelope's timestamp."""
-    if moment is None:
-        return None
-    if moment.tzinfo is None:  # stored times are UTC
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def account_json(account: Account) -> dict[str, Any]:
@@ -38,11 +29,11 @@ def account_json(account: Account) -> dict[str, Any]:
         "scopes": list(account.scopes),
         "status": account.status.value,
         # The tokens of a revoked or refused account are gone, and so is their expiry.
-        "accessTokenExpiresAt": iso_utc(account.access_token_expires_at) if connected else None,
+        "accessTokenExpiresAt": iso_z(account.access_token_expires_at) if connected else None,
         # The user must connect again by then: refreshes do not extend it.
-        "refreshTokenExpiresAt": iso_utc(account.refresh_token_expires_at) if connected else None,
-        "createdAt": iso_utc(account.created_at),
-        "updatedAt": iso_utc(account.updated_at),
+        "refreshTokenExpiresAt": iso_z(account.refresh_token_expires_at) if connected else None,
+        "createdAt": iso_z(account.created_at),
+        "updatedAt": iso_z(account.updated_at),
     }
 
 
@@ -82,7 +73,7 @@ class AccessTokenHandler(AccountsHandlerBase):
         self.write_json(
             {
                 "accessToken": token.access_token,
-                "expiresAt": iso_utc(token.expires_at),
+                "expiresAt": iso_z(token.expires_at),
                 "scopes": token.scopes,
                 "openId": token.open_id,
             }

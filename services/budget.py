@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from services.errors import RateLimited, StoreUnavailable
+from core.errors import RateLimited, StoreUnavailable
 from services.metrics import GatewayMetrics
 from storage.base import CALL_BUDGETS, CallAdmission, Store, judge_call
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from core.errors import ConfigError
 from services.budget import (
     DEFAULT_BACKGROUND_SHARE,
     DEFAULT_FALLBACK_SHARE,
@@ -16,7 +17,6 @@ from services.budget import (
     RateLimit,
     share_of,
 )
-from services.errors import ConfigError
 from services.http_client import DEFAULT_MAX_CONNECTIONS, HTTP_CLIENTS, curl_available
 from services.redirects import AllowedOrigins, RedirectRejected
 from services.scopes import KNOWN_SCOPES

@@ -40,20 +40,26 @@ from prometheus_client import (
 from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from services.errors import GatewayError
+from core.errors import (
+    AuthorizationDenied,
+    GatewayError,
+    ServiceUnavailable,
+    StateConflict,
+    ValidationFailed,
+)
 from storage.base import Account, Store
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 CONNECTED = "connected"
 # A callback that ended in something other than a GatewayError (a bug).
-INTERNAL_ERROR = "INTERNAL_SERVER_ERROR"
+INTERNAL_ERROR = GatewayError.code
 # What a callback can end in: connected, or the envelope's error code.
 CALLBACK_OUTCOMES = (
     CONNECTED,
-    "VALIDATION_ERROR",
-    "CONFLICT",
-    "PERMISSION_DENIED",
-    "SERVICE_UNAVAILABLE",
+    *(
+        error.code
+        for error in (ValidationFailed, StateConflict, AuthorizationDenied, ServiceUnavailable)
+    ),
     INTERNAL_ERROR,
 )
 # services.accounts.RefreshOutcome values, plus "error" when refreshing raised.

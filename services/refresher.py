@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from core.clock import utcnow
+from core.errors import GatewayError
 from services.accounts import AccountService, RefreshOutcome
 from services.budget import Priority, call_priority
-from services.connect import utcnow
-from services.errors import GatewayError
 from storage.base import Account, Store
 
 log = logging.getLogger("gateway.refresher")

@@ -18,8 +18,8 @@ from urllib.parse import urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
+from core.errors import OutcomeUnknown, ProviderRejected, ProviderUnavailable
 from services.budget import ENDPOINT_BUDGETS, CallBudget
-from services.errors import ProviderRejected, ProviderUnavailable
 from services.http_client import (
     capacity_of,
     close_http_client,
@@ -49,12 +49,6 @@ RETRY_AFTER_CAP_SECONDS = 2.0
 MIN_ATTEMPT_SECONDS = 0.5
 # What a call that waited for a free connection keeps of its request timeout, at least.
 MIN_REQUEST_SECONDS = 0.1
-
-
-class OutcomeUnknown(ProviderUnavailable):
-    """The request may have reached TikTok, but no answer came back (a timeout or a
-    dropped connection once it was sent): whatever TikTok did with it is unknown. For
-    a refresh: TikTok may have rotated the refresh token."""
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from pymongo.errors import (
     PyMongoError,
 )
 
-from services.errors import StoreSetupFailed, StoreUnavailable
+from core.errors import StoreSetupFailed, StoreUnavailable
 from storage.base import (
     CALL_BUDGETS,
     PLATFORM,

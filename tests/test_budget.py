@@ -543,6 +543,7 @@ async def test_the_refresher_draws_on_the_background_share_only(sandbox):
         accounts=AccountService(store=gateway.store, tiktok=gateway.tiktok,
                                 refresh_skew_seconds=3600),
         ahead_seconds=3600,
+        keep_warm_seconds=None,  # every connected account, used or not
     )
     summary = await refresher.run_once()
     assert summary.outcomes == {"refreshed": 1, "unavailable": 1}

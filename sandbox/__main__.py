@@ -21,13 +21,20 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from sandbox.app import CONSENT_MODES, Sandbox
+from sandbox.app import CONSENT_MODES, RateLimit, Sandbox
 from sandbox.state import PKCE_MODES, SandboxClient
 
 # Obviously fake, so nobody mistakes a sandbox run for a real TikTok app.
 DEFAULT_CLIENT_KEY = "sandbox-client-key"
 DEFAULT_CLIENT_SECRET = "sandbox-client-secret-not-real"  # noqa: S105 (fake on purpose)
 DEFAULT_REDIRECT_URI = "http://127.0.0.1:8080/oauth/tiktok/callback"
+
+
+def _rate_limit(text: str) -> RateLimit:
+    try:
+        return RateLimit.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -54,6 +61,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pkce", choices=PKCE_MODES, default="hex")
     parser.add_argument("--consent", choices=CONSENT_MODES, default="auto")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to API calls")
+    parser.add_argument(
+        "--user-info-rate-limit",
+        type=_rate_limit,
+        metavar="CALLS/SECONDS",
+        help="enforce TikTok's per-app limit on /v2/user/info/ over a sliding window, "
+        "answering 429 rate_limit_exceeded beyond it (TikTok's: 600/60s; default: none)",
+    )
     parser.add_argument(
         "--revoke-empty-body",
         action="store_true",
@@ -84,6 +98,7 @@ async def run(args: argparse.Namespace) -> int:
         consent=args.consent,
         latency=args.latency,
         revoke_empty_body=args.revoke_empty_body,
+        user_info_rate_limit=args.user_info_rate_limit,
     )
     port = sandbox.listen(args.port, args.host)
 
@@ -97,6 +112,7 @@ async def run(args: argparse.Namespace) -> int:
         f"TikTok sandbox listening on http://{host}:{port} "
         f"(client_key={client.client_key}, pkce={args.pkce}, consent={args.consent}, "
         f"revoke_body={'empty' if args.revoke_empty_body else '{}'}, "
+        f"user_info_rate_limit={args.user_info_rate_limit or 'none'}, "
         f"redirect_uris={','.join(client.redirect_uris)})",
         flush=True,
     )

@@ -52,6 +52,8 @@ STAT_KEYS = (
     "userinfo",
     "revoke",
     "connections",
+    # User-info calls refused with 429 rate_limit_exceeded by ``user_info_rate_limit``.
+    "userinfo_rate_limited",
 )
 _GRANT_STATS = {"authorization_code": "token_authorization_code", "refresh_token": "token_refresh"}
 CONSENT_MODES = ("auto", "page")
@@ -88,6 +90,29 @@ _ENVELOPE_FAULT_CODES = {
     401: "access_token_invalid",
     429: "rate_limit_exceeded",
 }
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """TikTok's per-app limit on one endpoint: ``calls`` in any sliding ``seconds``."""
+
+    calls: int
+    seconds: float
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """``600/60`` or ``600/60s``: 600 calls in any 60-second window."""
+        calls, _, seconds = text.strip().partition("/")
+        try:
+            limit = cls(int(calls), float(seconds.removesuffix("s")))
+        except ValueError:
+            raise ValueError(f"a rate limit is CALLS/SECONDS, e.g. 600/60s, not {text!r}") from None
+        if limit.calls < 1 or limit.seconds <= 0:
+            raise ValueError(f"a rate limit needs calls >= 1 and seconds > 0, not {text!r}")
+        return limit
+
+    def __str__(self) -> str:
+        return f"{self.calls}/{self.seconds:g}s"
 
 
 def new_log_id() -> str:
@@ -162,10 +187,14 @@ class Sandbox:
         code_ttl: int = 300,
         revoke_empty_body: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        user_info_rate_limit: RateLimit | None = None,
     ) -> None:
         """``revoke_empty_body``: answer a successful revoke with an empty body, as
         TikTok's revoke page describes, instead of the older page's ``{}``. ``clock``:
-        seconds, monotonic; a frozen one makes recorded lifetimes reproducible."""
+        seconds, monotonic; a frozen one makes recorded lifetimes reproducible.
+        ``user_info_rate_limit``: enforce TikTok's per-app limit on ``/v2/user/info/``
+        (600 calls in any sliding minute) with its 429 ``rate_limit_exceeded``; None:
+        no limit. Calls count when they arrive; refused ones do not count."""
         if consent not in CONSENT_MODES:
             raise ValueError(f"consent must be one of {', '.join(CONSENT_MODES)}, not {consent!r}")
         if latency < 0:
@@ -183,6 +212,12 @@ class Sandbox:
         self.consent = consent
         self.latency = latency
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self.user_info_rate_limit = user_info_rate_limit
+        # Arrival times (``clock``) of the user-info calls the limit admitted, in its window.
+        self._user_info_window: deque[float] = deque()
+        # Arrival times (``clock``) of every user-info call, for benchmarks
+        # (GET /sandbox/user-info-calls); cleared with the stats.
+        self.user_info_calls: list[float] = []
         self._faults: dict[str, deque[Fault]] = {name: deque() for name in FAULT_ENDPOINTS}
         self._servers: list[SandboxServer] = []
         # (url, event, user_openid, HTTP status) of every webhook sent, oldest first.
@@ -243,6 +278,23 @@ class Sandbox:
         # In place, so callers holding ``sandbox.stats`` see the reset.
         for key in self.stats:
             self.stats[key] = 0
+        self.user_info_calls.clear()
+
+    def admit_user_info(self) -> bool:
+        """Record a user-info call arriving now; False when it is over the rate limit."""
+        now = self.state.now()
+        self.user_info_calls.append(now)
+        limit = self.user_info_rate_limit
+        if limit is None:
+            return True
+        window = self._user_info_window
+        while window and window[0] <= now - limit.seconds:
+            window.popleft()
+        if len(window) >= limit.calls:
+            self.stats["userinfo_rate_limited"] += 1
+            return False
+        window.append(now)
+        return True
 
     def advance_clock(self, seconds: float) -> None:
         """Move the sandbox's clock forward, e.g. to expire codes or access tokens."""
@@ -335,6 +387,7 @@ class Sandbox:
                 ("/v2/oauth/revoke/", RevokeHandler),
                 ("/v2/user/info/", UserInfoHandler),
                 ("/sandbox/stats", StatsHandler),
+                ("/sandbox/user-info-calls", UserInfoCallsHandler),
                 ("/sandbox/reset-stats", ResetStatsHandler),
                 ("/sandbox/faults", FaultsHandler),
                 ("/sandbox/revoke-user", RevokeUserHandler),
@@ -551,8 +604,18 @@ class _ApiHandler(_Handler):
     def count(self) -> None:
         self.sandbox.stats[self.endpoint] += 1
 
+    def admit(self) -> bool:
+        """Whether TikTok's rate limit lets this call through (only user info has one)."""
+        return True
+
     async def prepare(self) -> None:
         self.count()
+        if not self.admit():
+            self.send_json(429, self.error_body(
+                "rate_limit_exceeded",
+                "The API rate limit was exceeded. Please try again later.",
+            ))
+            return
         if self.sandbox.latency:
             await asyncio.sleep(self.sandbox.latency)
         fault = self.sandbox.take_fault(self.endpoint)
@@ -664,6 +727,9 @@ class UserInfoHandler(_ApiHandler):
     endpoint = "userinfo"
     flat_errors = False
 
+    def admit(self) -> bool:
+        return self.sandbox.admit_user_info()
+
     def get(self) -> None:
         self.answer(self.user_info)
 
@@ -717,6 +783,19 @@ class _ControlHandler(_Handler):
 class StatsHandler(_ControlHandler):
     def get(self) -> None:
         self.send_json(200, self.sandbox.stats)
+
+
+class UserInfoCallsHandler(_ControlHandler):
+    """Arrival times of the user-info calls since the last stats reset (seconds, the
+    sandbox's clock), and the rate limit: a benchmark computes every window's count."""
+
+    def get(self) -> None:
+        limit = self.sandbox.user_info_rate_limit
+        self.send_json(200, {
+            "times": self.sandbox.user_info_calls,
+            "limit": None if limit is None else {"calls": limit.calls, "seconds": limit.seconds},
+            "rate_limited": self.sandbox.stats["userinfo_rate_limited"],
+        })
 
 
 class ResetStatsHandler(_ControlHandler):

@@ -22,8 +22,8 @@ import tornado.web
 from tornado.httpclient import HTTPResponse
 from tornado.httputil import url_concat
 
-from sandbox import Sandbox, SandboxClient, default_users, hex_challenge, s256_challenge
-from sandbox.__main__ import DEFAULT_CLIENT_SECRET
+from sandbox import RateLimit, Sandbox, SandboxClient, default_users, hex_challenge, s256_challenge
+from sandbox.__main__ import DEFAULT_CLIENT_SECRET, parse_args
 
 CLIENT_KEY = "test-client-key"
 CLIENT_SECRET = "test-client-secret"
@@ -598,6 +598,58 @@ async def test_userinfo_fault_429_with_retry_after(http_client, base_url, sandbo
     assert response.code == 200
 
 
+@pytest.mark.parametrize(
+    "sandbox_options", [{"user_info_rate_limit": RateLimit(3, 60), "clock": lambda: 1000.0}]
+)
+@pytest.mark.gen_test
+async def test_user_info_rate_limit_is_a_sliding_window(http_client, base_url, sandbox):
+    """TikTok's per-app limit: 429 rate_limit_exceeded once the last window holds the
+    limit, room again as each call leaves it; refused calls do not count."""
+    tokens = await connect(http_client, base_url)
+    answers = []
+    at = 0.0
+    for moment in (0, 10, 20, 59.9, 60, 61, 70, 79.9, 80):
+        sandbox.advance_clock(moment - at)
+        at = moment
+        response, body = await user_info(http_client, base_url, tokens["access_token"])
+        answers.append(response.code)
+        if response.code == 429:
+            assert_api_error(body, "rate_limit_exceeded")
+    # 59.9: 0, 10, 20 in the window; 60: the call at 0 has left; 61: 10, 20, 60 in it;
+    # 70: 10 has left; 79.9: 20, 60, 70; 80: 20 has left.
+    assert answers == [200, 200, 200, 429, 200, 429, 200, 429, 200]
+    assert sandbox.stats["userinfo"] == 9 and sandbox.stats["userinfo_rate_limited"] == 3
+    response = await http_client.fetch(base_url + "/sandbox/user-info-calls")
+    calls = json.loads(response.body)
+    assert calls["limit"] == {"calls": 3, "seconds": 60}
+    assert calls["rate_limited"] == 3
+    assert [round(t - 1000.0, 1) for t in calls["times"]] == [
+        0, 10, 20, 59.9, 60, 61, 70, 79.9, 80]
+    sandbox.reset_stats()
+    assert json.loads((await http_client.fetch(base_url + "/sandbox/user-info-calls")).body)[
+        "times"] == []
+
+
+@pytest.mark.gen_test
+async def test_user_info_has_no_rate_limit_by_default(http_client, base_url, sandbox):
+    tokens = await connect(http_client, base_url)
+    for _ in range(20):
+        assert (await user_info(http_client, base_url, tokens["access_token"]))[0].code == 200
+    assert sandbox.stats["userinfo_rate_limited"] == 0
+
+
+def test_rate_limit_option_parses_calls_per_seconds(capsys):
+    assert parse_args(["--user-info-rate-limit", "600/60s"]).user_info_rate_limit == RateLimit(
+        600, 60.0)
+    assert parse_args(["--user-info-rate-limit", "10/6"]).user_info_rate_limit == RateLimit(
+        10, 6.0)
+    assert parse_args([]).user_info_rate_limit is None
+    for bad in ("600", "0/60", "600/0s", "many/60"):
+        with pytest.raises(SystemExit):
+            parse_args(["--user-info-rate-limit", bad])
+    assert "CALLS/SECONDS" in capsys.readouterr().err
+
+
 @pytest.mark.gen_test
 async def test_fault_with_garbage_body_is_sent_raw(http_client, base_url, sandbox):
     sandbox.add_fault("token", status=200, body="<html>garbage")
@@ -700,6 +752,7 @@ async def test_stats_count_every_endpoint(http_client, base_url, sandbox):
         "userinfo": 1,
         "revoke": 1,
         "connections": 0,  # only servers from serve()/listen() count connections
+        "userinfo_rate_limited": 0,
     }
     sandbox.reset_stats()
     assert set(sandbox.stats.values()) == {0}

@@ -7,41 +7,13 @@ also needs the bearer scope ``tiktok.tokens``.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
-
 from handlers.base import ErrorWriterMixin
 from services.accounts import AccountService
 from services.product_auth import TOKENS_SCOPE, PrincipalResolver
-from storage.base import Account, AccountStatus
 
-
-def iso_utc(moment: datetime | None) -> str | None:
-    """ISO-8601 in UTC with a ``Z``, milliseconds like the error envelope's timestamp."""
-    if moment is None:
-        return None
-    if moment.tzinfo is None:  # stored times are UTC
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def account_json(account: Account) -> dict[str, Any]:
-    """What the product may see of an account: never a token."""
-    connected = account.status is AccountStatus.CONNECTED
-    return {
-        "id": account.id,
-        "platform": account.platform,
-        "platformAccountId": account.platform_account_id,
-        "displayName": account.display_name,
-        "avatarUrl": account.avatar_url,
-        "username": account.username,
-        "scopes": list(account.scopes),
-        "status": account.status.value,
-        # The tokens of a revoked or refused account are gone, and so is their expiry.
-        "accessTokenExpiresAt": iso_utc(account.access_token_expires_at) if connected else None,
-        "createdAt": iso_utc(account.created_at),
-        "updatedAt": iso_utc(account.updated_at),
-    }
+# The renderer lives in services: account events carry the same representation.
+from services.representation import account_payload as account_json
+from services.representation import iso_utc
 
 
 class AccountsHandlerBase(ErrorWriterMixin):

@@ -1,0 +1,37 @@
+"""How the product sees an account, wherever it sees one: the accounts API and the
+account events (``services.events``) render it with the same function."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from storage.base import Account, AccountStatus
+
+
+def iso_utc(moment: datetime | None) -> str | None:
+    """ISO-8601 in UTC with a ``Z``, milliseconds like the error envelope's timestamp."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # stored times are UTC
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def account_payload(account: Account) -> dict[str, Any]:
+    """What the product may see of an account: never a token."""
+    connected = account.status is AccountStatus.CONNECTED
+    return {
+        "id": account.id,
+        "platform": account.platform,
+        "platformAccountId": account.platform_account_id,
+        "displayName": account.display_name,
+        "avatarUrl": account.avatar_url,
+        "username": account.username,
+        "scopes": list(account.scopes),
+        "status": account.status.value,
+        # The tokens of a revoked or refused account are gone, and so is their expiry.
+        "accessTokenExpiresAt": iso_utc(account.access_token_expires_at) if connected else None,
+        "createdAt": iso_utc(account.created_at),
+        "updatedAt": iso_utc(account.updated_at),
+    }

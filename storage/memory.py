@@ -10,7 +10,7 @@ import copy
 import heapq
 import uuid
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from storage.base import (
@@ -20,12 +20,17 @@ from storage.base import (
     AccountTokens,
     ClaimOutcome,
     ClaimResult,
+    EventStatus,
     PendingAuthorization,
     PendingFailure,
     PendingStatus,
     ResealBatch,
     Store,
+    StoredEvent,
     TokenGrant,
+    check_event,
+    check_event_condition,
+    event_time,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.tokens import TokenSealer
@@ -55,8 +60,22 @@ def _copy_account(account: Account) -> Account:
     return clone
 
 
+def _copy_event(stored: StoredEvent) -> StoredEvent:
+    clone = copy.copy(stored)
+    clone.event = copy.deepcopy(stored.event)
+    return clone
+
+
+DEFAULT_EVENTS_RETENTION_SECONDS = 7 * 86400
+
+
 class MemoryStore(Store):
-    def __init__(self, cipher: TokenCipher | None = None) -> None:
+    def __init__(
+        self,
+        cipher: TokenCipher | None = None,
+        *,
+        events_retention_seconds: int = DEFAULT_EVENTS_RETENTION_SECONDS,
+    ) -> None:
         self._sealer = TokenSealer(cipher or TokenCipher.ephemeral())
         self._pending: dict[str, PendingAuthorization] = {}
         # (expires_at, jti), soonest first: purging looks at the expired ones only.
@@ -65,6 +84,13 @@ class MemoryStore(Store):
         self._sealed_tokens: dict[str, dict[str, Any]] = {}
         self._account_ids: dict[tuple[str, str, str], str] = {}
         self._leases: dict[str, tuple[str, datetime]] = {}
+        # Account events: outboxes by account id, then the log in seq order.
+        self._outboxes: dict[str, list[dict[str, Any]]] = {}
+        self._events: dict[str, StoredEvent] = {}
+        self._event_ids: list[str] = []
+        self._event_seq = 0
+        self._relay_lease: tuple[str, datetime] | None = None
+        self._events_retention = timedelta(seconds=events_retention_seconds)
 
     async def initialize(self) -> None:
         return None
@@ -304,3 +330,179 @@ class MemoryStore(Store):
     def _wipe_tokens(self, account_id: str) -> None:
         self._sealed_tokens.pop(account_id, None)
         self._leases.pop(account_id, None)
+
+    # -- account events ---------------------------------------------------------------
+    # No await between a read and its write here either, so each method is atomic.
+
+    async def append_account_event(
+        self, account_id: str, event: dict[str, Any], *, only_if: dict[str, Any] | None = None
+    ) -> bool:
+        check_event(event)
+        conditions = check_event_condition(only_if)
+        account = self._accounts.get(account_id)
+        if account is None:
+            return False
+        for attribute, expected in conditions.items():
+            if getattr(account, attribute) != expected:
+                return False
+        self._outboxes.setdefault(account_id, []).append(copy.deepcopy(event))
+        return True
+
+    async def acquire_relay_lease(self, holder: str, *, now: datetime, until: datetime) -> bool:
+        lease = self._relay_lease
+        if lease is not None and lease[0] != holder and lease[1] > now:
+            return False
+        self._relay_lease = (holder, until)
+        return True
+
+    async def release_relay_lease(self, holder: str) -> None:
+        if self._relay_lease is not None and self._relay_lease[0] == holder:
+            self._relay_lease = None
+
+    async def relay_outbox(
+        self, holder: str, *, now: datetime, fence: datetime, push: bool, limit: int
+    ) -> list[StoredEvent]:
+        self._purge_events(now)
+        queues = [
+            [(account_id, event) for event in outbox]
+            for account_id, outbox in self._outboxes.items()
+            if outbox
+        ]
+        relayed: list[StoredEvent] = []
+        # Oldest first across accounts; merge() keeps each account's outbox order.
+        for account_id, event in heapq.merge(*queues, key=lambda item: item[1]["timestamp"]):
+            lease = self._relay_lease
+            if len(relayed) >= limit or lease is None or lease[0] != holder or lease[1] <= fence:
+                break
+            if event["id"] not in self._events:
+                self._event_seq += 1
+                stored = StoredEvent(
+                    seq=self._event_seq,
+                    event=event,
+                    account_id=account_id,
+                    owner_id=self._accounts[account_id].owner_id,
+                    status=EventStatus.PENDING if push else EventStatus.PULL_ONLY,
+                    recorded_at=now,
+                    next_attempt_at=now if push else None,
+                )
+                self._events[event["id"]] = stored
+                self._event_ids.append(event["id"])
+                relayed.append(_copy_event(stored))
+            self._outboxes[account_id].remove(event)
+        return relayed
+
+    def _purge_events(self, now: datetime) -> None:
+        # Mirrors the TTL index on the MongoDB event log.
+        cutoff = now - self._events_retention
+        kept = 0
+        for event_id in self._event_ids:
+            if self._events[event_id].recorded_at > cutoff:
+                break
+            del self._events[event_id]
+            kept += 1
+        del self._event_ids[:kept]
+
+    def _logged(self) -> list[StoredEvent]:
+        return [self._events[event_id] for event_id in self._event_ids]
+
+    async def list_events(
+        self, *, after_seq: int, limit: int, status: EventStatus | None = None
+    ) -> list[StoredEvent]:
+        found = [
+            _copy_event(stored)
+            for stored in self._logged()
+            if stored.seq > after_seq and (status is None or stored.status is status)
+        ]
+        return found[:limit]
+
+    async def get_event(self, event_id: str) -> StoredEvent | None:
+        stored = self._events.get(event_id)
+        return _copy_event(stored) if stored is not None else None
+
+    async def due_events(self, *, now: datetime, limit: int) -> list[StoredEvent]:
+        heads: set[str] = set()
+        due: list[StoredEvent] = []
+        for stored in self._logged():
+            if stored.status is not EventStatus.PENDING or stored.account_id in heads:
+                continue
+            heads.add(stored.account_id)  # a later event of this account waits for it
+            if _claimable(stored, now):
+                due.append(_copy_event(stored))
+                if len(due) >= limit:
+                    break
+        return due
+
+    async def claim_event_for_delivery(
+        self, event_id: str, holder: str, *, now: datetime, until: datetime
+    ) -> StoredEvent | None:
+        stored = self._events.get(event_id)
+        if stored is None or not _claimable(stored, now):
+            return None
+        stored.lease_holder, stored.lease_expires_at = holder, until
+        if stored.first_attempt_at is None:
+            stored.first_attempt_at = now
+        return _copy_event(stored)
+
+    def _leased_by(self, event_id: str, holder: str) -> StoredEvent | None:
+        stored = self._events.get(event_id)
+        if stored is None or stored.lease_holder != holder:
+            return None
+        stored.lease_holder = stored.lease_expires_at = None
+        stored.attempts += 1
+        return stored
+
+    async def mark_delivered(self, event_id: str, holder: str, *, now: datetime) -> bool:
+        stored = self._leased_by(event_id, holder)
+        if stored is None:
+            return False
+        stored.status = EventStatus.DELIVERED
+        stored.delivered_at = now
+        stored.next_attempt_at = stored.last_failure = None
+        return True
+
+    async def mark_attempt_failed(
+        self,
+        event_id: str,
+        holder: str,
+        *,
+        now: datetime,
+        failure: str,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        stored = self._leased_by(event_id, holder)
+        if stored is None:
+            return False
+        stored.last_failure = failure
+        stored.next_attempt_at = next_attempt_at
+        if next_attempt_at is None:
+            stored.status = EventStatus.FAILED
+        return True
+
+    async def redeliver_event(self, event_id: str, *, now: datetime) -> StoredEvent | None:
+        stored = self._events.get(event_id)
+        if stored is None:
+            return None
+        if stored.status is EventStatus.FAILED:
+            stored.status = EventStatus.PENDING
+            stored.attempts = 0
+            stored.next_attempt_at = now
+            stored.first_attempt_at = stored.last_failure = None
+        return _copy_event(stored)
+
+    async def oldest_undelivered(self) -> datetime | None:
+        times = [event_time(event) for outbox in self._outboxes.values() for event in outbox]
+        times += [
+            event_time(stored.event)
+            for stored in self._events.values()
+            if stored.status is EventStatus.PENDING
+        ]
+        return min(times, default=None)
+
+
+def _claimable(stored: StoredEvent, now: datetime) -> bool:
+    return (
+        stored.status is EventStatus.PENDING
+        and stored.next_attempt_at is not None
+        and stored.next_attempt_at <= now
+        and (stored.lease_expires_at is None or stored.lease_expires_at <= now)
+    )

@@ -13,6 +13,7 @@ reaches an error message.
 from __future__ import annotations
 
 import functools
+import heapq
 import inspect
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -38,12 +39,17 @@ from storage.base import (
     AccountTokens,
     ClaimOutcome,
     ClaimResult,
+    EventStatus,
     PendingAuthorization,
     PendingFailure,
     PendingStatus,
     ResealBatch,
     Store,
+    StoredEvent,
     TokenGrant,
+    check_event,
+    check_event_condition,
+    event_time,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.tokens import TokenSealer
@@ -54,6 +60,23 @@ PENDING_COLLECTION = "oauth_states"
 ACCOUNT_KEY_INDEX = "owner_platform_account_unique"
 PLATFORM_ACCOUNT_INDEX = "platform_account_id"
 PENDING_TTL_INDEX = "expires_at_ttl"
+
+# Account events (issue 15).
+EVENTS_COLLECTION = "account_events"
+EVENT_META_COLLECTION = "event_meta"
+RELAY_LEASE_ID = "relay"
+EVENT_SEQ_INDEX = "seq_unique"
+EVENT_DUE_INDEX = "status_next_attempt"
+EVENT_STATUS_SEQ_INDEX = "status_seq"
+EVENT_ACCOUNT_INDEX = "account_seq"
+EVENT_TTL_INDEX = "recorded_at_ttl"
+OUTBOX_INDEX = "outbox_id"
+DEFAULT_EVENTS_RETENTION_SECONDS = 7 * 86400
+# An index of that name exists with other options (a changed EVENTS_RETENTION_DAYS):
+# mongod answers 85, SecantusDB 86.
+_INDEX_OPTIONS_CONFLICT = (85, 86)
+# How many later due events of blocked accounts ``due_events`` looks past.
+_DUE_PAGES = 3
 
 APP_NAME = "tiktok-gateway"
 DRIVERS = ("motor", "pymongo")
@@ -249,12 +272,22 @@ def _account_from_document(doc: dict[str, Any]) -> Account:
 
 
 class MongoStore(Store):
-    def __init__(self, database: Any, cipher: TokenCipher, *, client: Any = None) -> None:
+    def __init__(
+        self,
+        database: Any,
+        cipher: TokenCipher,
+        *,
+        client: Any = None,
+        events_retention_seconds: int = DEFAULT_EVENTS_RETENTION_SECONDS,
+    ) -> None:
         self._database = database
         self._client = client if client is not None else getattr(database, "client", None)
         self._sealer = TokenSealer(cipher)
         self._accounts = database[ACCOUNTS_COLLECTION]
         self._pending = database[PENDING_COLLECTION]
+        self._events = database[EVENTS_COLLECTION]
+        self._event_meta = database[EVENT_META_COLLECTION]
+        self._events_retention_seconds = events_retention_seconds
 
     @property
     def database(self) -> Any:
@@ -277,6 +310,44 @@ class MongoStore(Store):
         # monitor deletes late (once a minute on mongod).
         await self._pending.create_index(
             [("expiresAt", ASCENDING)], expireAfterSeconds=0, name=PENDING_TTL_INDEX
+        )
+        await self._initialize_events()
+
+    async def _initialize_events(self) -> None:
+        """Account events (issue 15): the event log's indexes and the outbox's."""
+        await self._events.create_index(
+            [("seq", ASCENDING)], unique=True, name=EVENT_SEQ_INDEX
+        )
+        await self._events.create_index(
+            [("status", ASCENDING), ("nextAttemptAt", ASCENDING)], name=EVENT_DUE_INDEX
+        )
+        await self._events.create_index(
+            [("status", ASCENDING), ("seq", ASCENDING)], name=EVENT_STATUS_SEQ_INDEX
+        )
+        await self._events.create_index(
+            [("accountId", ASCENDING), ("seq", ASCENDING)], name=EVENT_ACCOUNT_INDEX
+        )
+        try:
+            await self._events.create_index(
+                [("recordedAt", ASCENDING)],
+                expireAfterSeconds=self._events_retention_seconds,
+                name=EVENT_TTL_INDEX,
+            )
+        except OperationFailure as exc:
+            if exc.code not in _INDEX_OPTIONS_CONFLICT:
+                raise
+            # EVENTS_RETENTION_DAYS changed since the index was made.
+            await self._database.command(
+                {
+                    "collMod": EVENTS_COLLECTION,
+                    "index": {
+                        "name": EVENT_TTL_INDEX,
+                        "expireAfterSeconds": self._events_retention_seconds,
+                    },
+                }
+            )
+        await self._accounts.create_index(
+            [("outbox.id", ASCENDING)], sparse=True, name=OUTBOX_INDEX
         )
 
     @_mongo_errors
@@ -617,3 +688,279 @@ class MongoStore(Store):
             },
             "$unset": _TOKEN_UNSET,
         }
+
+    # -- account events ---------------------------------------------------------------
+
+    @_mongo_errors
+    async def append_account_event(
+        self, account_id: str, event: dict[str, Any], *, only_if: dict[str, Any] | None = None
+    ) -> bool:
+        check_event(event)
+        conditions = check_event_condition(only_if)
+        object_id = _object_id(account_id)
+        if object_id is None:
+            return False
+        query: dict[str, Any] = {"_id": object_id}
+        for attribute, expected in conditions.items():
+            query[_ACCOUNT_DOCUMENT_FIELDS[attribute]] = (
+                expected.value if isinstance(expected, AccountStatus) else expected
+            )
+        result = await self._accounts.update_one(query, {"$push": {"outbox": dict(event)}})
+        return bool(result.matched_count)
+
+    @_mongo_errors
+    async def acquire_relay_lease(self, holder: str, *, now: datetime, until: datetime) -> bool:
+        taken = await self._event_meta.find_one_and_update(
+            {
+                "_id": RELAY_LEASE_ID,
+                "$or": [{"holder": holder}, {"expiresAt": {"$lte": now}}],
+            },
+            {"$set": {"holder": holder, "expiresAt": until}},
+            projection={"_id": 1},
+        )
+        if taken is not None:
+            return True
+        try:
+            # The first relayer ever; seq counts from here and the document stays.
+            await self._event_meta.insert_one(
+                {"_id": RELAY_LEASE_ID, "holder": holder, "expiresAt": until, "seq": 0}
+            )
+        except DuplicateKeyError:
+            return False  # another process holds it
+        return True
+
+    @_mongo_errors
+    async def release_relay_lease(self, holder: str) -> None:
+        await self._event_meta.update_one(
+            {"_id": RELAY_LEASE_ID, "holder": holder}, {"$set": {"expiresAt": _EPOCH}}
+        )
+
+    @_mongo_errors
+    async def relay_outbox(
+        self, holder: str, *, now: datetime, fence: datetime, push: bool, limit: int
+    ) -> list[StoredEvent]:
+        # An array sort key is its smallest element: the account's oldest event first.
+        cursor = (
+            self._accounts.find(
+                {"outbox.id": {"$exists": True}}, projection={"ownerId": 1, "outbox": 1}
+            )
+            .sort([("outbox.timestamp", ASCENDING)])
+            .limit(limit)
+        )
+        queues = [[(doc, event) for event in doc["outbox"]] async for doc in cursor]
+        relayed: list[StoredEvent] = []
+        for doc, event in heapq.merge(*queues, key=lambda item: item[1]["timestamp"]):
+            if len(relayed) >= limit:
+                break
+            # Fenced: only while this relayer's lease lasts beyond the fence, so a
+            # relayer that lost its lease allocates nothing; the fence margin outlasts
+            # the insert below, so no seq can land behind one a reader already saw.
+            meta = await self._event_meta.find_one_and_update(
+                {"_id": RELAY_LEASE_ID, "holder": holder, "expiresAt": {"$gt": fence}},
+                {"$inc": {"seq": 1}},
+                projection={"seq": 1},
+                return_document=ReturnDocument.AFTER,
+            )
+            if meta is None:
+                break
+            document = {
+                "_id": event["id"],
+                "seq": int(meta["seq"]),
+                "type": event["type"],
+                "timestamp": event["timestamp"],
+                "data": event["data"],
+                "accountId": str(doc["_id"]),
+                "ownerId": doc["ownerId"],
+                "status": (EventStatus.PENDING if push else EventStatus.PULL_ONLY).value,
+                "attempts": 0,
+                "recordedAt": now,
+            }
+            if push:
+                document["nextAttemptAt"] = now
+            try:
+                await self._events.insert_one(document)
+                relayed.append(_event_from_document(document))
+            except DuplicateKeyError:
+                pass  # logged by a relayer that stopped before its $pull (a seq is skipped)
+            await self._accounts.update_one(
+                {"_id": doc["_id"]}, {"$pull": {"outbox": {"id": event["id"]}}}
+            )
+        return relayed
+
+    @_mongo_errors
+    async def list_events(
+        self, *, after_seq: int, limit: int, status: EventStatus | None = None
+    ) -> list[StoredEvent]:
+        query: dict[str, Any] = {"seq": {"$gt": after_seq}}
+        if status is not None:
+            query["status"] = EventStatus(status).value
+        cursor = self._events.find(query).sort([("seq", ASCENDING)]).limit(limit)
+        return [_event_from_document(doc) async for doc in cursor]
+
+    @_mongo_errors
+    async def get_event(self, event_id: str) -> StoredEvent | None:
+        doc = await self._events.find_one({"_id": event_id})
+        return _event_from_document(doc) if doc is not None else None
+
+    @_mongo_errors
+    async def due_events(self, *, now: datetime, limit: int) -> list[StoredEvent]:
+        due: list[StoredEvent] = []
+        seen: set[str] = set()
+        for _ in range(_DUE_PAGES):
+            query: dict[str, Any] = {**_claimable(now)}
+            if seen:
+                query["accountId"] = {"$nin": sorted(seen)}
+            cursor = self._events.find(query).sort([("seq", ASCENDING)]).limit(limit)
+            page = [_event_from_document(doc) async for doc in cursor]
+            for stored in page:
+                if stored.account_id in seen:
+                    continue
+                seen.add(stored.account_id)
+                # In flight, waiting for its retry or not: an earlier pending event
+                # of the account goes first.
+                earlier = await self._events.find_one(
+                    {
+                        "accountId": stored.account_id,
+                        "status": EventStatus.PENDING.value,
+                        "seq": {"$lt": stored.seq},
+                    },
+                    projection={"_id": 1},
+                )
+                if earlier is None:
+                    due.append(stored)
+            if len(due) >= limit or len(page) < limit:
+                break
+        return sorted(due, key=lambda stored: stored.seq)[:limit]
+
+    @_mongo_errors
+    async def claim_event_for_delivery(
+        self, event_id: str, holder: str, *, now: datetime, until: datetime
+    ) -> StoredEvent | None:
+        doc = await self._events.find_one_and_update(
+            {"_id": event_id, **_claimable(now)},
+            {
+                "$set": {"lease": {"holder": holder, "expiresAt": until}},
+                "$min": {"firstAttemptAt": now},
+            },
+            return_document=ReturnDocument.AFTER,
+        )
+        return _event_from_document(doc) if doc is not None else None
+
+    @_mongo_errors
+    async def mark_delivered(self, event_id: str, holder: str, *, now: datetime) -> bool:
+        result = await self._events.update_one(
+            {"_id": event_id, "lease.holder": holder},
+            {
+                "$set": {"status": EventStatus.DELIVERED.value, "deliveredAt": now},
+                "$inc": {"attempts": 1},
+                "$unset": {"lease": "", "nextAttemptAt": "", "lastFailure": ""},
+            },
+        )
+        return bool(result.modified_count)
+
+    @_mongo_errors
+    async def mark_attempt_failed(
+        self,
+        event_id: str,
+        holder: str,
+        *,
+        now: datetime,
+        failure: str,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        update: dict[str, Any] = {
+            "$set": {"lastFailure": failure},
+            "$inc": {"attempts": 1},
+            "$unset": {"lease": ""},
+        }
+        if next_attempt_at is None:
+            update["$set"]["status"] = EventStatus.FAILED.value
+            update["$unset"]["nextAttemptAt"] = ""
+        else:
+            update["$set"]["nextAttemptAt"] = next_attempt_at
+        result = await self._events.update_one({"_id": event_id, "lease.holder": holder}, update)
+        return bool(result.modified_count)
+
+    @_mongo_errors
+    async def redeliver_event(self, event_id: str, *, now: datetime) -> StoredEvent | None:
+        doc = await self._events.find_one_and_update(
+            {"_id": event_id, "status": EventStatus.FAILED.value},
+            {
+                "$set": {
+                    "status": EventStatus.PENDING.value,
+                    "attempts": 0,
+                    "nextAttemptAt": now,
+                },
+                "$unset": {"firstAttemptAt": "", "lastFailure": "", "lease": ""},
+            },
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            doc = await self._events.find_one({"_id": event_id})
+        return _event_from_document(doc) if doc is not None else None
+
+    @_mongo_errors
+    async def oldest_undelivered(self) -> datetime | None:
+        times: list[datetime] = []
+        pending = await self._events.find_one(
+            {"status": EventStatus.PENDING.value},
+            projection={"timestamp": 1},
+            sort=[("seq", ASCENDING)],
+        )
+        if pending is not None:
+            times.append(event_time(pending))
+        unrelayed = await self._accounts.find_one(
+            {"outbox.id": {"$exists": True}},
+            projection={"outbox": 1},
+            sort=[("outbox.timestamp", ASCENDING)],
+        )
+        if unrelayed is not None:
+            times += [event_time(event) for event in unrelayed["outbox"]]
+        return min(times, default=None)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Account attribute -> document field, for ``append_account_event(only_if=...)``.
+_ACCOUNT_DOCUMENT_FIELDS = {
+    "status": "status",
+    "owner_id": "ownerId",
+    "platform_account_id": "platformAccountId",
+    "access_token_expires_at": "accessTokenExpiresAt",
+    "refresh_token_expires_at": "refreshTokenExpiresAt",
+    "connected_at": "connectedAt",
+    "revoked_at": "revokedAt",
+}
+
+
+def _claimable(now: datetime) -> dict[str, Any]:
+    """Pending, due, and in flight nowhere (no lease, or an expired one)."""
+    return {
+        "status": EventStatus.PENDING.value,
+        "nextAttemptAt": {"$lte": now},
+        "$or": [{"lease": {"$exists": False}}, {"lease.expiresAt": {"$lte": now}}],
+    }
+
+
+def _event_from_document(doc: dict[str, Any]) -> StoredEvent:
+    lease = doc.get("lease") or {}
+    return StoredEvent(
+        seq=int(doc["seq"]),
+        event={
+            "id": doc["_id"],
+            "type": doc["type"],
+            "timestamp": doc["timestamp"],
+            "data": doc["data"],
+        },
+        account_id=doc["accountId"],
+        owner_id=doc["ownerId"],
+        status=EventStatus(doc["status"]),
+        recorded_at=doc["recordedAt"],
+        attempts=int(doc.get("attempts", 0)),
+        next_attempt_at=doc.get("nextAttemptAt"),
+        first_attempt_at=doc.get("firstAttemptAt"),
+        last_failure=doc.get("lastFailure"),
+        delivered_at=doc.get("deliveredAt"),
+        lease_holder=lease.get("holder"),
+        lease_expires_at=lease.get("expiresAt"),
+    )

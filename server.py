@@ -28,6 +28,7 @@ from tornado.httpserver import HTTPServer
 from handlers.accounts import AccessTokenHandler, AccountHandler, AccountListHandler
 from handlers.base import InFlight, NotFoundHandler, log_request
 from handlers.demo import demo_routes
+from handlers.events import EventListHandler, EventRedeliverHandler
 from handlers.health import HealthHandler, ReadinessHandler
 from handlers.meta import MetricsHandler, OpenAPIHandler, openapi_document
 from handlers.oauth import AuthorizeHandler, CallbackHandler
@@ -36,6 +37,8 @@ from services.accounts import AccountService
 from services.config import Config, load_config
 from services.connect import ConnectionService
 from services.errors import ConfigError, GatewayError
+from services.event_delivery import EventWorkers, event_workers_for
+from services.events import EventFeed
 from services.logging_setup import setup_logging
 from services.metrics import (
     GatewayMetrics,
@@ -93,7 +96,7 @@ def create_store(config: Config) -> Store:
             "MONGODB_URI is not set: using the in-memory store. Nothing persists across "
             "restarts, and it serves one process only."
         )
-        return MemoryStore(config.cipher())
+        return MemoryStore(config.cipher(), events_retention_seconds=events_retention(config))
     from storage.mongodb import MongoStore, connect_mongo
 
     client, database = connect_mongo(
@@ -104,7 +107,13 @@ def create_store(config: Config) -> Store:
         connect_timeout_ms=config.mongodb_timeout_ms,
         socket_timeout_ms=config.mongodb_operation_timeout_ms,
     )
-    return MongoStore(database, config.cipher(), client=client)
+    return MongoStore(
+        database, config.cipher(), client=client, events_retention_seconds=events_retention(config)
+    )
+
+
+def events_retention(config: Config) -> int:
+    return config.events_retention_days * 86400
 
 
 def bearer_principal_resolver(config: Config) -> PrincipalResolver:
@@ -211,6 +220,11 @@ def routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]:
             TikTokWebhookHandler,
             {"webhooks": webhook_service(gateway)},
         ),
+        # Account events (issue 15): pulled by the product's backend.
+        tornado.web.url(f"{prefix}/events", EventListHandler, events_api(gateway)),
+        tornado.web.url(
+            f"{prefix}/events/([^/]+)/redeliver", EventRedeliverHandler, events_api(gateway)
+        ),
         tornado.web.url(f"{prefix}/metrics", MetricsHandler, {"metrics": gateway.metrics}),
         tornado.web.url(f"{prefix}/openapi.json", OpenAPIHandler, {"document": openapi_document()}),
     ]
@@ -224,6 +238,19 @@ def webhook_service(gateway: Gateway) -> WebhookService:
         client_secret=config.tiktok_client_secret,
         tolerance_seconds=config.webhook_tolerance_seconds,
     )
+
+
+def events_api(gateway: Gateway) -> dict[str, Any]:
+    feed = EventFeed(store=gateway.store, push_enabled=gateway.config.events_push_enabled)
+    return {"feed": feed, "resolve_principal": gateway.resolve_principal}
+
+
+def start_event_workers(gateway: Gateway) -> EventWorkers:
+    """Relay account events, and push them when PRODUCT_WEBHOOK_URL is set; every
+    process runs one (the store shares the work out). Stop it with ``stop()``."""
+    workers = event_workers_for(gateway.config, gateway.store, gateway.metrics)
+    workers.start()
+    return workers
 
 
 def start_refresher(gateway: Gateway) -> Refresher | None:
@@ -322,6 +349,7 @@ async def serve(
         log.info("worker %s (pid %d) serving", tornado.process.task_id(), os.getpid())
     init_task = asyncio.create_task(initialize_store(gateway.store))
     refresher = start_refresher(gateway) if tornado.process.task_id() in (None, 0) else None
+    events = start_event_workers(gateway)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -336,7 +364,7 @@ async def serve(
         loop.remove_reader(lifeline)
     server.stop()
     init_task.cancel()
-    await shut_down(server, app, refresher, config.shutdown_timeout_seconds)
+    await shut_down(server, app, refresher, config.shutdown_timeout_seconds, events=events)
 
 
 async def shut_down(
@@ -344,10 +372,12 @@ async def shut_down(
     app: tornado.web.Application,
     refresher: Refresher | None,
     timeout: float,
+    *,
+    events: EventWorkers | None = None,
 ) -> None:
     """After ``server.stop()``: give requests in flight ``timeout`` seconds, then cut
-    the connections left; the refresher stops within the same deadline; then the
-    store is closed."""
+    the connections left; the refresher and the event workers (a delivery in flight
+    finishes) stop within the same deadline; then the store is closed."""
     in_flight: InFlight = app.settings["in_flight"]
     log.info(
         "shutting down: new connections refused, %d request(s) in flight, waiting up to %gs",
@@ -362,7 +392,9 @@ async def shut_down(
             await asyncio.sleep(SHUTDOWN_POLL_SECONDS)
 
     await asyncio.gather(
-        drain(), refresher.stop(grace_seconds=timeout) if refresher else asyncio.sleep(0)
+        drain(),
+        refresher.stop(grace_seconds=timeout) if refresher else asyncio.sleep(0),
+        events.stop(grace_seconds=timeout) if events else asyncio.sleep(0),
     )
     if in_flight.count > 0:
         log.warning(

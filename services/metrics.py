@@ -41,6 +41,7 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from services.errors import GatewayError
+from services.event_types import EVENT_TYPES
 from storage.base import Account, Store
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -167,7 +168,36 @@ class GatewayMetrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+        self.events_recorded = Counter(
+            "tiktok_gateway_events_recorded",
+            "Account events logged by the relay (pulled and pushed from there), by type.",
+            ["type"],
+            registry=self.registry,
+        )
+        self.events_delivered = Counter(
+            "tiktok_gateway_events_delivered",
+            "Account events the product's receiver acknowledged with a 2xx.",
+            registry=self.registry,
+        )
+        self.events_retried = Counter(
+            "tiktok_gateway_event_delivery_retries",
+            "Failed delivery attempts of account events that will be retried.",
+            registry=self.registry,
+        )
+        self.events_failed = Counter(
+            "tiktok_gateway_events_failed",
+            "Account events marked failed once their retry schedule ran out.",
+            registry=self.registry,
+        )
+        self.oldest_undelivered_event_seconds = Gauge(
+            "tiktok_gateway_oldest_undelivered_event_age_seconds",
+            "Age of the oldest account event still to push, relayed or not (0: none).",
+            registry=self.registry,
+            # Every worker reads the same store: the latest reading is the answer.
+            multiprocess_mode="livemostrecent",
+        )
         # Present from the start at 0, so rate() and alerts see every series.
+        self._event_types = {name: self.events_recorded.labels(name) for name in EVENT_TYPES}
         self._callbacks = {name: self.callbacks.labels(name) for name in CALLBACK_OUTCOMES}
         self._refreshes = {name: self.refreshes.labels(name) for name in REFRESH_OUTCOMES}
         self._tiktok: dict[tuple[str, str], Any] = {}
@@ -208,6 +238,9 @@ class GatewayMetrics:
         if child is None:
             child = self._tiktok[key] = self.tiktok_request_seconds.labels(endpoint, result)
         child.observe(seconds)
+
+    def event_recorded(self, event_type: str) -> None:
+        self._counter(self._event_types, self.events_recorded, event_type).inc()
 
     def refresher_round(self, before: datetime, due: list[Account]) -> None:
         """Record the lag from one round's ``accounts_due_for_refresh(before)``.

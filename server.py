@@ -245,11 +245,23 @@ def events_api(gateway: Gateway) -> dict[str, Any]:
     return {"feed": feed, "resolve_principal": gateway.resolve_principal}
 
 
-def start_event_workers(gateway: Gateway) -> EventWorkers:
+def start_event_workers(
+    gateway: Gateway, after: asyncio.Future[Any] | None = None
+) -> EventWorkers:
     """Relay account events, and push them when PRODUCT_WEBHOOK_URL is set; every
-    process runs one (the store shares the work out). Stop it with ``stop()``."""
+    process runs them (the store shares the work out). Stop them with ``stop()``.
+
+    ``after``: start once it succeeds (the store's indexes: the event log's unique
+    seq, and SecantusDB must not see a first write race its index creation)."""
     workers = event_workers_for(gateway.config, gateway.store, gateway.metrics)
-    workers.start()
+    if after is None:
+        workers.start()
+    else:
+        after.add_done_callback(
+            lambda done: workers.start()
+            if not done.cancelled() and done.exception() is None
+            else None
+        )
     return workers
 
 
@@ -349,7 +361,7 @@ async def serve(
         log.info("worker %s (pid %d) serving", tornado.process.task_id(), os.getpid())
     init_task = asyncio.create_task(initialize_store(gateway.store))
     refresher = start_refresher(gateway) if tornado.process.task_id() in (None, 0) else None
-    events = start_event_workers(gateway)
+    events = start_event_workers(gateway, after=init_task)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -376,8 +388,8 @@ async def shut_down(
     events: EventWorkers | None = None,
 ) -> None:
     """After ``server.stop()``: give requests in flight ``timeout`` seconds, then cut
-    the connections left; the refresher and the event workers (a delivery in flight
-    finishes) stop within the same deadline; then the store is closed."""
+    the connections left; the refresher stops within the same deadline; then the
+    store is closed."""
     in_flight: InFlight = app.settings["in_flight"]
     log.info(
         "shutting down: new connections refused, %d request(s) in flight, waiting up to %gs",
@@ -394,6 +406,7 @@ async def shut_down(
     await asyncio.gather(
         drain(),
         refresher.stop(grace_seconds=timeout) if refresher else asyncio.sleep(0),
+        # Account events: a delivery in flight finishes within the same deadline.
         events.stop(grace_seconds=timeout) if events else asyncio.sleep(0),
     )
     if in_flight.count > 0:

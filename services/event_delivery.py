@@ -155,6 +155,7 @@ class EventDelivery:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     # -- one round ------------------------------------------------------------------
 
@@ -248,7 +249,7 @@ class EventDelivery:
             if self._metrics is not None:
                 self._metrics.events_retried.inc()
             log.info(
-                "account event %s (%s) attempt %d to %s failed: %s; next in %.1fs",
+                "account event %s (%s) attempt %d to %s failed: %s; next in %.3gs",
                 stored.id, stored.type, attempts, _safe_url(self.url), failure,
                 (next_at - now).total_seconds(),
             )
@@ -264,11 +265,12 @@ class EventDelivery:
 
     def start(self) -> None:
         if not self.running:
+            self._stopping = False
             self._task = asyncio.create_task(self._run(), name="account-event-delivery")
             log.info("account events pushed to %s", _safe_url(self.url))
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:  # the flag too: see EventRelay._run
             self._wake.clear()
             try:
                 started = await self.run_once()
@@ -289,6 +291,7 @@ class EventDelivery:
 
     async def stop(self, grace_seconds: float = REQUEST_TIMEOUT_SECONDS) -> None:
         """No new attempt starts; those in flight get ``grace_seconds`` to finish."""
+        self._stopping = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -328,8 +331,11 @@ class EventWorkers:
         self.gauge_seconds = gauge_seconds
         self._clock = clock
         self._gauge_task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
+        if self._stopping:
+            return  # stopped before it started (a shutdown during start-up)
         self.relay.start()
         if self.delivery is not None:
             self.delivery.start()
@@ -347,7 +353,7 @@ class EventWorkers:
         self._metrics.oldest_undelivered_event_seconds.set(max(age, 0.0))
 
     async def _gauge(self) -> None:
-        while True:
+        while not self._stopping:  # the flag too: see EventRelay._run
             try:
                 await self.update_gauge()
             except GatewayError as exc:
@@ -358,6 +364,7 @@ class EventWorkers:
 
     async def stop(self, grace_seconds: float = REQUEST_TIMEOUT_SECONDS) -> None:
         """Stop relaying and claiming; deliveries in flight get ``grace_seconds``."""
+        self._stopping = True
         if self._gauge_task is not None:
             self._gauge_task.cancel()
             await asyncio.gather(self._gauge_task, return_exceptions=True)

@@ -175,6 +175,7 @@ class EventRelay:
         self._on_relayed = on_relayed
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def run_once(self) -> int:
         """Relay everything in the outboxes if this process holds the lease; how many."""
@@ -214,10 +215,13 @@ class EventRelay:
 
     def start(self) -> None:
         if not self.running:
+            self._stopping = False
             self._task = asyncio.create_task(self._run(), name="account-event-relay")
 
     async def _run(self) -> None:
-        while True:
+        # The flag too, not only cancel(): a driver may turn the cancellation of a call
+        # in flight into an error of its own, which the loop would carry on after.
+        while not self._stopping:
             # Cleared before the round: a relay_soon() during it triggers the next one.
             self._wake.clear()
             try:
@@ -232,6 +236,7 @@ class EventRelay:
                 pass
 
     async def stop(self) -> None:
+        self._stopping = True
         task, self._task = self._task, None
         if task is None:
             return

@@ -37,6 +37,8 @@ _CONFIG_PREFIXES = (
     "TOKEN_ENCRYPTION_",
     "REFRESH_",
     "WEBHOOK_",
+    "PRODUCT_WEBHOOK_",
+    "EVENTS_",
 )
 _CONFIG_NAMES = {
     "HOST",

@@ -16,6 +16,7 @@ from storage.base import EventStatus, StoredEvent
 
 # What GET /events?status= may ask for.
 LISTABLE_STATUSES = {status.value: status for status in EventStatus}
+LIST_PARAMETERS = ("after", "limit", "status")
 
 
 def recorded_event_json(stored: StoredEvent) -> dict[str, Any]:
@@ -51,6 +52,7 @@ class EventsHandlerBase(ErrorWriterMixin):
 class EventListHandler(EventsHandlerBase):
     async def get(self) -> None:
         await self.authorize()
+        self.check_parameters()
         page = await self.feed.page(
             after=self.single_argument("after"),
             limit=self.check_limit(),
@@ -62,6 +64,15 @@ class EventListHandler(EventsHandlerBase):
                 "nextCursor": page.next_cursor,
             }
         )
+
+    def check_parameters(self) -> None:
+        # A misspelt cursor (cursor=, since=) would silently start over from the oldest.
+        unknown = sorted(set(self.request.query_arguments) - set(LIST_PARAMETERS))
+        if unknown:
+            raise ValidationFailed(
+                "Unknown parameter: GET /events takes " + ", ".join(LIST_PARAMETERS) + ".",
+                details={"parameter": unknown[0][:64]},
+            )
 
     def check_limit(self) -> int:
         text = self.single_argument("limit")

@@ -502,6 +502,7 @@ async def test_pull_feed_refuses_bad_requests_with_the_envelope():
             ("limit=ten", "limit"),
             ("status=lost", "status"),
             ("limit=1&limit=2", "limit"),
+            ("cursor=12", "cursor"),
         ):
             body = assert_envelope(await run.get(f"/events?{query}"), 400, "VALIDATION_ERROR")
             assert body["details"] == {"parameter": parameter}, query

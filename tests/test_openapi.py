@@ -176,7 +176,7 @@ def live_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 # A bearer that may do everything, so generated cases get past authentication; the
 # checks send requests without it too (ignored_auth).
-AUTHORIZED = bearer(scope="tiktok.tokens")
+AUTHORIZED = bearer(scope="tiktok.tokens tiktok.events")
 
 
 @SCHEMA.parametrize()

@@ -17,6 +17,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -79,13 +80,15 @@ async def running(
     schedule: str = "0.05,0.05,0.05,0.05,0.05",
     request_timeout: float = 2.0,
     secrets: str = SECRET,
+    url: str | None = None,
 ) -> AsyncIterator[Running]:
     """The gateway's app on a free port, with its event workers started as serve() does
-    (shorter polls); push to ``receiver`` when one is given."""
+    (shorter polls); push to ``receiver`` (or ``url``) when one is given."""
     env: dict[str, str] = {}
-    if receiver is not None:
+    url = url or (receiver.url if receiver is not None else None)
+    if url is not None:
         env = {
-            "PRODUCT_WEBHOOK_URL": receiver.url,
+            "PRODUCT_WEBHOOK_URL": url,
             "PRODUCT_WEBHOOK_SECRET": secrets,
             "PRODUCT_WEBHOOK_RETRY_SCHEDULE": schedule,
         }
@@ -518,3 +521,50 @@ def test_receiver_helper_is_a_real_check():
     body = json.dumps({"id": "evt_1"})
     headers = Signer([SECRET]).headers("evt_1", body, datetime.now(UTC))
     assert Webhook(SECRET).verify(body, headers) == {"id": "evt_1"}
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_receiver() -> str:
+    """The receiver README.md gives products, as it stands there."""
+    text = README.read_text()
+    after = text[text.index("<!-- events-receiver-example"):]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@gen_test
+async def test_the_readme_receiver_verifies_real_deliveries_and_skips_repeats(monkeypatch):
+    monkeypatch.setenv("PRODUCT_WEBHOOK_SECRET", SECRET)
+    example: dict[str, Any] = {"__name__": "readme_receiver"}
+    exec(compile(readme_receiver(), "README.md", "exec"), example)  # noqa: S102 - our README
+    handled: list[dict[str, Any]] = []
+    example["handle"] = handled.append  # the product's own code, called once per event
+    sockets = bind(0)
+    server = HTTPServer(example["make_app"]())
+    server.add_sockets(sockets)
+    url = f"http://{LOOPBACK}:{sockets[0].getsockname()[1]}/hooks/tiktok"
+    try:
+        async with open_memory_store() as store, running(store, url=url) as run:
+            alice = await connect(run.store, "open-a")
+            sent = [await record(run, alice), await record(run, alice, REVOKED, source="tiktok",
+                                                           reason=1)]
+            for event in sent:
+                await until_status(run.store, event["id"], EventStatus.DELIVERED)
+            assert handled == sent
+            # The same event again (an answer lost on the way back): acknowledged, not
+            # handled twice.
+            stored = await run.store.get_event(sent[0]["id"])
+            assert run.workers.delivery is not None
+            assert await run.workers.delivery.deliver(stored) is None
+            assert handled == sent
+            # Not from the gateway: refused.
+            forged = Signer([OTHER_SECRET]).headers(sent[0]["id"], json.dumps(sent[0]),
+                                                    datetime.now(UTC))
+            answer = await run.client.fetch(url, method="POST", body=json.dumps(sent[0]),
+                                            headers=forged, raise_error=False)
+            assert answer.code == 400
+            assert handled == sent
+    finally:
+        server.stop()
+        await server.close_all_connections()

@@ -32,7 +32,7 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from services.connect import utcnow
 from services.errors import GatewayError
-from services.events import RELAY_IDLE_SECONDS, EventRelay
+from services.events import RELAY_IDLE_SECONDS, EventRelay, Outage
 from services.http_client import is_refused, is_timeout
 from storage.base import Store, StoredEvent
 
@@ -270,22 +270,21 @@ class EventDelivery:
             log.info("account events pushed to %s", _safe_url(self.url))
 
     async def _run(self) -> None:
+        outage = Outage("account event delivery")
         while not self._stopping:  # the flag too: see EventRelay._run
             self._wake.clear()
+            wait, started = self.poll_seconds, 0
             try:
                 started = await self.run_once()
+                outage.succeeded()
             except GatewayError as exc:
-                log.warning(
-                    "event delivery round skipped: %s", exc.technical_message or exc.message
-                )
-                started = 0
+                wait = outage.failed(exc, self.poll_seconds)
             except Exception:
                 log.exception("event delivery round failed")
-                started = 0
             if started and len(self._in_flight) < self.concurrency:
                 continue  # more may be due
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
             except TimeoutError:
                 pass
 

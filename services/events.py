@@ -45,6 +45,29 @@ RELAY_LEASE_SECONDS = 20.0
 RELAY_FENCE_SECONDS = 10.0
 RELAY_BATCH = 100
 RELAY_IDLE_SECONDS = 0.5
+# While the store fails, rounds back off up to this (and the outage is logged once).
+MAX_BACKOFF_SECONDS = 5.0
+
+
+class Outage:
+    """A background loop's store outage: logged when it starts and when it ends, not
+    at every round, with rounds spaced out meanwhile."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failures = 0
+
+    def failed(self, exc: GatewayError, interval: float) -> float:
+        """Note a failed round; how long to wait before the next."""
+        self.failures += 1
+        if self.failures == 1:
+            log.warning("%s paused: %s", self.what, exc.technical_message or exc.message)
+        return min(interval * 2 ** min(self.failures, 16), MAX_BACKOFF_SECONDS)
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.info("%s resumed after %d failed round(s)", self.what, self.failures)
+        self.failures = 0
 
 
 def new_event_id() -> str:
@@ -221,17 +244,20 @@ class EventRelay:
     async def _run(self) -> None:
         # The flag too, not only cancel(): a driver may turn the cancellation of a call
         # in flight into an error of its own, which the loop would carry on after.
+        outage = Outage("account event relay")
         while not self._stopping:
             # Cleared before the round: a relay_soon() during it triggers the next one.
             self._wake.clear()
+            wait = self.idle_seconds
             try:
                 await self.run_once()
+                outage.succeeded()
             except GatewayError as exc:
-                log.warning("event relay round skipped: %s", exc.technical_message or exc.message)
+                wait = outage.failed(exc, self.idle_seconds)
             except Exception:
                 log.exception("event relay round failed")
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.idle_seconds)
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
             except TimeoutError:
                 pass
 

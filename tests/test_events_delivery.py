@@ -9,6 +9,7 @@ changes themselves (connect, disconnect...) comes with a later change.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -30,7 +31,7 @@ from services.event_delivery import EventWorkers, Signer, event_workers_for
 from services.event_types import CONNECTED, REAUTHORIZATION_REQUIRED, REVOKED
 from services.events import new_event
 from storage.base import Account, EventStatus, Store, TokenGrant
-from tests.fixtures_mongo import LOOPBACK, open_memory_store, open_mongo_store
+from tests.fixtures_mongo import LOOPBACK, mongo_failpoint, open_memory_store, open_mongo_store
 from tests.processes import poll_until
 from tests.receiver import ANSWER_MARKER, Receiver, bind
 from tests.support import assert_envelope, bearer, make_config
@@ -568,3 +569,29 @@ async def test_the_readme_receiver_verifies_real_deliveries_and_skips_repeats(mo
     finally:
         server.stop()
         await server.close_all_connections()
+
+
+@gen_test
+async def test_a_store_outage_pauses_the_relay_with_one_warning(
+    mongo_server, mongo_database_name, caplog
+):
+    caplog.set_level(logging.INFO, logger="gateway.events")
+    uri = mongo_server.uri
+    async with open_mongo_store(uri, mongo_database_name, "motor") as store, running(
+        store
+    ) as run:
+        alice = await connect(run.store, "open-a")
+        # Every lease round fails for a while (13: Unauthorized, as a revoked role would).
+        with mongo_failpoint(uri, failCommands=["findAndModify"], errorCode=13,
+                             appName="tiktok-gateway"):
+            event = await record(run, alice)
+
+            async def paused() -> list[str]:
+                return [r.getMessage() for r in caplog.records if "paused" in r.getMessage()]
+
+            await poll_until(paused, bool, timeout=WAIT, interval=0.05, what="relay paused")
+            await asyncio.sleep(0.5)  # several failing rounds, backing off
+        await until_status(run.store, event["id"], EventStatus.PULL_ONLY)
+        messages = [r.getMessage() for r in caplog.records if r.name == "gateway.events"]
+        assert len([m for m in messages if "paused" in m]) == 1, messages
+        assert len([m for m in messages if "resumed after" in m]) == 1, messages

@@ -104,14 +104,14 @@ class RetryPolicy:
     def next_attempt(
         self, attempts: int, first_attempt_at: datetime, now: datetime
     ) -> datetime | None:
-        """When to try again after ``attempts`` failed attempts; None: give up."""
-        if attempts > len(self.schedule):
+        """When to try again after ``attempts`` failed attempts; None: give up (the
+        schedule ran out, or the window since the first attempt)."""
+        deadline = first_attempt_at + self.window
+        if attempts > len(self.schedule) or now >= deadline:
             return None
         wait = self.schedule[attempts - 1] * self.jitter(*JITTER)
-        at = now + timedelta(seconds=wait)
-        if at - first_attempt_at > self.window:
-            return None
-        return at
+        # Jitter never pushes an attempt past the window: it happens at its end.
+        return min(now + timedelta(seconds=wait), deadline)
 
 
 def _safe_url(url: str) -> str:

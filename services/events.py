@@ -62,7 +62,7 @@ class Outage:
         self.failures += 1
         if self.failures == 1:
             log.warning("%s paused: %s", self.what, exc.technical_message or exc.message)
-        return min(interval * 2 ** min(self.failures, 16), MAX_BACKOFF_SECONDS)
+        return min(interval * 2.0 ** min(self.failures, 16), MAX_BACKOFF_SECONDS)
 
     def succeeded(self) -> None:
         if self.failures:

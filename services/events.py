@@ -21,7 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 from services.connect import utcnow
 from services.errors import Conflict, GatewayError, NotFound, ValidationFailed
-from services.event_types import EVENT_TYPES
+
+# The types and reasons, re-exported: callers build events from here.
+from services.event_types import CONNECTED as CONNECTED
+from services.event_types import EVENT_TYPES as EVENT_TYPES
+from services.event_types import REAUTHORIZATION_DUE as REAUTHORIZATION_DUE
+from services.event_types import REAUTHORIZATION_REQUIRED as REAUTHORIZATION_REQUIRED
+from services.event_types import REFRESH_REFUSED as REFRESH_REFUSED
+from services.event_types import REFRESH_TOKEN_EXPIRED as REFRESH_TOKEN_EXPIRED
+from services.event_types import REVOKED as REVOKED
+from services.event_types import SOURCE_PRODUCT as SOURCE_PRODUCT
+from services.event_types import SOURCE_TIKTOK as SOURCE_TIKTOK
 from services.representation import account_payload, iso_utc
 from storage.base import Account, EventStatus, Store, StoredEvent
 

@@ -708,6 +708,10 @@ class MongoStore(Store):
         result = await self._accounts.update_one(query, {"$push": {"outbox": dict(event)}})
         return bool(result.matched_count)
 
+    # The leases below use the caller's clock, like the refresh lease: SecantusDB
+    # 0.7.0b3 compares a stored date with $$NOW wrongly ($gt answers false for a later
+    # date), so the database's own clock cannot be used in tests. Processes' clocks
+    # must agree to well within the lease margins (seconds): NTP does.
     @_mongo_errors
     async def acquire_relay_lease(self, holder: str, *, now: datetime, until: datetime) -> bool:
         taken = await self._event_meta.find_one_and_update(

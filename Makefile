@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint cassettes bench clean
+.PHONY: demo test test-deps lint cassettes bench clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,11 +12,16 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
-test: $(BIN)/.installed
+# test-deps first: what the suite needs outside .venv (Chromium, chromedriver, curl,
+# venv) is installed as root with apt-get, else named with its install command.
+test: test-deps $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+test-deps:
+	$(PYTHON) scripts/check_test_deps.py $(TEST_DEPS_ARGS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -27,16 +27,15 @@ from tornado.httpserver import HTTPServer
 
 from handlers.accounts import AccessTokenHandler, AccountHandler, AccountListHandler
 from handlers.base import InFlight, NotFoundHandler, log_request
-from handlers.demo import demo_routes
 from handlers.events import EventListHandler, EventRedeliverHandler
 from handlers.health import HealthHandler, ReadinessHandler
 from handlers.meta import MetricsHandler, OpenAPIHandler, openapi_document
 from handlers.oauth import AuthorizeHandler, CallbackHandler
 from handlers.webhooks import TikTokWebhookHandler
-from services.accounts import AccountService
+from services.accounts import AccountService, refresh_lease_seconds
 from services.config import Config, load_config
 from services.connect import ConnectionService
-from services.errors import ConfigError, GatewayError
+from services.errors import ConfigError, GatewayError, StoreSetupFailed
 from services.event_delivery import EventWorkers, event_workers_for
 from services.events import EventFeed
 from services.logging_setup import setup_logging
@@ -89,8 +88,12 @@ class Gateway:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
 
-def create_store(config: Config) -> Store:
-    """The store named by the configuration; does no I/O."""
+def create_store(config: Config, *, require_indexes: bool = False) -> Store:
+    """The store named by the configuration; does no I/O.
+
+    ``require_indexes``: a MongoDB store refuses data operations until its
+    ``initialize`` has created the indexes (the gateway's own store does).
+    """
     if not config.mongodb_uri:
         log.warning(
             "MONGODB_URI is not set: using the in-memory store. Nothing persists across "
@@ -108,7 +111,11 @@ def create_store(config: Config) -> Store:
         socket_timeout_ms=config.mongodb_operation_timeout_ms,
     )
     return MongoStore(
-        database, config.cipher(), client=client, events_retention_seconds=events_retention(config)
+        database,
+        config.cipher(),
+        client=client,
+        require_indexes=require_indexes,
+        events_retention_seconds=events_retention(config),
     )
 
 
@@ -163,7 +170,7 @@ def build_gateway(
     """
     metrics = GatewayMetrics(registry)
     # Every store operation is timed; the wrapped store stays reachable as .inner.
-    store = InstrumentedStore(store or create_store(config), metrics)
+    store = InstrumentedStore(store or create_store(config, require_indexes=True), metrics)
     # One pooled client per process (TIKTOK_HTTP_CLIENT), made in the running loop.
     tiktok = tiktok_client_for(config, http_client, metrics=metrics)
     service = ConnectionService(
@@ -194,6 +201,7 @@ def build_gateway(
             store=store,
             tiktok=tiktok,
             refresh_skew_seconds=config.refresh_skew_seconds,
+            lease_seconds=refresh_lease_seconds(config),
             metrics=metrics,
         ),
         resolve_principal=resolve_principal,
@@ -207,7 +215,9 @@ def routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]:
     accounts = {"accounts": gateway.accounts, "resolve_principal": gateway.resolve_principal}
     return [
         # DEMO_MODE only: /demo, and the callback with HTML error pages for browsers.
-        *(demo_routes(gateway, prefix) if gateway.config.demo_mode else []),
+        # The demo is demo/ and this line (imported here only when on): delete both to
+        # remove it.
+        *(__import__("demo").routes(gateway, prefix) if gateway.config.demo_mode else []),
         tornado.web.url(f"{prefix}/oauth/tiktok/authorize", AuthorizeHandler, flow),
         tornado.web.url(f"{prefix}/oauth/tiktok/callback", CallbackHandler, flow),
         tornado.web.url(f"{prefix}/healthz", HealthHandler),
@@ -251,17 +261,18 @@ def start_event_workers(
     """Relay account events, and push them when PRODUCT_WEBHOOK_URL is set; every
     process runs them (the store shares the work out). Stop them with ``stop()``.
 
-    ``after``: start once it succeeds (the store's indexes: the event log's unique
-    seq, and SecantusDB must not see a first write race its index creation)."""
+    ``after``: start once it answers True (``initialize_store``: the indexes exist,
+    the event log's unique seq among them)."""
     workers = event_workers_for(gateway.config, gateway.store, gateway.metrics)
     if after is None:
         workers.start()
-    else:
-        after.add_done_callback(
-            lambda done: workers.start()
-            if not done.cancelled() and done.exception() is None
-            else None
-        )
+        return workers
+
+    def ready(done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and done.exception() is None and done.result() is True:
+            workers.start()
+
+    after.add_done_callback(ready)
     return workers
 
 
@@ -271,19 +282,16 @@ def start_refresher(gateway: Gateway) -> Refresher | None:
     if config.refresh_interval_seconds <= 0:
         log.info("background token refresh disabled (REFRESH_INTERVAL_SECONDS=0)")
         return None
-    # Its own AccountService (same refresh path, same leases): refresh_account answers
-    # not_due for tokens outside its skew, which here is the refresher's window.
-    accounts = AccountService(
-        store=gateway.store,
-        tiktok=gateway.tiktok,
-        refresh_skew_seconds=config.refresh_ahead_seconds,
-        metrics=gateway.metrics,
-    )
+    # Its own AccountService (same refresh path, same leases, same unsaved grants):
+    # refresh_account answers not_due for tokens outside its skew, which here is the
+    # refresher's window.
+    accounts = gateway.accounts.with_skew(config.refresh_ahead_seconds)
     refresher = Refresher(
         store=gateway.store,
         accounts=accounts,
         interval_seconds=config.refresh_interval_seconds,
         ahead_seconds=config.refresh_ahead_seconds,
+        keep_warm_seconds=config.refresh_keep_warm_seconds,
         max_per_minute=config.refresh_max_per_minute,
     )
     refresher.start()
@@ -304,13 +312,28 @@ def make_app(config: Config, **kwargs: Any) -> tornado.web.Application:
     return app
 
 
-async def initialize_store(store: Store, retry_seconds: float = STORE_RETRY_SECONDS) -> None:
-    """Create indexes, retrying in the background while the store is down."""
+async def initialize_store(store: Store, retry_seconds: float = STORE_RETRY_SECONDS) -> bool:
+    """Create indexes, retrying in the background while the store is down.
+
+    Returns True once they exist; False when one can never be created (a
+    conflicting index, duplicate documents): each is logged as an ERROR, and
+    ``/readyz`` answers 503 naming it until the database is fixed and the
+    gateway restarted.
+    """
     while True:
         try:
             await store.initialize()
             log.info("store ready")
-            return
+            return True
+        except StoreSetupFailed as exc:
+            for problem in exc.problems:
+                log.error("%s", problem)
+            log.error(
+                "the store is not ready and will not be: /readyz answers 503 and "
+                "requests that need the store are refused until the database is "
+                "fixed and the gateway restarted"
+            )
+            return False
         except GatewayError as exc:
             log.warning(
                 "store not reachable yet (%s); retrying in %.0fs",
@@ -388,8 +411,9 @@ async def shut_down(
     events: EventWorkers | None = None,
 ) -> None:
     """After ``server.stop()``: give requests in flight ``timeout`` seconds, then cut
-    the connections left; the refresher stops within the same deadline; then the
-    store is closed."""
+    the connections left; the refresher stops within the same deadline; then new
+    tokens not stored yet (refreshes under way, writes that failed) get up to
+    ``timeout`` seconds more to be stored; then the store is closed."""
     in_flight: InFlight = app.settings["in_flight"]
     log.info(
         "shutting down: new connections refused, %d request(s) in flight, waiting up to %gs",
@@ -416,6 +440,9 @@ async def shut_down(
             in_flight.count,
         )
     await server.close_all_connections()
+    # A cut request's refresh runs on: what TikTok answers it is stored before the
+    # store closes, like the grants whose first write failed.
+    await app.settings["gateway"].accounts.close(timeout)
     await app.settings["gateway"].store.close()
     if in_flight.count == 0:
         # Its pooled connections to TikTok; not under requests just cut (closing curl

@@ -1,5 +1,11 @@
 """The browser demo (``DEMO_MODE=1``): a stand-in product served by the gateway itself.
 
-``demo.product`` is the product's backend; ``demo/templates`` its pages. The
-handlers live in ``handlers.demo``. Nothing here is mounted unless demo mode is on.
+The whole demo lives here: ``demo.product`` is the product's backend (it talks to the
+gateway over HTTP only), ``demo.handlers`` its pages and their routes, ``templates``
+their rendering. The gateway mounts ``routes`` from one line in ``server.routes``, and
+only in demo mode; delete that line and this directory and the demo is gone.
 """
+
+from demo.handlers import routes
+
+__all__ = ["routes"]

@@ -1,13 +1,12 @@
-"""The demo's stand-in product: one signed-in user who connects TikTok through the
-gateway's public API, exactly as a real product's backend would.
+"""The demo's stand-in product: the backend of a product with one signed-in user, which
+connects TikTok through the gateway's public API over HTTP, as a real product would.
 
-It mints the product's bearer JWT server-side with ``AUTH_JWT_SECRET`` (the secret
-never leaves this process), calls ``POST /oauth/tiktok/authorize`` and
-``DELETE /accounts/{id}`` over HTTP, and hands the browser nothing but the
-``authorizationUrl``. To show what the gateway stored it reads the account through
-``AccountService`` and the store, and masks the tokens before they reach a page.
-Two demo-only controls have no public endpoint: a forced refresh (the public
-endpoint refreshes only close to expiry) and the sandbox's simulated removal.
+It knows the gateway by its URL and the shared ``AUTH_JWT_SECRET`` only. It mints its
+bearer JWT server-side (the secret never leaves this process) and calls
+``POST /oauth/tiktok/authorize``, ``GET /accounts``, ``GET /accounts/{id}``,
+``POST /accounts/{id}/access-token`` (to show the token, masked) and
+``DELETE /accounts/{id}``; the browser gets nothing but the ``authorizationUrl``.
+One demo-only control has no product equivalent: the sandbox's simulated removal.
 """
 
 from __future__ import annotations
@@ -16,16 +15,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
+from tornado.escape import url_escape
 from tornado.httpclient import AsyncHTTPClient
-
-from services.accounts import AccountService, RefreshOutcome
-from services.config import Config
-from storage.base import Account, AccountStatus, Store
 
 log = logging.getLogger("gateway.demo")
 
@@ -36,10 +32,13 @@ CALLBACK_PATH = "/oauth/tiktok/callback"
 DEMO_PATH = "/demo"
 # The bearer is minted per call, for this server-to-server call only.
 BEARER_TTL_SECONDS = 60
+# The product's backend may read tokens (a user's own session token may not).
+BEARER_SCOPE = "tiktok.tokens"
 CALL_TIMEOUT_SECONDS = 20.0
 MASK = "\u2022\u2022\u2022\u2022"  # ••••
 # TikTok's reason code for a user removing the app (TIKTOK_API.md).
 REMOVED_BY_USER = 1
+EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 class DemoFailed(Exception):
@@ -55,7 +54,7 @@ class DemoFailed(Exception):
 
 @dataclass(frozen=True)
 class AccountCard:
-    """What the demo page shows of one account: tokens only ever masked."""
+    """What the demo page shows of one account: the access token only ever masked."""
 
     id: str
     display_name: str
@@ -66,9 +65,9 @@ class AccountCard:
     status: str
     access_token_expires_at: datetime | None
     access_token: str | None  # masked
-    refresh_token: str | None  # masked
-    revocation: str | None
-    updated_at: datetime
+    # Why there is no token to show (revoked, refused, or the gateway could not say).
+    note: str | None
+    updated_at: datetime | None
 
     @property
     def initials(self) -> str:
@@ -99,20 +98,16 @@ def gateway_url_of(redirect_uri: str, prefix: str = "") -> str:
     return f"{parts.scheme}://{parts.netloc}{prefix}"
 
 
-def _revocation_text(account: Account) -> str | None:
-    if account.status is AccountStatus.REAUTHORIZATION_REQUIRED:
-        return "TikTok refused the refresh token: connect again to restore the account."
-    if account.status is not AccountStatus.REVOKED:
+def _moment(value: Any) -> datetime | None:
+    """The gateway's ISO-8601 ``Z`` timestamps."""
+    try:
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
         return None
-    if account.revocation_reason == "disconnected":
-        at_tiktok = "revoked at TikTok too" if account.revoked_at_tiktok else (
-            "TikTok could not be reached to revoke it"
-        )
-        return f"Disconnected here; tokens wiped ({at_tiktok})."
-    return (
-        "Removed in TikTok (authorization.removed webhook, reason "
-        f"{account.revocation_reason}); tokens wiped."
-    )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 class DemoProduct:
@@ -121,73 +116,72 @@ class DemoProduct:
     def __init__(
         self,
         *,
-        config: Config,
-        accounts: AccountService,
-        store: Store,
-        prefix: str = "",
+        gateway_url: str,
+        sandbox_url: str,
+        jwt_secret: str,
+        jwt_issuer: str | None = None,
+        jwt_audience: str | None = None,
         http_client: AsyncHTTPClient | None = None,
     ) -> None:
-        self._config = config
-        self._accounts = accounts
-        self._store = store
-        self._http = http_client
-        self.gateway_url = gateway_url_of(config.tiktok_redirect_uri, prefix)
-        self.page_url = self.gateway_url + DEMO_PATH
+        self.gateway_url = gateway_url
+        self.page_url = gateway_url + DEMO_PATH
         # In demo mode TikTok is the sandbox, which serves its controls next to its API.
-        self.sandbox_url = config.tiktok_api_base_url
+        self.sandbox_url = sandbox_url
         self.user_id = DEMO_USER_ID
+        self._jwt_secret = jwt_secret
+        self._jwt_issuer = jwt_issuer
+        self._jwt_audience = jwt_audience
+        self._http = http_client
+        # What this backend learnt of an account beyond its status, by account id:
+        # the disconnects it made, the removals it had the sandbox send.
+        self._notes: dict[str, str] = {}
 
     # -- what a product backend does, over the gateway's public API --------------
 
     async def start_connection(self) -> str:
         """``POST /oauth/tiktok/authorize`` for the demo user; the URL to send the browser to."""
-        body = await self._call(
-            "POST",
-            f"{self.gateway_url}/oauth/tiktok/authorize",
-            {"redirectUri": self.page_url},
-            bearer=True,
+        body = await self._gateway(
+            "POST", "/oauth/tiktok/authorize", {"redirectUri": self.page_url}
         )
         url = body.get("authorizationUrl")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise DemoFailed(502, "The gateway answered without an authorization URL.")
         return url
 
+    async def cards(self) -> list[AccountCard]:
+        """``GET /accounts``, and each connected account's token to show it masked."""
+        body = await self._gateway("GET", "/accounts")
+        accounts = body.get("accounts")
+        if not isinstance(accounts, list):
+            raise DemoFailed(502, "The gateway answered without the list of accounts.")
+        cards = [await self._card(a) for a in accounts if isinstance(a, dict) and a.get("id")]
+        cards.sort(key=lambda card: card.updated_at or EPOCH, reverse=True)
+        return cards
+
     async def disconnect(self, account_id: str) -> bool:
         """``DELETE /accounts/{id}``; whether TikTok confirmed the revocation."""
-        account = await self._accounts.get_account(self.user_id, account_id)
-        body = await self._call(
-            "DELETE", f"{self.gateway_url}/accounts/{account.id}", None, bearer=True
+        body = await self._gateway("DELETE", f"/accounts/{url_escape(account_id, plus=False)}")
+        revoked_at_tiktok = bool(body.get("revokedAtTikTok"))
+        at_tiktok = (
+            "revoked at TikTok too"
+            if revoked_at_tiktok
+            else "TikTok could not be reached to revoke it"
         )
-        return bool(body.get("revokedAtTikTok"))
+        self._notes[account_id] = f"Disconnected here; tokens wiped ({at_tiktok})."
+        return revoked_at_tiktok
 
     # -- what only the demo does -------------------------------------------------
-
-    async def cards(self) -> list[AccountCard]:
-        accounts = await self._accounts.list_accounts(self.user_id)
-        accounts.sort(key=lambda a: a.updated_at, reverse=True)
-        return [await self._card(account) for account in accounts]
-
-    async def refresh(self, account_id: str) -> datetime | None:
-        """Refresh now, whatever the expiry; the expiry before it."""
-        account = await self._accounts.get_account(self.user_id, account_id)
-        before = account.access_token_expires_at
-        outcome = await self._accounts.refresh_account(account, force=True)
-        if outcome in (RefreshOutcome.UNAVAILABLE, RefreshOutcome.BUSY):
-            raise DemoFailed(
-                503, "TikTok did not answer the refresh in time. Please try again."
-            )
-        return before
 
     async def simulate_removal(self, account_id: str) -> None:
         """Ask the sandbox to act as if the user removed the app in TikTok: it revokes
         the grant and sends the gateway a signed ``authorization.removed`` webhook."""
-        account = await self._accounts.get_account(self.user_id, account_id)
+        account = await self._gateway("GET", f"/accounts/{url_escape(account_id, plus=False)}")
         body = await self._call(
             "POST",
             f"{self.sandbox_url}/sandbox/webhooks",
             {
                 "url": f"{self.gateway_url}/webhooks/tiktok",
-                "open_id": account.platform_account_id,
+                "open_id": account.get("platformAccountId"),
                 "reason": REMOVED_BY_USER,
             },
             bearer=False,
@@ -198,38 +192,67 @@ class DemoProduct:
                 "The sandbox's webhook did not reach the gateway "
                 f"(HTTP {body.get('status', '?')}).",
             )
+        self._notes[account_id] = (
+            f"Removed in TikTok (authorization.removed webhook, reason {REMOVED_BY_USER}); "
+            "tokens wiped."
+        )
 
     # -- plumbing ------------------------------------------------------------------
 
-    async def _card(self, account: Account) -> AccountCard:
-        tokens = None
-        if account.status is AccountStatus.CONNECTED:
-            tokens = await self._store.get_account_tokens(account.id)
+    async def _card(self, account: dict[str, Any]) -> AccountCard:
+        account_id = str(account["id"])
+        status = str(account.get("status", ""))
+        token: dict[str, Any] = {}
+        note = None
+        if status == "connected":
+            self._notes.pop(account_id, None)  # connected again since
+            try:
+                token = await self._gateway(
+                    "POST", f"/accounts/{url_escape(account_id, plus=False)}/access-token"
+                )
+            except DemoFailed as exc:
+                note = f"The gateway did not hand out the access token: {exc.message}"
+        elif status == "reauthorization_required":
+            note = "TikTok refused the refresh token: connect again to restore the account."
+        else:
+            note = self._notes.get(account_id, "Revoked; the gateway wiped the tokens.")
+        access_token = _text(token.get("accessToken"))
+        avatar_url = _text(account.get("avatarUrl"))
+        scopes = account.get("scopes")
         return AccountCard(
-            id=account.id,
-            display_name=account.display_name or "TikTok user",
-            username=account.username,
-            avatar_url=account.avatar_url
-            if (account.avatar_url or "").startswith(("https://", "http://"))
+            id=account_id,
+            display_name=_text(account.get("displayName")) or "TikTok user",
+            username=_text(account.get("username")),
+            avatar_url=avatar_url
+            if (avatar_url or "").startswith(("https://", "http://"))
             else None,
-            open_id=account.platform_account_id,
-            scopes=list(account.scopes),
-            status=account.status.value,
-            access_token_expires_at=account.access_token_expires_at if tokens else None,
-            access_token=mask_token(tokens.access_token) if tokens else None,
-            refresh_token=mask_token(tokens.refresh_token) if tokens else None,
-            revocation=_revocation_text(account),
-            updated_at=account.updated_at,
+            open_id=str(account.get("platformAccountId", "")),
+            scopes=[s for s in scopes if isinstance(s, str)] if isinstance(scopes, list) else [],
+            status=status,
+            access_token_expires_at=_moment(token.get("expiresAt")) if access_token else None,
+            access_token=mask_token(access_token) if access_token else None,
+            note=note,
+            updated_at=_moment(account.get("updatedAt")),
         )
 
     def _bearer(self) -> str:
         now = int(time.time())
-        claims: dict[str, Any] = {"sub": self.user_id, "iat": now, "exp": now + BEARER_TTL_SECONDS}
-        if self._config.auth_jwt_issuer:
-            claims["iss"] = self._config.auth_jwt_issuer
-        if self._config.auth_jwt_audience:
-            claims["aud"] = self._config.auth_jwt_audience
-        return jwt.encode(claims, self._config.auth_jwt_secrets[0], algorithm="HS256")
+        claims: dict[str, Any] = {
+            "sub": self.user_id,
+            "scope": BEARER_SCOPE,
+            "iat": now,
+            "exp": now + BEARER_TTL_SECONDS,
+        }
+        if self._jwt_issuer:
+            claims["iss"] = self._jwt_issuer
+        if self._jwt_audience:
+            claims["aud"] = self._jwt_audience
+        return jwt.encode(claims, self._jwt_secret, algorithm="HS256")
+
+    async def _gateway(
+        self, method: str, path: str, payload: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return await self._call(method, f"{self.gateway_url}{path}", payload, bearer=True)
 
     async def _call(
         self, method: str, url: str, payload: dict[str, Any] | None, *, bearer: bool
@@ -240,12 +263,14 @@ class DemoProduct:
         if bearer:
             headers["Authorization"] = f"Bearer {self._bearer()}"
         client = self._http or AsyncHTTPClient()
+        # The access-token endpoint takes an empty body; Tornado wants one for a POST.
+        body = json.dumps(payload) if payload is not None else "" if method == "POST" else None
         try:
             response = await client.fetch(
                 url,
                 method=method,
                 headers=headers,
-                body=json.dumps(payload) if payload is not None else None,
+                body=body,
                 raise_error=False,
                 follow_redirects=False,
                 request_timeout=CALL_TIMEOUT_SECONDS,
@@ -255,19 +280,19 @@ class DemoProduct:
             raise DemoFailed(503, "The demo could not reach the gateway or the sandbox.") from None
         log.info("demo call %s %s -> %d", method, urlsplit(url).path, response.code)
         try:
-            body = json.loads(response.body or b"{}")
+            answer = json.loads(response.body or b"{}")
         except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            body = {}
+            answer = None
+        if not isinstance(answer, dict):
+            answer = {}
         if response.code == 599:
             raise DemoFailed(503, "The demo could not reach the gateway or the sandbox.")
         if response.code >= 400:
-            message = body.get("message") or body.get("error")
+            message = answer.get("message") or answer.get("error")
             raise DemoFailed(
                 response.code,
                 message if isinstance(message, str) else f"HTTP {response.code}",
-                code=str(body.get("error", "")),
-                request_id=str(body.get("requestId", "")),
+                code=str(answer.get("error", "")),
+                request_id=str(answer.get("requestId", "")),
             )
-        return body
+        return answer

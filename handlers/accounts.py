@@ -32,7 +32,7 @@ class AccountListHandler(AccountsHandlerBase):
 class AccountHandler(AccountsHandlerBase):
     async def get(self, account_id: str) -> None:
         principal = await self.resolve_principal(self)
-        account = await self.accounts.get_account(principal.owner_id, account_id)
+        account = await self.accounts.view_account(principal.owner_id, account_id)
         self.write_json(account_json(account))
 
     async def delete(self, account_id: str) -> None:

@@ -1,4 +1,5 @@
-"""The shared error-writer mixin, request ids, headers and the access log."""
+"""The base handler (request ids, headers, the access log, JSON) and the shared error
+writer that renders every error as the envelope."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def utc_timestamp() -> str:
 class InFlight:
     """How many requests an application is serving right now.
 
-    Counted by ``ErrorWriterMixin`` when the application's settings hold one under
+    Counted by ``BaseHandler`` when the application's settings hold one under
     ``"in_flight"`` (``make_app`` does); a graceful shutdown waits for it to reach 0.
     """
 
@@ -67,8 +68,8 @@ class InFlight:
         self.count = 0
 
 
-class ErrorWriterMixin(tornado.web.RequestHandler):
-    """Renders every error as the seed's JSON envelope; nothing else does."""
+class BaseHandler(tornado.web.RequestHandler):
+    """Request ids, the headers every response carries, the in-flight count and JSON."""
 
     def __init__(
         self,
@@ -99,6 +100,27 @@ class ErrorWriterMixin(tornado.web.RequestHandler):
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Content-Type", "application/json; charset=utf-8")
 
+    def allowed_methods(self) -> list[str]:
+        """The methods this handler implements (Tornado's defaults answer 405)."""
+        return [
+            method
+            for method in self.SUPPORTED_METHODS
+            if getattr(type(self), method.lower(), None)
+            is not getattr(tornado.web.RequestHandler, method.lower(), None)
+        ]
+
+    def write_json(self, payload: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(payload))
+
+
+class ErrorWriterMixin(BaseHandler):
+    """Renders every error as the seed's JSON envelope; nothing else does.
+
+    ``write_error`` maps the exception to a status and an envelope, ``render_error``
+    sends it: the one hook to override for another rendering.
+    """
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, GatewayError) and exc.status != 500:
@@ -120,16 +142,12 @@ class ErrorWriterMixin(tornado.web.RequestHandler):
             self.set_status(500 if status_code < 500 or status_code == 599 else status_code)
             code = _CODES_BY_STATUS.get(self.get_status(), "INTERNAL_SERVER_ERROR")
             envelope = self._envelope(code, _GENERIC_MESSAGE, None, None)
-        self.finish(json.dumps(envelope))
+        self.render_error(self.get_status(), envelope)
 
-    def allowed_methods(self) -> list[str]:
-        """The methods this handler implements (Tornado's defaults answer 405)."""
-        return [
-            method
-            for method in self.SUPPORTED_METHODS
-            if getattr(type(self), method.lower(), None)
-            is not getattr(tornado.web.RequestHandler, method.lower(), None)
-        ]
+    def render_error(self, status: int, envelope: dict[str, Any]) -> None:
+        """Send the envelope: JSON here; a subclass may render it otherwise (the demo's
+        HTML pages), keeping the status and headers ``write_error`` set."""
+        self.finish(json.dumps(envelope))
 
     def _envelope(
         self,
@@ -195,10 +213,6 @@ class ErrorWriterMixin(tornado.web.RequestHandler):
                 "outcome": "INTERNAL_SERVER_ERROR",
             },
         )
-
-    def write_json(self, payload: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.finish(json.dumps(payload))
 
 
 class NotFoundHandler(ErrorWriterMixin):

@@ -16,5 +16,6 @@ class ReadinessHandler(ErrorWriterMixin):
         self.store = store
 
     async def get(self) -> None:
-        await self.store.ping()
+        # Not before the store is set up (its indexes exist), nor while it is down.
+        await self.store.check_ready()
         self.write_json({"status": "ready"})

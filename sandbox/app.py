@@ -145,6 +145,10 @@ class SandboxServer(tornado.httpserver.HTTPServer):
 class Sandbox:
     """TikTok's OAuth + user-info API for one process: state, fault injection, counters."""
 
+    # Answer a successful revoke with an empty body, as TikTok's revoke page describes,
+    # instead of the older page's {} (tests set it on the instance).
+    revoke_empty_body = False
+
     def __init__(
         self,
         clients: list[SandboxClient],

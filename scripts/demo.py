@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import ctypes
 import os
 import secrets
 import signal
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jwt
@@ -26,19 +28,57 @@ ROOT = Path(__file__).resolve().parent.parent
 PRODUCT_ORIGIN = "http://localhost:3000"
 # The sandbox's consent page names the app; the demo page plays this product.
 APP_NAME = "Acme Studio"
+# Ctrl+C, `kill`, the terminal closing.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+POLL_SECONDS = 0.1
+CHILD_STOP_SECONDS = 10
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def wait_for_port(host: str, port: int, process: subprocess.Popen, name: str) -> None:
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` by which Linux sends the child SIGTERM when this process dies,
+    however it dies (even SIGKILL): no sandbox or gateway outlives the demo."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the demo died before the line above
+            os._exit(1)
+
+    return preexec
+
+
+def wait_for_port(
+    host: str, port: int, process: subprocess.Popen, name: str, stopping: Callable[[], bool]
+) -> None:
+    """Until ``port`` accepts connections, or a stop is asked for."""
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stopping():
         if process.poll() is not None:
             raise SystemExit(f"demo: the {name} exited with code {process.returncode}")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"demo: the {name} did not start listening on {host}:{port}")
+            time.sleep(POLL_SECONDS)
+    if not stopping():
+        raise SystemExit(f"demo: the {name} did not start listening on {host}:{port}")
+
+
+def stop_children(children: dict[str, subprocess.Popen]) -> None:
+    """SIGTERM (their graceful shutdown), then SIGKILL for one that does not end."""
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children.values():
+        try:
+            child.wait(timeout=CHILD_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def demo_environment(host: str, gateway_port: int, sandbox_port: int) -> dict[str, str]:
@@ -92,7 +132,40 @@ def main() -> int:
     args = parser.parse_args()
 
     env = demo_environment(args.host, args.port, args.sandbox_port)
-    sandbox = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
+    # A stop signal only sets this flag; the loops below look at it, so a signal never
+    # lands in the middle of starting or stopping a child.
+    signals: list[int] = []
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda signum, frame: signals.append(signum))
+    children: dict[str, subprocess.Popen] = {}
+    try:
+        return run(args, env, children, lambda: bool(signals))
+    finally:
+        stop_children(children)
+
+
+def run(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    children: dict[str, subprocess.Popen],
+    stopping: Callable[[], bool],
+) -> int:
+    """Start the sandbox and the gateway into ``children``; serve until a stop signal
+    (0) or until one of them exits on its own (1).
+
+    Each child gets a process group of its own: Ctrl+C reaches only this process,
+    which stops them with SIGTERM whatever they are doing (one still importing its
+    modules would otherwise die of KeyboardInterrupt with a traceback).
+    """
+    preexec = die_with_parent()
+
+    def spawn(argv: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(  # noqa: S603 - our own interpreter, fixed arguments
+            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, process_group=0,
+            preexec_fn=preexec,  # safe: the demo runs no threads
+        )
+
+    children["sandbox"] = spawn(
         [
             sys.executable, "-m", "sandbox",
             "--host", args.host,
@@ -102,48 +175,36 @@ def main() -> int:
             "--redirect-uri", env["TIKTOK_REDIRECT_URI"],
             "--consent", "page",
             "--app-name", APP_NAME,
-        ],
-        cwd=ROOT,
-        env=env,
+        ]
     )
-    gateway = subprocess.Popen([sys.executable, "server.py"], cwd=ROOT, env=env)  # noqa: S603
-    children = (gateway, sandbox)
-
-    def stop(*_: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        wait_for_port(args.host, args.sandbox_port, sandbox, "sandbox")
-        wait_for_port(args.host, args.port, gateway, "gateway")
-        token = jwt.encode(
-            {"sub": "demo-user-1", "iat": int(time.time()), "exp": int(time.time()) + 86400},
-            env["AUTH_JWT_SECRET"],
-            algorithm="HS256",
-        )
-        gateway_url = f"http://{args.host}:{args.port}"
-        print(
-            f"\nThe gateway is up on {gateway_url} with the in-memory store, and the TikTok "
-            f"sandbox on http://{args.host}:{args.sandbox_port}.\n\n"
-            f"Open {gateway_url}/demo in your browser.\n\n"
-            "In another terminal, paste:\n\n"
-            f"{curl_steps(gateway_url, token)}\nPress Ctrl+C to stop.\n",
-            flush=True,
-        )
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
-        return 1
-    except KeyboardInterrupt:
+    children["gateway"] = spawn([sys.executable, "server.py"])
+    wait_for_port(args.host, args.sandbox_port, children["sandbox"], "sandbox", stopping)
+    wait_for_port(args.host, args.port, children["gateway"], "gateway", stopping)
+    if stopping():
         return 0
-    finally:
-        stop()
+    token = jwt.encode(
+        {"sub": "demo-user-1", "iat": int(time.time()), "exp": int(time.time()) + 86400},
+        env["AUTH_JWT_SECRET"],
+        algorithm="HS256",
+    )
+    gateway_url = f"http://{args.host}:{args.port}"
+    print(
+        f"\nThe gateway is up on {gateway_url} with the in-memory store, and the TikTok "
+        f"sandbox on http://{args.host}:{args.sandbox_port}.\n\n"
+        f"Open {gateway_url}/demo in your browser.\n\n"
+        "In another terminal, paste:\n\n"
+        f"{curl_steps(gateway_url, token)}\nPress Ctrl+C to stop.\n",
+        flush=True,
+    )
+    while not stopping():
+        for name, child in children.items():
+            # Checked again: Ctrl+C also reaches the children, which may end first.
+            if child.poll() is not None and not stopping():
+                print(f"demo: the {name} exited with code {child.returncode}; stopping",
+                      file=sys.stderr, flush=True)
+                return 1
+        time.sleep(POLL_SECONDS)
+    return 0
 
 
 if __name__ == "__main__":

@@ -87,6 +87,9 @@ class Config:
     webhook_tolerance_seconds: int = WEBHOOK_RETRY_WINDOW_SECONDS
     refresh_interval_seconds: float = 60.0
     refresh_ahead_seconds: int = 3600
+    # The refresher keeps warm the accounts whose token was handed out within this;
+    # None ("all"): every connected account; 0: none (on demand only).
+    refresh_keep_warm_seconds: int | None = 3600
     refresh_max_per_minute: int = 300
     # Processes forked on one port (python server.py); more than 1 needs MongoDB.
     workers: int = 1
@@ -187,6 +190,15 @@ def _refresh_rate(text: str) -> int:
     number = _positive_int(text)
     if number > TIKTOK_REQUESTS_PER_MINUTE:
         raise ValueError(f"TikTok allows at most {TIKTOK_REQUESTS_PER_MINUTE} per minute")
+    return number
+
+
+def _keep_warm(text: str) -> int | None:
+    if text.lower() == "all":
+        return None
+    number = int(text)
+    if number < 0:
+        raise ValueError("must be 0 or more")
     return number
 
 
@@ -443,6 +455,9 @@ def load_config(environ: Mapping[str, str]) -> Config:
             "REFRESH_INTERVAL_SECONDS", 60.0, _non_negative_float, "seconds (0 disables)"
         ),
         refresh_ahead_seconds=env.parsed("REFRESH_AHEAD_SECONDS", 3600, _positive_int, "seconds"),
+        refresh_keep_warm_seconds=env.parsed(
+            "REFRESH_KEEP_WARM_SECONDS", 3600, _keep_warm, "seconds (0: none) or 'all'"
+        ),
         refresh_max_per_minute=env.parsed(
             "REFRESH_MAX_PER_MINUTE", 300, _refresh_rate, "a number of refreshes per minute"
         ),

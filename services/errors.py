@@ -105,6 +105,15 @@ class StoreUnavailable(ServiceUnavailable):
     default_message = "We cannot save your connection right now. Please try again in a moment."
 
 
+class StoreSetupFailed(StoreUnavailable):
+    """The store cannot be set up (an index cannot be created) and retrying will not
+    help: an operator must fix the database. ``problems``: one line per index."""
+
+    def __init__(self, problems: list[str], **kwargs: Any) -> None:
+        self.problems = list(problems)
+        super().__init__(technical_message="; ".join(self.problems), **kwargs)
+
+
 class Unauthenticated(GatewayError):
     status = 401
     code = "UNAUTHORIZED"

@@ -10,9 +10,9 @@ holds calls beyond that itself, for a bounded time) and created with
 ``force_instance=True``: never the per-IOLoop shared ``AsyncHTTPClient()``, whose
 settings any other code could change.
 
-Both also report failures differently; ``is_refused`` and ``is_timeout`` read
-either: the simple client raises ``OSError(ECONNREFUSED)`` and
-``HTTPTimeoutError``, curl raises ``CurlError`` (HTTP 599) with libcurl's code.
+Both also report failures differently; ``is_refused``, ``is_timeout`` and
+``nothing_sent`` read either: the simple client raises ``OSError(ECONNREFUSED)``
+and ``HTTPTimeoutError``, curl raises ``CurlError`` (HTTP 599) with libcurl's code.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import contextlib
 import errno
 import functools
 import logging
+import socket
 from typing import TYPE_CHECKING, Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
@@ -34,8 +35,14 @@ log = logging.getLogger("gateway.http")
 HTTP_CLIENTS = ("curl", "simple")
 DEFAULT_MAX_CONNECTIONS = 50
 # libcurl error codes (curl.h): nothing was sent / the time ran out.
+CURLE_COULDNT_RESOLVE_HOST = 6
 CURLE_COULDNT_CONNECT = 7
 CURLE_OPERATION_TIMEDOUT = 28
+# How each client words a timeout that struck before the request was written: curl
+# while resolving or connecting (multi.c), Tornado's simple client while connecting
+# or still queued. Any other timeout struck with the request sent, or maybe sent.
+_CURL_UNSENT_TIMEOUTS = ("Resolving timed out", "Connection timed out")
+_SIMPLE_UNSENT_TIMEOUTS = ("Timeout while connecting", "Timeout in request queue")
 
 
 @functools.cache
@@ -131,6 +138,23 @@ def is_refused(exc: BaseException) -> bool:
 
 def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, HTTPTimeoutError) or _curl_code(exc) == CURLE_OPERATION_TIMEDOUT
+
+
+def nothing_sent(exc: BaseException) -> bool:
+    """The request surely never reached the server: refused, its name not resolved,
+    or timed out while connecting. Otherwise (a timeout or a dropped connection once
+    connected) it may have arrived and been acted on, its answer lost."""
+    if isinstance(exc, HTTPTimeoutError):
+        return str(exc.message or "").startswith(_SIMPLE_UNSENT_TIMEOUTS)
+    if isinstance(exc, OSError):
+        # The simple client raises these from the connect itself; other socket
+        # errors may come after the request was written.
+        return exc.errno == errno.ECONNREFUSED or isinstance(exc, socket.gaierror)
+    code = _curl_code(exc)
+    if code in (CURLE_COULDNT_RESOLVE_HOST, CURLE_COULDNT_CONNECT):
+        return True
+    message = getattr(exc, "message", None) or ""
+    return code == CURLE_OPERATION_TIMEDOUT and str(message).startswith(_CURL_UNSENT_TIMEOUTS)
 
 
 def _curl_code(exc: BaseException) -> Any:

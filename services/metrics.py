@@ -64,6 +64,8 @@ REFRESH_OUTCOMES = (
     "reauthorization_required",
     "refresh_token_expired",
     "unavailable",
+    "unknown",
+    "superseded",
     "busy",
     "error",
 )
@@ -290,10 +292,12 @@ class InstrumentedStore(Store):
             )
         return timer
 
-    async def accounts_due_for_refresh(self, before: datetime, *, limit: int) -> list[Account]:
+    async def accounts_due_for_refresh(
+        self, before: datetime, *, limit: int, **filters: Any
+    ) -> list[Account]:
         started = time.perf_counter()
         try:
-            due = await self.inner.accounts_due_for_refresh(before, limit=limit)
+            due = await self.inner.accounts_due_for_refresh(before, limit=limit, **filters)
         finally:
             self._timer("accounts_due_for_refresh").observe(time.perf_counter() - started)
         # Only the refresher asks this, once per round.

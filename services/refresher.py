@@ -1,12 +1,21 @@
-"""Background refresh: keep connected accounts' access tokens ahead of their expiry.
+"""Background refresh: keep recently used accounts' access tokens ahead of their expiry.
 
-Every ``interval`` seconds one round asks the store for the connected accounts
-whose access token expires within ``ahead`` seconds (soonest first) and hands
-each to ``AccountService.refresh_account``, the one refresh path. That method
-takes the account's lease in the store, so several gateway processes running
-this loop never refresh one account twice; it also turns an expired refresh
-token into ``reauthorization_required`` without calling TikTok, and never
-raises for TikTok faults.
+Every ``interval`` seconds one round first marks ``reauthorization_required`` the
+connected accounts whose refresh token has expired (one indexed update, no call
+to TikTok: TikTok's refresh tokens live 180 days and a refresh does not renew
+them). Then it asks the store for the connected accounts whose access token
+expires within ``ahead`` seconds (soonest first) and hands each to
+``AccountService.refresh_account``, the one refresh path. That method takes the
+account's lease in the store, so several gateway processes running this loop
+never refresh one account twice, and it never raises for TikTok faults.
+
+Which accounts are kept warm (``keep_warm_seconds``, REFRESH_KEEP_WARM_SECONDS):
+those whose token the access-token endpoint handed out within the last
+``keep_warm_seconds`` (default one hour: a product that used an account lately
+finds a fresh token next time); ``None`` keeps every connected account warm
+(about 12 to 24 TikTok calls per account per day with two-hour tokens); ``0``
+keeps none, and the refresher only marks expired refresh tokens. Every other
+account is refreshed on demand by the access-token endpoint.
 
 Calls are bounded twice: at most ``concurrency`` refreshes in flight, and their
 starts spaced ``60 / max_per_minute`` seconds apart, so this process stays under
@@ -14,9 +23,10 @@ its share of TikTok's 600 requests per minute whatever the backlog.
 
 An account whose refresh failed without a verdict (TikTok unavailable, or an
 error) is not retried every round: it waits ``interval`` seconds after the first
-failure, then twice as long after each next one, up to ``MAX_BACKOFF_SECONDS``,
-and is counted ``deferred`` meanwhile. Any other outcome clears its wait. The
-waits are this process's own; the access-token endpoint still refreshes on demand.
+failure, then twice as long after each next one, up to ``MAX_BACKOFF_SECONDS``.
+The wait is stored on the account (``Store.defer_refresh``), so every process's
+query leaves it out until then; success and every verdict clear it. The
+access-token endpoint still refreshes on demand meanwhile.
 """
 
 from __future__ import annotations
@@ -39,15 +49,17 @@ log = logging.getLogger("gateway.refresher")
 
 DEFAULT_INTERVAL_SECONDS = 60.0
 DEFAULT_AHEAD_SECONDS = 3600
+DEFAULT_KEEP_WARM_SECONDS = 3600
 DEFAULT_MAX_PER_MINUTE = 300
 DEFAULT_CONCURRENCY = 4
 DEFAULT_STOP_GRACE_SECONDS = 10.0
 # Counted when refresh_account raised instead of answering an outcome (a bug or a
 # store fault): the account is retried after its wait, the others carry on.
 ERROR = "error"
-# Outcomes after which the account waits before its next attempt, and what it does then.
-RETRY_LATER = frozenset({RefreshOutcome.UNAVAILABLE.value, ERROR})
-DEFERRED = "deferred"
+# Outcomes after which the account waits before its next attempt.
+RETRY_LATER = frozenset({RefreshOutcome.UNAVAILABLE.value, RefreshOutcome.UNKNOWN.value, ERROR})
+# Another holder (maybe another process) is refreshing it: its outcome decides the wait.
+KEEP_WAIT = frozenset({RefreshOutcome.BUSY.value})
 MAX_BACKOFF_SECONDS = 900.0
 
 Sleep = Callable[[float], Awaitable[Any]]
@@ -103,6 +115,7 @@ class Refresher:
         accounts: AccountService,
         interval_seconds: float = DEFAULT_INTERVAL_SECONDS,
         ahead_seconds: int = DEFAULT_AHEAD_SECONDS,
+        keep_warm_seconds: int | None = DEFAULT_KEEP_WARM_SECONDS,
         max_per_minute: int = DEFAULT_MAX_PER_MINUTE,
         concurrency: int = DEFAULT_CONCURRENCY,
         batch_size: int | None = None,
@@ -114,6 +127,8 @@ class Refresher:
             raise ValueError("interval_seconds must be greater than 0 (0 means: no refresher)")
         if concurrency <= 0:
             raise ValueError("concurrency must be greater than 0")
+        if keep_warm_seconds is not None and keep_warm_seconds < 0:
+            raise ValueError("keep_warm_seconds must be 0 or more (None: keep all warm)")
         if accounts.refresh_skew < timedelta(seconds=ahead_seconds):
             # refresh_account would answer not_due for every account the round picks
             # between the two windows.
@@ -125,14 +140,12 @@ class Refresher:
         self._accounts = accounts
         self.interval = interval_seconds
         self.ahead = timedelta(seconds=ahead_seconds)
+        self.keep_warm = None if keep_warm_seconds is None else timedelta(seconds=keep_warm_seconds)
         self.concurrency = concurrency
         # One round takes at most what the rate allows in one minute; the rest wait
         # for the next round, soonest expiry first.
         self.batch_size = batch_size or max_per_minute
         self._limiter = RateLimiter(max_per_minute, clock=monotonic, sleep=sleep)
-        self._monotonic = monotonic
-        # Account id -> (failed attempts in a row, not before this monotonic time).
-        self._backoff: dict[str, tuple[int, float]] = {}
         self._clock = clock
         self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
@@ -149,46 +162,52 @@ class Refresher:
     async def run_once(self, now: datetime | None = None) -> RoundSummary:
         """Refresh what is due at ``now``; never raises for one account's failure."""
         now = now or self._clock()
-        due = await self._store.accounts_due_for_refresh(now + self.ahead, limit=self.batch_size)
-        summary = RoundSummary(due=len(due))
-        # Accounts no longer due (refreshed elsewhere, disconnected) are forgotten:
-        # the waits never outnumber one round's batch.
-        due_ids = {account.id for account in due}
-        for account_id in [a for a in self._backoff if a not in due_ids]:
-            del self._backoff[account_id]
-        ready = [account for account in due if not self._waiting(account.id)]
-        if len(ready) < len(due):
-            summary.outcomes[DEFERRED] = len(due) - len(ready)
-        queue = iter(ready)
+        summary = RoundSummary()
+        expired = await self._store.expire_refresh_tokens(now=now)
+        if expired:
+            summary.outcomes[RefreshOutcome.REFRESH_TOKEN_EXPIRED.value] = expired
+        due: list[Account] = []
+        if self.keep_warm != timedelta(0):
+            due = await self._store.accounts_due_for_refresh(
+                now + self.ahead,
+                limit=self.batch_size,
+                now=now,  # leaves out the accounts waiting out a backoff
+                used_since=None if self.keep_warm is None else now - self.keep_warm,
+            )
+        summary.due = len(due)
+        queue = iter(due)
 
         async def worker() -> None:
             # next() on a shared iterator never awaits: each account goes to one worker.
             for account in queue:
                 summary.outcomes[await self._refresh_one(account, now)] += 1
 
-        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(ready)))))
+        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(due)))))
         self.rounds += 1
-        if due:
+        if summary.outcomes:
             log.info("refresh round: %s", summary.describe())
         else:
             log.debug("refresh round: nothing due")
         return summary
 
-    def _waiting(self, account_id: str) -> bool:
-        entry = self._backoff.get(account_id)
-        return entry is not None and entry[1] > self._monotonic()
-
-    def _record(self, account_id: str, outcome: str) -> str:
-        if outcome in RETRY_LATER:
-            failures = self._backoff.get(account_id, (0, 0.0))[0] + 1
-            wait = min(self.interval * 2 ** min(failures - 1, 16), MAX_BACKOFF_SECONDS)
-            self._backoff[account_id] = (failures, self._monotonic() + wait)
-        else:
-            self._backoff.pop(account_id, None)
+    async def _refresh_one(self, account: Account, now: datetime) -> str:
+        outcome = await self._attempt(account, now)
+        try:
+            await self._record(account, outcome)
+        except GatewayError as exc:
+            # The next round sees the account as it was: tried again, not lost.
+            log.warning("backoff of account %s not stored: %s", account.id,
+                        exc.technical_message or exc.message)
         return outcome
 
-    async def _refresh_one(self, account: Account, now: datetime) -> str:
-        return self._record(account.id, await self._attempt(account, now))
+    async def _record(self, account: Account, outcome: str) -> None:
+        if outcome in RETRY_LATER:
+            failures = account.refresh_failures + 1
+            wait = min(self.interval * 2 ** min(failures - 1, 16), MAX_BACKOFF_SECONDS)
+            retry_at = self._clock() + timedelta(seconds=wait)
+            await self._store.defer_refresh(account.id, retry_at=retry_at, failures=failures)
+        elif outcome not in KEEP_WAIT and (account.refresh_failures or account.refresh_retry_at):
+            await self._store.clear_refresh_retry(account.id)
 
     async def _attempt(self, account: Account, now: datetime) -> str:
         try:
@@ -227,11 +246,18 @@ class Refresher:
             return
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="tiktok-token-refresher")
+        if self.keep_warm is None:
+            warm = "every connected account"
+        elif self.keep_warm:
+            warm = f"accounts used in the last {self.keep_warm.total_seconds():.0f}s"
+        else:
+            warm = "no account (expired refresh tokens only)"
         log.info(
-            "background refresh every %gs of tokens expiring within %ds, at most %d "
-            "in flight and %.0f per minute",
+            "background refresh every %gs of tokens expiring within %ds, for %s, at most "
+            "%d in flight and %.0f per minute",
             self.interval,
             self.ahead.total_seconds(),
+            warm,
             self.concurrency,
             60 / self._limiter.spacing,
         )

@@ -32,6 +32,8 @@ def account_payload(account: Account) -> dict[str, Any]:
         "status": account.status.value,
         # The tokens of a revoked or refused account are gone, and so is their expiry.
         "accessTokenExpiresAt": iso_utc(account.access_token_expires_at) if connected else None,
+        # The user must connect again by then: refreshes do not extend it.
+        "refreshTokenExpiresAt": iso_utc(account.refresh_token_expires_at) if connected else None,
         "createdAt": iso_utc(account.created_at),
         "updatedAt": iso_utc(account.updated_at),
     }

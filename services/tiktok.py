@@ -25,6 +25,7 @@ from services.http_client import (
     is_refused,
     is_timeout,
     make_http_client,
+    nothing_sent,
 )
 from services.metrics import GatewayMetrics
 
@@ -36,6 +37,8 @@ log = logging.getLogger("gateway.tiktok")
 TOKEN_PATH = "/v2/oauth/token/"  # noqa: S105 - a URL path, not a secret
 USER_INFO_PATH = "/v2/user/info/"
 REVOKE_PATH = "/v2/oauth/revoke/"
+# TikTok's revoke page describes success as an empty body (its older page shows {}).
+EMPTY_SUCCESS_ENDPOINTS = frozenset({"revoke"})
 # TikTok's token errors that mean "try later", not "your request is wrong".
 TRANSIENT_TOKEN_ERRORS = frozenset({"server_error", "temporarily_unavailable"})
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -47,8 +50,15 @@ MIN_ATTEMPT_SECONDS = 0.5
 MIN_REQUEST_SECONDS = 0.1
 
 
+class OutcomeUnknown(ProviderUnavailable):
+    """The request may have reached TikTok, but no answer came back (a timeout or a
+    dropped connection once it was sent): whatever TikTok did with it is unknown. For
+    a refresh: TikTok may have rotated the refresh token."""
+
+
 @dataclass(frozen=True)
 class TokenResponse:
+    # Required from a code exchange; empty when a refresh answer leaves it out.
     open_id: str
     # Never in repr(): a response logged or shown in a traceback must not leak them.
     access_token: str = field(repr=False)
@@ -127,6 +137,8 @@ class TikTokClient:
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
         self._profile_retries = profile_retries
+        # The longest one call to TikTok takes, connection wait included (``_fetch``).
+        self.longest_call_seconds = connect_timeout + request_timeout
         self._sleep = sleep
         self._metrics = metrics or GatewayMetrics()
 
@@ -166,17 +178,21 @@ class TikTokClient:
         if code_verifier:
             form["code_verifier"] = code_verifier
         reply = await self._post_form(TOKEN_PATH, form, "token")
-        return self._token_response(reply)
+        return self._token_response(reply, require_open_id=True)
 
     async def refresh(self, refresh_token: str) -> TokenResponse:
-        """Trade a refresh token for new tokens; the refresh token may rotate."""
+        """Trade a refresh token for new tokens; the refresh token may rotate.
+
+        Raises ``OutcomeUnknown`` when the request was sent but its answer never came.
+        """
         form = {
             "client_key": self._client_key,
             "client_secret": self._client_secret,
             "grant_type": "refresh_token",
             "refresh_token": refresh_token,
         }
-        return self._token_response(await self._post_form(TOKEN_PATH, form, "refresh"))
+        reply = await self._post_form(TOKEN_PATH, form, "refresh")
+        return self._token_response(reply, require_open_id=False)
 
     async def revoke(self, token: str) -> str | None:
         """Revoke an access token at TikTok; returns TikTok's log_id.
@@ -324,13 +340,21 @@ class TikTokClient:
                     # 599: timeout or connection lost; raised even with raise_error=False.
                     reason = "timeout" if is_timeout(exc) else "connection error"
                 self._log(request, endpoint, started, f"failed ({reason})", None)
-                raise _Retryable(self._unavailable(endpoint, reason), None) from None
+                if nothing_sent(exc):
+                    raise _Retryable(self._unavailable(endpoint, reason), None) from None
+                unknown = self._unavailable(
+                    endpoint, f"{reason} after the request was sent: no answer",
+                    kind=OutcomeUnknown,
+                )
+                raise _Retryable(unknown, None) from None
         body: Any = None
         log_id = response.headers.get("X-Tt-Logid")
         try:
             body = json.loads(response.body or b"")
         except ValueError:
             body = None
+        if not response.body and response.code == 200 and endpoint in EMPTY_SUCCESS_ENDPOINTS:
+            body = {}
         if isinstance(body, dict):
             log_id = _extract_log_id(body) or log_id
         self._log(request, endpoint, started, str(response.code), log_id)
@@ -350,7 +374,12 @@ class TikTokClient:
             close_http_client(client)
 
     def _unavailable(
-        self, endpoint: str, reason: str, reply: _Reply | None = None
+        self,
+        endpoint: str,
+        reason: str,
+        reply: _Reply | None = None,
+        *,
+        kind: type[ProviderUnavailable] = ProviderUnavailable,
     ) -> ProviderUnavailable:
         details: dict[str, Any] = {"dependency": "tiktok", "endpoint": endpoint}
         if reply and reply.log_id:
@@ -358,7 +387,7 @@ class TikTokClient:
         retry_after = 5
         if reply and reply.retry_after:
             retry_after = max(1, min(int(reply.retry_after), 60))
-        return ProviderUnavailable(
+        return kind(
             technical_message=f"TikTok {endpoint} endpoint: {reason}",
             details=details,
             retry_after=retry_after,
@@ -390,7 +419,7 @@ class TikTokClient:
             },
         )
 
-    def _token_response(self, reply: _Reply) -> TokenResponse:
+    def _token_response(self, reply: _Reply, *, require_open_id: bool) -> TokenResponse:
         body = reply.body
         error = body.get("error")
         # TikTok answers some errors with HTTP 200: judge the body, not the status.
@@ -408,8 +437,10 @@ class TikTokClient:
                 log.error("TikTok rejected the client credentials: check TIKTOK_CLIENT_KEY/SECRET")
             raise ProviderRejected(technical_message=technical, details=details)
         try:
+            open_id = body.get("open_id")
             return TokenResponse(
-                open_id=_nonempty_str(body["open_id"]),
+                # A refresh keeps the account's stored identity: its open_id is not needed.
+                open_id=_nonempty_str(open_id) if require_open_id else _str_or_empty(open_id),
                 access_token=_nonempty_str(body["access_token"]),
                 refresh_token=_nonempty_str(body["refresh_token"]),
                 expires_in=_positive_int(body["expires_in"]),
@@ -491,7 +522,14 @@ def _nonempty_str(value: Any) -> str:
     return value
 
 
+def _str_or_empty(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
 def _positive_int(value: Any) -> int:
+    """A lifetime in seconds: a JSON integer, or one sent as a string of digits."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError("expected a positive integer")
     return value

@@ -10,10 +10,12 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 PLATFORM = "tiktok"
+# See Store.mark_token_used.
+TOKEN_USE_RESOLUTION = timedelta(seconds=60)
 
 
 class PendingStatus(enum.StrEnum):
@@ -116,6 +118,13 @@ class Account:
     # TikTok's deauthorization reason code, or "disconnected" when the product did it.
     revocation_reason: int | str | None = None
     revoked_at_tiktok: bool | None = None
+    # When the access-token endpoint last handed a token out: the refresher keeps only
+    # recently used accounts warm (REFRESH_KEEP_WARM_SECONDS).
+    token_used_at: datetime | None = None
+    # The background refresher's backoff after refreshes that failed without a verdict
+    # (TikTok unavailable): it does not try again before refresh_retry_at.
+    refresh_retry_at: datetime | None = None
+    refresh_failures: int = 0
 
 
 @dataclass
@@ -124,6 +133,10 @@ class AccountTokens:
     refresh_token: str = field(repr=False)
     access_token_expires_at: datetime
     refresh_token_expires_at: datetime
+    # The token generation: every grant stored (connect, reconnect, refresh) adds one;
+    # re-encryption does not. A refresh stores its answer only over the generation it
+    # read (``Store.save_refreshed_tokens``). 0: written before the counter existed.
+    version: int = 0
 
 
 @dataclass
@@ -239,6 +252,12 @@ class Store(abc.ABC):
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""
 
+    async def check_ready(self) -> None:
+        """Raise ``StoreUnavailable`` unless the store can serve requests (``/readyz``):
+        it answers and ``initialize`` has set it up. A store with nothing to set up
+        only needs to answer."""
+        await self.ping()
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 
@@ -293,15 +312,17 @@ class Store(abc.ABC):
         """The only way to read tokens back in clear text."""
 
     # -- token lifecycle ----------------------------------------------------------
-    # A refresh is guarded by a lease on the account record, claimed atomically
-    # and expiring on its own, so one refresh runs across every gateway process
-    # and a crashed holder blocks nobody for longer than the lease.
+    # A refresh takes a lease on the account record, claimed atomically and expiring
+    # on its own, so concurrent requests in every gateway process make one call to
+    # TikTok and a crashed holder blocks nobody for longer than the lease. The lease
+    # only avoids duplicate calls: what a refresh stores is decided by the token
+    # generation it read (``AccountTokens.version``), never by the lease.
 
     @abc.abstractmethod
-    async def acquire_refresh_lease(
-        self, account_id: str, holder: str, *, now: datetime, until: datetime
-    ) -> bool:
-        """Take the lease if it is free or expired and the account is connected."""
+    async def acquire_refresh_lease(self, account_id: str, holder: str, *, seconds: float) -> bool:
+        """Take the lease for ``seconds`` if it is free or expired and the account is
+        connected. Expiry is judged by one clock, the store's own: MongoDB's ``$$NOW``,
+        the process's monotonic clock for ``MemoryStore``."""
 
     @abc.abstractmethod
     async def release_refresh_lease(self, account_id: str, holder: str) -> None:
@@ -309,16 +330,26 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def save_refreshed_tokens(
-        self, account_id: str, holder: str, grant: TokenGrant, *, now: datetime
+        self, account_id: str, grant: TokenGrant, *, version: int, now: datetime
     ) -> bool:
-        """Store the new tokens and expiries and drop the lease, in one atomic update.
+        """Store a refresh's tokens, expiries and scopes in one atomic update, only if
+        the stored tokens are still generation ``version`` (those the refresh sent) and
+        the account is not revoked; the generation moves on and the account is
+        ``connected`` again (a refusal of the token this refresh replaced may have
+        marked it). Whoever holds the lease does not matter.
 
-        Returns False (and writes nothing) if ``holder`` no longer holds the lease.
+        Returns False (and writes nothing) when newer tokens were stored meanwhile, the
+        account was revoked, or it does not exist.
         """
 
     @abc.abstractmethod
-    async def require_reauthorization(self, account_id: str, *, now: datetime) -> None:
-        """Wipe both tokens and mark the account ``reauthorization_required``."""
+    async def require_reauthorization(
+        self, account_id: str, *, now: datetime, version: int | None = None
+    ) -> bool:
+        """Wipe both tokens and mark the account ``reauthorization_required`` (never a
+        revoked one). With ``version``, only if the stored tokens are still that
+        generation: TikTok refused the refresh token it holds, not a newer one.
+        Returns whether the account was marked."""
 
     @abc.abstractmethod
     async def revoke_account(
@@ -347,8 +378,42 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def accounts_due_for_refresh(self, before: datetime, *, limit: int) -> list[Account]:
-        """Connected accounts whose access token expires before ``before``, soonest first."""
+    async def accounts_due_for_refresh(
+        self,
+        before: datetime,
+        *,
+        limit: int,
+        now: datetime | None = None,
+        used_since: datetime | None = None,
+    ) -> list[Account]:
+        """Connected accounts whose access token expires before ``before``, soonest first.
+
+        With ``now``, accounts whose ``refresh_retry_at`` is after it (waiting out a
+        backoff) are left out; with ``used_since``, so are accounts whose token was
+        not handed out at or after it (``token_used_at``), never-used ones included.
+        """
+
+    @abc.abstractmethod
+    async def mark_token_used(self, account_id: str, *, now: datetime) -> None:
+        """Record that the account's access token was handed out at ``now``.
+
+        A use less than ``TOKEN_USE_RESOLUTION`` after the recorded one is not written
+        again: a product asking for the token on every call costs no write each time.
+        """
+
+    @abc.abstractmethod
+    async def defer_refresh(self, account_id: str, *, retry_at: datetime, failures: int) -> None:
+        """Keep the account out of ``accounts_due_for_refresh(now=...)`` until ``retry_at``,
+        noting ``failures`` refreshes failed in a row."""
+
+    @abc.abstractmethod
+    async def clear_refresh_retry(self, account_id: str) -> None:
+        """Forget the account's backoff (``refresh_retry_at`` and ``refresh_failures``)."""
+
+    @abc.abstractmethod
+    async def expire_refresh_tokens(self, *, now: datetime) -> int:
+        """Mark ``reauthorization_required`` (tokens wiped) every connected account whose
+        refresh token expired at or before ``now``; returns how many changed."""
 
     # -- key rotation ---------------------------------------------------------------
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import copy
 import heapq
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from storage.base import (
     PROFILE_FIELDS,
+    TOKEN_USE_RESOLUTION,
     Account,
     AccountStatus,
     AccountTokens,
@@ -33,7 +36,7 @@ from storage.base import (
     event_time,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
-from storage.tokens import TokenSealer
+from storage.tokens import TOKEN_VERSION_FIELD, TokenSealer
 
 _CLAIM_REFUSALS = {
     PendingStatus.IN_PROGRESS: ClaimResult.IN_PROGRESS,
@@ -74,16 +77,22 @@ class MemoryStore(Store):
         self,
         cipher: TokenCipher | None = None,
         *,
+        clock: Callable[[], float] = time.monotonic,
         events_retention_seconds: int = DEFAULT_EVENTS_RETENTION_SECONDS,
     ) -> None:
         self._sealer = TokenSealer(cipher or TokenCipher.ephemeral())
+        # Judges refresh leases: the one clock of this store's one process.
+        self._clock = clock
         self._pending: dict[str, PendingAuthorization] = {}
         # (expires_at, jti), soonest first: purging looks at the expired ones only.
         self._expiries: list[tuple[datetime, str]] = []
         self._accounts: dict[str, Account] = {}
         self._sealed_tokens: dict[str, dict[str, Any]] = {}
         self._account_ids: dict[tuple[str, str, str], str] = {}
-        self._leases: dict[str, tuple[str, datetime]] = {}
+        # Account id -> (holder, expiry on ``self._clock``).
+        self._leases: dict[str, tuple[str, float]] = {}
+        # Account id -> token generation; kept when tokens are wiped, so it only grows.
+        self._versions: dict[str, int] = {}
         # Account events: outboxes by account id, then the log in seq order.
         self._outboxes: dict[str, list[dict[str, Any]]] = {}
         self._events: dict[str, StoredEvent] = {}
@@ -181,13 +190,22 @@ class MemoryStore(Store):
             revoked_at=None,
             revocation_reason=None,
             revoked_at_tiktok=None,
+            refresh_retry_at=None,
+            refresh_failures=0,
         )
         self._accounts[account_id] = account
-        self._sealed_tokens[account_id] = self._sealer.seal(owner_id, grant)
-        # As MongoStore does: a refresh of the previous grant still in flight must not
-        # overwrite these tokens.
+        self._seal(account_id, owner_id, grant)
+        # As MongoStore does: a refresh of the previous grant may start at once (one
+        # still in flight cannot overwrite these tokens: their generation moved on).
         self._leases.pop(account_id, None)
         return _copy_account(account)
+
+    def _seal(self, account_id: str, owner_id: str, grant: TokenGrant) -> None:
+        version = self._versions.get(account_id, 0) + 1
+        self._versions[account_id] = version
+        sealed = self._sealer.seal(owner_id, grant)
+        sealed[TOKEN_VERSION_FIELD] = version
+        self._sealed_tokens[account_id] = sealed
 
     async def save_account_profile(
         self, account_id: str, profile: dict[str, Any], *, now: datetime
@@ -215,16 +233,15 @@ class MemoryStore(Store):
             return None
         return self._sealer.open(account.owner_id, account.platform_account_id, sealed)
 
-    async def acquire_refresh_lease(
-        self, account_id: str, holder: str, *, now: datetime, until: datetime
-    ) -> bool:
+    async def acquire_refresh_lease(self, account_id: str, holder: str, *, seconds: float) -> bool:
         account = self._accounts.get(account_id)
         if account is None or account.status is not AccountStatus.CONNECTED:
             return False
+        now = self._clock()
         lease = self._leases.get(account_id)
         if lease is not None and lease[1] > now:
             return False
-        self._leases[account_id] = (holder, until)
+        self._leases[account_id] = (holder, now + seconds)
         return True
 
     async def release_refresh_lease(self, account_id: str, holder: str) -> None:
@@ -233,28 +250,36 @@ class MemoryStore(Store):
             del self._leases[account_id]
 
     async def save_refreshed_tokens(
-        self, account_id: str, holder: str, grant: TokenGrant, *, now: datetime
+        self, account_id: str, grant: TokenGrant, *, version: int, now: datetime
     ) -> bool:
-        lease = self._leases.get(account_id)
         account = self._accounts.get(account_id)
-        if lease is None or lease[0] != holder or account is None:
+        if (
+            account is None
+            or account.status is AccountStatus.REVOKED
+            or self._versions.get(account_id, 0) != version
+        ):
             return False
-        del self._leases[account_id]
+        account.status = AccountStatus.CONNECTED
         account.access_token_expires_at = grant.access_token_expires_at
         account.refresh_token_expires_at = grant.refresh_token_expires_at
         if grant.scopes:
             account.scopes = list(grant.scopes)
         account.updated_at = now
-        self._sealed_tokens[account_id] = self._sealer.seal(account.owner_id, grant)
+        self._seal(account_id, account.owner_id, grant)
         return True
 
-    async def require_reauthorization(self, account_id: str, *, now: datetime) -> None:
+    async def require_reauthorization(
+        self, account_id: str, *, now: datetime, version: int | None = None
+    ) -> bool:
         account = self._accounts.get(account_id)
         if account is None or account.status is AccountStatus.REVOKED:
-            return
+            return False
+        if version is not None and self._versions.get(account_id, 0) != version:
+            return False
         self._wipe_tokens(account_id)
         account.status = AccountStatus.REAUTHORIZATION_REQUIRED
         account.updated_at = now
+        return True
 
     async def revoke_account(
         self,
@@ -299,15 +324,58 @@ class MemoryStore(Store):
                 changed += 1
         return changed
 
-    async def accounts_due_for_refresh(self, before: datetime, *, limit: int) -> list[Account]:
+    async def accounts_due_for_refresh(
+        self,
+        before: datetime,
+        *,
+        limit: int,
+        now: datetime | None = None,
+        used_since: datetime | None = None,
+    ) -> list[Account]:
         due = sorted(
             (a.access_token_expires_at, a.id)
             for a in self._accounts.values()
             if a.status is AccountStatus.CONNECTED
             and a.access_token_expires_at is not None
             and a.access_token_expires_at < before
+            and (now is None or a.refresh_retry_at is None or a.refresh_retry_at <= now)
+            and (used_since is None or (a.token_used_at is not None
+                                        and a.token_used_at >= used_since))
         )
         return [_copy_account(self._accounts[account_id]) for _, account_id in due[:limit]]
+
+    async def mark_token_used(self, account_id: str, *, now: datetime) -> None:
+        account = self._accounts.get(account_id)
+        if account is None:
+            return
+        used = account.token_used_at
+        if used is None or used <= now - TOKEN_USE_RESOLUTION:
+            account.token_used_at = now
+
+    async def defer_refresh(self, account_id: str, *, retry_at: datetime, failures: int) -> None:
+        account = self._accounts.get(account_id)
+        if account is not None:
+            account.refresh_retry_at = retry_at
+            account.refresh_failures = failures
+
+    async def clear_refresh_retry(self, account_id: str) -> None:
+        account = self._accounts.get(account_id)
+        if account is not None:
+            account.refresh_retry_at = None
+            account.refresh_failures = 0
+
+    async def expire_refresh_tokens(self, *, now: datetime) -> int:
+        expired = [
+            a for a in self._accounts.values()
+            if a.status is AccountStatus.CONNECTED
+            and a.refresh_token_expires_at is not None
+            and a.refresh_token_expires_at <= now
+        ]
+        for account in expired:
+            self._wipe_tokens(account.id)
+            account.status = AccountStatus.REAUTHORIZATION_REQUIRED
+            account.updated_at = now
+        return len(expired)
 
     async def reseal_tokens(self, *, after: str | None, limit: int) -> ResealBatch:
         ids = sorted(i for i in self._accounts if after is None or i > after)[:limit]

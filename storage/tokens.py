@@ -8,6 +8,9 @@ from typing import Any
 from storage.base import PLATFORM, AccountTokens, TokenGrant
 from storage.crypto import TokenCipher
 
+# The token generation, stored next to the sealed fields (``AccountTokens.version``).
+TOKEN_VERSION_FIELD = "tokenVersion"  # noqa: S105 - a field name
+
 
 def _associated_data(owner_id: str, open_id: str, field: str) -> str:
     return "\x1f".join((owner_id, PLATFORM, open_id, field))
@@ -65,4 +68,5 @@ class TokenSealer:
             ),
             access_token_expires_at=access_expiry,
             refresh_token_expires_at=refresh_expiry,
+            version=int(sealed.get(TOKEN_VERSION_FIELD) or 0),
         )

@@ -99,3 +99,39 @@ def assert_one_state_connected_once(responses: list[HTTPResponse], connected: st
     ]
     for response in responses:
         assert location(response) == connected
+
+
+class RefreshLog:
+    """Every refresh the sandbox was asked for, in order: the refresh token presented,
+    and TikTok's (the sandbox's) answer, or None when it refused the token."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any] | None]] = []
+
+    @property
+    def presented(self) -> list[str]:
+        return [token for token, _ in self.calls]
+
+    @property
+    def answers(self) -> list[dict[str, Any] | None]:
+        return [answer for _, answer in self.calls]
+
+
+def record_refreshes(sandbox: Sandbox) -> RefreshLog:
+    """Record what the sandbox's token endpoint does with each refresh from now on."""
+    from sandbox.state import OAuthError
+
+    record = RefreshLog()
+    honour = sandbox.state.refresh
+
+    def refresh(client: Any, refresh_token: str) -> dict[str, object]:
+        try:
+            answer = honour(client, refresh_token)
+        except OAuthError:
+            record.calls.append((refresh_token, None))
+            raise
+        record.calls.append((refresh_token, dict(answer)))
+        return answer
+
+    sandbox.state.refresh = refresh  # type: ignore[method-assign]
+    return record

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -19,9 +19,12 @@ import tornado.web
 from tornado.httpclient import AsyncHTTPClient
 
 from server import build_gateway, make_app, routes
+from services.accounts import AccountService
 from services.errors import Unauthenticated
 from services.product_auth import TOKENS_SCOPE, Principal
-from storage.base import AccountStatus, AccountTokens
+from services.refresher import Refresher
+from storage.base import AccountStatus, AccountTokens, TokenGrant
+from tests.fixtures_mongo import collect_leaked_driver_sockets
 from tests.flow import consent, follow, location, sandbox_settings, start
 from tests.support import (
     CLIENT_KEY,
@@ -45,6 +48,7 @@ ACCOUNT_KEYS = {
     "scopes",
     "status",
     "accessTokenExpiresAt",
+    "refreshTokenExpiresAt",
     "createdAt",
     "updatedAt",
 }
@@ -140,6 +144,10 @@ def parse_utc(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+def to_millis(moment: datetime) -> datetime:
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
 def assert_same_envelope(first, second) -> None:
     """Two error answers that tell the caller exactly the same thing."""
     a, b = json.loads(first.body), json.loads(second.body)
@@ -169,8 +177,9 @@ async def test_list_and_get_describe_the_account_and_never_a_token(
     assert account["status"] == "connected"
     created = parse_utc(account["createdAt"])
     assert created <= parse_utc(account["updatedAt"])
-    assert parse_utc(account["accessTokenExpiresAt"]) == tokens.access_token_expires_at.replace(
-        microsecond=tokens.access_token_expires_at.microsecond // 1000 * 1000
+    assert parse_utc(account["accessTokenExpiresAt"]) == to_millis(tokens.access_token_expires_at)
+    assert parse_utc(account["refreshTokenExpiresAt"]) == to_millis(
+        tokens.refresh_token_expires_at
     )
 
     listed = await call(http_client, base_url, "GET", "/accounts", bearer())
@@ -551,6 +560,198 @@ async def test_disconnect_when_tiktok_refuses_does_not_retry(http_client, base_u
     assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": False}
     assert sandbox.stats["revoke"] == 1
     assert await stored_tokens(app, account["id"]) is None
+
+
+# -- expiries and disconnecting, on every store ----------------------------------------
+
+
+class TestOnEveryStore:
+    """The memory store and MongoDB (SecantusDB, both drivers), over HTTP."""
+
+    @pytest.fixture(params=["memory", "motor", "pymongo"])
+    def app(self, request, io_loop, sandbox, mongo_database_name):
+        settings = sandbox_settings(sandbox.url) | {"TIKTOK_REQUEST_TIMEOUT_SECONDS": "1"}
+        if request.param != "memory":
+            server = request.getfixturevalue("mongo_server")
+            settings |= {"MONGODB_URI": server.uri, "MONGODB_DATABASE": mongo_database_name,
+                         "MONGODB_DRIVER": request.param}
+        app = make_app(make_config(**settings))
+        yield app
+        io_loop.run_sync(store_of(app).close)
+        if request.param == "pymongo":
+            collect_leaked_driver_sockets()
+
+    async def connect(self, http_client, base_url, app) -> dict[str, Any]:
+        await store_of(app).initialize()  # as python server.py does at start-up
+        return await connect(http_client, base_url)
+
+    async def change_expiries(
+        self, app, account_id: str, *, access: timedelta | None = None,
+        refresh: timedelta | None = None,
+    ) -> AccountTokens:
+        """The same tokens, stored with other expiries (from now)."""
+        store = store_of(app)
+        account = await store.get_account(account_id)
+        tokens = await stored_tokens(app, account_id)
+        now = datetime.now(UTC)
+        grant = TokenGrant(
+            open_id=account.platform_account_id,
+            access_token=tokens.access_token,
+            refresh_token=tokens.refresh_token,
+            access_token_expires_at=now + access if access else tokens.access_token_expires_at,
+            refresh_token_expires_at=(
+                now + refresh if refresh else tokens.refresh_token_expires_at
+            ),
+            scopes=account.scopes,
+        )
+        await store.save_account_tokens(account.owner_id, grant, now=now)
+        return tokens
+
+    @gen_test
+    async def test_disconnect_refreshes_an_expired_access_token_then_revokes(
+        self, http_client, base_url, app, sandbox
+    ):
+        account = await self.connect(http_client, base_url, app)
+        # Two hours on, the access token has expired, at TikTok and in the store.
+        old = await self.change_expiries(app, account["id"], access=-timedelta(seconds=1))
+        sandbox.advance_clock(sandbox.state.access_ttl)
+        assert await user_info_status(http_client, sandbox, old.access_token) == 401
+        issued: list[dict[str, Any]] = []
+        refresh = sandbox.state.refresh
+
+        def recording_refresh(client: Any, refresh_token: str) -> dict[str, Any]:
+            issued.append(refresh(client, refresh_token))
+            return issued[-1]
+
+        sandbox.state.refresh = recording_refresh
+
+        path = f"/accounts/{account['id']}"
+        response = await call(http_client, base_url, "DELETE", path, bearer())
+
+        assert response.code == 200, response.body
+        assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": True}
+        assert (sandbox.stats["token_refresh"], sandbox.stats["revoke"]) == (1, 1)
+        [rotated] = issued
+        # The grant is gone at TikTok: the fresh access token and the rotated refresh
+        # token are refused (the old refresh token was already rotated away).
+        assert await user_info_status(http_client, sandbox, rotated["access_token"]) == 401
+        for token in (rotated["refresh_token"], old.refresh_token):
+            refused = await refresh_at_sandbox(http_client, sandbox, token)
+            assert refused["error"] == "invalid_grant"
+        assert await stored_tokens(app, account["id"]) is None
+        stored = await store_of(app).get_account(account["id"])
+        assert stored.status is AccountStatus.REVOKED and stored.revoked_at_tiktok is True
+
+    @gen_test
+    async def test_when_the_refresh_fails_the_old_token_is_still_revoked(
+        self, http_client, base_url, app, sandbox
+    ):
+        account = await self.connect(http_client, base_url, app)
+        old = await self.change_expiries(app, account["id"], access=-timedelta(seconds=1))
+        sandbox.add_fault("token", status=503)
+        path = f"/accounts/{account['id']}"
+        response = await call(http_client, base_url, "DELETE", path, bearer())
+        # The sandbox, like RFC 7009, takes an expired token; TikTok's answer is its own.
+        assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": True}
+        assert (sandbox.stats["token_refresh"], sandbox.stats["revoke"]) == (1, 1)
+        assert (await refresh_at_sandbox(http_client, sandbox, old.refresh_token))["error"] == (
+            "invalid_grant"
+        )
+        assert await stored_tokens(app, account["id"]) is None
+
+    @gen_test
+    async def test_an_empty_revoke_answer_is_success(self, http_client, base_url, app, sandbox):
+        account = await self.connect(http_client, base_url, app)
+        tokens = await stored_tokens(app, account["id"])
+        sandbox.revoke_empty_body = True  # as TikTok's revoke page describes success
+        path = f"/accounts/{account['id']}"
+        response = await call(http_client, base_url, "DELETE", path, bearer())
+        assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": True}
+        assert (sandbox.stats["revoke"], sandbox.stats["token_refresh"]) == (1, 0)
+        assert await user_info_status(http_client, sandbox, tokens.access_token) == 401
+        assert (await store_of(app).get_account(account["id"])).revoked_at_tiktok is True
+
+    @gen_test
+    async def test_disconnect_with_a_dead_refresh_token_wipes_without_revoking(
+        self, http_client, base_url, app, sandbox
+    ):
+        account = await self.connect(http_client, base_url, app)
+        await self.change_expiries(app, account["id"], access=timedelta(seconds=60))  # in skew
+        sandbox.revoke_all_for(account["platformAccountId"])  # removed in the TikTok app
+        path = f"/accounts/{account['id']}"
+        response = await call(http_client, base_url, "DELETE", path, bearer())
+        assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": False}
+        # TikTok refused the refresh (invalid_grant): nothing was left to revoke with.
+        assert (sandbox.stats["token_refresh"], sandbox.stats["revoke"]) == (1, 0)
+        assert await stored_tokens(app, account["id"]) is None
+        stored = await store_of(app).get_account(account["id"])
+        assert stored.status is AccountStatus.REVOKED and stored.revoked_at_tiktok is False
+
+    @gen_test
+    async def test_a_token_handed_out_keeps_the_account_warm(
+        self, http_client, base_url, app, sandbox
+    ):
+        account = await self.connect(http_client, base_url, app)
+        gateway = app.settings["gateway"]
+        # A window so wide that the token is due: only the keep-warm rule decides.
+        ahead = 2 * sandbox.state.access_ttl
+        refresher = Refresher(
+            store=gateway.store, ahead_seconds=ahead,
+            accounts=AccountService(store=gateway.store, tiktok=gateway.tiktok,
+                                    refresh_skew_seconds=ahead),
+        )
+        assert (await refresher.run_once()).due == 0  # never handed out: on demand only
+        assert (await store_of(app).get_account(account["id"])).token_used_at is None
+
+        path = f"/accounts/{account['id']}/access-token"
+        before = datetime.now(UTC)
+        assert (await call(http_client, base_url, "POST", path, tokens_bearer())).code == 200
+        used = (await store_of(app).get_account(account["id"])).token_used_at
+        assert before - timedelta(seconds=1) <= used <= datetime.now(UTC)
+        assert (await refresher.run_once()).outcomes == {"refreshed": 1}
+        assert sandbox.stats["token_refresh"] == 1
+
+    @gen_test
+    async def test_an_expired_refresh_token_reads_as_reauthorization_required(
+        self, http_client, base_url, app, sandbox
+    ):
+        account = await self.connect(http_client, base_url, app)
+        expires = parse_utc(account["refreshTokenExpiresAt"])
+        assert expires > datetime.now(UTC) + timedelta(days=30)
+        await self.change_expiries(app, account["id"], refresh=-timedelta(seconds=1))
+        path = f"/accounts/{account['id']}"
+
+        async def seen() -> list[dict[str, Any]]:
+            listed = await call(http_client, base_url, "GET", "/accounts", bearer())
+            one = await call(http_client, base_url, "GET", path, bearer())
+            return [*json.loads(listed.body)["accounts"], json.loads(one.body)]
+
+        # Read before anything recorded it: never shown connected.
+        for shown in await seen():
+            assert shown["status"] == "reauthorization_required"
+            assert shown["accessTokenExpiresAt"] is None
+            assert shown["refreshTokenExpiresAt"] is None
+        stored = await store_of(app).get_account(account["id"])
+        assert stored.status is AccountStatus.CONNECTED
+
+        # The refresher's next round records it, without calling TikTok.
+        gateway = app.settings["gateway"]
+        refresher = Refresher(
+            store=gateway.store,
+            accounts=AccountService(store=gateway.store, tiktok=gateway.tiktok,
+                                    refresh_skew_seconds=3600),
+        )
+        summary = await refresher.run_once()
+        assert summary.outcomes == {"refresh_token_expired": 1}
+        assert sandbox.stats["token"] == 1  # the callback's exchange only
+        stored = await store_of(app).get_account(account["id"])
+        assert stored.status is AccountStatus.REAUTHORIZATION_REQUIRED
+        assert await stored_tokens(app, account["id"]) is None
+        assert [shown["status"] for shown in await seen()] == ["reauthorization_required"] * 2
+        token = await call(http_client, base_url, "POST", path + "/access-token", tokens_bearer())
+        assert assert_envelope(token, 409, "CONFLICT")["details"] == {
+            "reason": "reauthorization_required"
+        }
 
 
 # -- a host application's own resolver (embedding) ----------------------------------------

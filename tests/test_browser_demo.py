@@ -1,8 +1,10 @@
 """`make demo` in a real browser: headless Chromium, driven by selenium, clicks through
 the demo page, the sandbox's consent page and the gateway's callback.
 
-Chromium and chromedriver are Debian packages (`.ci/run` installs them). When they
-are missing this test fails: the browser demo is part of the suite, not an extra.
+Chromium and chromedriver are Debian packages (`make test` installs them as root,
+else stops naming them, before the run: scripts/check_test_deps.py). Run without
+them, this test fails with the same message: the browser demo is part of the suite,
+not an extra. CHROMIUM_BIN and CHROMEDRIVER_BIN say where they are, if elsewhere.
 Screenshots land in `artifacts/` (gitignored); `docs/demo.png` is a copy of
 `artifacts/demo-connected.png`.
 """
@@ -10,7 +12,6 @@ Screenshots land in `artifacts/` (gitignored); `docs/demo.png` is a copy of
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -24,14 +25,15 @@ from typing import Any
 
 import pytest
 
-from handlers.demo import prefers_html
+from demo.handlers import prefers_html
+from scripts.check_test_deps import chromedriver_path, chromium_path, explain, missing_browser
 from services.errors import ConfigError
 from tests.support import assert_envelope, environ, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM = chromium_path()
+CHROMEDRIVER = chromedriver_path()
 APP_NAME = "Acme Studio"  # scripts/demo.py gives the sandbox this app name
 WAIT_SECONDS = 15
 # A full sandbox token in a page would match this; masked ones (act.••••1234) do not.
@@ -81,10 +83,9 @@ def demo() -> Iterator[dict[str, str]]:
 
 @pytest.fixture
 def browser(tmp_path) -> Iterator[Any]:
-    for path in (CHROMIUM, CHROMEDRIVER):
-        assert os.access(path, os.X_OK), (
-            f"{path} is missing: apt-get install chromium chromium-driver (.ci/run does)"
-        )
+    missing = missing_browser()
+    if missing:
+        pytest.fail(explain(missing), pytrace=False)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

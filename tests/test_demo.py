@@ -1,13 +1,21 @@
-"""`make demo` as the README describes it: the printed steps, run word for word."""
+"""`make demo` as the README describes it: the printed steps, run word for word, and
+stopping it, by Ctrl+C or by ending the demo process alone."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,3 +59,122 @@ def test_demo_steps_connect_an_account():
         demo.wait(timeout=15)
         demo.stdout.close()
     assert demo.returncode == 0
+
+
+STOP_TIMEOUT_S = 30.0
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat from its third field (state, ppid, ...; starttime is [19]);
+    None once the process is gone. The name before may hold spaces: split after it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """The processes whose parent is ``pid``, each with its start time (so a pid used
+    again later is not mistaken for it)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        fields = stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and int(fields[1]) == pid:
+            found[int(entry.name)] = fields[19]
+    return found
+
+
+def running(pid: int, started: str | None = None) -> bool:
+    """Alive (the same process, if its start time is given) and not a zombie left for
+    an init that does not reap."""
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z" and started in (None, fields[19])
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {STOP_TIMEOUT_S:.0f}s"
+        time.sleep(0.1)
+
+
+def catches_sigint(pid: int) -> bool:
+    """Its Python runs (its SIGINT handler is installed), perhaps still importing."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    return bool(caught & (1 << (signal.SIGINT - 1)))
+
+
+@contextmanager
+def started_demo(ready: bool = True) -> Iterator[tuple[subprocess.Popen, dict[int, str]]]:
+    """The demo in a session of its own, as in its own terminal, and its sandbox and
+    gateway: once it says it is ready, or (``ready=False``) as soon as both run Python,
+    still loading. Whatever is left is killed on the way out."""
+    demo = subprocess.Popen(
+        [sys.executable, "scripts/demo.py", "--port", str(free_port()),
+         "--sandbox-port", str(free_port())],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    children: dict[int, str] = {}
+    try:
+        if ready:
+            for line in demo.stdout:
+                if line.startswith("Press Ctrl+C"):
+                    break
+        else:
+            wait_until(lambda: len(children_of(demo.pid)) == 2
+                       and all(map(catches_sigint, children_of(demo.pid))),
+                       "the children started")
+        children = children_of(demo.pid)
+        assert len(children) == 2, children  # the sandbox and the gateway
+        yield demo, children
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        for pid, started in children.items():
+            if running(pid, started):
+                os.kill(pid, signal.SIGKILL)
+        demo.wait(timeout=STOP_TIMEOUT_S)
+        demo.stdout.close()
+
+
+def test_ctrl_c_stops_everything_and_exits_0():
+    with started_demo() as (demo, children):
+        # Ctrl+C: the terminal signals the whole foreground process group.
+        os.killpg(demo.pid, signal.SIGINT)
+        assert demo.wait(timeout=STOP_TIMEOUT_S) == 0
+        output = demo.stdout.read()
+        assert not any(running(*child) for child in children.items())
+        assert "Traceback" not in output, output
+        assert "shutdown complete" in output, output
+
+
+def test_ctrl_c_while_starting_stops_everything_without_a_traceback():
+    with started_demo(ready=False) as (demo, children):
+        os.killpg(demo.pid, signal.SIGINT)
+        assert demo.wait(timeout=STOP_TIMEOUT_S) == 0
+        output = demo.stdout.read()
+        assert not any(running(*child) for child in children.items())
+        assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_demo_alone_stops_its_children_and_exits_0(signum):
+    with started_demo() as (demo, children):
+        demo.send_signal(signum)
+        assert demo.wait(timeout=STOP_TIMEOUT_S) == 0
+        assert not any(running(*child) for child in children.items())
+        assert "Traceback" not in demo.stdout.read()
+
+
+def test_killing_the_demo_stops_its_children_too():
+    """SIGKILL cannot be handled: the children learn from Linux that their parent died."""
+    with started_demo() as (demo, children):
+        demo.kill()
+        demo.wait(timeout=STOP_TIMEOUT_S)
+        wait_until(lambda: not any(running(*child) for child in children.items()),
+                   "the sandbox and the gateway stopped")

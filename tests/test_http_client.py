@@ -29,6 +29,7 @@ from services.http_client import (
     is_refused,
     is_timeout,
     make_http_client,
+    nothing_sent,
 )
 from services.tiktok import TikTokClient, tiktok_client_for
 from tests.cassettes import callback_params, replay
@@ -197,11 +198,14 @@ async def test_refused_and_timeout_are_recognised_from_either_client(client_kind
         with pytest.raises((OSError, HTTPClientError)) as refused:
             await client.fetch(f"http://127.0.0.1:{_closed_port()}/", raise_error=False)
         assert is_refused(refused.value) and not is_timeout(refused.value)
+        assert nothing_sent(refused.value)
         sandbox.add_fault("userinfo", status=200, delay=1.0)
         with pytest.raises(HTTPClientError) as timed_out:
             await client.fetch(f"{sandbox.url}/v2/user/info/", request_timeout=0.2,
                                raise_error=False)
         assert is_timeout(timed_out.value) and not is_refused(timed_out.value)
+        # Connected, the request written, no answer: TikTok may have acted on it.
+        assert not nothing_sent(timed_out.value)
     finally:
         close_http_client(client)
 

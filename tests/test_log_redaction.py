@@ -32,6 +32,7 @@ import pytest
 
 import sandbox.app as sandbox_app
 from server import make_app
+from services.accounts import AccessToken
 from services.connect import CallbackParams
 from services.tiktok import TokenResponse
 from storage.base import AccountTokens, PendingAuthorization, TokenGrant
@@ -513,6 +514,9 @@ def _holding_secrets(kind: str) -> Any:
     if kind == "CallbackParams":
         return CallbackParams(state=secret + "-state-jwt", code=secret + "-code", error=None,
                               error_description=None, granted_scopes="user.info.basic")
+    if kind == "AccessToken":
+        return AccessToken(access_token=secret + "-access", expires_at=now,
+                           scopes=["user.info.basic"], open_id="open-1")
     assert kind == "TokenSealer"
     return TokenSealer(TokenCipher(TokenCipher.parse_keys(f"k1:{REPR_KEY}")))
 
@@ -520,7 +524,7 @@ def _holding_secrets(kind: str) -> Any:
 @pytest.mark.parametrize(
     "kind",
     ["Config", "TokenGrant", "TokenResponse", "AccountTokens", "PendingAuthorization",
-     "CallbackParams", "TokenSealer"],
+     "CallbackParams", "TokenSealer", "AccessToken"],
 )
 def test_no_secret_in_the_repr_of_objects_that_carry_one(kind):
     made = _holding_secrets(kind)

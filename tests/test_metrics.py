@@ -151,7 +151,9 @@ async def test_refreshes_by_outcome_and_refresher_lag(http_client, base_url, app
     ahead = 2 * ACCESS_TTL
     accounts = AccountService(store=gateway.store, tiktok=gateway.tiktok,
                               refresh_skew_seconds=ahead, metrics=gateway.metrics)
-    refresher = Refresher(store=gateway.store, accounts=accounts, ahead_seconds=ahead)
+    # Every account kept warm: this one was never handed out.
+    refresher = Refresher(store=gateway.store, accounts=accounts, ahead_seconds=ahead,
+                          keep_warm_seconds=None)
     summary = await refresher.run_once()
     assert summary.outcomes == {"refreshed": 1}
     metrics = await scrape(http_client, base_url)

@@ -1,17 +1,21 @@
 """One refresh at TikTok for many concurrent token requests, across gateway processes.
 
 Two ``python server.py`` processes share one MongoDB (SecantusDB, over the wire)
-and one sandbox (in this process, so its counters are read directly). The only
-thing that can keep the two processes from both refreshing is the lease in the
-account document.
+and one sandbox (in this process, so its counters are read directly, and
+``record_refreshes`` sees every refresh token presented). The only thing that can
+keep the two processes from both refreshing is the lease in the account document;
+the sandbox rotates refresh tokens, so a second refresh with the same token would
+be refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient
@@ -19,10 +23,11 @@ from tornado.httpclient import AsyncHTTPClient
 from services.product_auth import TOKENS_SCOPE
 from storage.base import AccountTokens
 from storage.crypto import TokenCipher
-from tests.fixtures_mongo import open_mongo_store
-from tests.flow import consent, follow, location, make_sandbox, start
-from tests.processes import GatewayProcess, gateway_settings
-from tests.support import TOKEN_KEY, bearer
+from storage.mongodb import APP_NAME
+from tests.fixtures_mongo import mongo_failpoint, open_mongo_store
+from tests.flow import consent, follow, location, make_sandbox, record_refreshes, start
+from tests.processes import GatewayProcess, gateway_settings, poll_until
+from tests.support import TOKEN_KEY, assert_envelope, bearer
 
 REQUESTS = 50
 # The first access token lives a minute: inside the gateway's 300 s skew, so the
@@ -90,6 +95,7 @@ async def test_concurrent_token_requests_over_two_processes_refresh_once(
         original = await stored_tokens(mongo_server.uri, mongo_database_name, account["id"])
         assert original is not None
         assert sandbox.stats["token_refresh"] == 0
+        seen = record_refreshes(sandbox)
 
         sandbox.state.access_ttl = REFRESHED_ACCESS_TTL
         headers = bearer(scope=TOKENS_SCOPE)
@@ -123,4 +129,119 @@ async def test_concurrent_token_requests_over_two_processes_refresh_once(
         stored = await stored_tokens(mongo_server.uri, mongo_database_name, account["id"])
         assert stored is not None
         assert stored.access_token in tokens
-        assert stored.refresh_token != original.refresh_token
+        # The one refresh used the then newest refresh token, and its answer is stored.
+        [(presented, answer)] = seen.calls
+        assert presented == original.refresh_token and answer is not None
+        assert (stored.access_token, stored.refresh_token) == (
+            answer["access_token"], answer["refresh_token"])
+        assert stored.version == original.version + 1
+
+
+def token_request(client: AsyncHTTPClient, gateway: GatewayProcess, account_id: str) -> Any:
+    return client.fetch(
+        f"{gateway.url}/accounts/{account_id}/access-token", method="POST", body=b"",
+        headers=bearer(scope=TOKENS_SCOPE), raise_error=False, request_timeout=60,
+    )
+
+
+async def connect_through(client: AsyncHTTPClient, gateway: GatewayProcess) -> str:
+    started = await start(client, gateway.url)
+    callback_url = await consent(client, gateway.url, started["authorizationUrl"])
+    assert location(await follow(client, callback_url)).endswith("status=connected")
+    listed = await client.fetch(gateway.url + "/accounts", headers=bearer())
+    [account] = json.loads(listed.body)["accounts"]
+    return str(account["id"])
+
+
+async def refreshes_sent(sandbox: Any, count: int) -> None:
+    async def sent() -> int:
+        return int(sandbox.stats["token_refresh"])
+
+    await poll_until(sent, lambda n: n >= count, timeout=20, interval=0.05,
+                     what=f"{count} refresh(es) sent to the sandbox")
+
+
+# TikTok answering one refresh in 16 s with a 20 s request timeout, and a second
+# process asking for the same account's token 15 s after the refresh was sent.
+SLOW_REFRESH_SECONDS = 16
+SECOND_ASKS_AFTER_SECONDS = 15
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_second_process_waits_for_a_refresh_tiktok_answers_in_16_s(
+    sandbox, mongo_server, mongo_database_name, wide_client, tmp_path
+):
+    settings = gateway_settings(
+        mongo_server.uri, mongo_database_name, sandbox.url,
+        REFRESH_SKEW_SECONDS=str(SKEW_SECONDS), REFRESH_INTERVAL_SECONDS="0",
+        TIKTOK_REQUEST_TIMEOUT_SECONDS="20",
+    )
+    with (
+        GatewayProcess(tmp_path / "gateway-a.log", **settings) as gateway_a,
+        GatewayProcess(tmp_path / "gateway-b.log", **settings) as gateway_b,
+    ):
+        await asyncio.gather(gateway_a.wait_ready(wide_client), gateway_b.wait_ready(wide_client))
+        account_id = await connect_through(wide_client, gateway_a)
+        original = await stored_tokens(mongo_server.uri, mongo_database_name, account_id)
+        seen = record_refreshes(sandbox)
+        sandbox.state.access_ttl = REFRESHED_ACCESS_TTL
+        sandbox.add_fault("token", status=200, delay=SLOW_REFRESH_SECONDS)
+
+        first = asyncio.ensure_future(token_request(wide_client, gateway_a, account_id))
+        await refreshes_sent(sandbox, 1)
+        await asyncio.sleep(SECOND_ASKS_AFTER_SECONDS)
+        assert not first.done()
+        second = await token_request(wide_client, gateway_b, account_id)
+        first_response = await first
+
+        logs = f"--- A ---\n{gateway_a.log_tail(1500)}\n--- B ---\n{gateway_b.log_tail(1500)}"
+        assert (first_response.code, second.code) == (200, 200), logs
+        [(presented, answer)] = seen.calls
+        assert presented == original.refresh_token and answer is not None, logs
+        for response in (first_response, second):
+            assert json.loads(response.body)["accessToken"] == answer["access_token"]
+        stored = await stored_tokens(mongo_server.uri, mongo_database_name, account_id)
+        assert stored.refresh_token == answer["refresh_token"]
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_sigterm_stores_a_grant_whose_save_failed_before_the_gateway_exits(
+    sandbox, mongo_server, mongo_database_name, wide_client, tmp_path
+):
+    settings = gateway_settings(
+        mongo_server.uri, mongo_database_name, sandbox.url,
+        REFRESH_SKEW_SECONDS=str(SKEW_SECONDS), REFRESH_INTERVAL_SECONDS="0",
+        SHUTDOWN_TIMEOUT_SECONDS="20",
+    )
+    with GatewayProcess(tmp_path / "gateway.log", **settings) as gateway:
+        await gateway.wait_ready(wide_client)
+        account_id = await connect_through(wide_client, gateway)
+        original = await stored_tokens(mongo_server.uri, mongo_database_name, account_id)
+        seen = record_refreshes(sandbox)
+        # MongoDB drops every update the gateway sends: the refresh's save fails.
+        with mongo_failpoint(mongo_server.uri, failCommands=["update"], closeConnection=True,
+                             appName=APP_NAME):
+            response = await token_request(wide_client, gateway, account_id)
+            body = assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
+            assert body["details"]["dependency"] == "mongodb", body
+            [(presented, answer)] = seen.calls
+            assert presented == original.refresh_token and answer is not None
+            gateway.send_signal(signal.SIGTERM)
+
+            async def log_text() -> str:
+                return gateway.log_tail(20000)
+
+            await poll_until(log_text, lambda text: "before shutting down" in text,
+                             timeout=20, what="the shutdown storing the new tokens")
+            assert gateway.running
+        # MongoDB is back: the grant is stored, then the gateway exits.
+        assert await gateway.wait_exit(40) == 0
+        log = gateway.log_tail(20000)
+        assert "shutdown complete" in log, log
+        assert "lost" not in log, log
+        for token in (answer["access_token"], answer["refresh_token"]):
+            assert token not in log
+        stored = await stored_tokens(mongo_server.uri, mongo_database_name, account_id)
+        assert (stored.access_token, stored.refresh_token) == (
+            answer["access_token"], answer["refresh_token"])
+        assert len(seen.calls) == 1

@@ -1,7 +1,7 @@
 """The background refresher against the sandbox as TikTok, on both stores.
 
-Rate and concurrency are checked with an injected clock and sleep: assertions are
-about counts and fake seconds, never about wall time.
+Rate, concurrency and backoff are checked with injected clocks and sleep: assertions
+are about counts and fake seconds, never about wall time.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sandbox.state import ACCESS_TOKEN_TTL, OAuthError
 from server import build_gateway, start_refresher
 from services.accounts import AccountService, RefreshOutcome
 from services.errors import ConfigError, StoreUnavailable
-from services.refresher import DEFERRED, ERROR, MAX_BACKOFF_SECONDS, RateLimiter, Refresher
+from services.refresher import ERROR, MAX_BACKOFF_SECONDS, RateLimiter, Refresher
 from services.tiktok import TikTokClient
 from storage.base import Account, AccountStatus, Store, TokenGrant
 from storage.memory import MemoryStore
@@ -37,14 +37,19 @@ def utc_now() -> datetime:
 
 
 class FakeTime:
-    """A monotonic clock that only the injected sleep moves."""
+    """A monotonic clock that only the injected sleep moves, and a UTC clock that moves
+    with it (from the real time when made)."""
 
     def __init__(self) -> None:
         self.now = 1000.0
+        self.started = utc_now()
         self.slept: list[float] = []
 
     def monotonic(self) -> float:
         return self.now
+
+    def wall(self) -> datetime:
+        return self.started + timedelta(seconds=self.now - 1000.0)
 
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
@@ -126,8 +131,15 @@ async def connect(
     )
 
 
-def refresher_for(store: Store, accounts: AccountService, **kwargs: Any) -> Refresher:
+def refresher_for(
+    store: Store, accounts: AccountService, fake: FakeTime | None = None, **kwargs: Any
+) -> Refresher:
+    """A refresher on ``fake`` time if given. It keeps every account warm unless told
+    otherwise: most tests here are about what happens to what is due."""
     kwargs.setdefault("ahead_seconds", AHEAD)
+    kwargs.setdefault("keep_warm_seconds", None)
+    if fake is not None:
+        kwargs.update(monotonic=fake.monotonic, sleep=fake.sleep, clock=fake.wall)
     return Refresher(store=store, accounts=accounts, **kwargs)
 
 
@@ -182,8 +194,8 @@ async def test_expired_refresh_token_needs_reauthorization_without_tiktok(
         ]
         fake = FakeTime()
         refresher = refresher_for(
-            store, RecordingAccounts(store=store, tiktok=tiktok),
-            monotonic=fake.monotonic, sleep=fake.sleep, max_per_minute=1, batch_size=10,
+            store, RecordingAccounts(store=store, tiktok=tiktok), fake,
+            max_per_minute=1, batch_size=10,
         )
         summary = await refresher.run_once()
         assert summary.outcomes == {RefreshOutcome.REFRESH_TOKEN_EXPIRED.value: 2}
@@ -193,6 +205,95 @@ async def test_expired_refresh_token_needs_reauthorization_without_tiktok(
             assert await store.get_account_tokens(account.id) is None
         assert sandbox.stats["token"] == 0
         assert fake.slept == []  # no TikTok call, so no rate budget spent
+
+
+@gen_test
+@pytest.mark.parametrize("keep_warm", [3600, 0, None], ids=["keep-warm", "none", "all"])
+async def test_every_round_marks_expired_refresh_tokens_whatever_is_kept_warm(
+    make_store, sandbox, tiktok, keep_warm
+):
+    async with make_store() as store:
+        # Its access token is good for hours, so it is not due: only its refresh token's
+        # expiry (180 days after the user connected, never extended) ends it.
+        expired = await connect(store, sandbox, "expired", expires_in=timedelta(hours=2),
+                                refresh_expires_in=timedelta(minutes=2))
+        live = await connect(store, sandbox, "live", expires_in=timedelta(hours=2),
+                             refresh_expires_in=timedelta(days=179))
+        fake = FakeTime()
+        refresher = refresher_for(store, RecordingAccounts(store=store, tiktok=tiktok), fake,
+                                  keep_warm_seconds=keep_warm)
+        assert (await refresher.run_once()).outcomes == {}
+        fake.now += 120  # the refresh token's expiry
+        summary = await refresher.run_once()
+        assert (summary.due, summary.outcomes) == (
+            0, {RefreshOutcome.REFRESH_TOKEN_EXPIRED.value: 1}
+        )
+        stored = await store.get_account(expired.id)
+        assert stored.status is AccountStatus.REAUTHORIZATION_REQUIRED
+        assert stored.updated_at == fake.wall()
+        assert await store.get_account_tokens(expired.id) is None
+        assert (await store.get_account(live.id)).status is AccountStatus.CONNECTED
+        assert sandbox.stats["token"] == 0
+        # Once marked, it is not counted again.
+        assert (await refresher.run_once()).outcomes == {}
+
+
+# -- which accounts are kept warm --------------------------------------------------------
+
+
+async def hand_out(store: Store, tiktok: TikTokClient, account: Account, at: datetime) -> None:
+    """The access-token endpoint's path, on a clock that says ``at``."""
+    service = AccountService(store=store, tiktok=tiktok, clock=lambda: at)
+    token = await service.access_token(account.owner_id, account.id)
+    assert token.expires_at == account.access_token_expires_at  # fresh: not refreshed
+
+
+@gen_test
+async def test_by_default_only_accounts_used_in_the_last_hour_are_kept_warm(
+    make_store, sandbox, tiktok
+):
+    async with make_store() as store:
+        now = utc_now()
+        accounts = {
+            name: await connect(store, sandbox, name, expires_in=timedelta(minutes=30))
+            for name in ("recent", "an-hour-ago", "long-ago", "never")
+        }
+        await hand_out(store, tiktok, accounts["recent"], now - timedelta(minutes=5))
+        await hand_out(store, tiktok, accounts["an-hour-ago"], now - timedelta(seconds=3600))
+        await hand_out(store, tiktok, accounts["long-ago"], now - timedelta(minutes=61))
+        service = RecordingAccounts(store=store, tiktok=tiktok)
+        refresher = Refresher(store=store, accounts=service, ahead_seconds=AHEAD)
+
+        summary = await refresher.run_once(now)
+
+        assert (summary.due, summary.outcomes) == (2, {RefreshOutcome.REFRESHED.value: 2})
+        assert sandbox.stats["token_refresh"] == 2
+        for name, account in accounts.items():
+            stored = await store.get_account(account.id)
+            refreshed = stored.access_token_expires_at != account.access_token_expires_at
+            assert refreshed is (name in ("recent", "an-hour-ago")), name
+        # The rest wait for the access-token endpoint to refresh them on demand.
+        on_demand = AccountService(store=store, tiktok=tiktok, refresh_skew_seconds=AHEAD)
+        await on_demand.access_token("never", accounts["never"].id)
+        assert sandbox.stats["token_refresh"] == 3
+        assert (await store.get_account(accounts["never"].id)).token_used_at is not None
+
+
+@gen_test
+@pytest.mark.parametrize(("keep_warm", "refreshed"), [(0, 0), (None, 2)], ids=["none", "all"])
+async def test_keep_warm_none_or_all(make_store, sandbox, tiktok, keep_warm, refreshed):
+    async with make_store() as store:
+        used = await connect(store, sandbox, "used", expires_in=timedelta(minutes=30))
+        await connect(store, sandbox, "never", expires_in=timedelta(minutes=30))
+        await hand_out(store, tiktok, used, utc_now())
+        refresher = refresher_for(store, RecordingAccounts(store=store, tiktok=tiktok),
+                                  keep_warm_seconds=keep_warm)
+        summary = await refresher.run_once()
+        assert summary.due == refreshed
+        assert sandbox.stats["token_refresh"] == refreshed
+
+
+# -- failures and backoff ------------------------------------------------------------------
 
 
 class BrokenTokensStore(MemoryStore):
@@ -219,8 +320,7 @@ async def test_one_failing_account_does_not_stop_the_others(sandbox, tiktok, cap
     last = await connect(store, sandbox, "last", expires_in=soon)
     store.broken.add(broken.id)
     fake = FakeTime()
-    refresher = refresher_for(store, RecordingAccounts(store=store, tiktok=tiktok),
-                              monotonic=fake.monotonic, sleep=fake.sleep)
+    refresher = refresher_for(store, RecordingAccounts(store=store, tiktok=tiktok), fake)
 
     summary = await refresher.run_once()
 
@@ -237,7 +337,7 @@ async def test_one_failing_account_does_not_stop_the_others(sandbox, tiktok, cap
     assert f"refresh of account {broken.id} failed unexpectedly" in caplog.text
     # The broken account's lease was given back: it is tried again once its wait is over.
     store.broken.clear()
-    assert (await refresher.run_once()).outcomes == {DEFERRED: 1}
+    assert (await refresher.run_once()).due == 0
     fake.now += refresher.interval
     assert (await refresher.run_once()).outcomes == {RefreshOutcome.REFRESHED.value: 1}
 
@@ -249,9 +349,8 @@ async def failing_refreshes(
     on fake time, every 60 s, whose rate budget hardly waits."""
     account = await connect(store, sandbox, "flaky", expires_in=timedelta(minutes=5))
     fake = FakeTime()
-    refresher = refresher_for(store, RecordingAccounts(store=store, tiktok=tiktok),
-                              interval_seconds=60, max_per_minute=600,
-                              monotonic=fake.monotonic, sleep=fake.sleep)
+    refresher = refresher_for(store, RecordingAccounts(store=store, tiktok=tiktok), fake,
+                              interval_seconds=60, max_per_minute=600)
     sandbox.add_fault("token", status=503, count=failures)
     return account, fake, refresher
 
@@ -260,42 +359,48 @@ async def failing_refreshes(
 async def test_a_failing_account_waits_longer_after_each_failure(make_store, sandbox, tiktok):
     async with make_store() as store:
         account, fake, refresher = await failing_refreshes(store, sandbox, tiktok, 3)
-        unavailable = {RefreshOutcome.UNAVAILABLE.value: 1}
-
-        async def rounds_after(seconds: float) -> dict[str, int]:
-            fake.now += seconds
-            return dict((await refresher.run_once()).outcomes)
-
-        assert await rounds_after(0) == unavailable
-        # Waits of 60, 120, then 240 s: asked earlier, the account is deferred, unasked.
-        for wait in (60, 120, 240):
-            assert await rounds_after(wait - 1) == {DEFERRED: 1}
-            outcome = await rounds_after(1)
-            if wait < 240:
-                assert outcome == unavailable
-        assert outcome == {RefreshOutcome.REFRESHED.value: 1}
+        # Another gateway process's refresher: the wait is the account's, not one process's.
+        other = refresher_for(store, RecordingAccounts(store=store, tiktok=tiktok), fake,
+                              interval_seconds=60, max_per_minute=600)
+        summary = await refresher.run_once()
+        # Waits of 60, 120, then 240 s: asked earlier, the query leaves the account out.
+        for failures, wait in enumerate((60, 120, 240), start=1):
+            assert summary.outcomes == {RefreshOutcome.UNAVAILABLE.value: 1}
+            stored = await store.get_account(account.id)
+            assert stored.refresh_failures == failures
+            assert stored.refresh_retry_at == fake.wall() + timedelta(seconds=wait)
+            fake.now += wait - 1
+            assert (await refresher.run_once()).due == 0
+            assert (await other.run_once()).due == 0
+            fake.now += 1
+            summary = await (other if failures == 2 else refresher).run_once()
+            assert summary.due == 1
+        assert summary.outcomes == {RefreshOutcome.REFRESHED.value: 1}
         assert sandbox.stats["token_refresh"] == 4  # three failures and the success
         stored = await store.get_account(account.id)
         assert stored.access_token_expires_at > utc_now() + REFRESHED
-        # Success clears the wait: nothing is due or deferred any more.
+        # Success clears the wait.
+        assert (stored.refresh_retry_at, stored.refresh_failures) == (None, 0)
         assert (await refresher.run_once()).due == 0
-        assert refresher._backoff == {}
 
 
 @gen_test
-async def test_waits_are_capped_and_forgotten_when_no_longer_due(sandbox, tiktok):
-    store = MemoryStore()
-    account, fake, refresher = await failing_refreshes(store, sandbox, tiktok, 20)
-    for _ in range(8):  # waits of 60, 120, ..., capped
-        fake.now += MAX_BACKOFF_SECONDS
-        assert (await refresher.run_once()).outcomes == {RefreshOutcome.UNAVAILABLE.value: 1}
-    failures, not_before = refresher._backoff[account.id]
-    assert failures == 8 and not_before - fake.now == MAX_BACKOFF_SECONDS
-    # Disconnected meanwhile: no longer due, so its wait is dropped.
-    await store.revoke_account(account.id, now=utc_now(), reason="disconnected",
-                               revoked_at_tiktok=None)
-    assert (await refresher.run_once()).due == 0
-    assert refresher._backoff == {}
+async def test_waits_are_capped_and_reconnecting_clears_them(make_store, sandbox, tiktok):
+    async with make_store() as store:
+        account, fake, refresher = await failing_refreshes(store, sandbox, tiktok, 20)
+        for _ in range(8):  # waits of 60, 120, ..., capped
+            fake.now += MAX_BACKOFF_SECONDS
+            summary = await refresher.run_once()
+            assert summary.outcomes == {RefreshOutcome.UNAVAILABLE.value: 1}
+        stored = await store.get_account(account.id)
+        assert stored.refresh_failures == 8
+        assert stored.refresh_retry_at == fake.wall() + timedelta(seconds=MAX_BACKOFF_SECONDS)
+        # The user connects again: a new grant starts without the old one's wait.
+        again = await connect(store, sandbox, "flaky", expires_in=timedelta(minutes=5))
+        assert again.id == account.id
+        assert (again.refresh_retry_at, again.refresh_failures) == (None, 0)
+        sandbox.clear_faults()
+        assert (await refresher.run_once()).outcomes == {RefreshOutcome.REFRESHED.value: 1}
 
 
 # -- budget and concurrency --------------------------------------------------------
@@ -373,13 +478,15 @@ class FlakyStore(MemoryStore):
         super().__init__()
         self.due_calls = 0
 
-    async def accounts_due_for_refresh(self, before: datetime, *, limit: int) -> list[Account]:
+    async def accounts_due_for_refresh(
+        self, before: datetime, *, limit: int, **filters: Any
+    ) -> list[Account]:
         self.due_calls += 1
         if self.due_calls == 1:
             raise StoreUnavailable(technical_message="MongoDB unreachable: test")
         if self.due_calls == 2:
             raise RuntimeError("a bug in one round")
-        return await super().accounts_due_for_refresh(before, limit=limit)
+        return await super().accounts_due_for_refresh(before, limit=limit, **filters)
 
 
 @gen_test
@@ -454,15 +561,21 @@ async def test_server_starts_no_refresher_when_interval_is_zero():
 
 
 @gen_test
-async def test_server_starts_and_stops_the_refresher():
+@pytest.mark.parametrize(
+    ("keep_warm", "expected"),
+    [(None, timedelta(hours=1)), ("600", timedelta(minutes=10)), ("0", timedelta(0)),
+     ("all", None), ("ALL", None)],
+)
+async def test_server_starts_and_stops_the_refresher(keep_warm, expected):
     gateway = build_gateway(
         make_config(REFRESH_INTERVAL_SECONDS="5", REFRESH_AHEAD_SECONDS="600",
-                    REFRESH_MAX_PER_MINUTE="120")
+                    REFRESH_MAX_PER_MINUTE="120", REFRESH_KEEP_WARM_SECONDS=keep_warm)
     )
     refresher = start_refresher(gateway)
     assert refresher is not None and refresher.running
     assert refresher.interval == 5 and refresher.ahead == timedelta(seconds=600)
     assert refresher.batch_size == 120
+    assert refresher.keep_warm == expected
     await refresher.stop()
     assert not refresher.running
 
@@ -475,6 +588,8 @@ def test_refresher_refuses_a_skew_narrower_than_its_window():
         Refresher(store=store, accounts=narrow, ahead_seconds=3600)
     with pytest.raises(ValueError, match="interval"):
         Refresher(store=store, accounts=narrow, ahead_seconds=60, interval_seconds=0)
+    with pytest.raises(ValueError, match="keep_warm"):
+        Refresher(store=store, accounts=narrow, ahead_seconds=60, keep_warm_seconds=-1)
 
 
 def test_configuration():
@@ -482,8 +597,11 @@ def test_configuration():
     assert config.refresh_interval_seconds == 60
     assert config.refresh_ahead_seconds == 3600
     assert config.refresh_max_per_minute == 300
+    assert config.refresh_keep_warm_seconds == 3600
     assert config.webhook_tolerance_seconds == 72 * 3600  # TikTok's retry window
     for name, value in [
+        ("REFRESH_KEEP_WARM_SECONDS", "-1"),
+        ("REFRESH_KEEP_WARM_SECONDS", "forever"),
         ("REFRESH_INTERVAL_SECONDS", "-1"),
         ("REFRESH_INTERVAL_SECONDS", "nan"),
         ("REFRESH_AHEAD_SECONDS", "0"),

@@ -21,6 +21,7 @@ from pymongo.errors import DuplicateKeyError
 
 from services.errors import StoreUnavailable
 from storage.base import (
+    TOKEN_USE_RESOLUTION,
     AccountStatus,
     ClaimResult,
     PendingAuthorization,
@@ -33,8 +34,11 @@ from storage.mongodb import (
     ACCOUNT_KEY_INDEX,
     PENDING_TTL_INDEX,
     PLATFORM_ACCOUNT_INDEX,
+    REFRESH_DUE_INDEX,
+    REFRESH_EXPIRY_INDEX,
     MongoStore,
     connect_mongo,
+    expired_refresh_query,
 )
 from tests.fixtures_mongo import (
     free_port,
@@ -352,6 +356,160 @@ async def test_tokens_round_trip_and_unknown_ids(make_store):
     # The account record the product sees never carries a token.
     assert grant.access_token not in repr(fetched)
     assert grant.refresh_token not in repr(fetched)
+
+
+# -- the refresh policy: keep-warm, backoff, expired refresh tokens -----------------
+
+
+async def connected(
+    store: Any, owner: str, now: datetime, *, access: timedelta, refresh: timedelta
+) -> str:
+    grant = fake_grant(now=now)
+    grant.access_token_expires_at = now + access
+    grant.refresh_token_expires_at = now + refresh
+    return (await store.save_account_tokens(owner, grant, now=now)).id
+
+
+@gen_test
+async def test_due_accounts_by_last_use_and_backoff(make_store):
+    now = utc_now()
+    hour = timedelta(hours=1)
+    async with make_store() as store:
+        ids = {
+            name: await connected(store, name, now, access=timedelta(minutes=minutes),
+                                  refresh=timedelta(days=100))
+            for name, minutes in (("recent", 20), ("recent-later", 40), ("old", 10),
+                                  ("never", 5), ("waiting", 15), ("not-due", 120))
+        }
+        await store.mark_token_used(ids["recent"], now=now - timedelta(minutes=5))
+        await store.mark_token_used(ids["recent-later"], now=now - hour)  # the boundary
+        await store.mark_token_used(ids["old"], now=now - hour - timedelta(seconds=1))
+        await store.mark_token_used(ids["waiting"], now=now)
+        await store.mark_token_used(ids["not-due"], now=now)
+        await store.defer_refresh(ids["waiting"], retry_at=now + timedelta(seconds=1),
+                                  failures=2)
+
+        async def due(**filters: Any) -> list[str]:
+            names = {v: k for k, v in ids.items()}
+            found = await store.accounts_due_for_refresh(now + hour, limit=10, **filters)
+            return [names[a.id] for a in found]
+
+        # Soonest expiry first; "waiting" is left out until its retry time.
+        assert await due(now=now, used_since=now - hour) == ["recent", "recent-later"]
+        assert await due(now=now + timedelta(seconds=1), used_since=now - hour) == [
+            "waiting", "recent", "recent-later"]
+        # Every account (keep all warm), waiting ones included when ``now`` is not given.
+        assert await due(now=now) == ["never", "old", "recent", "recent-later"]
+        assert await due() == ["never", "old", "waiting", "recent", "recent-later"]
+        assert len(await store.accounts_due_for_refresh(now + hour, limit=2, now=now)) == 2
+
+        waiting = await store.get_account(ids["waiting"])
+        assert (waiting.refresh_retry_at, waiting.refresh_failures) == (
+            now + timedelta(seconds=1), 2)
+        assert waiting.token_used_at == now
+        await store.clear_refresh_retry(ids["waiting"])
+        cleared = await store.get_account(ids["waiting"])
+        assert (cleared.refresh_retry_at, cleared.refresh_failures) == (None, 0)
+        assert await due(now=now, used_since=now - hour) == ["waiting", "recent", "recent-later"]
+        # Unknown ids are no-ops.
+        for account_id in (str(ObjectId()), "not-an-object-id"):
+            await store.mark_token_used(account_id, now=now)
+            await store.defer_refresh(account_id, retry_at=now, failures=1)
+            await store.clear_refresh_retry(account_id)
+
+
+@gen_test
+async def test_a_token_use_is_written_at_most_once_a_minute(make_store):
+    now = utc_now()
+    async with make_store() as store:
+        account_id = await connected(store, "owner-u", now, access=timedelta(hours=2),
+                                     refresh=timedelta(days=100))
+        assert (await store.get_account(account_id)).token_used_at is None
+        await store.mark_token_used(account_id, now=now)
+        await store.mark_token_used(account_id, now=now + TOKEN_USE_RESOLUTION / 2)
+        assert (await store.get_account(account_id)).token_used_at == now
+        later = now + TOKEN_USE_RESOLUTION
+        await store.mark_token_used(account_id, now=later)
+        assert (await store.get_account(account_id)).token_used_at == later
+        # A clock behind the recorded use never moves it back.
+        await store.mark_token_used(account_id, now=now)
+        assert (await store.get_account(account_id)).token_used_at == later
+
+
+@gen_test
+async def test_expired_refresh_tokens_need_reauthorization(make_store):
+    now = utc_now()
+    async with make_store() as store:
+        expired = await connected(store, "owner-x", now, access=timedelta(hours=2),
+                                  refresh=-timedelta(seconds=1))
+        boundary = await connected(store, "owner-y", now, access=-timedelta(hours=1),
+                                   refresh=timedelta(0))
+        live = await connected(store, "owner-z", now, access=timedelta(hours=2),
+                               refresh=timedelta(seconds=1))
+        revoked = await connected(store, "owner-r", now, access=timedelta(hours=2),
+                                  refresh=-timedelta(days=1))
+        await store.revoke_account(revoked, now=now, reason="disconnected",
+                                   revoked_at_tiktok=True)
+        later = now + timedelta(minutes=1)
+
+        assert await store.expire_refresh_tokens(now=now) == 2
+        for account_id in (expired, boundary):
+            account = await store.get_account(account_id)
+            assert account.status is AccountStatus.REAUTHORIZATION_REQUIRED
+            assert account.updated_at == now
+            assert await store.get_account_tokens(account_id) is None
+        assert (await store.get_account(live)).status is AccountStatus.CONNECTED
+        assert await store.get_account_tokens(live) is not None
+        assert (await store.get_account(revoked)).status is AccountStatus.REVOKED
+        # Done once: the next sweep finds nothing more until another one expires.
+        assert await store.expire_refresh_tokens(now=now) == 0
+        assert await store.expire_refresh_tokens(now=later) == 1
+        assert (await store.get_account(live)).status is AccountStatus.REAUTHORIZATION_REQUIRED
+        assert await store.accounts_due_for_refresh(later + timedelta(days=1), limit=10) == []
+
+
+def plan_stages(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every stage of an explain's winning plan, outermost first."""
+    stages, stage = [], plan
+    while stage:
+        stages.append(stage)
+        stage = stage.get("inputStage")
+    return stages
+
+
+@gen_test
+async def test_refresh_queries_are_served_by_their_indexes(make_mongo_store):
+    now = utc_now()
+    async with make_mongo_store() as store:
+        for n in range(6):
+            account_id = await connected(store, f"owner-{n}", now,
+                                         access=timedelta(minutes=10 * n),
+                                         refresh=timedelta(days=n - 3))
+            await store.mark_token_used(account_id, now=now - timedelta(minutes=15 * n))
+        indexes = await store.database["social_accounts"].index_information()
+        assert indexes[REFRESH_DUE_INDEX]["key"] == [
+            ("status", 1), ("tokenUsedAt", 1), ("accessTokenExpiresAt", 1)]
+        assert indexes[REFRESH_EXPIRY_INDEX]["key"] == [("status", 1),
+                                                        ("refreshTokenExpiresAt", 1)]
+
+        for used_since in (now - timedelta(hours=1), None):  # keep-warm, keep-all
+            cursor = store.due_for_refresh_cursor(now + timedelta(hours=1), limit=300,
+                                                  now=now, used_since=used_since)
+            stages = plan_stages((await cursor.explain())["queryPlanner"]["winningPlan"])
+            names = [stage["stage"] for stage in stages]
+            assert "COLLSCAN" not in names, names
+            assert names[-1] == "IXSCAN" and stages[-1]["indexName"] == REFRESH_DUE_INDEX
+            # Only the backoff is checked on the documents; the rest is in the index keys.
+            [fetch] = [stage for stage in stages if stage["stage"] == "FETCH"]
+            assert set(fetch.get("filter", {})) == {"refreshRetryAt"}
+
+        expired = store.database["social_accounts"].find(expired_refresh_query(now))
+        stages = plan_stages((await expired.explain())["queryPlanner"]["winningPlan"])
+        assert [stage["stage"] for stage in stages] == ["FETCH", "IXSCAN"]
+        assert stages[-1]["indexName"] == REFRESH_EXPIRY_INDEX
+        assert "filter" not in stages[0]  # the index answers all of it
+        # And the store's sweep answers what the query finds.
+        assert await store.expire_refresh_tokens(now=now) == 4
 
 
 # -- MongoDB only: what is on disk ------------------------------------------------

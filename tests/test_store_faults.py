@@ -17,6 +17,7 @@ import secrets
 import signal
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -297,6 +298,18 @@ class TestStoreUnreachableInProcess:
 SOCKET_TIMEOUT_MS = 500
 
 
+def _wait_until_stopped(pid: int) -> None:
+    """SIGSTOP lands asynchronously: on a loaded machine the server could still answer
+    the next call, so wait until the kernel reports the process stopped ("T")."""
+    stat = Path(f"/proc/{pid}/stat")
+    for _ in range(400):
+        # The state follows the parenthesised command name, which may hold spaces.
+        if stat.read_text().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not stop after SIGSTOP")
+
+
 # The bound is the point: without a socket timeout the call waits for the driver's
 # next heartbeat (about 10 s) and the test times out.
 @pytest.mark.gen_test(timeout=8)
@@ -322,6 +335,7 @@ async def test_a_stalled_mongodb_fails_a_store_call_at_the_socket_timeout(
         assert await store.list_accounts("owner") == []
         os.kill(mongo_process.pid, signal.SIGSTOP)
         try:
+            _wait_until_stopped(mongo_process.pid)
             with pytest.raises(StoreUnavailable) as caught:
                 await store.list_accounts("owner")
             assert caught.value.details == {"dependency": "mongodb"}

@@ -16,10 +16,12 @@ from bson import ObjectId
 
 from storage.base import AccountStatus, Store, TokenGrant
 from storage.mongodb import ACCOUNTS_COLLECTION, MongoStore
+from tests.fixtures_mongo import open_mongo_store
 
 # Whole seconds: MongoDB keeps milliseconds, so these survive a round trip unchanged.
 NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
-LEASE = timedelta(seconds=15)
+# Long enough never to run out during a test, unless a test means it to.
+LEASE_SECONDS = 60.0
 OWNER = "owner-1"
 OPEN_ID = "open-id-1"
 TOKEN_FIELDS = ("accessToken", "refreshToken")
@@ -85,88 +87,82 @@ async def assert_tokens(store: Store, account_id: str, expected: TokenGrant) -> 
 # -- the refresh lease ---------------------------------------------------------------
 
 
+async def wait_for_lease(store: Store, account_id: str, holder: str) -> None:
+    """Until ``holder`` gets the lease (another's short one has run out); bounded."""
+    for _ in range(200):
+        if await store.acquire_refresh_lease(account_id, holder, seconds=LEASE_SECONDS):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{holder} never got the lease")
+
+
 @gen_test
 async def test_lease_is_exclusive_among_concurrent_acquirers(make_store):
     async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
         holders = [f"holder-{n}" for n in range(20)]
         won = await asyncio.gather(
-            *(
-                store.acquire_refresh_lease(account.id, h, now=NOW, until=NOW + LEASE)
-                for h in holders
-            )
+            *(store.acquire_refresh_lease(account.id, h, seconds=LEASE_SECONDS) for h in holders)
         )
         assert sum(won) == 1, won
-        winner = holders[won.index(True)]
-        # Only the winner may save; every loser is refused and writes nothing.
-        for loser in holders:
-            if loser != winner:
-                assert not await store.save_refreshed_tokens(
-                    account.id, loser, grant(loser), now=NOW
-                )
-        await assert_tokens(store, account.id, grant("a"))
-        assert await store.save_refreshed_tokens(account.id, winner, grant("b"), now=NOW)
-        await assert_tokens(store, account.id, grant("b"))
+        for holder in holders:
+            assert not await store.acquire_refresh_lease(account.id, holder,
+                                                         seconds=LEASE_SECONDS)
 
 
 @gen_test
 async def test_an_expired_lease_can_be_taken_over(make_store):
     async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
-        later = NOW + timedelta(seconds=10)
-        assert await store.acquire_refresh_lease(account.id, "crashed", now=NOW, until=later)
-        assert not await store.acquire_refresh_lease(
-            account.id, "second", now=NOW + timedelta(seconds=5), until=later + LEASE
-        )
-        takeover = later + timedelta(seconds=1)
-        assert await store.acquire_refresh_lease(
-            account.id, "second", now=takeover, until=takeover + LEASE
-        )
-        # The first holder woke up late: it can neither save nor free the new lease.
-        assert not await store.save_refreshed_tokens(account.id, "crashed", grant("x"), now=later)
+        # Expiry is the store's own clock (MongoDB's $$NOW): a short lease runs out.
+        assert await store.acquire_refresh_lease(account.id, "crashed", seconds=0.2)
+        await wait_for_lease(store, account.id, "second")
+        # The first holder woke up late: it cannot free the new lease.
         await store.release_refresh_lease(account.id, "crashed")
-        assert not await store.acquire_refresh_lease(
-            account.id, "third", now=takeover, until=takeover + LEASE
-        )
-        await assert_tokens(store, account.id, grant("a"))
-        assert await store.save_refreshed_tokens(account.id, "second", grant("b"), now=takeover)
-        await assert_tokens(store, account.id, grant("b"))
+        assert not await store.acquire_refresh_lease(account.id, "third", seconds=LEASE_SECONDS)
+        doc = await raw_document(store, account.id)
+        if doc is not None:
+            assert doc["refreshLease"]["holder"] == "second"
 
 
 @gen_test
 async def test_only_the_holder_releases_the_lease(make_store):
     async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
-        assert await store.acquire_refresh_lease(account.id, "one", now=NOW, until=NOW + LEASE)
+        assert await store.acquire_refresh_lease(account.id, "one", seconds=LEASE_SECONDS)
         await store.release_refresh_lease(account.id, "two")
-        assert not await store.acquire_refresh_lease(account.id, "two", now=NOW, until=NOW + LEASE)
+        assert not await store.acquire_refresh_lease(account.id, "two", seconds=LEASE_SECONDS)
         await store.release_refresh_lease(account.id, "one")
-        assert await store.acquire_refresh_lease(account.id, "two", now=NOW, until=NOW + LEASE)
+        assert await store.acquire_refresh_lease(account.id, "two", seconds=LEASE_SECONDS)
         # Releasing what one does not hold, or on an unknown account, is harmless.
         await store.release_refresh_lease(account.id, "one")
         await store.release_refresh_lease(str(ObjectId()), "one")
 
 
 @gen_test
-async def test_refreshed_tokens_are_saved_by_the_holder_only_and_atomically(make_store):
+async def test_refreshed_tokens_are_saved_over_the_generation_read_and_atomically(make_store):
     async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        read = await store.get_account_tokens(account.id)
+        assert read is not None and read.version == 1
         later = NOW + timedelta(hours=23)
         rotated = grant("b", at=later, scopes=("user.info.basic", "user.info.profile"))
 
-        # No lease at all, then somebody else's lease: refused, nothing written.
-        assert not await store.save_refreshed_tokens(account.id, "nobody", rotated, now=later)
-        until = later + LEASE
-        assert await store.acquire_refresh_lease(account.id, "holder", now=later, until=until)
-        assert not await store.save_refreshed_tokens(account.id, "other", rotated, now=later)
+        # Not the generation stored: refused, nothing written.
+        for stale in (0, 2):
+            assert not await store.save_refreshed_tokens(
+                account.id, rotated, version=stale, now=later
+            )
         await assert_tokens(store, account.id, grant("a"))
         unchanged = await store.get_account(account.id)
         assert unchanged.updated_at == NOW
-        assert unchanged.access_token_expires_at == grant("a").access_token_expires_at
 
-        assert await store.save_refreshed_tokens(account.id, "holder", rotated, now=later)
-        # Both tokens, both expiries and the scopes moved together; the lease is gone.
+        # Whoever holds the lease (here: somebody else) does not matter.
+        assert await store.acquire_refresh_lease(account.id, "other", seconds=LEASE_SECONDS)
+        assert await store.save_refreshed_tokens(account.id, rotated, version=1, now=later)
+        # Both tokens, both expiries and the scopes moved together, one generation on.
         await assert_tokens(store, account.id, rotated)
+        assert (await store.get_account_tokens(account.id)).version == 2
         saved = await store.get_account(account.id)
         assert saved.access_token_expires_at == rotated.access_token_expires_at
         assert saved.refresh_token_expires_at == rotated.refresh_token_expires_at
@@ -174,10 +170,41 @@ async def test_refreshed_tokens_are_saved_by_the_holder_only_and_atomically(make
         assert saved.updated_at == later
         assert saved.status is AccountStatus.CONNECTED
         doc = await raw_document(store, account.id)
-        assert doc is None or "refreshLease" not in doc
-        assert await store.acquire_refresh_lease(account.id, "next", now=later, until=later + LEASE)
-        # A saved lease is spent: the same holder cannot save twice.
-        assert not await store.save_refreshed_tokens(account.id, "holder", grant("c"), now=later)
+        assert doc is None or doc["tokenVersion"] == 2
+        # The same generation cannot be replaced twice: the second answer is superseded.
+        assert not await store.save_refreshed_tokens(account.id, grant("c"), version=1, now=later)
+        await assert_tokens(store, account.id, rotated)
+
+
+@gen_test
+async def test_every_grant_stored_moves_the_generation_on(make_store):
+    async with make_store() as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        versions = [(await store.get_account_tokens(account.id)).version]
+        await store.save_refreshed_tokens(account.id, grant("b"), version=versions[-1], now=NOW)
+        versions.append((await store.get_account_tokens(account.id)).version)
+        await store.save_account_tokens(OWNER, grant("reconnected"), now=NOW)  # a reconnect
+        versions.append((await store.get_account_tokens(account.id)).version)
+        await store.revoke_account(account.id, now=NOW, reason="disconnected",
+                                   revoked_at_tiktok=True)
+        await store.save_account_tokens(OWNER, grant("again"), now=NOW)
+        versions.append((await store.get_account_tokens(account.id)).version)
+        assert versions == [1, 2, 3, 4]
+
+
+@gen_test
+async def test_a_document_from_before_the_generation_counter_is_generation_0(
+    mongo_server, mongo_database_name, mongo_driver
+):
+    async with open_mongo_store(mongo_server.uri, mongo_database_name, mongo_driver) as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        await store.database[ACCOUNTS_COLLECTION].update_one(
+            {"_id": ObjectId(account.id)}, {"$unset": {"tokenVersion": ""}}
+        )
+        assert (await store.get_account_tokens(account.id)).version == 0
+        assert await store.save_refreshed_tokens(account.id, grant("b"), version=0, now=NOW)
+        assert (await store.get_account_tokens(account.id)).version == 1
+        await assert_tokens(store, account.id, grant("b"))
 
 
 @gen_test
@@ -185,10 +212,11 @@ async def test_no_lease_on_an_account_that_is_not_connected_or_unknown(make_stor
     async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
         await store.require_reauthorization(account.id, now=NOW)
-        assert not await store.acquire_refresh_lease(account.id, "h", now=NOW, until=NOW + LEASE)
+        assert not await store.acquire_refresh_lease(account.id, "h", seconds=LEASE_SECONDS)
         for unknown in (str(ObjectId()), "not-an-id"):
-            assert not await store.acquire_refresh_lease(unknown, "h", now=NOW, until=NOW + LEASE)
-            assert not await store.save_refreshed_tokens(unknown, "h", grant("b"), now=NOW)
+            assert not await store.acquire_refresh_lease(unknown, "h", seconds=LEASE_SECONDS)
+            assert not await store.save_refreshed_tokens(unknown, grant("b"), version=1, now=NOW)
+            assert not await store.require_reauthorization(unknown, now=NOW)
 
 
 # -- refused and revoked -------------------------------------------------------------
@@ -198,16 +226,46 @@ async def test_no_lease_on_an_account_that_is_not_connected_or_unknown(make_stor
 async def test_require_reauthorization_wipes_both_tokens_and_the_lease(make_store):
     async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
-        assert await store.acquire_refresh_lease(account.id, "holder", now=NOW, until=NOW + LEASE)
+        assert await store.acquire_refresh_lease(account.id, "holder", seconds=LEASE_SECONDS)
         later = NOW + timedelta(minutes=1)
-        await store.require_reauthorization(account.id, now=later)
+        assert await store.require_reauthorization(account.id, now=later)
         refused = await store.get_account(account.id)
         assert refused.status is AccountStatus.REAUTHORIZATION_REQUIRED
         assert refused.updated_at == later
         await assert_tokens_wiped(store, account.id)
-        # The holder's refresh that was in flight can no longer bring tokens back.
-        assert not await store.save_refreshed_tokens(account.id, "holder", grant("b"), now=later)
+
+
+@gen_test
+async def test_a_refusal_of_replaced_tokens_wipes_nothing(make_store):
+    async with make_store() as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        read = await store.get_account_tokens(account.id)
+        # Newer tokens land (a refresh elsewhere, a reconnect) before TikTok refuses the
+        # refresh token that was read.
+        await store.save_account_tokens(OWNER, grant("reconnected"), now=NOW)
+        assert not await store.require_reauthorization(account.id, now=NOW,
+                                                       version=read.version)
+        assert (await store.get_account(account.id)).status is AccountStatus.CONNECTED
+        await assert_tokens(store, account.id, grant("reconnected"))
+        # Still the refused generation: marked.
+        current = await store.get_account_tokens(account.id)
+        assert await store.require_reauthorization(account.id, now=NOW,
+                                                   version=current.version)
         await assert_tokens_wiped(store, account.id)
+
+
+@gen_test
+async def test_a_grant_from_the_refused_generation_still_lands(make_store):
+    """Another process refreshed with a token this one had already rotated, and its
+    refusal marked the account: the rotated grant, stored late, is the live one."""
+    async with make_store() as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        read = await store.get_account_tokens(account.id)
+        assert await store.require_reauthorization(account.id, now=NOW, version=read.version)
+        assert await store.save_refreshed_tokens(account.id, grant("b"), version=read.version,
+                                                 now=NOW)
+        assert (await store.get_account(account.id)).status is AccountStatus.CONNECTED
+        await assert_tokens(store, account.id, grant("b"))
 
 
 @gen_test
@@ -340,16 +398,32 @@ async def test_reconnect_after_revoke_restores_connected_and_clears_the_revocati
 
 
 @gen_test
-async def test_reconnect_drops_a_lease_so_an_older_refresh_cannot_overwrite_it(make_store):
+async def test_a_reconnect_during_a_refresh_wins_over_it(make_store):
     async with make_store() as store:
         account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
-        assert await store.acquire_refresh_lease(account.id, "holder", now=NOW, until=NOW + LEASE)
+        assert await store.acquire_refresh_lease(account.id, "holder", seconds=LEASE_SECONDS)
+        read = await store.get_account_tokens(account.id)
         # The user connects again while a refresh of the old grant is in flight.
         fresh = grant("reconnected", scopes=("user.info.basic", "video.list"))
         await store.save_account_tokens(OWNER, fresh, now=NOW)
-        assert not await store.save_refreshed_tokens(account.id, "holder", grant("old"), now=NOW)
+        assert not await store.save_refreshed_tokens(account.id, grant("old"),
+                                                     version=read.version, now=NOW)
         await assert_tokens(store, account.id, fresh)
-        assert await store.acquire_refresh_lease(account.id, "next", now=NOW, until=NOW + LEASE)
+        # The reconnect also dropped the lease: its own tokens may be refreshed at once.
+        assert await store.acquire_refresh_lease(account.id, "next", seconds=LEASE_SECONDS)
+
+
+@gen_test
+async def test_a_refresh_never_brings_tokens_back_to_a_revoked_account(make_store):
+    async with make_store() as store:
+        account = await store.save_account_tokens(OWNER, grant("a"), now=NOW)
+        read = await store.get_account_tokens(account.id)
+        await store.revoke_account(account.id, now=NOW, reason="disconnected",
+                                   revoked_at_tiktok=True)
+        assert not await store.save_refreshed_tokens(account.id, grant("b"),
+                                                     version=read.version, now=NOW)
+        assert (await store.get_account(account.id)).status is AccountStatus.REVOKED
+        await assert_tokens_wiped(store, account.id)
 
 
 @gen_test

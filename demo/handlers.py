@@ -1,15 +1,15 @@
 """The browser demo's pages (``DEMO_MODE=1`` only): parse, call ``DemoProduct``, render.
 
-``demo_routes`` is mounted only in demo mode, ahead of the gateway's routes. It also
+``routes`` is mounted only in demo mode, ahead of the gateway's routes. It also
 mounts the callback once more, with one demo-only difference: a browser (an
 ``Accept`` header that ranks ``text/html`` above ``application/json``) sees an error
 as a small HTML page with the envelope's ``message`` and a link back to the demo.
-Same status, same headers; every other client still gets the JSON envelope.
+Same status, same headers, same envelope (``render_error`` only renders it);
+every other client still gets the JSON envelope.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,10 +26,12 @@ from demo.product import (
     PRODUCT_NAME,
     DemoFailed,
     DemoProduct,
+    gateway_url_of,
 )
 from handlers.accounts import iso_utc
 from handlers.base import ErrorWriterMixin
 from handlers.oauth import CallbackHandler
+from services.accounts import AccountService, RefreshOutcome
 from services.errors import PermissionDenied
 
 if TYPE_CHECKING:
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.demo")
 
-TEMPLATES = Loader(str(Path(__file__).resolve().parent.parent / "demo" / "templates"))
+TEMPLATES = Loader(str(Path(__file__).resolve().parent / "templates"))
 CALLBACK_SUFFIX = "/oauth/tiktok/callback"
 NOTICES = {
     "refreshed": "Refreshed: TikTok issued new tokens and the access token's expiry moved.",
@@ -93,12 +95,11 @@ def render_error_page(envelope: dict[str, Any], status: int, back: str, title: s
 class HtmlErrorPages(ErrorWriterMixin):
     """Errors as an HTML page when ``wants_html_errors()``; the envelope otherwise.
 
-    The envelope is built by ``ErrorWriterMixin.write_error`` as always; only its
-    rendering changes, so status, headers and message stay the same.
+    ``ErrorWriterMixin.write_error`` builds the envelope and sets the status and
+    headers as always; only ``render_error``, its rendering hook, differs.
     """
 
     error_title = "Something went wrong"
-    _html_error = False
 
     def wants_html_errors(self) -> bool:
         return True
@@ -106,19 +107,12 @@ class HtmlErrorPages(ErrorWriterMixin):
     def demo_url(self) -> str:
         raise NotImplementedError
 
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        self._html_error = self.wants_html_errors()
-        super().write_error(status_code, **kwargs)
-
-    def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> Any:
-        if self._html_error and isinstance(chunk, str):
-            self._html_error = False
-            envelope = json.loads(chunk)
-            self.set_header("Content-Type", "text/html; charset=utf-8")
-            chunk = render_error_page(
-                envelope, self.get_status(), self.demo_url(), self.error_title
-            )
-        return super().finish(chunk)
+    def render_error(self, status: int, envelope: dict[str, Any]) -> None:
+        if not self.wants_html_errors():
+            super().render_error(status, envelope)
+            return
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(render_error_page(envelope, status, self.demo_url(), self.error_title))
 
 
 class DemoCallbackHandler(HtmlErrorPages, CallbackHandler):
@@ -222,6 +216,12 @@ class DemoConnectHandler(DemoHandler):
 
 
 class DemoAccountActionHandler(DemoHandler):
+    def initialize(  # type: ignore[override]
+        self, accounts: AccountService, **pages: Any
+    ) -> None:
+        self.accounts = accounts
+        super().initialize(**pages)
+
     async def post(self, account_id: str, action: str) -> None:
         try:
             notice = await self.run(account_id, action)
@@ -232,13 +232,21 @@ class DemoAccountActionHandler(DemoHandler):
 
     async def run(self, account_id: str, action: str) -> str:
         if action == "refresh":
-            await self.product.refresh(account_id)
+            await self.refresh_now(account_id)
             return "refreshed"
         if action == "disconnect":
             revoked_at_tiktok = await self.product.disconnect(account_id)
             return "disconnected" if revoked_at_tiktok else "disconnected-locally"
         await self.product.simulate_removal(account_id)
         return "removed"
+
+    async def refresh_now(self, account_id: str) -> None:
+        """A demo control, not a product's call: the public access-token endpoint
+        refreshes only close to expiry, so the demo has the gateway refresh at once."""
+        account = await self.accounts.get_account(self.product.user_id, account_id)
+        outcome = await self.accounts.refresh_account(account, force=True)
+        if outcome in (RefreshOutcome.UNAVAILABLE, RefreshOutcome.UNKNOWN, RefreshOutcome.BUSY):
+            raise DemoFailed(503, "TikTok did not answer the refresh in time. Please try again.")
 
 
 def relative(moment: datetime | None) -> str:
@@ -257,7 +265,7 @@ def relative(moment: datetime | None) -> str:
     return f"in {minutes} min {seconds} s"
 
 
-def demo_routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]:
+def routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]:
     """The demo's routes; put them first: their callback shadows the standard one."""
     log.warning(
         "DEMO_MODE is on: %s%s connects TikTok accounts for a built-in demo user without "
@@ -265,10 +273,15 @@ def demo_routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]
         prefix,
         DEMO_PATH,
     )
+    config = gateway.config
     product = DemoProduct(
-        config=gateway.config, accounts=gateway.accounts, store=gateway.store, prefix=prefix
+        gateway_url=gateway_url_of(config.tiktok_redirect_uri, prefix),
+        sandbox_url=config.tiktok_api_base_url,
+        jwt_secret=config.auth_jwt_secrets[0],
+        jwt_issuer=config.auth_jwt_issuer,
+        jwt_audience=config.auth_jwt_audience,
     )
-    authorize = urlsplit(gateway.config.tiktok_authorize_url)
+    authorize = urlsplit(config.tiktok_authorize_url)
     pages = {
         "product": product,
         "base": f"{prefix}{DEMO_PATH}",
@@ -281,7 +294,7 @@ def demo_routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]
         tornado.web.url(
             f"{prefix}{DEMO_PATH}/accounts/([^/]+)/({'|'.join(ACTIONS)})",
             DemoAccountActionHandler,
-            pages,
+            {**pages, "accounts": gateway.accounts},
         ),
         tornado.web.url(f"{prefix}{CALLBACK_SUFFIX}", DemoCallbackHandler, flow),
     ]

@@ -1,0 +1,567 @@
+"""A refreshed grant is never lost: the refresh path against the sandbox as TikTok,
+on both stores (memory, and MongoDB over the wire with both drivers).
+
+The sandbox enforces rotation: a refresh revokes the refresh token it was given, so
+a grant that is not stored, or a refresh with a stale token, shows as
+``invalid_grant``. ``record_refreshes`` keeps what the sandbox saw. MongoDB fails
+by SecantusDB's ``failCommand`` failpoint; the memory store, which cannot fail,
+through a wrapper that refuses its writes while "down".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from tornado.curl_httpclient import CurlError
+from tornado.httpclient import HTTPClientError
+from tornado.simple_httpclient import HTTPTimeoutError
+
+from server import build_gateway
+from services.accounts import (
+    LEASE_STORE_CALLS,
+    AccountService,
+    RefreshOutcome,
+    refresh_lease_seconds,
+)
+from services.errors import (
+    Conflict,
+    ProviderRejected,
+    ProviderUnavailable,
+    StoreUnavailable,
+)
+from services.http_client import close_http_client, make_http_client, nothing_sent
+from services.metrics import GatewayMetrics, InstrumentedStore
+from services.tiktok import OutcomeUnknown, TikTokClient
+from storage.base import Account, AccountStatus, Store, TokenGrant
+from storage.mongodb import APP_NAME, MongoStore
+from tests.fixtures_mongo import free_port, mongo_failpoint
+from tests.flow import make_sandbox, record_refreshes
+from tests.processes import poll_until
+from tests.support import CLIENT_KEY, CLIENT_SECRET, REDIRECT_URI, make_config
+
+gen_test = pytest.mark.gen_test(timeout=60)
+OWNER = "owner-1"
+# The stored access token expires within the service's default 300 s skew: due.
+DUE = timedelta(minutes=1)
+
+
+def utc_now() -> datetime:
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+@pytest.fixture
+def sandbox(io_loop):
+    sandbox = make_sandbox(pkce="optional")
+    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
+    yield sandbox
+    io_loop.run_sync(sandbox.close)
+
+
+def tiktok_for(base_url: str, *, request_timeout: float = 4.0, http: Any = None) -> TikTokClient:
+    return TikTokClient(
+        http,
+        client_key=CLIENT_KEY,
+        client_secret=CLIENT_SECRET,
+        redirect_uri=REDIRECT_URI,
+        api_base_url=base_url,
+        authorize_url=f"{base_url}/v2/auth/authorize/",
+        connect_timeout=2.0,
+        request_timeout=request_timeout,
+    )
+
+
+@pytest.fixture
+def tiktok(sandbox) -> TikTokClient:
+    return tiktok_for(sandbox.url)
+
+
+def sandbox_grant(sandbox: Any, *, expires_in: timedelta = DUE) -> TokenGrant:
+    """A new authorization at the sandbox (the user connecting, or connecting again)."""
+    code = sandbox.issue_code(CLIENT_KEY, REDIRECT_URI, ["user.info.basic"], code_challenge=None)
+    tokens = sandbox.state.exchange_code(sandbox.state.clients[CLIENT_KEY], code, REDIRECT_URI,
+                                         None)
+    now = utc_now()
+    return TokenGrant(
+        open_id=tokens["open_id"],
+        access_token=tokens["access_token"],
+        refresh_token=tokens["refresh_token"],
+        access_token_expires_at=now + expires_in,
+        refresh_token_expires_at=now + timedelta(days=180),
+        scopes=["user.info.basic"],
+    )
+
+
+async def connect(store: Store, sandbox: Any) -> Account:
+    return await store.save_account_tokens(OWNER, sandbox_grant(sandbox), now=utc_now())
+
+
+def refreshes(metrics: GatewayMetrics, outcome: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "tiktok_gateway_refreshes_total", {"outcome": outcome}
+    )
+    return value or 0.0
+
+
+class SavesFail(InstrumentedStore):
+    """The memory store's outage: its writes of refreshed tokens fail while ``down``."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner, GatewayMetrics())
+        self.down = False
+
+    async def save_refreshed_tokens(self, *args: Any, **kwargs: Any) -> bool:
+        if self.down:
+            raise StoreUnavailable(technical_message="the test took the store down")
+        return await self.inner.save_refreshed_tokens(*args, **kwargs)
+
+
+class Outage:
+    """The store failing to write refreshed tokens, and coming back."""
+
+    def __init__(self, store: Store, request: pytest.FixtureRequest) -> None:
+        self.mongo_uri = None
+        if isinstance(store, MongoStore):
+            self.store: Store = store
+            self.mongo_uri = request.getfixturevalue("mongo_server").uri
+        else:
+            self.store = SavesFail(store)
+
+    @contextlib.contextmanager
+    def saves_fail(self) -> Iterator[None]:
+        if self.mongo_uri is not None:
+            # Every update the gateway's client sends fails: the connection drops.
+            with mongo_failpoint(self.mongo_uri, failCommands=["update"],
+                                 closeConnection=True, appName=APP_NAME):
+                yield
+            return
+        assert isinstance(self.store, SavesFail)
+        self.store.down = True
+        try:
+            yield
+        finally:
+            self.store.down = False
+
+
+# -- the store failing at the save -------------------------------------------------
+
+
+@gen_test
+async def test_a_grant_whose_save_failed_lands_and_is_handed_out_without_a_second_refresh(
+    make_store, request, sandbox, tiktok
+):
+    async with make_store() as raw:
+        outage = Outage(raw, request)
+        store = outage.store
+        account = await connect(store, sandbox)
+        before = await store.get_account_tokens(account.id)
+        seen = record_refreshes(sandbox)
+        accounts = AccountService(store=store, tiktok=tiktok)
+        with outage.saves_fail():
+            with pytest.raises(StoreUnavailable):  # the access-token endpoint's 503
+                await accounts.access_token(OWNER, account.id)
+            assert account.id in accounts.unsaved
+            assert await store.get_account_tokens(account.id) == before  # nothing written
+            # Asked again while the store still fails: 503 again, TikTok not called again.
+            with pytest.raises(StoreUnavailable):
+                await accounts.access_token(OWNER, account.id)
+        [(presented, answer)] = seen.calls
+        assert presented == before.refresh_token and answer is not None
+
+        token = await accounts.access_token(OWNER, account.id)
+        stored = await store.get_account_tokens(account.id)
+        assert token.access_token == stored.access_token == answer["access_token"]
+        assert stored.refresh_token == answer["refresh_token"]
+        assert stored.version == before.version + 1
+        assert len(seen.calls) == 1
+        assert account.id not in accounts.unsaved
+        # What was stored is TikTok's live refresh token: the next refresh is honoured.
+        assert await accounts.refresh_account(account, force=True) is RefreshOutcome.REFRESHED
+        assert seen.presented[-1] == answer["refresh_token"] and seen.answers[-1] is not None
+        assert await accounts.close(timeout=1) == 0
+
+
+@gen_test
+async def test_a_grant_whose_save_failed_lands_in_the_background(
+    make_store, request, sandbox, tiktok
+):
+    async with make_store() as raw:
+        outage = Outage(raw, request)
+        store = outage.store
+        account = await connect(store, sandbox)
+        before = await store.get_account_tokens(account.id)
+        seen = record_refreshes(sandbox)
+        accounts = AccountService(store=store, tiktok=tiktok)
+        with outage.saves_fail():
+            with pytest.raises(StoreUnavailable):
+                await accounts.refresh_account(account)  # the background refresher's path
+        # Nobody asks: the write is retried until it lands.
+        stored = await poll_until(
+            lambda: store.get_account_tokens(account.id),
+            lambda tokens: tokens.version == before.version + 1,
+            timeout=20, what="the unsaved grant stored",
+        )
+        [(_, answer)] = seen.calls
+        assert stored.refresh_token == answer["refresh_token"]
+        assert account.id not in accounts.unsaved
+        token = await accounts.access_token(OWNER, account.id)
+        assert token.access_token == answer["access_token"]
+        assert len(seen.calls) == 1
+        # Its background write (releasing the lease it landed with) ends before the store.
+        assert await accounts.close(timeout=5) == 0
+
+
+@gen_test
+async def test_closing_the_service_waits_for_the_store_to_take_the_grant(
+    make_store, request, sandbox, tiktok
+):
+    async with make_store() as raw:
+        outage = Outage(raw, request)
+        store = outage.store
+        account = await connect(store, sandbox)
+        seen = record_refreshes(sandbox)
+        accounts = AccountService(store=store, tiktok=tiktok)
+        with outage.saves_fail():
+            with pytest.raises(StoreUnavailable):
+                await accounts.access_token(OWNER, account.id)
+            closing = asyncio.ensure_future(accounts.close(timeout=30))
+            await asyncio.sleep(0.5)  # a few failed attempts
+            assert not closing.done()
+        assert await closing == 0
+        [(_, answer)] = seen.calls
+        stored = await store.get_account_tokens(account.id)
+        assert stored.refresh_token == answer["refresh_token"]
+
+
+@gen_test
+async def test_a_grant_still_unsaved_when_closing_runs_out_is_reported_lost(
+    make_store, request, sandbox, tiktok, caplog
+):
+    async with make_store() as raw:
+        outage = Outage(raw, request)
+        account = await connect(outage.store, sandbox)
+        seen = record_refreshes(sandbox)
+        accounts = AccountService(store=outage.store, tiktok=tiktok)
+        with outage.saves_fail(), caplog.at_level(logging.INFO, logger="gateway.accounts"):
+            with pytest.raises(StoreUnavailable):
+                await accounts.access_token(OWNER, account.id)
+            assert await accounts.close(timeout=0.5) == 1
+        [(_, answer)] = seen.calls
+        lost = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any(account.id in m and "lost" in m for m in lost), lost
+        for token in (answer["access_token"], answer["refresh_token"]):
+            assert token not in caplog.text
+
+
+# -- newer tokens stored meanwhile ---------------------------------------------------
+
+
+async def reconnect_during_refresh(
+    store: Store, sandbox: Any, accounts: AccountService, account: Account, *, refusal: bool
+) -> tuple[Any, TokenGrant]:
+    """A token request whose refresh TikTok answers late; the user connects again
+    meanwhile. Returns the request's result and the reconnect's grant."""
+    body = None
+    if refusal:
+        body = json.dumps({"error": "invalid_grant", "error_description": "revoked",
+                           "log_id": "sandbox-log"})
+    sandbox.add_fault("token", status=200, delay=1.0, body=body)
+    request = asyncio.ensure_future(accounts.access_token(OWNER, account.id))
+
+    async def refreshes_sent() -> int:
+        return sandbox.stats["token_refresh"]
+
+    await poll_until(refreshes_sent, lambda n: n == 1, timeout=10, interval=0.02,
+                     what="the refresh sent to TikTok")
+    fresh = sandbox_grant(sandbox, expires_in=timedelta(hours=2))
+    await store.save_account_tokens(OWNER, fresh, now=utc_now())
+    assert not request.done()
+    return await request, fresh
+
+
+@gen_test
+async def test_a_reconnect_during_a_refresh_wins_and_is_handed_out(make_store, sandbox, tiktok):
+    async with make_store() as store:
+        account = await connect(store, sandbox)
+        seen = record_refreshes(sandbox)
+        metrics = GatewayMetrics()
+        accounts = AccountService(store=store, tiktok=tiktok, metrics=metrics)
+        token, fresh = await reconnect_during_refresh(store, sandbox, accounts, account,
+                                                      refusal=False)
+        assert token.access_token == fresh.access_token
+        stored = await store.get_account_tokens(account.id)
+        assert (stored.access_token, stored.refresh_token) == (fresh.access_token,
+                                                               fresh.refresh_token)
+        assert (await store.get_account(account.id)).status is AccountStatus.CONNECTED
+        assert len(seen.calls) == 1 and seen.answers[0] is not None  # TikTok did refresh
+        assert refreshes(metrics, "superseded") == 1
+
+
+@gen_test
+async def test_a_refusal_of_the_replaced_refresh_token_wipes_nothing(
+    make_store, sandbox, tiktok
+):
+    async with make_store() as store:
+        account = await connect(store, sandbox)
+        metrics = GatewayMetrics()
+        accounts = AccountService(store=store, tiktok=tiktok, metrics=metrics)
+        token, fresh = await reconnect_during_refresh(store, sandbox, accounts, account,
+                                                      refusal=True)
+        assert token.access_token == fresh.access_token
+        assert (await store.get_account(account.id)).status is AccountStatus.CONNECTED
+        assert (await store.get_account_tokens(account.id)).refresh_token == fresh.refresh_token
+        assert refreshes(metrics, "reauthorization_required") == 0
+        assert refreshes(metrics, "superseded") == 1
+
+
+@gen_test
+async def test_a_refusal_of_the_stored_refresh_token_needs_reauthorization(
+    make_store, sandbox, tiktok
+):
+    async with make_store() as store:
+        account = await connect(store, sandbox)
+        sandbox.revoke_all_for(account.platform_account_id)
+        accounts = AccountService(store=store, tiktok=tiktok)
+        with pytest.raises(Conflict):
+            await accounts.access_token(OWNER, account.id)
+        refused = await store.get_account(account.id)
+        assert refused.status is AccountStatus.REAUTHORIZATION_REQUIRED
+        assert await store.get_account_tokens(account.id) is None
+
+
+# -- rotation, one refresh after another -----------------------------------------------
+
+
+@gen_test
+async def test_ten_refreshes_in_a_row_each_use_the_last_rotated_token(
+    make_store, sandbox, tiktok
+):
+    async with make_store() as store:
+        account = await connect(store, sandbox)
+        first = await store.get_account_tokens(account.id)
+        seen = record_refreshes(sandbox)
+        # A skew longer than the sandbox's 24 h tokens: every request refreshes once.
+        accounts = AccountService(store=store, tiktok=tiktok, refresh_skew_seconds=90000)
+        handed_out = [await accounts.access_token(OWNER, account.id) for _ in range(10)]
+
+        assert len(seen.calls) == 10
+        assert all(answer is not None for answer in seen.answers)  # none refused
+        issued = [first.refresh_token] + [answer["refresh_token"] for answer in seen.answers]
+        assert seen.presented == issued[:-1]  # each the one the refresh before issued
+        assert [t.access_token for t in handed_out] == [a["access_token"] for a in seen.answers]
+        stored = await store.get_account_tokens(account.id)
+        assert stored.refresh_token == issued[-1]
+        assert stored.version == first.version + 10
+
+
+# -- one clock for the lease -----------------------------------------------------------
+
+
+@gen_test
+async def test_a_process_whose_clock_runs_ahead_still_waits_for_the_lease(
+    make_store, sandbox, tiktok
+):
+    """Lease expiry is judged by the store's clock, not by each process's."""
+    async with make_store() as store:
+        account = await connect(store, sandbox)
+        seen = record_refreshes(sandbox)
+        first = AccountService(store=store, tiktok=tiktok)
+        ahead = AccountService(store=store, tiktok=tiktok,
+                               clock=lambda: utc_now() + timedelta(minutes=10))
+        sandbox.add_fault("token", status=200, delay=1.0)  # TikTok answers late
+        one = asyncio.ensure_future(first.access_token(OWNER, account.id))
+
+        async def refreshes_sent() -> int:
+            return sandbox.stats["token_refresh"]
+
+        await poll_until(refreshes_sent, lambda n: n == 1, timeout=10, interval=0.02,
+                         what="the first refresh sent")
+        other = await ahead.access_token(OWNER, account.id)
+        assert (await one).access_token == other.access_token
+        assert len(seen.calls) == 1 and seen.answers[0] is not None
+        assert other.access_token == seen.answers[0]["access_token"]
+
+
+def test_the_lease_outlives_every_call_made_under_it():
+    memory = make_config(TIKTOK_CONNECT_TIMEOUT_SECONDS="2", TIKTOK_REQUEST_TIMEOUT_SECONDS="20")
+    assert refresh_lease_seconds(memory) > 22
+    mongo = make_config(
+        MONGODB_URI="mongodb://127.0.0.1:1/", MONGODB_TIMEOUT_MS="500",
+        MONGODB_OPERATION_TIMEOUT_MS="5000", TIKTOK_CONNECT_TIMEOUT_SECONDS="2",
+        TIKTOK_REQUEST_TIMEOUT_SECONDS="20",
+    )
+    assert refresh_lease_seconds(mongo) > 22 + LEASE_STORE_CALLS * 5.5
+    assert build_gateway(mongo).accounts.lease_seconds == refresh_lease_seconds(mongo)
+    with pytest.raises(ValueError, match="does not outlive a call to TikTok"):
+        AccountService(store=build_gateway(memory).store, tiktok=tiktok_for("http://x.invalid"),
+                       lease_seconds=5.0)
+
+
+# -- what TikTok answers ---------------------------------------------------------------
+
+
+def token_body(**fields: Any) -> str:
+    body = {"access_token": "act.parsed", "refresh_token": "rft.parsed", "expires_in": 7200,
+            "refresh_expires_in": 15552000, "scope": "user.info.basic",
+            "token_type": "Bearer", "open_id": "sbx-open-id"}
+    body.update(fields)
+    return json.dumps({k: v for k, v in body.items() if v is not None})
+
+
+@gen_test
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"open_id": None},
+        {"expires_in": "7200", "refresh_expires_in": "15552000"},
+        {"open_id": None, "expires_in": "7200", "refresh_expires_in": "15552000"},
+    ],
+    ids=["no-open-id", "string-lifetimes", "both"],
+)
+async def test_a_refresh_answer_without_open_id_or_with_string_lifetimes_is_accepted(
+    sandbox, tiktok, fields
+):
+    sandbox.add_fault("token", status=200, body=token_body(**fields))
+    response = await tiktok.refresh("rft.any")
+    assert (response.access_token, response.refresh_token) == ("act.parsed", "rft.parsed")
+    assert (response.expires_in, response.refresh_expires_in) == (7200, 15552000)
+    assert response.open_id == ("" if "open_id" in fields else "sbx-open-id")
+
+
+@gen_test
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"access_token": None},
+        {"refresh_token": None},
+        {"access_token": ""},
+        {"expires_in": "7200.5"},
+        {"expires_in": "-7200"},
+        {"expires_in": "0"},
+        {"expires_in": True},
+        {"refresh_expires_in": "soon"},
+    ],
+    ids=["no-access-token", "no-refresh-token", "empty-access-token", "fraction",
+         "negative", "zero", "boolean", "words"],
+)
+async def test_a_refresh_answer_without_usable_tokens_is_refused(sandbox, tiktok, fields):
+    sandbox.add_fault("token", status=200, body=token_body(**fields))
+    with pytest.raises(ProviderUnavailable, match="unexpected token body"):
+        await tiktok.refresh("rft.any")
+
+
+@gen_test
+async def test_an_error_key_refuses_a_refresh_answer_even_with_tokens(sandbox, tiktok):
+    sandbox.add_fault("token", status=200, body=token_body(error="invalid_grant"))
+    with pytest.raises(ProviderRejected) as refused:
+        await tiktok.refresh("rft.any")
+    assert refused.value.details["providerError"] == "invalid_grant"
+
+
+@gen_test
+async def test_a_code_exchange_still_needs_open_id(sandbox, tiktok):
+    sandbox.add_fault("token", status=200, body=token_body(open_id=None))
+    with pytest.raises(ProviderUnavailable, match="unexpected token body"):
+        await tiktok.exchange_code("a-code", None)
+
+
+@gen_test
+async def test_string_lifetimes_become_the_stored_expiries(make_store, sandbox, tiktok):
+    async with make_store() as store:
+        account = await connect(store, sandbox)
+        accounts = AccountService(store=store, tiktok=tiktok)
+        sandbox.add_fault("token", status=200, body=token_body(
+            open_id=None, expires_in="7200", refresh_expires_in="15552000"))
+        before = utc_now()
+        token = await accounts.access_token(OWNER, account.id)
+        after = datetime.now(UTC)
+        assert token.access_token == "act.parsed"
+        assert token.open_id == account.platform_account_id  # the stored identity
+        assert before + timedelta(seconds=7200) <= token.expires_at
+        assert token.expires_at <= after + timedelta(seconds=7200)
+        stored = await store.get_account_tokens(account.id)
+        assert stored.refresh_token == "rft.parsed"
+        assert before + timedelta(days=180) <= stored.refresh_token_expires_at
+
+
+# -- an answer that never arrived ------------------------------------------------------
+
+
+@gen_test
+@pytest.mark.parametrize("client_kind", ["curl", "simple"])
+async def test_a_refresh_whose_answer_never_arrived_keeps_the_tokens(
+    make_store, sandbox, client_kind, caplog
+):
+    http = make_http_client(make_config(TIKTOK_HTTP_CLIENT=client_kind))
+    try:
+        tiktok = tiktok_for(sandbox.url, request_timeout=0.5, http=http)
+        async with make_store() as store:
+            account = await connect(store, sandbox)
+            before = await store.get_account_tokens(account.id)
+            seen = record_refreshes(sandbox)
+            metrics = GatewayMetrics()
+            accounts = AccountService(store=store, tiktok=tiktok, metrics=metrics)
+            # TikTok takes the refresh, and answers after the gateway stopped waiting.
+            sandbox.add_fault("token", status=200, delay=1.5)
+            with caplog.at_level(logging.WARNING, logger="gateway.accounts"):
+                with pytest.raises(ProviderUnavailable) as raised:
+                    await accounts.access_token(OWNER, account.id)
+            assert "never arrived" in raised.value.technical_message
+            assert refreshes(metrics, "unknown") == 1
+            assert refreshes(metrics, "unavailable") == 0
+            assert "may have rotated the refresh token" in caplog.text
+            assert await store.get_account_tokens(account.id) == before  # kept, not wiped
+
+            # TikTok did rotate: the next refresh is refused and says so.
+            await poll_until(lambda: asyncio.sleep(0, seen.calls), bool, timeout=10,
+                             what="TikTok done with the late refresh")
+            assert seen.answers[0] is not None
+            with pytest.raises(Conflict):
+                await accounts.access_token(OWNER, account.id)
+    finally:
+        close_http_client(http)
+
+
+@gen_test
+async def test_a_refresh_that_never_connected_is_unavailable_not_unknown(make_store, sandbox):
+    tiktok = tiktok_for(f"http://127.0.0.1:{free_port()}")  # nothing listens: refused
+    async with make_store() as store:
+        account = await connect(store, sandbox)
+        before = await store.get_account_tokens(account.id)
+        metrics = GatewayMetrics()
+        accounts = AccountService(store=store, tiktok=tiktok, metrics=metrics)
+        with pytest.raises(ProviderUnavailable) as raised:
+            await accounts.access_token(OWNER, account.id)
+        assert not isinstance(raised.value, OutcomeUnknown)
+        assert refreshes(metrics, "unavailable") == 1
+        assert refreshes(metrics, "unknown") == 0
+        assert await store.get_account_tokens(account.id) == before
+
+
+@pytest.mark.parametrize(
+    ("error", "unsent"),
+    [
+        (ConnectionRefusedError(111, "Connection refused"), True),
+        (HTTPTimeoutError("Timeout while connecting to 10.0.0.1:443"), True),
+        (HTTPTimeoutError("Timeout in request queue"), True),
+        (HTTPTimeoutError("Timeout during request"), False),
+        (HTTPClientError(599, "Stream closed"), False),
+        (ConnectionResetError(104, "Connection reset by peer"), False),
+        (CurlError(7, "Failed to connect to 127.0.0.1 port 1: Connection refused"), True),
+        (CurlError(6, "Could not resolve host: tiktok.invalid"), True),
+        (CurlError(28, "Connection timed out after 2001 milliseconds"), True),
+        (CurlError(28, "Resolving timed out after 2000 milliseconds"), True),
+        (CurlError(28, "Operation timed out after 4001 milliseconds with 0 bytes received"),
+         False),
+        (CurlError(52, "Empty reply from server"), False),
+    ],
+)
+def test_what_surely_never_reached_tiktok(error, unsent):
+    assert nothing_sent(error) is unsent

@@ -150,7 +150,7 @@ class EventDelivery:
         self.request_timeout = request_timeout
         self.poll_seconds = poll_seconds
         self.concurrency = concurrency
-        self._lease = timedelta(seconds=request_timeout + LEASE_MARGIN_SECONDS)
+        self._lease_seconds = request_timeout + LEASE_MARGIN_SECONDS
         self._clock = clock
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -168,7 +168,7 @@ class EventDelivery:
         started = 0
         for stored in await self._store.due_events(now=now, limit=free):
             claimed = await self._store.claim_event_for_delivery(
-                stored.id, self.holder, now=now, until=now + self._lease
+                stored.id, self.holder, now=now, seconds=self._lease_seconds
             )
             if claimed is None:
                 continue  # another worker was first

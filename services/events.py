@@ -16,7 +16,7 @@ import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from services.connect import utcnow
@@ -201,8 +201,8 @@ class EventRelay:
         self._metrics = metrics
         self.holder = holder or f"relay-{uuid.uuid4().hex}"
         self.idle_seconds = idle_seconds
-        self._lease = timedelta(seconds=lease_seconds)
-        self._fence = timedelta(seconds=fence_seconds)
+        self._lease_seconds = lease_seconds
+        self._fence_seconds = fence_seconds
         self._batch = batch
         self._clock = clock
         self._on_relayed = on_relayed
@@ -212,14 +212,16 @@ class EventRelay:
 
     async def run_once(self) -> int:
         """Relay everything in the outboxes if this process holds the lease; how many."""
-        now = self._clock()
-        if not await self._store.acquire_relay_lease(self.holder, now=now, until=now + self._lease):
+        if not await self._store.acquire_relay_lease(self.holder, seconds=self._lease_seconds):
             return 0
         total = 0
         while True:
-            now = self._clock()
             relayed = await self._store.relay_outbox(
-                self.holder, now=now, fence=now + self._fence, push=self._push, limit=self._batch
+                self.holder,
+                now=self._clock(),
+                fence_seconds=self._fence_seconds,
+                push=self._push,
+                limit=self._batch,
             )
             for stored in relayed:
                 if self._metrics is not None:
@@ -227,9 +229,8 @@ class EventRelay:
             total += len(relayed)
             if len(relayed) < self._batch:
                 break
-            now = self._clock()
             if not await self._store.acquire_relay_lease(
-                self.holder, now=now, until=now + self._lease
+                self.holder, seconds=self._lease_seconds
             ):
                 break
         if total:

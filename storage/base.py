@@ -441,9 +441,13 @@ class Store(abc.ABC):
         account is unknown or one of the ``only_if`` attributes (``Account`` names,
         see ``EVENT_CONDITION_ATTRIBUTES``) differs from the value given."""
 
+    # Leases (the relay's, a delivery's claim) are judged by the store's own clock, as
+    # the refresh lease is: MongoDB's $$NOW, the process's monotonic clock in memory.
+
     @abc.abstractmethod
-    async def acquire_relay_lease(self, holder: str, *, now: datetime, until: datetime) -> bool:
-        """Take or extend the relay lease: free, expired, or already ``holder``'s."""
+    async def acquire_relay_lease(self, holder: str, *, seconds: float) -> bool:
+        """Take or extend the relay lease for ``seconds``: free, expired, or already
+        ``holder``'s."""
 
     @abc.abstractmethod
     async def release_relay_lease(self, holder: str) -> None:
@@ -451,13 +455,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def relay_outbox(
-        self, holder: str, *, now: datetime, fence: datetime, push: bool, limit: int
+        self, holder: str, *, now: datetime, fence_seconds: float, push: bool, limit: int
     ) -> list[StoredEvent]:
         """Move up to ``limit`` outbox events into the event log, oldest account first,
         each account's in its outbox order; returns those newly logged.
 
-        Each seq is allocated only while ``holder`` holds the lease until after
-        ``fence``: a relayer that lost its lease logs nothing more. An event already
+        Each seq is allocated only while ``holder``'s lease lasts ``fence_seconds``
+        more: a relayer that lost its lease logs nothing more. An event already
         logged (a relayer stopped before removing it from the outbox) is only removed.
         Logged as ``pending`` (due ``now``) with ``push``, ``pull_only`` without.
         """
@@ -478,9 +482,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def claim_event_for_delivery(
-        self, event_id: str, holder: str, *, now: datetime, until: datetime
+        self, event_id: str, holder: str, *, now: datetime, seconds: float
     ) -> StoredEvent | None:
-        """Lease a due, pending event no worker has in flight (None: not claimable)."""
+        """Lease for ``seconds`` a pending event due at ``now`` that no worker has in
+        flight (None: not claimable)."""
 
     @abc.abstractmethod
     async def mark_delivered(self, event_id: str, holder: str, *, now: datetime) -> bool:

@@ -98,7 +98,9 @@ class MemoryStore(Store):
         self._events: dict[str, StoredEvent] = {}
         self._event_ids: list[str] = []
         self._event_seq = 0
-        self._relay_lease: tuple[str, datetime] | None = None
+        # (holder, expiry on ``self._clock``), for the relay and for each claimed event.
+        self._relay_lease: tuple[str, float] | None = None
+        self._event_leases: dict[str, tuple[str, float]] = {}
         self._events_retention = timedelta(seconds=events_retention_seconds)
 
     async def initialize(self) -> None:
@@ -416,11 +418,11 @@ class MemoryStore(Store):
         self._outboxes.setdefault(account_id, []).append(copy.deepcopy(event))
         return True
 
-    async def acquire_relay_lease(self, holder: str, *, now: datetime, until: datetime) -> bool:
-        lease = self._relay_lease
+    async def acquire_relay_lease(self, holder: str, *, seconds: float) -> bool:
+        lease, now = self._relay_lease, self._clock()
         if lease is not None and lease[0] != holder and lease[1] > now:
             return False
-        self._relay_lease = (holder, until)
+        self._relay_lease = (holder, now + seconds)
         return True
 
     async def release_relay_lease(self, holder: str) -> None:
@@ -428,7 +430,7 @@ class MemoryStore(Store):
             self._relay_lease = None
 
     async def relay_outbox(
-        self, holder: str, *, now: datetime, fence: datetime, push: bool, limit: int
+        self, holder: str, *, now: datetime, fence_seconds: float, push: bool, limit: int
     ) -> list[StoredEvent]:
         self._purge_events(now)
         queues = [
@@ -439,7 +441,7 @@ class MemoryStore(Store):
         relayed: list[StoredEvent] = []
         # Oldest first across accounts; merge() keeps each account's outbox order.
         for account_id, event in heapq.merge(*queues, key=lambda item: item[1]["timestamp"]):
-            lease = self._relay_lease
+            lease, fence = self._relay_lease, self._clock() + fence_seconds
             if len(relayed) >= limit or lease is None or lease[0] != holder or lease[1] <= fence:
                 break
             if event["id"] not in self._events:
@@ -467,6 +469,7 @@ class MemoryStore(Store):
             if self._events[event_id].recorded_at > cutoff:
                 break
             del self._events[event_id]
+            self._event_leases.pop(event_id, None)
             kept += 1
         del self._event_ids[:kept]
 
@@ -494,27 +497,41 @@ class MemoryStore(Store):
             if stored.status is not EventStatus.PENDING or stored.account_id in heads:
                 continue
             heads.add(stored.account_id)  # a later event of this account waits for it
-            if _claimable(stored, now):
+            if self._claimable(stored, now):
                 due.append(_copy_event(stored))
                 if len(due) >= limit:
                     break
         return due
 
     async def claim_event_for_delivery(
-        self, event_id: str, holder: str, *, now: datetime, until: datetime
+        self, event_id: str, holder: str, *, now: datetime, seconds: float
     ) -> StoredEvent | None:
         stored = self._events.get(event_id)
-        if stored is None or not _claimable(stored, now):
+        if stored is None or not self._claimable(stored, now):
             return None
-        stored.lease_holder, stored.lease_expires_at = holder, until
+        self._event_leases[event_id] = (holder, self._clock() + seconds)
+        # For whoever reads it: the expiry on the caller's clock.
+        stored.lease_holder = holder
+        stored.lease_expires_at = now + timedelta(seconds=seconds)
         if stored.first_attempt_at is None:
             stored.first_attempt_at = now
         return _copy_event(stored)
 
+    def _claimable(self, stored: StoredEvent, now: datetime) -> bool:
+        lease = self._event_leases.get(stored.id)
+        return (
+            stored.status is EventStatus.PENDING
+            and stored.next_attempt_at is not None
+            and stored.next_attempt_at <= now
+            and (lease is None or lease[1] <= self._clock())
+        )
+
     def _leased_by(self, event_id: str, holder: str) -> StoredEvent | None:
         stored = self._events.get(event_id)
-        if stored is None or stored.lease_holder != holder:
+        lease = self._event_leases.get(event_id)
+        if stored is None or lease is None or lease[0] != holder:
             return None
+        del self._event_leases[event_id]
         stored.lease_holder = stored.lease_expires_at = None
         stored.attempts += 1
         return stored
@@ -551,6 +568,7 @@ class MemoryStore(Store):
         if stored is None:
             return None
         if stored.status is EventStatus.FAILED:
+            self._event_leases.pop(event_id, None)
             stored.status = EventStatus.PENDING
             stored.attempts = 0
             stored.next_attempt_at = now
@@ -566,11 +584,3 @@ class MemoryStore(Store):
         ]
         return min(times, default=None)
 
-
-def _claimable(stored: StoredEvent, now: datetime) -> bool:
-    return (
-        stored.status is EventStatus.PENDING
-        and stored.next_attempt_at is not None
-        and stored.next_attempt_at <= now
-        and (stored.lease_expires_at is None or stored.lease_expires_at <= now)
-    )

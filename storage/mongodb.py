@@ -943,30 +943,34 @@ class MongoStore(Store):
         result = await self._accounts.update_one(query, {"$push": {"outbox": dict(event)}})
         return bool(result.matched_count)
 
-    # The leases below use the caller's clock, like the refresh lease: SecantusDB
-    # 0.7.0b3 compares a stored date with $$NOW wrongly ($gt answers false for a later
-    # date), so the database's own clock cannot be used in tests. Processes' clocks
-    # must agree to well within the lease margins (seconds): NTP does.
+    # The relay lease and the delivery claims are judged by MongoDB's clock, as the
+    # refresh lease is (_expired, _lasting).
+
     @_mongo_errors
-    async def acquire_relay_lease(self, holder: str, *, now: datetime, until: datetime) -> bool:
-        taken = await self._event_meta.find_one_and_update(
-            {
-                "_id": RELAY_LEASE_ID,
-                "$or": [{"holder": holder}, {"expiresAt": {"$lte": now}}],
-            },
-            {"$set": {"holder": holder, "expiresAt": until}},
-            projection={"_id": 1},
-        )
-        if taken is not None:
-            return True
+    async def acquire_relay_lease(self, holder: str, *, seconds: float) -> bool:
         try:
-            # The first relayer ever; seq counts from here and the document stays.
-            await self._event_meta.insert_one(
-                {"_id": RELAY_LEASE_ID, "holder": holder, "expiresAt": until, "seq": 0}
+            # Upserted by the first relayer ever; seq counts from there, the document stays.
+            doc = await self._event_meta.find_one_and_update(
+                {"_id": RELAY_LEASE_ID, "$or": [{"holder": holder}, _expired("expiresAt")]},
+                [
+                    {
+                        "$set": {
+                            "holder": {"$literal": holder},
+                            "expiresAt": {"$add": ["$$NOW", _milliseconds(seconds)]},
+                            "seq": {"$ifNull": ["$seq", 0]},
+                        }
+                    }
+                ],
+                upsert=True,
+                projection={"holder": 1},
+                return_document=ReturnDocument.AFTER,
             )
         except DuplicateKeyError:
-            return False  # another process holds it
-        return True
+            return False  # another process holds it: the upsert found the document taken
+        if doc is None:
+            # SecantusDB may answer null for an upsert that raced another and applied.
+            doc = await self._event_meta.find_one({"_id": RELAY_LEASE_ID}, {"holder": 1})
+        return doc is not None and doc.get("holder") == holder
 
     @_mongo_errors
     async def release_relay_lease(self, holder: str) -> None:
@@ -976,7 +980,7 @@ class MongoStore(Store):
 
     @_mongo_errors
     async def relay_outbox(
-        self, holder: str, *, now: datetime, fence: datetime, push: bool, limit: int
+        self, holder: str, *, now: datetime, fence_seconds: float, push: bool, limit: int
     ) -> list[StoredEvent]:
         # An array sort key is its smallest element: the account's oldest event first.
         cursor = (
@@ -995,7 +999,11 @@ class MongoStore(Store):
             # relayer that lost its lease allocates nothing; the fence margin outlasts
             # the insert below, so no seq can land behind one a reader already saw.
             meta = await self._event_meta.find_one_and_update(
-                {"_id": RELAY_LEASE_ID, "holder": holder, "expiresAt": {"$gt": fence}},
+                {
+                    "_id": RELAY_LEASE_ID,
+                    "holder": holder,
+                    **_lasting("expiresAt", fence_seconds),
+                },
                 {"$inc": {"seq": 1}},
                 projection={"seq": 1},
                 return_document=ReturnDocument.AFTER,
@@ -1073,14 +1081,21 @@ class MongoStore(Store):
 
     @_mongo_errors
     async def claim_event_for_delivery(
-        self, event_id: str, holder: str, *, now: datetime, until: datetime
+        self, event_id: str, holder: str, *, now: datetime, seconds: float
     ) -> StoredEvent | None:
         doc = await self._events.find_one_and_update(
             {"_id": event_id, **_claimable(now)},
-            {
-                "$set": {"lease": {"holder": holder, "expiresAt": until}},
-                "$min": {"firstAttemptAt": now},
-            },
+            [
+                {
+                    "$set": {
+                        "lease": {
+                            "holder": {"$literal": holder},
+                            "expiresAt": {"$add": ["$$NOW", _milliseconds(seconds)]},
+                        },
+                        "firstAttemptAt": {"$ifNull": ["$firstAttemptAt", now]},
+                    }
+                }
+            ],
             return_document=ReturnDocument.AFTER,
         )
         return _event_from_document(doc) if doc is not None else None
@@ -1172,12 +1187,34 @@ _ACCOUNT_DOCUMENT_FIELDS = {
 }
 
 
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+# Lease expiries on MongoDB's clock, compared as numbers like _LEASE_EXPIRED (SecantusDB
+# compares a stored date with $$NOW wrongly).
+def _expired(path: str) -> dict[str, Any]:
+    return {"$expr": {"$lte": [{"$toLong": f"${path}"}, {"$toLong": "$$NOW"}]}}
+
+
+def _lasting(path: str, seconds: float) -> dict[str, Any]:
+    """The lease at ``path`` lasts at least ``seconds`` more."""
+    return {
+        "$expr": {
+            "$gt": [
+                {"$toLong": f"${path}"},
+                {"$add": [{"$toLong": "$$NOW"}, _milliseconds(seconds)]},
+            ]
+        }
+    }
+
+
 def _claimable(now: datetime) -> dict[str, Any]:
-    """Pending, due, and in flight nowhere (no lease, or an expired one)."""
+    """Pending, due at ``now``, and in flight nowhere (no lease, or an expired one)."""
     return {
         "status": EventStatus.PENDING.value,
         "nextAttemptAt": {"$lte": now},
-        "$or": [{"lease": {"$exists": False}}, {"lease.expiresAt": {"$lte": now}}],
+        "$or": [{"lease": {"$exists": False}}, _expired("lease.expiresAt")],
     }
 
 

@@ -23,8 +23,10 @@ from storage.mongodb import (
 from tests.fixtures_mongo import open_mongo_store
 
 NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
-LEASE = timedelta(seconds=20)
-FENCE = timedelta(seconds=10)
+LEASE_S = 20.0
+FENCE_S = 10.0
+# A lease short enough to wait out (leases run on the store's clock, not NOW).
+SHORT_S = 0.2
 
 gen_test = pytest.mark.gen_test(timeout=30)
 
@@ -50,8 +52,18 @@ def event_at(account: Account, seconds: float, event_type: str = CONNECTED) -> d
 
 async def relay_all(store: Store, holder: str = "relay-a", *, push: bool = True,
                     now: datetime = NOW) -> list[Any]:
-    assert await store.acquire_relay_lease(holder, now=now, until=now + LEASE)
-    return await store.relay_outbox(holder, now=now, fence=now + FENCE, push=push, limit=100)
+    assert await store.acquire_relay_lease(holder, seconds=LEASE_S)
+    return await store.relay_outbox(
+        holder, now=now, fence_seconds=FENCE_S, push=push, limit=100)
+
+
+async def until_true(probe: Any, what: str) -> None:
+    """Poll ``probe()`` until it answers true (a short lease running out)."""
+    for _ in range(200):
+        if await probe():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{what}: not within 4 s")
 
 
 async def outbox_of(store: Store, account_id: str) -> list[dict[str, Any]] | None:
@@ -138,25 +150,27 @@ async def test_a_relayer_that_lost_its_lease_logs_nothing(make_store):
         alice = await account(store)
         event = event_at(alice, 0)
         await store.append_account_event(alice.id, event)
-        assert await store.acquire_relay_lease("relay-a", now=NOW, until=NOW + LEASE)
-        assert await store.acquire_relay_lease("relay-a", now=NOW, until=NOW + LEASE)  # renew
-        assert not await store.acquire_relay_lease("relay-b", now=NOW, until=NOW + LEASE)
-        # Its lease no longer lasts beyond the fence: not one seq allocated.
+        assert await store.acquire_relay_lease("relay-a", seconds=LEASE_S)
+        assert await store.acquire_relay_lease("relay-a", seconds=LEASE_S)  # renew
+        assert not await store.acquire_relay_lease("relay-b", seconds=LEASE_S)
+        # Its lease does not last beyond the fence: not one seq allocated.
         assert await store.relay_outbox(
-            "relay-a", now=NOW, fence=NOW + LEASE, push=True, limit=10) == []
-        later = NOW + LEASE + timedelta(seconds=1)
-        assert await store.acquire_relay_lease("relay-b", now=later, until=later + LEASE)
+            "relay-a", now=NOW, fence_seconds=LEASE_S + 5, push=True, limit=10) == []
+        # It stops renewing; once the lease runs out, another relayer takes over.
+        assert await store.acquire_relay_lease("relay-a", seconds=SHORT_S)
+        await until_true(lambda: store.acquire_relay_lease("relay-b", seconds=LEASE_S),
+                         "relay-b takes the lease over")
         assert await store.relay_outbox(
-            "relay-a", now=later, fence=later + FENCE, push=True, limit=10) == []
+            "relay-a", now=NOW, fence_seconds=0, push=True, limit=10) == []
         assert await store.list_events(after_seq=0, limit=10) == []
         logged = await store.relay_outbox(
-            "relay-b", now=later, fence=later + FENCE, push=True, limit=10)
+            "relay-b", now=NOW, fence_seconds=FENCE_S, push=True, limit=10)
         assert [s.id for s in logged] == [event["id"]]
         # Released: anyone may take it at once.
         await store.release_relay_lease("relay-a")  # not the holder: no effect
-        assert not await store.acquire_relay_lease("relay-a", now=later, until=later + LEASE)
+        assert not await store.acquire_relay_lease("relay-a", seconds=LEASE_S)
         await store.release_relay_lease("relay-b")
-        assert await store.acquire_relay_lease("relay-a", now=later, until=later + LEASE)
+        assert await store.acquire_relay_lease("relay-a", seconds=LEASE_S)
 
 
 @gen_test
@@ -179,9 +193,9 @@ async def test_seq_keeps_growing_across_relayers(make_store):
         alice = await account(store)
         seqs = []
         for index, holder in enumerate(("relay-a", "relay-b", "relay-c")):
-            at = NOW + index * (LEASE + timedelta(seconds=1))
             await store.append_account_event(alice.id, event_at(alice, index))
-            seqs += [s.seq for s in await relay_all(store, holder, now=at)]
+            seqs += [s.seq for s in await relay_all(store, holder)]
+            await store.release_relay_lease(holder)
         assert seqs == sorted(seqs) and len(set(seqs)) == 3
 
 
@@ -200,7 +214,7 @@ async def test_pages_by_seq_and_status(make_store):
         assert await store.list_events(after_seq=logged[-1].seq, limit=2) == []
         assert await store.list_events(after_seq=0, limit=10, status=EventStatus.FAILED) == []
         claimed = await store.claim_event_for_delivery(
-            logged[0].id, "worker", now=NOW, until=NOW + LEASE)
+            logged[0].id, "worker", now=NOW, seconds=LEASE_S)
         assert claimed is not None
         await store.mark_attempt_failed(
             logged[0].id, "worker", now=NOW, failure="http 500", next_attempt_at=None)
@@ -224,8 +238,8 @@ async def test_delivery_goes_in_order_per_account_one_claim_at_a_time(make_store
         assert [s.id for s in await store.due_events(now=NOW, limit=1)] == [a1["id"]]
         # Two workers race for a1: one claim wins.
         claims = await asyncio.gather(
-            store.claim_event_for_delivery(a1["id"], "w1", now=NOW, until=NOW + LEASE),
-            store.claim_event_for_delivery(a1["id"], "w2", now=NOW, until=NOW + LEASE),
+            store.claim_event_for_delivery(a1["id"], "w1", now=NOW, seconds=LEASE_S),
+            store.claim_event_for_delivery(a1["id"], "w2", now=NOW, seconds=LEASE_S),
         )
         assert sum(c is not None for c in claims) == 1
         winner = "w1" if claims[0] is not None else "w2"
@@ -238,11 +252,11 @@ async def test_delivery_goes_in_order_per_account_one_claim_at_a_time(make_store
             a1["id"], winner, now=NOW, failure="timeout", next_attempt_at=retry_at)
         assert [s.id for s in await store.due_events(now=NOW, limit=10)] == [b1["id"]]
         assert await store.claim_event_for_delivery(
-            a1["id"], "w3", now=NOW, until=NOW + LEASE) is None
+            a1["id"], "w3", now=NOW, seconds=LEASE_S) is None
         due = await store.due_events(now=retry_at, limit=10)
         assert [s.id for s in due] == [a1["id"], b1["id"]]
         again = await store.claim_event_for_delivery(
-            a1["id"], "w3", now=retry_at, until=retry_at + LEASE)
+            a1["id"], "w3", now=retry_at, seconds=LEASE_S)
         assert again is not None and again.attempts == 1 and again.last_failure == "timeout"
         assert again.first_attempt_at == NOW  # the first claim's time stays
         assert await store.mark_delivered(a1["id"], "w3", now=retry_at)
@@ -261,7 +275,7 @@ async def test_a_failed_event_lets_the_next_one_go_and_can_be_redelivered(make_s
         await store.append_account_event(alice.id, a1)
         await store.append_account_event(alice.id, a2)
         await relay_all(store)
-        assert await store.claim_event_for_delivery(a1["id"], "w", now=NOW, until=NOW + LEASE)
+        assert await store.claim_event_for_delivery(a1["id"], "w", now=NOW, seconds=LEASE_S)
         assert await store.mark_attempt_failed(
             a1["id"], "w", now=NOW, failure="connection refused", next_attempt_at=None)
         assert [s.id for s in await store.due_events(now=NOW, limit=10)] == [a2["id"]]
@@ -275,7 +289,7 @@ async def test_a_failed_event_lets_the_next_one_go_and_can_be_redelivered(make_s
         assert await store.redeliver_event("evt_unknown", now=later) is None
         # Only a failed event changes.
         claimed = await store.claim_event_for_delivery(
-            a1["id"], "w", now=later, until=later + LEASE)
+            a1["id"], "w", now=later, seconds=LEASE_S)
         assert claimed is not None and claimed.first_attempt_at == later
         await store.mark_delivered(a1["id"], "w", now=later)
         assert (await store.redeliver_event(a1["id"], now=later)).status is (
@@ -289,16 +303,21 @@ async def test_an_expired_claim_can_be_taken_over(make_store):
         event = event_at(alice, 0)
         await store.append_account_event(alice.id, event)
         await relay_all(store)
+        claimed = await store.claim_event_for_delivery(
+            event["id"], "stalled", now=NOW, seconds=SHORT_S)
+        assert claimed is not None and claimed.lease_holder == "stalled"
+        assert await store.due_events(now=NOW, limit=10) == []
+
+        async def due_again() -> bool:
+            return [s.id for s in await store.due_events(now=NOW, limit=10)] == [event["id"]]
+
+        await until_true(due_again, "the stalled claim runs out")
         assert await store.claim_event_for_delivery(
-            event["id"], "stalled", now=NOW, until=NOW + LEASE)
-        later = NOW + LEASE
-        assert [s.id for s in await store.due_events(now=later, limit=10)] == [event["id"]]
-        assert await store.claim_event_for_delivery(
-            event["id"], "fresh", now=later, until=later + LEASE)
+            event["id"], "fresh", now=NOW, seconds=LEASE_S)
         # The stalled worker's outcome no longer counts.
         assert not await store.mark_attempt_failed(
-            event["id"], "stalled", now=later, failure="timeout", next_attempt_at=None)
-        assert await store.mark_delivered(event["id"], "fresh", now=later)
+            event["id"], "stalled", now=NOW, failure="timeout", next_attempt_at=None)
+        assert await store.mark_delivered(event["id"], "fresh", now=NOW)
 
 
 @gen_test
@@ -310,7 +329,7 @@ async def test_a_backlog_on_one_account_does_not_hide_the_others(make_store):
             await store.append_account_event(alice.id, event)
         await store.append_account_event(bob.id, event_at(bob, 10))
         await relay_all(store)
-        await store.claim_event_for_delivery(backlog[0]["id"], "w", now=NOW, until=NOW + LEASE)
+        await store.claim_event_for_delivery(backlog[0]["id"], "w", now=NOW, seconds=LEASE_S)
         due = await store.due_events(now=NOW, limit=2)
         assert [s.account_id for s in due] == [bob.id]
 

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 
+from core.errors import ConfigError, GatewayError, StoreSetupFailed
 from handlers.accounts import AccessTokenHandler, AccountHandler, AccountListHandler
 from handlers.base import InFlight, NotFoundHandler, log_request
 from handlers.events import EventListHandler, EventRedeliverHandler
@@ -33,9 +34,9 @@ from handlers.meta import MetricsHandler, OpenAPIHandler, openapi_document
 from handlers.oauth import AuthorizeHandler, CallbackHandler
 from handlers.webhooks import TikTokWebhookHandler
 from services.accounts import AccountService, refresh_lease_seconds
+from services.budget import TikTokBudget
 from services.config import Config, load_config
 from services.connect import ConnectionService
-from services.errors import ConfigError, GatewayError, StoreSetupFailed
 from services.event_delivery import EventWorkers, event_workers_for
 from services.events import EventFeed
 from services.logging_setup import setup_logging
@@ -86,6 +87,8 @@ class Gateway:
     resolve_principal: PrincipalResolver
     # This gateway's Prometheus metrics, in a registry of its own (GET /metrics).
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    # TikTok's rate limits, shared through the store by every process.
+    budget: TikTokBudget | None = None
 
 
 def create_store(config: Config, *, require_indexes: bool = False) -> Store:
@@ -171,8 +174,10 @@ def build_gateway(
     metrics = GatewayMetrics(registry)
     # Every store operation is timed; the wrapped store stays reachable as .inner.
     store = InstrumentedStore(store or create_store(config, require_indexes=True), metrics)
+    # Every call to TikTok takes a permit from its endpoint's budget in the store.
+    budget = TikTokBudget.from_config(config, store, metrics=metrics)
     # One pooled client per process (TIKTOK_HTTP_CLIENT), made in the running loop.
-    tiktok = tiktok_client_for(config, http_client, metrics=metrics)
+    tiktok = tiktok_client_for(config, http_client, metrics=metrics, budget=budget)
     service = ConnectionService(
         store=store,
         tiktok=tiktok,
@@ -206,6 +211,7 @@ def build_gateway(
         ),
         resolve_principal=resolve_principal,
         metrics=metrics,
+        budget=budget,
     )
 
 

@@ -37,6 +37,7 @@ AREAS = (
     ("services/metrics", "metrics (prometheus_client)"),
     ("urllib/", "URL parsing / encoding"),
     ("storage/", "store"),
+    ("core/", "gateway services"),
     ("services/", "gateway services"),
     ("handlers/", "gateway handlers"),
     ("copy.py", "store (deep copies)"),

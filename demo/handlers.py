@@ -20,6 +20,8 @@ import tornado.web
 from tornado.escape import url_escape
 from tornado.template import Loader
 
+from core.clock import iso_z, utcnow
+from core.errors import PermissionDenied
 from demo.product import (
     DEMO_PATH,
     DEMO_USER_NAME,
@@ -28,11 +30,9 @@ from demo.product import (
     DemoProduct,
     gateway_url_of,
 )
-from handlers.accounts import iso_utc
 from handlers.base import ErrorWriterMixin
 from handlers.oauth import CallbackHandler
 from services.accounts import AccountService, RefreshOutcome
-from services.errors import PermissionDenied
 
 if TYPE_CHECKING:
     from server import Gateway
@@ -179,7 +179,7 @@ class DemoHandler(HtmlErrorPages):
             base=self.base,
             xsrf=self.xsrf_form_html(),
             error=error,
-            iso=iso_utc,
+            iso=iso_z,
             relative=relative,
             path_segment=lambda value: url_escape(value, plus=False),
             **{"returned": None, "notice": None, "cards": [], **extra},
@@ -255,7 +255,7 @@ def relative(moment: datetime | None) -> str:
         return "unknown"
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    seconds = int((moment - datetime.now(UTC)).total_seconds())
+    seconds = int((moment - utcnow()).total_seconds())
     if seconds <= 0:
         return "expired"
     hours, rest = divmod(seconds, 3600)

@@ -30,10 +30,10 @@ import tornado.escape
 import tornado.web
 from tornado.httpserver import HTTPServer
 
+from core.errors import ConfigError, GatewayError, Unauthenticated
 from handlers.base import log_request
 from server import Gateway, build_gateway, routes, start_refresher
 from services.config import Config, load_config
-from services.errors import ConfigError, GatewayError, Unauthenticated
 from storage.base import Store
 
 log = logging.getLogger("host")

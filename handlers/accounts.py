@@ -7,13 +7,13 @@ also needs the bearer scope ``tiktok.tokens``.
 
 from __future__ import annotations
 
+from core.clock import iso_z
 from handlers.base import ErrorWriterMixin
 from services.accounts import AccountService
 from services.product_auth import TOKENS_SCOPE, PrincipalResolver
 
 # The renderer lives in services: account events carry the same representation.
 from services.representation import account_payload as account_json
-from services.representation import iso_utc
 
 
 class AccountsHandlerBase(ErrorWriterMixin):
@@ -52,7 +52,7 @@ class AccessTokenHandler(AccountsHandlerBase):
         self.write_json(
             {
                 "accessToken": token.access_token,
-                "expiresAt": iso_utc(token.expires_at),
+                "expiresAt": iso_z(token.expires_at),
                 "scopes": token.scopes,
                 "openId": token.open_id,
             }

@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import uuid
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 from urllib.parse import unquote
@@ -15,7 +14,8 @@ from urllib.parse import unquote
 import tornado.httputil
 import tornado.web
 
-from services.errors import GatewayError
+from core.clock import iso_z, utcnow
+from core.errors import GatewayError, error_for_status
 from services.logging_setup import current_request_id
 
 access_log = logging.getLogger("gateway.access")
@@ -23,24 +23,6 @@ error_log = logging.getLogger("gateway.errors")
 
 # Only ids that are safe to echo into headers and logs are taken from the caller.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{7,127}$")
-
-_CODES_BY_STATUS = {
-    400: "VALIDATION_ERROR",
-    401: "UNAUTHORIZED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    405: "METHOD_NOT_ALLOWED",
-    409: "CONFLICT",
-    413: "PAYLOAD_TOO_LARGE",
-    503: "SERVICE_UNAVAILABLE",
-}
-_MESSAGES_BY_STATUS = {
-    400: "The request is not valid.",
-    404: "There is nothing at this address.",
-    405: "This address does not accept that kind of request.",
-    413: "The request is too large.",
-}
-_GENERIC_MESSAGE = "Something went wrong on our side. Please try again later."
 
 
 def request_id_of(request: Any) -> str:
@@ -51,10 +33,6 @@ def request_id_of(request: Any) -> str:
         request_id = incoming if _REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
         request._gateway_request_id = request_id
     return request_id
-
-
-def utc_timestamp() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class InFlight:
@@ -129,10 +107,11 @@ class ErrorWriterMixin(BaseHandler):
             if exc.retry_after is not None:
                 self.set_header("Retry-After", str(exc.retry_after))
         elif isinstance(exc, tornado.web.HTTPError) and exc.status_code < 500:
-            code = _CODES_BY_STATUS.get(exc.status_code, "VALIDATION_ERROR")
-            message = _MESSAGES_BY_STATUS.get(exc.status_code, "The request is not valid.")
-            # Tornado's log_message can quote request data (a code, say): not echoed.
-            envelope = self._envelope(code, message, None, None)
+            # Tornado's own refusal (an unknown path, a wrong method): the error that
+            # stands for its status answers. Its log_message can quote request data (a
+            # code, say): not echoed.
+            error = error_for_status(exc.status_code)
+            envelope = self._envelope(error.code, error.default_message, None, None)
             if exc.status_code == 405:
                 # RFC 9110: a 405 names the methods the resource does accept.
                 self.set_header("Allow", ", ".join(self.allowed_methods()))
@@ -140,8 +119,8 @@ class ErrorWriterMixin(BaseHandler):
             # A bug, or a GatewayError of our own making (tokens no configured key
             # opens): its detail is for the log, not for the caller.
             self.set_status(500 if status_code < 500 or status_code == 599 else status_code)
-            code = _CODES_BY_STATUS.get(self.get_status(), "INTERNAL_SERVER_ERROR")
-            envelope = self._envelope(code, _GENERIC_MESSAGE, None, None)
+            code = error_for_status(self.get_status()).code
+            envelope = self._envelope(code, GatewayError.default_message, None, None)
         self.render_error(self.get_status(), envelope)
 
     def render_error(self, status: int, envelope: dict[str, Any]) -> None:
@@ -163,7 +142,7 @@ class ErrorWriterMixin(BaseHandler):
         if details:
             envelope["details"] = details
         envelope["requestId"] = request_id_of(self.request)
-        envelope["timestamp"] = utc_timestamp()
+        envelope["timestamp"] = iso_z(utcnow())
         return envelope
 
     def log_exception(
@@ -209,8 +188,8 @@ class ErrorWriterMixin(BaseHandler):
                 "request_id": request_id_of(self.request),
                 "method": self.request.method,
                 "route": route_of(self),
-                "status": 500,
-                "outcome": "INTERNAL_SERVER_ERROR",
+                "status": GatewayError.status,
+                "outcome": GatewayError.code,
             },
         )
 

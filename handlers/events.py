@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.clock import iso_z
+from core.errors import ValidationFailed
 from handlers.base import ErrorWriterMixin
-from services.errors import ValidationFailed
 from services.events import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, EventFeed
 from services.product_auth import EVENTS_SCOPE, PrincipalResolver
-from services.representation import iso_utc
 from storage.base import EventStatus, StoredEvent
 
 # What GET /events?status= may ask for.
@@ -27,8 +27,8 @@ def recorded_event_json(stored: StoredEvent) -> dict[str, Any]:
             "status": stored.status.value,
             "attempts": stored.attempts,
             "lastFailure": stored.last_failure,
-            "nextAttemptAt": iso_utc(stored.next_attempt_at),
-            "deliveredAt": iso_utc(stored.delivered_at),
+            "nextAttemptAt": iso_z(stored.next_attempt_at),
+            "deliveredAt": iso_z(stored.delivered_at),
         },
     }
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from core.clock import iso_z
+from core.errors import ValidationFailed
 from handlers.base import ErrorWriterMixin
 from services.connect import CallbackParams, ConnectionService
-from services.errors import ValidationFailed
 from services.product_auth import UserResolver
 
 # Generous for TikTok's real values, small enough to refuse garbage early.
@@ -39,7 +40,7 @@ class AuthorizeHandler(GatewayHandler):
             {
                 "authorizationUrl": started.authorization_url,
                 "state": started.state,
-                "expiresAt": started.expires_at.isoformat().replace("+00:00", "Z"),
+                "expiresAt": iso_z(started.expires_at),
             }
         )
 

@@ -67,12 +67,12 @@ from vcr.request import Request  # noqa: E402
 from vcr.serialize import serialize  # noqa: E402
 from vcr.serializers import yamlserializer  # noqa: E402
 
+from core.errors import ConfigError  # noqa: E402
 from sandbox import Sandbox, SandboxClient  # noqa: E402
 from sandbox.app import AUTHORIZE_PATH as SANDBOX_AUTHORIZE_PATH  # noqa: E402
 from sandbox.state import ACCESS_TOKEN_TTL  # noqa: E402
 from server import make_app  # noqa: E402
 from services.config import Config  # noqa: E402
-from services.errors import ConfigError  # noqa: E402
 from services.product_auth import TOKENS_SCOPE  # noqa: E402
 from services.tiktok import REVOKE_PATH, TOKEN_PATH, USER_INFO_PATH  # noqa: E402
 from storage.memory import MemoryStore  # noqa: E402

@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.errors import ConfigError, GatewayError  # noqa: E402
 from server import configure_logging, create_store  # noqa: E402
 from services.config import load_config  # noqa: E402
-from services.errors import ConfigError, GatewayError  # noqa: E402
 from storage.base import ResealBatch, Store  # noqa: E402
 from storage.memory import MemoryStore  # noqa: E402
 

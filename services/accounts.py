@@ -24,17 +24,18 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from services.connect import utcnow
-from services.errors import (
+from core.clock import utcnow
+from core.errors import (
     Conflict,
     GatewayError,
     NotFound,
+    OutcomeUnknown,
     ProviderRejected,
     ProviderUnavailable,
     ServiceUnavailable,
 )
 from services.metrics import GatewayMetrics
-from services.tiktok import OutcomeUnknown, TikTokClient
+from services.tiktok import TikTokClient
 from storage.base import Account, AccountStatus, AccountTokens, Store, TokenGrant
 
 if TYPE_CHECKING:

@@ -10,10 +10,19 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from services.errors import ConfigError
+from core.errors import ConfigError
+from services.budget import (
+    DEFAULT_BACKGROUND_SHARE,
+    DEFAULT_FALLBACK_SHARE,
+    DEFAULT_MARGIN_SECONDS,
+    DEFAULT_RATE_LIMITS,
+    RateLimit,
+    share_of,
+)
 from services.http_client import DEFAULT_MAX_CONNECTIONS, HTTP_CLIENTS, curl_available
 from services.redirects import AllowedOrigins, RedirectRejected
 from services.scopes import KNOWN_SCOPES
+from storage.base import CALL_BUDGETS
 from storage.crypto import TokenCipher
 
 MIN_HMAC_KEY_BYTES = 32
@@ -97,6 +106,14 @@ class Config:
     shutdown_timeout_seconds: float = 20.0
     # Serves /demo, the browser demo's stand-in product (make demo); never in production.
     demo_mode: bool = False
+    # TikTok's rate limits per endpoint, one budget shared by every process through the
+    # store (services/budget.py); kept margin seconds longer than TikTok's window.
+    tiktok_rate_limits: tuple[tuple[str, RateLimit], ...] = tuple(DEFAULT_RATE_LIMITS.items())
+    tiktok_rate_limit_margin_seconds: float = DEFAULT_MARGIN_SECONDS
+    # The most of each budget background work may use in any window.
+    tiktok_background_share: float = DEFAULT_BACKGROUND_SHARE
+    # What one process may use of each budget on its own while the store cannot be asked.
+    tiktok_fallback_share: float = DEFAULT_FALLBACK_SHARE
     # Account events (issue 15): pushed to the product when both are set.
     product_webhook_url: str | None = field(default=None, repr=False)
     product_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
@@ -466,6 +483,25 @@ def load_config(environ: Mapping[str, str]) -> Config:
             "SHUTDOWN_TIMEOUT_SECONDS", 20.0, _non_negative_float, "seconds"
         ),
         demo_mode=env.parsed("DEMO_MODE", False, _flag, "1 or 0 (true/false, yes/no, on/off)"),
+        tiktok_rate_limits=env.parsed(
+            "TIKTOK_RATE_LIMITS",
+            tuple(DEFAULT_RATE_LIMITS.items()),
+            _rate_limits,
+            "comma-separated name=calls/seconds (e.g. user_info=600/60s,token=1200/60s; "
+            "name=off for no limit)",
+        ),
+        tiktok_rate_limit_margin_seconds=env.parsed(
+            "TIKTOK_RATE_LIMIT_MARGIN_SECONDS", DEFAULT_MARGIN_SECONDS, _non_negative_float,
+            "seconds",
+        ),
+        tiktok_background_share=env.parsed(
+            "TIKTOK_BACKGROUND_SHARE", DEFAULT_BACKGROUND_SHARE, _share,
+            "a fraction above 0, at most 1",
+        ),
+        tiktok_fallback_share=env.parsed(
+            "TIKTOK_FALLBACK_SHARE", DEFAULT_FALLBACK_SHARE, _fraction,
+            "a fraction from 0 to 1",
+        ),
         product_webhook_url=env.parsed(
             "PRODUCT_WEBHOOK_URL", None, _tls_url, "an absolute URL of your product's receiver"
         ),
@@ -489,7 +525,84 @@ def load_config(environ: Mapping[str, str]) -> Config:
             "one process, so a state started in one worker would be unknown to the others"
         )
     _check_demo_mode(env, config)
+    _check_rate_limits(env, config)
     _check_events(env, config)
     if env.problems:
         raise ConfigError(env.problems)
     return config
+
+
+# -- TikTok rate limits (services/budget.py) ----------------------------------------
+
+_PERIOD_UNITS = {"s": 1.0, "m": 60.0}
+
+
+def _rate_limits(text: str) -> tuple[tuple[str, RateLimit], ...]:
+    """``user_info=600/60s,token=1200/60s``: each named endpoint replaces its default;
+    ``name=off`` removes one."""
+    limits = dict(DEFAULT_RATE_LIMITS)
+    named: set[str] = set()
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        name, equals, value = (piece.strip() for piece in entry.partition("="))
+        if not equals or not value:
+            raise ValueError(f"{entry!r} is not name=calls/seconds")
+        if name not in CALL_BUDGETS:
+            raise ValueError(f"unknown endpoint {name!r}; known: {', '.join(CALL_BUDGETS)}")
+        if name in named:
+            raise ValueError(f"{name} is given twice")
+        named.add(name)
+        if value.lower() in ("off", "none"):
+            limits.pop(name, None)
+            continue
+        limits[name] = _rate_limit(name, value)
+    return tuple(sorted(limits.items()))
+
+
+def _rate_limit(name: str, value: str) -> RateLimit:
+    calls_text, slash, period = (piece.strip() for piece in value.partition("/"))
+    unit = _PERIOD_UNITS.get(period[-1:].lower(), 1.0) if period else 1.0
+    if period[-1:].lower() in _PERIOD_UNITS:
+        period = period[:-1].strip()
+    try:
+        calls, seconds = int(calls_text), float(period) * unit
+    except ValueError:
+        calls, seconds = 0, 0.0
+    if not slash or calls <= 0 or not 0 < seconds < float("inf"):
+        raise ValueError(
+            f"{name}={value!r}: expected a whole number of calls above 0, '/', and a "
+            "period above 0 such as 60s or 1m"
+        )
+    return RateLimit(calls, seconds)
+
+
+def _share(text: str) -> float:
+    number = float(text)
+    if not 0 < number <= 1:
+        raise ValueError("must be above 0 and at most 1")
+    return number
+
+
+def _fraction(text: str) -> float:
+    number = float(text)
+    if not 0 <= number <= 1:
+        raise ValueError("must be from 0 to 1")
+    return number
+
+
+def _check_rate_limits(env: _Reader, config: Config) -> None:
+    """Each share must leave at least one call of every limit."""
+    for name, limit in config.tiktok_rate_limits:
+        if not share_of(limit, config.tiktok_background_share):
+            env.problems.append(
+                f"TIKTOK_BACKGROUND_SHARE={config.tiktok_background_share:g} leaves background "
+                f"work (refreshes, profile filling) no call of {name}={limit}: raise that limit "
+                "or the share"
+            )
+        if config.tiktok_fallback_share and not share_of(limit, config.tiktok_fallback_share):
+            env.problems.append(
+                f"TIKTOK_FALLBACK_SHARE={config.tiktok_fallback_share:g} leaves a process that "
+                f"cannot reach the store no call of {name}={limit}: raise the share, or set 0 "
+                "to stop every call while the store cannot be asked"
+            )

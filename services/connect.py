@@ -9,10 +9,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-from services import pkce
-from services.errors import (
+# Re-exported: code written before core.clock existed imports utcnow from here.
+from core.clock import utcnow as utcnow
+from core.errors import (
     AuthorizationDenied,
     GatewayError,
     InvalidState,
@@ -21,6 +22,7 @@ from services.errors import (
     StateConflict,
     ValidationFailed,
 )
+from services import pkce
 from services.metrics import GatewayMetrics
 from services.redirects import AllowedOrigins, with_query
 from services.scopes import BASIC_SCOPE, KNOWN_SCOPES, parse_granted, user_fields_for
@@ -46,10 +48,6 @@ REPEAT_POLL_MAX_SECONDS = 0.25
 STILL_CONNECTING = (
     "We are still connecting your TikTok account. Please reload this page in a moment."
 )
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

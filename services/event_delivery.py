@@ -30,8 +30,8 @@ from standardwebhooks import Webhook
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
-from services.connect import utcnow
-from services.errors import GatewayError
+from core.clock import utcnow
+from core.errors import GatewayError
 from services.events import RELAY_IDLE_SECONDS, EventRelay, Outage
 from services.http_client import is_refused, is_timeout
 from storage.base import Store, StoredEvent

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from services.connect import utcnow
-from services.errors import Conflict, GatewayError, NotFound, ValidationFailed
+from core.clock import iso_z, utcnow
+from core.errors import Conflict, GatewayError, NotFound, ValidationFailed
 
 # The types and reasons, re-exported: callers build events from here.
 from services.event_types import CONNECTED as CONNECTED
@@ -32,7 +32,7 @@ from services.event_types import REFRESH_TOKEN_EXPIRED as REFRESH_TOKEN_EXPIRED
 from services.event_types import REVOKED as REVOKED
 from services.event_types import SOURCE_PRODUCT as SOURCE_PRODUCT
 from services.event_types import SOURCE_TIKTOK as SOURCE_TIKTOK
-from services.representation import account_payload, iso_utc
+from services.representation import account_payload
 from storage.base import Account, EventStatus, Store, StoredEvent
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def new_event(
     return {
         "id": new_event_id(),
         "type": event_type,
-        "timestamp": iso_utc(now or utcnow()),
+        "timestamp": iso_z(now or utcnow()),
         "data": {"account": account_payload(account), **extras},
     }
 

@@ -40,21 +40,27 @@ from prometheus_client import (
 from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from services.errors import GatewayError
+from core.errors import (
+    AuthorizationDenied,
+    GatewayError,
+    ServiceUnavailable,
+    StateConflict,
+    ValidationFailed,
+)
 from services.event_types import EVENT_TYPES
 from storage.base import Account, Store
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 CONNECTED = "connected"
 # A callback that ended in something other than a GatewayError (a bug).
-INTERNAL_ERROR = "INTERNAL_SERVER_ERROR"
+INTERNAL_ERROR = GatewayError.code
 # What a callback can end in: connected, or the envelope's error code.
 CALLBACK_OUTCOMES = (
     CONNECTED,
-    "VALIDATION_ERROR",
-    "CONFLICT",
-    "PERMISSION_DENIED",
-    "SERVICE_UNAVAILABLE",
+    *(
+        error.code
+        for error in (ValidationFailed, StateConflict, AuthorizationDenied, ServiceUnavailable)
+    ),
     INTERNAL_ERROR,
 )
 # services.accounts.RefreshOutcome values, plus "error" when refreshing raised.
@@ -203,8 +209,11 @@ class GatewayMetrics:
         self._callbacks = {name: self.callbacks.labels(name) for name in CALLBACK_OUTCOMES}
         self._refreshes = {name: self.refreshes.labels(name) for name in REFRESH_OUTCOMES}
         self._tiktok: dict[tuple[str, str], Any] = {}
+        self._init_budget_metrics()
 
     def render(self) -> bytes:
+        for hook in self._render_hooks:
+            hook()
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
         # Every worker's files, read at each scrape.
@@ -263,6 +272,56 @@ class GatewayMetrics:
         if child is None:
             child = children[name] = counter.labels(name)
         return child
+
+    # -- TikTok call budgets (services/budget.py) -----------------------------------
+
+    def _init_budget_metrics(self) -> None:
+        # Functions run before each render, so gauges that age show their value now.
+        self._render_hooks: list[Callable[[], None]] = []
+        self.budget_calls = Counter(
+            "tiktok_gateway_budget_calls",
+            "Calls that asked a TikTok budget for a permit, by budget (endpoint), priority "
+            "and result: admitted (shared budget), local (this process's share while the "
+            "store cannot be asked), refused (no room before the caller's deadline), paused "
+            "(background call while the store cannot be asked).",
+            ["budget", "priority", "result"],
+            registry=self.registry,
+        )
+        self.budget_deferred = Counter(
+            "tiktok_gateway_budget_deferred",
+            "Calls that found their TikTok budget spent and waited for room (admitted or "
+            "refused after), by budget and priority.",
+            ["budget", "priority"],
+            registry=self.registry,
+        )
+        self.budget_used = Gauge(
+            "tiktok_gateway_budget_used",
+            "Calls admitted by every process in the current window of a TikTok budget, as "
+            "this process last saw it.",
+            ["budget"],
+            registry=self.registry,
+            multiprocess_mode="livemostrecent",
+        )
+        self.budget_remaining = Gauge(
+            "tiktok_gateway_budget_remaining",
+            "Calls a TikTok budget can still admit in the current window (limit - used).",
+            ["budget"],
+            registry=self.registry,
+            multiprocess_mode="livemostrecent",
+        )
+
+    def before_render(self, hook: Callable[[], None]) -> None:
+        self._render_hooks.append(hook)
+
+    def budget_call(self, budget: str, priority: str, result: str) -> None:
+        self.budget_calls.labels(budget, priority, result).inc()
+
+    def budget_wait(self, budget: str, priority: str) -> None:
+        self.budget_deferred.labels(budget, priority).inc()
+
+    def budget_use(self, budget: str, used: int, limit: int) -> None:
+        self.budget_used.labels(budget).set(used)
+        self.budget_remaining.labels(budget).set(max(limit - used, 0))
 
 
 class InstrumentedStore(Store):

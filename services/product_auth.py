@@ -8,7 +8,7 @@ from typing import Any
 
 import jwt
 
-from services.errors import PermissionDenied, Unauthenticated
+from core.errors import PermissionDenied, Unauthenticated
 from services.jwt_keys import hs256_jwt
 from services.state import STATE_TYP
 

@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import SplitResult, unquote_plus, urlencode, urlsplit
 
-from services.errors import ValidationFailed
+# Re-exported: configuration checks know it as services.redirects.RedirectRejected.
+from core.errors import RedirectRejected as RedirectRejected
 
 MAX_REDIRECT_URI_LENGTH = 2048
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -23,13 +24,6 @@ _FORBIDDEN = re.compile(
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 Origin = tuple[str, str, int]
-
-
-class RedirectRejected(ValidationFailed):
-    default_message = (
-        "The address to return to after connecting TikTok is not allowed. "
-        "Use one of the addresses configured for this gateway."
-    )
 
 
 def _normalise_host(host: str) -> str:

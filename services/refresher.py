@@ -40,9 +40,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from core.clock import utcnow
+from core.errors import GatewayError
 from services.accounts import AccountService, RefreshOutcome
-from services.connect import utcnow
-from services.errors import GatewayError
+from services.budget import Priority, call_priority
 from storage.base import Account, Store
 
 log = logging.getLogger("gateway.refresher")
@@ -216,7 +217,9 @@ class Refresher:
                 # Only calls that may reach TikTok spend the budget; refresh_account
                 # settles a dead refresh token without asking TikTok.
                 await self._limiter.acquire()
-            task = asyncio.ensure_future(self._accounts.refresh_account(account))
+            # The task keeps this priority: its TikTok calls draw on the background share.
+            with call_priority(Priority.BACKGROUND):
+                task = asyncio.ensure_future(self._accounts.refresh_account(account))
             self._in_flight.add(task)
             task.add_done_callback(self._settled)
             # Shielded: stop() cancels the round, but a refresh that may have reached

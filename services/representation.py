@@ -3,19 +3,10 @@ account events (``services.events``) render it with the same function."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
+from core.clock import iso_z
 from storage.base import Account, AccountStatus
-
-
-def iso_utc(moment: datetime | None) -> str | None:
-    """ISO-8601 in UTC with a ``Z``, milliseconds like the error envelope's timestamp."""
-    if moment is None:
-        return None
-    if moment.tzinfo is None:  # stored times are UTC
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def account_payload(account: Account) -> dict[str, Any]:
@@ -31,9 +22,9 @@ def account_payload(account: Account) -> dict[str, Any]:
         "scopes": list(account.scopes),
         "status": account.status.value,
         # The tokens of a revoked or refused account are gone, and so is their expiry.
-        "accessTokenExpiresAt": iso_utc(account.access_token_expires_at) if connected else None,
+        "accessTokenExpiresAt": iso_z(account.access_token_expires_at) if connected else None,
         # The user must connect again by then: refreshes do not extend it.
-        "refreshTokenExpiresAt": iso_utc(account.refresh_token_expires_at) if connected else None,
-        "createdAt": iso_utc(account.created_at),
-        "updatedAt": iso_utc(account.updated_at),
+        "refreshTokenExpiresAt": iso_z(account.refresh_token_expires_at) if connected else None,
+        "createdAt": iso_z(account.created_at),
+        "updatedAt": iso_z(account.updated_at),
     }

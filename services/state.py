@@ -14,7 +14,7 @@ from typing import Any
 
 import jwt
 
-from services.errors import InvalidState
+from core.errors import InvalidState
 from services.jwt_keys import hs256_jwt
 
 STATE_TYP = "tiktok-gateway-state+jwt"

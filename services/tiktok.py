@@ -18,7 +18,8 @@ from urllib.parse import urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
-from services.errors import ProviderRejected, ProviderUnavailable
+from core.errors import OutcomeUnknown, ProviderRejected, ProviderUnavailable
+from services.budget import ENDPOINT_BUDGETS, CallBudget
 from services.http_client import (
     capacity_of,
     close_http_client,
@@ -48,12 +49,6 @@ RETRY_AFTER_CAP_SECONDS = 2.0
 MIN_ATTEMPT_SECONDS = 0.5
 # What a call that waited for a free connection keeps of its request timeout, at least.
 MIN_REQUEST_SECONDS = 0.1
-
-
-class OutcomeUnknown(ProviderUnavailable):
-    """The request may have reached TikTok, but no answer came back (a timeout or a
-    dropped connection once it was sent): whatever TikTok did with it is unknown. For
-    a refresh: TikTok may have rotated the refresh token."""
 
 
 @dataclass(frozen=True)
@@ -118,8 +113,11 @@ class TikTokClient:
         metrics: GatewayMetrics | None = None,
         http_factory: Callable[[], AsyncHTTPClient] | None = None,
         max_in_flight: int | None = None,
+        budget: CallBudget | None = None,
     ) -> None:
         self._http = http
+        # TikTok's rate limits: every call takes a permit first (services/budget.py).
+        self._budget = budget
         # Calls past ``max_in_flight`` wait here, not in the HTTP client's queue: curl's
         # queue has no timeout, and a call it sends late may carry a code whose
         # callback has already answered. Here the wait is bounded and cancellable.
@@ -292,6 +290,9 @@ class TikTokClient:
             else:
                 self._http = AsyncHTTPClient()
         started = time.monotonic()
+        if self._budget is not None:
+            await self._take_permit(self._budget, request, endpoint, started)
+            started = time.monotonic()
         slots = self._slots
         if slots is None:
             return await self._send(request, endpoint, started)
@@ -319,6 +320,20 @@ class TikTokClient:
             ) from None
         waited = time.monotonic() - started
         allowed = request.request_timeout or self._request_timeout
+        request.request_timeout = max(allowed - waited, MIN_REQUEST_SECONDS)
+
+    async def _take_permit(
+        self, budget: CallBudget, request: HTTPRequest, endpoint: str, started: float
+    ) -> None:
+        """A permit from the endpoint's budget, with the caller's priority; the time
+        waited comes off the request timeout, which stays the whole bound. No room in
+        time: ``RateLimited``, and nothing is sent."""
+        allowed = request.request_timeout or self._request_timeout
+        await budget.acquire(
+            ENDPOINT_BUDGETS.get(endpoint, endpoint),
+            deadline=started + allowed - MIN_ATTEMPT_SECONDS,
+        )
+        waited = time.monotonic() - started
         request.request_timeout = max(allowed - waited, MIN_REQUEST_SECONDS)
 
     async def _send(self, request: HTTPRequest, endpoint: str, started: float) -> _Reply:
@@ -480,6 +495,7 @@ def tiktok_client_for(
     *,
     metrics: GatewayMetrics | None = None,
     http_factory: Callable[[], AsyncHTTPClient] | None = None,
+    budget: CallBudget | None = None,
 ) -> TikTokClient:
     """The gateway's TikTok client for ``config``: it calls through ``http_client`` when
     given, else through one pooled client (TIKTOK_HTTP_CLIENT) made on first use, in
@@ -504,6 +520,7 @@ def tiktok_client_for(
         metrics=metrics,
         http_factory=None if http_client else http_factory,
         max_in_flight=max_in_flight,
+        budget=budget,
     )
 
 

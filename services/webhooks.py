@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from core.clock import utcnow
+from core.errors import PayloadTooLarge, SignatureInvalid, ValidationFailed
 from services.config import WEBHOOK_RETRY_WINDOW_SECONDS
-from services.connect import utcnow
-from services.errors import GatewayError, Unauthenticated, ValidationFailed
 from storage.base import Store
 
 # Year 5138: anything later is garbage, and would overflow datetime.
@@ -57,18 +57,6 @@ MAX_REASON = 2**31 - 1
 # The `t` and `s` values exactly as TikTok documents them, nothing lenient.
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _HEX_SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")
-
-
-class SignatureInvalid(Unauthenticated):
-    """The request is not provably from TikTok for this app: nothing is done."""
-
-    default_message = "This webhook request could not be verified."
-
-
-class PayloadTooLarge(GatewayError):
-    status = 413
-    code = "PAYLOAD_TOO_LARGE"
-    default_message = "The request is too large."
 
 
 class WebhookOutcome(enum.StrEnum):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -512,3 +513,119 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def oldest_undelivered(self) -> datetime | None:
         """The timestamp of the oldest event still to push (pending or not yet relayed)."""
+
+    # -- TikTok call budgets (services/budget.py) -----------------------------------
+
+    @abc.abstractmethod
+    async def admit_call(
+        self,
+        budget: str,
+        *,
+        limit: int,
+        window_seconds: float,
+        background: bool = False,
+        background_limit: int | None = None,
+        now: datetime | None = None,
+    ) -> CallAdmission:
+        """Admit one call to ``budget`` (a TikTok endpoint's name) if fewer than
+        ``limit`` calls were admitted in the last ``window_seconds``, and, for a
+        ``background`` call, fewer than ``background_limit`` background calls: judged
+        and recorded in one atomic step, shared by every process using this store.
+
+        ``now`` is the time of the call; None takes the store's own clock (MongoDB's
+        ``$$NOW``), one clock for every gateway process and machine.
+        """
+
+
+# The TikTok endpoints a budget can be kept for (TIKTOK_RATE_LIMITS names them).
+CALL_BUDGETS = ("user_info", "token", "revoke")
+
+
+@dataclass(frozen=True)
+class CallAdmission:
+    """One ``Store.admit_call`` decision, timed by the clock that made it."""
+
+    admitted: bool
+    # When it was decided (epoch seconds, by the clock that decided).
+    at: float
+    # Seconds until a call of this kind could be admitted; 0 when this one was.
+    retry_after: float
+    # For each call admitted within the window ending now (this one included), how many
+    # seconds until it leaves the window, soonest first: its length is the window's use.
+    leaving: tuple[float, ...]
+    background_used: int = 0
+
+    @property
+    def used(self) -> int:
+        return len(self.leaving)
+
+
+def judge_call(
+    calls: list[float],
+    background_calls: list[float],
+    now: float,
+    *,
+    limit: int,
+    window_seconds: float,
+    background: bool,
+    background_limit: int | None,
+    admitted: bool | None = None,
+    unit: float = 1.0,
+) -> CallAdmission:
+    """The sliding-window rule on the logs of admitted calls (admission order, the most
+    recent last): room when the ``limit``-th most recent call is at least
+    ``window_seconds`` old (the background log likewise against ``background_limit``).
+    Times and window are in ``unit`` seconds (0.001: integer milliseconds, exact); the
+    answer is in seconds.
+
+    ``admitted`` given: the logs already hold the decision (MongoDB's post-image), only
+    describe it. Otherwise decide, and append ``now`` to the logs when admitted, so that
+    N+1 admitted calls always span at least the window: no window holds more than N.
+    """
+    if admitted is None:
+        free_at = _free_at(calls, background_calls, limit=limit, window=window_seconds,
+                           background=background, background_limit=background_limit)
+        admitted = free_at <= now
+        if admitted:
+            calls.append(now)
+            del calls[:-limit]
+            if background and background_limit:
+                background_calls.append(now)
+                del background_calls[:-background_limit]
+    retry_after = 0.0
+    if not admitted:
+        free_at = _free_at(calls, background_calls, limit=limit, window=window_seconds,
+                           background=background, background_limit=background_limit)
+        retry_after = max(free_at - now, 0.0)
+    cutoff = now - window_seconds
+    return CallAdmission(
+        admitted=admitted,
+        at=now * unit,
+        retry_after=retry_after * unit,
+        leaving=tuple(sorted((t - cutoff) * unit for t in calls if t > cutoff)),
+        background_used=sum(1 for t in background_calls if t > cutoff),
+    )
+
+
+def window_ms(window_seconds: float) -> int:
+    """A window in whole milliseconds, the stores' precision: rounded up, never down."""
+    return math.ceil(round(window_seconds * 1000, 6))
+
+
+def _free_at(
+    calls: list[float],
+    background_calls: list[float],
+    *,
+    limit: int,
+    window: float,
+    background: bool,
+    background_limit: int | None,
+) -> float:
+    """When the next call of this kind may be admitted (-inf: now)."""
+    free_at = calls[-limit] + window if len(calls) >= limit else float("-inf")
+    if background:
+        if not background_limit:
+            return float("inf")
+        if len(background_calls) >= background_limit:
+            free_at = max(free_at, background_calls[-background_limit] + window)
+    return free_at

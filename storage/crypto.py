@@ -9,19 +9,12 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from services.errors import GatewayError
+# Re-exported: the store and its callers know it as storage.crypto.TokenIntegrityError.
+from core.errors import TokenIntegrityError as TokenIntegrityError
 
 _VERSION = "v1"
 KEY_BYTES = 32
 NONCE_BYTES = 12
-
-
-class TokenIntegrityError(GatewayError):
-    """A stored ciphertext failed authentication: tampered, or its key is gone.
-
-    Answered with the generic 500 (the technical message, naming the key id, goes to
-    the ERROR log only): it means lost data or a wrong TOKEN_ENCRYPTION_KEYS.
-    """
 
 
 class TokenCipher:

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from storage.base import (
@@ -21,6 +21,7 @@ from storage.base import (
     Account,
     AccountStatus,
     AccountTokens,
+    CallAdmission,
     ClaimOutcome,
     ClaimResult,
     EventStatus,
@@ -34,6 +35,8 @@ from storage.base import (
     check_event,
     check_event_condition,
     event_time,
+    judge_call,
+    window_ms,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.tokens import TOKEN_VERSION_FIELD, TokenSealer
@@ -93,6 +96,8 @@ class MemoryStore(Store):
         self._leases: dict[str, tuple[str, float]] = {}
         # Account id -> token generation; kept when tokens are wiped, so it only grows.
         self._versions: dict[str, int] = {}
+        # Budget name -> (admitted calls, admitted background calls), epoch milliseconds.
+        self._call_logs: dict[str, tuple[list[float], list[float]]] = {}
         # Account events: outboxes by account id, then the log in seq order.
         self._outboxes: dict[str, list[dict[str, Any]]] = {}
         self._events: dict[str, StoredEvent] = {}
@@ -400,6 +405,34 @@ class MemoryStore(Store):
     def _wipe_tokens(self, account_id: str) -> None:
         self._sealed_tokens.pop(account_id, None)
         self._leases.pop(account_id, None)
+
+    # -- TikTok call budgets ----------------------------------------------------------
+
+    async def admit_call(
+        self,
+        budget: str,
+        *,
+        limit: int,
+        window_seconds: float,
+        background: bool = False,
+        background_limit: int | None = None,
+        now: datetime | None = None,
+    ) -> CallAdmission:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        calls, background_calls = self._call_logs.setdefault(budget, ([], []))
+        # No await in here: the decision and its record are one step on this loop.
+        # Whole milliseconds, as MongoDB keeps them: exact comparisons.
+        return judge_call(
+            calls,
+            background_calls,
+            round((now or datetime.now(UTC)).timestamp() * 1000),
+            limit=limit,
+            window_seconds=window_ms(window_seconds),
+            background=background,
+            background_limit=background_limit,
+            unit=0.001,
+        )
 
     # -- account events ---------------------------------------------------------------
     # No await between a read and its write here either, so each method is atomic.

@@ -31,14 +31,16 @@ from pymongo.errors import (
     PyMongoError,
 )
 
-from services.errors import StoreSetupFailed, StoreUnavailable
+from core.errors import StoreSetupFailed, StoreUnavailable
 from storage.base import (
+    CALL_BUDGETS,
     PLATFORM,
     PROFILE_FIELDS,
     TOKEN_USE_RESOLUTION,
     Account,
     AccountStatus,
     AccountTokens,
+    CallAdmission,
     ClaimOutcome,
     ClaimResult,
     EventStatus,
@@ -52,6 +54,8 @@ from storage.base import (
     check_event,
     check_event_condition,
     event_time,
+    judge_call,
+    window_ms,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.tokens import TOKEN_VERSION_FIELD, TokenSealer
@@ -464,6 +468,8 @@ class MongoStore(Store):
                 )
         if problems:
             raise StoreSetupFailed(problems, details=dict(_DETAILS))
+        # TikTok call budgets: their documents exist before any call is admitted.
+        await self._create_call_budgets(CALL_BUDGETS)
 
     def _event_ttl_index(self) -> IndexSpec:
         """Account events are kept EVENTS_RETENTION_DAYS after the relay logged them."""
@@ -924,6 +930,68 @@ class MongoStore(Store):
             "$unset": _TOKEN_UNSET,
         }
 
+    # -- TikTok call budgets ----------------------------------------------------------
+    # One document per budget: {_id: name, calls: [dates], background: [dates]}, the
+    # times of the last admitted calls in admission order. One pipeline update judges
+    # and records a call, so every process and machine draws from one log.
+
+    @functools.cached_property
+    def _call_budgets(self) -> Any:
+        return self._database[CALL_BUDGETS_COLLECTION]
+
+    @_mongo_errors
+    async def admit_call(
+        self,
+        budget: str,
+        *,
+        limit: int,
+        window_seconds: float,
+        background: bool = False,
+        background_limit: int | None = None,
+        now: datetime | None = None,
+    ) -> CallAdmission:
+        if limit < 1 or (background and not background_limit):
+            raise ValueError("limit and background_limit must be at least 1")
+        # BSON dates are milliseconds: so is the window, rounded up.
+        window = window_ms(window_seconds)
+        pipeline = _admission_pipeline(
+            now, limit, window, background_limit if background else None
+        )
+        for _ in range(2):
+            doc = await self._call_budgets.find_one_and_update(
+                {"_id": budget}, pipeline, return_document=ReturnDocument.AFTER
+            )
+            if doc is not None:
+                return judge_call(
+                    [_ms(t) for t in doc["calls"]],
+                    [_ms(t) for t in doc["background"]],
+                    _ms(doc["askedAt"]),
+                    limit=limit,
+                    window_seconds=window,
+                    background=background,
+                    background_limit=background_limit,
+                    admitted=bool(doc["admitted"]),
+                    unit=0.001,
+                )
+            # Not made yet (initialize has not run): make it, then ask again. Never an
+            # upsert of the admission itself, whose answer may be lost in a race.
+            await self._create_call_budgets((budget,))
+        raise StoreUnavailable(
+            technical_message=f"MongoDB call budget {budget!r} could not be created",
+            details=dict(_DETAILS),
+        )
+
+    async def _create_call_budgets(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            try:
+                await self._call_budgets.update_one(
+                    {"_id": name},
+                    {"$setOnInsert": {"calls": [], "background": []}},
+                    upsert=True,
+                )
+            except DuplicateKeyError:
+                pass  # another process made it meanwhile
+
     # -- account events ---------------------------------------------------------------
 
     @_mongo_errors
@@ -1240,3 +1308,52 @@ def _event_from_document(doc: dict[str, Any]) -> StoredEvent:
         lease_holder=lease.get("holder"),
         lease_expires_at=lease.get("expiresAt"),
     )
+
+
+CALL_BUDGETS_COLLECTION = "tiktok_call_budgets"
+
+
+def _ms(moment: datetime) -> int:
+    return round(moment.timestamp() * 1000)
+
+
+def _admission_pipeline(
+    now: datetime | None, limit: int, window: int, background_limit: int | None
+) -> list[dict[str, Any]]:
+    """The update that admits a call if its logs have room, and records it.
+
+    ``$$NOW`` goes through ``$toLong``/``$toDate`` (milliseconds either way, an identity
+    on mongod): SecantusDB holds ``$$NOW`` with microseconds and a time zone, and
+    compares it as equal to any stored date, so the window check would always pass.
+    """
+
+    def room(log: str, most: int) -> dict[str, Any]:
+        # The most-th most recent call is at least the window old (or there are fewer).
+        return {
+            "$or": [
+                {"$lt": [{"$size": log}, most]},
+                {"$lte": [{"$arrayElemAt": [log, -most]},
+                          {"$subtract": ["$askedAt", window]}]},
+            ]
+        }
+
+    def record(log: str, most: int) -> dict[str, Any]:
+        pushed = {"$slice": [{"$concatArrays": [log, ["$askedAt"]]}, -most]}
+        return {"$cond": ["$admitted", pushed, log]}
+
+    checks = [room("$calls", limit)]
+    updates = {"calls": record("$calls", limit)}
+    if background_limit is not None:
+        checks.append(room("$background", background_limit))
+        updates["background"] = record("$background", background_limit)
+    return [
+        {
+            "$set": {
+                "askedAt": {"$toDate": {"$toLong": "$$NOW"}} if now is None else now,
+                "calls": {"$ifNull": ["$calls", []]},
+                "background": {"$ifNull": ["$background", []]},
+            }
+        },
+        {"$set": {"admitted": {"$and": checks}}},
+        {"$set": updates},
+    ]

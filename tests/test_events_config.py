@@ -8,8 +8,8 @@ import os
 
 import pytest
 
+from core.errors import ConfigError
 from services.config import DEFAULT_EVENT_RETRY_SCHEDULE, load_config
-from services.errors import ConfigError
 from tests.support import environ
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()

@@ -396,6 +396,8 @@ class TestTokensSealedWithARemovedKey:
         app = make_app(make_config(MONGODB_URI=mongo_server.uri,
                                    MONGODB_DATABASE=mongo_database_name,
                                    TOKEN_ENCRYPTION_KEYS=KEY_B))
+        # As start-up does: the gateway's MongoDB store serves only once indexed.
+        io_loop.run_sync(app.settings["gateway"].store.initialize)
         yield app
         io_loop.run_sync(app.settings["gateway"].store.close)
 

@@ -23,6 +23,7 @@ from tornado.curl_httpclient import CurlError
 from tornado.httpclient import HTTPClientError
 from tornado.simple_httpclient import HTTPTimeoutError
 
+from core.errors import OutcomeUnknown
 from server import build_gateway
 from services.accounts import (
     LEASE_STORE_CALLS,
@@ -38,7 +39,7 @@ from services.errors import (
 )
 from services.http_client import close_http_client, make_http_client, nothing_sent
 from services.metrics import GatewayMetrics, InstrumentedStore
-from services.tiktok import OutcomeUnknown, TikTokClient
+from services.tiktok import TikTokClient
 from storage.base import Account, AccountStatus, Store, TokenGrant
 from storage.mongodb import APP_NAME, MongoStore
 from tests.fixtures_mongo import free_port, mongo_failpoint

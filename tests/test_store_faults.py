@@ -11,6 +11,7 @@ process is stopped in ``finally`` (the context manager).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -298,16 +299,22 @@ class TestStoreUnreachableInProcess:
 SOCKET_TIMEOUT_MS = 500
 
 
-def _wait_until_stopped(pid: int) -> None:
-    """SIGSTOP lands asynchronously: on a loaded machine the server could still answer
-    the next call, so wait until the kernel reports the process stopped ("T")."""
-    stat = Path(f"/proc/{pid}/stat")
-    for _ in range(400):
-        # The state follows the parenthesised command name, which may hold spaces.
-        if stat.read_text().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+def freeze(pid: int) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it has stopped: the signal is
+    asynchronous, and a thread still running can answer one more request."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    tasks = Path(f"/proc/{pid}/task")
+    while time.monotonic() < deadline:
+        states = set()
+        for task in tasks.iterdir():
+            with contextlib.suppress(OSError):
+                # "pid (comm) S ...": the state follows the last ")".
+                states.add((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        if states <= {"T", "t"}:
             return
-        time.sleep(0.005)
-    raise AssertionError(f"process {pid} did not stop after SIGSTOP")
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop: thread states {states}")
 
 
 # The bound is the point: without a socket timeout the call waits for the driver's
@@ -333,9 +340,8 @@ async def test_a_stalled_mongodb_fails_a_store_call_at_the_socket_timeout(
     try:
         await store.initialize()
         assert await store.list_accounts("owner") == []
-        os.kill(mongo_process.pid, signal.SIGSTOP)
+        freeze(mongo_process.pid)
         try:
-            _wait_until_stopped(mongo_process.pid)
             with pytest.raises(StoreUnavailable) as caught:
                 await store.list_accounts("owner")
             assert caught.value.details == {"dependency": "mongodb"}

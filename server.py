@@ -173,7 +173,9 @@ def build_gateway(
     """
     metrics = GatewayMetrics(registry)
     # Every store operation is timed; the wrapped store stays reachable as .inner.
-    store = InstrumentedStore(store or create_store(config, require_indexes=True), metrics)
+    store = InstrumentedStore(  # type: ignore[abstract]  # its methods are generated
+        store or create_store(config, require_indexes=True), metrics
+    )
     # Every call to TikTok takes a permit from its endpoint's budget in the store.
     budget = TikTokBudget.from_config(config, store, metrics=metrics)
     # One pooled client per process (TIKTOK_HTTP_CLIENT), made in the running loop.

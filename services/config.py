@@ -55,6 +55,7 @@ WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 WEBHOOK_SECRET_BYTES = (24, 64)
 
 T = TypeVar("T")
+D = TypeVar("D")
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class _Reader:
             return ""
         return value
 
-    def parsed(self, name: str, default: T, parse: Callable[[str], T], expect: str) -> T:
+    def parsed(self, name: str, default: D, parse: Callable[[str], T], expect: str) -> T | D:
         value = self.raw(name)
         if value is None:
             return default

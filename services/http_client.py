@@ -157,6 +157,7 @@ def nothing_sent(exc: BaseException) -> bool:
     return code == CURLE_OPERATION_TIMEDOUT and str(message).startswith(_CURL_UNSENT_TIMEOUTS)
 
 
-def _curl_code(exc: BaseException) -> Any:
+def _curl_code(exc: BaseException) -> int | None:
     # CurlError keeps libcurl's error code in ``errno``; other 599s have none.
-    return getattr(exc, "errno", None) if isinstance(exc, HTTPClientError) else None
+    code: int | None = getattr(exc, "errno", None) if isinstance(exc, HTTPClientError) else None
+    return code

@@ -389,4 +389,5 @@ for _name, _member in vars(Store).items():
         continue
     wrapped = _timed if inspect.iscoroutinefunction(_member) else _passed_through
     setattr(InstrumentedStore, _name, wrapped(_name))
-abc.update_abstractmethods(InstrumentedStore)
+# mypy cannot see methods made by setattr: to it the class stays abstract.
+abc.update_abstractmethods(InstrumentedStore)  # type: ignore[type-abstract]

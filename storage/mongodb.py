@@ -740,7 +740,7 @@ class MongoStore(Store):
             },
             {"$set": fields, **_ONE_MORE_GENERATION},
         )
-        return result.modified_count == 1
+        return bool(result.modified_count == 1)
 
     @_mongo_errors
     async def require_reauthorization(

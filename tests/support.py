@@ -11,16 +11,16 @@ from urllib.parse import parse_qs, urlsplit
 
 import jwt
 
+from scripts.cassette_scenarios import CLIENT_KEY, REDIRECT_URI
 from services.config import Config, load_config
 from services.state import STATE_ISSUER, STATE_TYP
 
+# The gateway's client key and redirect URI are the ones the cassettes carry.
 # Obviously fake and fresh every run: nothing here is a real credential.
-CLIENT_KEY = "test-client-key"
 CLIENT_SECRET = "test-client-secret-" + secrets.token_hex(8)
 STATE_SECRET = "test-state-secret-" + secrets.token_hex(24)
 AUTH_SECRET = "test-auth-secret-" + secrets.token_hex(24)
 TOKEN_KEY = "test:" + base64.b64encode(os.urandom(32)).decode()
-REDIRECT_URI = "https://gateway.example.com/oauth/tiktok/callback"
 PRODUCT_ORIGIN = "https://app.example.com"
 PRODUCT_REDIRECT = PRODUCT_ORIGIN + "/settings/connections?tab=social"
 

@@ -21,6 +21,7 @@ from tornado.httpclient import HTTPClientError
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 import services.http_client as http_client_module
+from scripts.cassette_scenarios import callback_params
 from server import make_app
 from services.errors import ConfigError, ProviderRejected, ProviderUnavailable
 from services.http_client import (
@@ -32,7 +33,7 @@ from services.http_client import (
     nothing_sent,
 )
 from services.tiktok import TikTokClient, tiktok_client_for
-from tests.cassettes import callback_params, replay
+from tests.cassettes import replay
 from tests.flow import location, sandbox_settings, start
 from tests.support import PRODUCT_REDIRECT, assert_envelope, make_config
 

@@ -3,7 +3,7 @@ from collections.abc import Iterator
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.flow import make_sandbox
+from tests.flow import live_sandbox
 
 pytest_plugins = ["tests.fixtures_mongo"]
 
@@ -11,10 +11,8 @@ pytest_plugins = ["tests.fixtures_mongo"]
 @pytest.fixture
 def sandbox(io_loop):
     """A live TikTok sandbox on a free loopback port, in the test's event loop."""
-    sandbox = make_sandbox()
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
+    with live_sandbox(io_loop) as sandbox:
+        yield sandbox
 
 
 @pytest.fixture

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from tornado.ioloop import IOLoop
 
 from sandbox import Sandbox, SandboxClient
 from tests.support import (
     CLIENT_KEY,
     CLIENT_SECRET,
+    CONNECTED,
+    LOOPBACK,
     PRODUCT_REDIRECT,
     REDIRECT_URI,
     bearer,
@@ -27,11 +32,42 @@ def make_sandbox(pkce: str = "hex", **kwargs: Any) -> Sandbox:
     )
 
 
+@contextlib.contextmanager
+def live_sandbox(
+    io_loop: IOLoop, sandbox: Sandbox | None = None, **kwargs: Any
+) -> Iterator[Sandbox]:
+    """``sandbox`` (default: ``make_sandbox(**kwargs)``) listening on a free loopback
+    port, its base URL in ``.url``; closed in ``io_loop`` on the way out."""
+    sandbox = sandbox or make_sandbox(**kwargs)
+    sandbox.url = f"http://{LOOPBACK}:{sandbox.listen()}"  # type: ignore[attr-defined]
+    try:
+        yield sandbox
+    finally:
+        io_loop.run_sync(sandbox.close)
+
+
 def sandbox_settings(sandbox_url: str) -> dict[str, str]:
     return {
         "TIKTOK_API_BASE_URL": sandbox_url,
         "TIKTOK_AUTHORIZE_URL": f"{sandbox_url}/v2/auth/authorize/",
     }
+
+
+async def authorize(
+    client: AsyncHTTPClient,
+    gateway_url: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> HTTPResponse:
+    """``POST /oauth/tiktok/authorize`` as the product backend sends it (``body``
+    default: the product's redirect URI; ``headers`` default: its bearer); any answer."""
+    return await client.fetch(
+        f"{gateway_url}/oauth/tiktok/authorize",
+        method="POST",
+        body=json.dumps(body if body is not None else {"redirectUri": PRODUCT_REDIRECT}),
+        headers=headers if headers is not None else bearer(),
+        raise_error=False,
+    )
 
 
 async def start(
@@ -40,16 +76,15 @@ async def start(
     owner: str = "user-123",
     scopes: list[str] | None = None,
 ) -> dict[str, Any]:
+    """An authorization started for ``owner``: the gateway's answer (``state``,
+    ``authorizationUrl``...)."""
     body: dict[str, Any] = {"redirectUri": PRODUCT_REDIRECT}
     if scopes is not None:
         body["scopes"] = scopes
-    response = await client.fetch(
-        f"{gateway_url}/oauth/tiktok/authorize",
-        method="POST",
-        body=json.dumps(body),
-        headers=bearer(owner),
-    )
-    return json.loads(response.body)
+    response = await authorize(client, gateway_url, body, bearer(owner))
+    assert response.code == 200, response.body
+    started: dict[str, Any] = json.loads(response.body)
+    return started
 
 
 async def consent(
@@ -70,6 +105,28 @@ async def consent(
 
 async def follow(client: AsyncHTTPClient, url: str) -> HTTPResponse:
     return await client.fetch(url, follow_redirects=False, raise_error=False)
+
+
+async def callback(
+    client: AsyncHTTPClient, gateway_url: str, params: Mapping[str, Any] | None = None, **more: Any
+) -> HTTPResponse:
+    """The callback with the query ``params`` and ``more`` (lists repeat a parameter)."""
+    query = urlencode({**(params or {}), **more}, doseq=True)
+    return await follow(client, f"{gateway_url}/oauth/tiktok/callback?{query}")
+
+
+async def connect(
+    client: AsyncHTTPClient,
+    gateway_url: str,
+    owner: str = "user-123",
+    scopes: list[str] | None = None,
+) -> dict[str, Any]:
+    """A whole connection: start, consent at the sandbox, callback, redirected as
+    connected. The authorize answer (``state``...)."""
+    started = await start(client, gateway_url, owner=owner, scopes=scopes)
+    callback_url = await consent(client, gateway_url, started["authorizationUrl"])
+    assert location(await follow(client, callback_url)) == CONNECTED
+    return started
 
 
 async def fetch_with_request_id(

@@ -27,7 +27,7 @@ from server import make_app
 from services.product_auth import TOKENS_SCOPE
 from storage.base import AccountStatus, TokenGrant
 from tests.cassettes import assert_all_played, assert_nothing_secret, recorded_json, replay
-from tests.support import CLIENT_KEY, assert_envelope, bearer, make_config
+from tests.support import CLIENT_KEY, assert_envelope, bearer, make_config, store_of
 
 OWNER = "user-123"
 TOKEN_URL = "https://open.tiktokapis.com/v2/oauth/token/"
@@ -45,10 +45,6 @@ ONE_DAY = 86400
 def app():
     # TikTok's real URLs and the default 300 s skew: replay means nothing leaves.
     return make_app(make_config())
-
-
-def store_of(app):
-    return app.settings["gateway"].store
 
 
 async def seed_account(app, *, access_ttl: timedelta) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
@@ -13,15 +12,19 @@ from tests.flow import (
     assert_one_state_connected_once,
     consent,
     follow,
+    live_sandbox,
     location,
-    make_sandbox,
     sandbox_settings,
     start,
 )
-from tests.support import PRODUCT_REDIRECT, assert_envelope, make_config
-
-CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
-
+from tests.support import (
+    CONNECTED,
+    LOOPBACK,
+    assert_envelope,
+    free_port,
+    make_config,
+    store_of,
+)
 
 # gateway TIKTOK_PKCE mode -> the sandbox's matching verification mode
 SANDBOX_PKCE = {"hex": "hex", "s256": "s256", "off": "optional"}
@@ -35,10 +38,8 @@ def pkce_mode(request):
 
 @pytest.fixture
 def sandbox(io_loop, pkce_mode):
-    sandbox = make_sandbox(pkce=SANDBOX_PKCE[pkce_mode])
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
+    with live_sandbox(io_loop, pkce=SANDBOX_PKCE[pkce_mode]) as sandbox:
+        yield sandbox
 
 
 @pytest.fixture
@@ -52,10 +53,6 @@ def gateway_settings(sandbox, pkce_mode):
 @pytest.fixture
 def app(gateway_settings):
     return make_app(make_config(**gateway_settings))
-
-
-def store_of(app):
-    return app.settings["gateway"].store
 
 
 @pytest.mark.gen_test
@@ -222,17 +219,11 @@ async def test_pkce_off_sends_no_challenge(http_client, base_url, sandbox):
     assert location(await follow(http_client, callback_url)) == CONNECTED
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class TestUnreachableTikTok:
     @pytest.fixture
     def app(self, sandbox):
         settings = sandbox_settings(sandbox.url)
-        settings["TIKTOK_API_BASE_URL"] = f"http://127.0.0.1:{_closed_port()}"
+        settings["TIKTOK_API_BASE_URL"] = f"http://{LOOPBACK}:{free_port()}"
         return make_app(make_config(**settings))
 
     @pytest.mark.gen_test

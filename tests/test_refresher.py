@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,19 +21,14 @@ from services.refresher import ERROR, MAX_BACKOFF_SECONDS, RateLimiter, Refreshe
 from services.tiktok import TikTokClient
 from storage.base import Account, AccountStatus, Store, TokenGrant
 from storage.memory import MemoryStore
-from tests.flow import make_sandbox
-from tests.support import CLIENT_KEY, CLIENT_SECRET, REDIRECT_URI, make_config
+from tests.flow import live_sandbox, make_sandbox
+from tests.support import CLIENT_KEY, CLIENT_SECRET, REDIRECT_URI, make_config, utc_now
 
 gen_test = pytest.mark.gen_test(timeout=30)
 AHEAD = 3600
 # A refreshed access token lives the sandbox's (TikTok's) 2 hours, well past AHEAD and
 # the due expiries the tests seed (minutes): an expiry this late shows a refresh happened.
 REFRESHED = timedelta(seconds=ACCESS_TOKEN_TTL) - timedelta(minutes=1)
-
-
-def utc_now() -> datetime:
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 class FakeTime:
@@ -79,10 +74,8 @@ class RecordingAccounts(AccountService):
 
 @pytest.fixture
 def sandbox(io_loop):
-    sandbox = make_sandbox(pkce="optional")
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
+    with live_sandbox(io_loop, pkce="optional") as sandbox:
+        yield sandbox
 
 
 def tiktok_for(sandbox_url: str) -> TikTokClient:

@@ -762,7 +762,7 @@ class MongoStore(Store):
                 "$unset": _TOKEN_UNSET,
             },
         )
-        return result.matched_count == 1
+        return bool(result.matched_count == 1)
 
     @_mongo_errors
     async def revoke_account(

@@ -3,7 +3,8 @@ from collections.abc import Iterator
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.flow import live_sandbox
+from services.tiktok import TikTokClient
+from tests.flow import live_sandbox, tiktok_for
 
 pytest_plugins = ["tests.fixtures_mongo"]
 
@@ -26,3 +27,9 @@ def client(io_loop) -> Iterator[AsyncHTTPClient]:
     )
     yield client
     client.close()
+
+
+@pytest.fixture
+def tiktok(sandbox) -> TikTokClient:
+    """The gateway's TikTok client on the test's sandbox, without a gateway."""
+    return tiktok_for(sandbox.url)

@@ -1,10 +1,12 @@
-"""Driving a whole connection the way a product backend and a browser would."""
+"""Driving a whole connection the way a product backend and a browser would, and the
+sandbox (TikTok) for tests that skip the browser: its tokens, a TikTok client on it."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 from collections.abc import Iterator, Mapping
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -12,6 +14,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.ioloop import IOLoop
 
 from sandbox import Sandbox, SandboxClient
+from services.tiktok import TikTokClient
+from storage.base import TokenGrant
 from tests.support import (
     CLIENT_KEY,
     CLIENT_SECRET,
@@ -20,6 +24,7 @@ from tests.support import (
     PRODUCT_REDIRECT,
     REDIRECT_URI,
     bearer,
+    utc_now,
 )
 
 
@@ -44,6 +49,46 @@ def live_sandbox(
         yield sandbox
     finally:
         io_loop.run_sync(sandbox.close)
+
+
+def tiktok_for(
+    sandbox_url: str, *, request_timeout: float = 4.0, http: Any = None
+) -> TikTokClient:
+    """The gateway's TikTok client on the sandbox at ``sandbox_url``, without a gateway
+    (``http``: its HTTP client, default Tornado's shared one)."""
+    return TikTokClient(
+        http,
+        client_key=CLIENT_KEY,
+        client_secret=CLIENT_SECRET,
+        redirect_uri=REDIRECT_URI,
+        api_base_url=sandbox_url,
+        authorize_url=f"{sandbox_url}/v2/auth/authorize/",
+        connect_timeout=2.0,
+        request_timeout=request_timeout,
+    )
+
+
+def sandbox_grant(
+    sandbox: Sandbox,
+    *,
+    expires_in: timedelta,
+    refresh_expires_in: timedelta = timedelta(days=180),
+    refresh_token: str | None = None,
+) -> TokenGrant:
+    """Real sandbox tokens for a new authorization (the user consenting), issued without
+    HTTP, stored as expiring ``expires_in`` / ``refresh_expires_in`` from now."""
+    code = sandbox.issue_code(CLIENT_KEY, REDIRECT_URI, ["user.info.basic"], code_challenge=None)
+    client = sandbox.state.clients[CLIENT_KEY]
+    tokens = sandbox.state.exchange_code(client, code, REDIRECT_URI, None)
+    now = utc_now()
+    return TokenGrant(
+        open_id=str(tokens["open_id"]),
+        access_token=str(tokens["access_token"]),
+        refresh_token=refresh_token or str(tokens["refresh_token"]),
+        access_token_expires_at=now + expires_in,
+        refresh_token_expires_at=now + refresh_expires_in,
+        scopes=["user.info.basic"],
+    )
 
 
 def sandbox_settings(sandbox_url: str) -> dict[str, str]:

@@ -27,6 +27,9 @@ from tests.support import (
     utc_now,
 )
 
+# The gateway's TIKTOK_PKCE mode -> the sandbox's verification mode that matches it.
+SANDBOX_PKCE = {"hex": "hex", "s256": "s256", "off": "optional"}
+
 
 def make_sandbox(pkce: str = "hex", **kwargs: Any) -> Sandbox:
     return Sandbox(

@@ -9,6 +9,7 @@ import pytest
 from server import make_app
 from storage.base import AccountStatus
 from tests.flow import (
+    SANDBOX_PKCE,
     assert_one_state_connected_once,
     consent,
     follow,
@@ -25,9 +26,6 @@ from tests.support import (
     make_config,
     store_of,
 )
-
-# gateway TIKTOK_PKCE mode -> the sandbox's matching verification mode
-SANDBOX_PKCE = {"hex": "hex", "s256": "s256", "off": "optional"}
 
 
 @pytest.fixture

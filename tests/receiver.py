@@ -23,7 +23,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 
-from tests.fixtures_mongo import LOOPBACK, free_port
+from tests.support import LOOPBACK, free_port
 
 # Never to be stored or logged by the gateway.
 ANSWER_MARKER = "receiver-answer-body-must-not-leak"

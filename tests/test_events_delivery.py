@@ -30,11 +30,11 @@ from server import Gateway, make_app
 from services.event_delivery import EventWorkers, Signer, event_workers_for
 from services.event_types import CONNECTED, REAUTHORIZATION_REQUIRED, REVOKED
 from services.events import new_event
-from storage.base import Account, EventStatus, Store, TokenGrant
-from tests.fixtures_mongo import LOOPBACK, mongo_failpoint, open_memory_store, open_mongo_store
+from storage.base import Account, EventStatus, Store
+from tests.fixtures_mongo import mongo_failpoint, open_memory_store, open_mongo_store
 from tests.processes import poll_until
 from tests.receiver import ANSWER_MARKER, Receiver, bind
-from tests.support import assert_envelope, bearer, make_config
+from tests.support import LOOPBACK, assert_envelope, bearer, fake_grant, make_config
 
 # Fresh and fake every run.
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -116,18 +116,8 @@ async def running(
 
 
 async def connect(store: Store, open_id: str, owner: str = "user-1") -> Account:
-    return await store.save_account_tokens(
-        owner,
-        TokenGrant(
-            open_id=open_id,
-            access_token=f"act.{open_id}",
-            refresh_token=f"rft.{open_id}",
-            access_token_expires_at=NOW + timedelta(hours=24),
-            refresh_token_expires_at=NOW + timedelta(days=180),
-            scopes=["user.info.basic"],
-        ),
-        now=NOW,
-    )
+    grant = fake_grant(open_id, now=NOW, tag=open_id, refresh_ttl=timedelta(days=180))
+    return await store.save_account_tokens(owner, grant, now=NOW)
 
 
 async def record(run: Running, account: Account, event_type: str = CONNECTED,

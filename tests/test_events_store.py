@@ -21,6 +21,7 @@ from storage.mongodb import (
     MongoStore,
 )
 from tests.fixtures_mongo import open_mongo_store
+from tests.support import fake_grant
 
 NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
 LEASE_S = 20.0
@@ -32,14 +33,7 @@ gen_test = pytest.mark.gen_test(timeout=30)
 
 
 def grant(open_id: str) -> TokenGrant:
-    return TokenGrant(
-        open_id=open_id,
-        access_token=f"act.{open_id}",
-        refresh_token=f"rft.{open_id}",
-        access_token_expires_at=NOW + timedelta(hours=24),
-        refresh_token_expires_at=NOW + timedelta(days=180),
-        scopes=["user.info.basic"],
-    )
+    return fake_grant(open_id, now=NOW, tag=open_id, refresh_ttl=timedelta(days=180))
 
 
 async def account(store: Store, open_id: str = "open-1", owner: str = "owner-1") -> Account:

@@ -33,6 +33,7 @@ from services.errors import StoreUnavailable
 from storage.base import (
     PLATFORM,
     PROFILE_FIELDS,
+    PROFILE_FIRST_FILL_DELAY,
     Account,
     AccountStatus,
     AccountTokens,
@@ -41,6 +42,7 @@ from storage.base import (
     PendingAuthorization,
     PendingFailure,
     PendingStatus,
+    ProfileClaim,
     ResealBatch,
     Store,
     TokenGrant,
@@ -54,6 +56,7 @@ PENDING_COLLECTION = "oauth_states"
 ACCOUNT_KEY_INDEX = "owner_platform_account_unique"
 PLATFORM_ACCOUNT_INDEX = "platform_account_id"
 PENDING_TTL_INDEX = "expires_at_ttl"
+PROFILE_FILL_INDEX = "profile_fill_due"
 
 APP_NAME = "tiktok-gateway"
 DRIVERS = ("motor", "pymongo")
@@ -82,6 +85,20 @@ _REVOCATION_UNSET = {
     "refreshLease": "",
 }
 _TOKEN_UNSET = {"accessToken": "", "refreshToken": "", "refreshLease": ""}
+# A pending profile's schedule: when the filler is due next, who holds it, failures.
+_PROFILE_FILL_UNSET = {"profileRetryAt": "", "profileHolder": "", "profileFailures": ""}
+# Before this, a pending profile had no schedule: such accounts are due at once.
+_LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def profile_fill_query(now: datetime) -> dict[str, Any]:
+    """Connected accounts whose pending profile is due at ``now``: every key is in
+    PROFILE_FILL_INDEX, which also yields them in due order."""
+    return {
+        "profilePending": True,
+        "status": AccountStatus.CONNECTED.value,
+        "profileRetryAt": {"$lte": now},
+    }
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -279,6 +296,19 @@ class MongoStore(Store):
             [("expiresAt", ASCENDING)], expireAfterSeconds=0, name=PENDING_TTL_INDEX
         )
 
+        # -- pending profiles (the background filler) --
+        # Its claim: equality on the first two keys, range and sort on the third.
+        await self._accounts.create_index(
+            [("profilePending", ASCENDING), ("status", ASCENDING),
+             ("profileRetryAt", ASCENDING)],
+            name=PROFILE_FILL_INDEX,
+        )
+        # Profiles left pending before fills were scheduled: due now, first in line.
+        await self._accounts.update_many(
+            {"profilePending": True, "profileRetryAt": {"$exists": False}},
+            {"$set": {"profileRetryAt": _LONG_AGO}},
+        )
+
     @_mongo_errors
     async def ping(self) -> None:
         await self._database.command("ping")
@@ -375,6 +405,7 @@ class MongoStore(Store):
             "$unset": _REVOCATION_UNSET,
             "$setOnInsert": {**natural_key, "createdAt": now, "profilePending": True},
         }
+        update["$setOnInsert"]["profileRetryAt"] = now + PROFILE_FIRST_FILL_DELAY
         for attempt in (1, 2):
             try:
                 doc = await self._accounts.find_one_and_update(
@@ -413,11 +444,68 @@ class MongoStore(Store):
                 fields[_PROFILE_DOCUMENT_FIELDS[attribute]] = profile[tiktok_field]
         fields.update({"profile": dict(profile), "profilePending": False, "updatedAt": now})
         doc = await self._accounts.find_one_and_update(
-            {"_id": object_id}, {"$set": fields}, return_document=ReturnDocument.AFTER
+            {"_id": object_id},
+            {"$set": fields, "$unset": _PROFILE_FILL_UNSET},
+            return_document=ReturnDocument.AFTER,
         )
         if doc is None:
             raise KeyError(account_id)
         return _account_from_document(doc)
+
+    @_mongo_errors
+    async def schedule_profile_fill(self, account_id: str, *, at: datetime) -> None:
+        object_id = _object_id(account_id)
+        if object_id is not None:
+            await self._accounts.update_one(
+                {"_id": object_id},
+                {
+                    "$set": {"profilePending": True, "profileRetryAt": at},
+                    "$unset": {"profileHolder": "", "profileFailures": ""},
+                },
+            )
+
+    @_mongo_errors
+    async def claim_profile_fill(
+        self, holder: str, *, now: datetime, until: datetime
+    ) -> ProfileClaim | None:
+        doc = await self._accounts.find_one_and_update(
+            profile_fill_query(now),
+            {"$set": {"profileRetryAt": until, "profileHolder": holder}},
+            sort=[("profileRetryAt", ASCENDING)],
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            return None
+        return ProfileClaim(_account_from_document(doc), int(doc.get("profileFailures") or 0))
+
+    def profile_fill_cursor(self, now: datetime) -> Any:
+        """The claim's query as a cursor, for ``explain`` (it must use its index)."""
+        return (
+            self._accounts.find(profile_fill_query(now))
+            .sort([("profileRetryAt", ASCENDING)])
+            .limit(1)
+        )
+
+    @_mongo_errors
+    async def defer_profile_fill(
+        self, account_id: str, holder: str, *, retry_at: datetime
+    ) -> None:
+        object_id = _object_id(account_id)
+        if object_id is not None:
+            await self._accounts.update_one(
+                {"_id": object_id, "profilePending": True, "profileHolder": holder},
+                {
+                    "$set": {"profileRetryAt": retry_at},
+                    "$unset": {"profileHolder": ""},
+                    "$inc": {"profileFailures": 1},
+                },
+            )
+
+    @_mongo_errors
+    async def count_pending_profiles(self) -> int:
+        return int(await self._accounts.count_documents(
+            {"profilePending": True, "status": AccountStatus.CONNECTED.value}
+        ))
 
     @_mongo_errors
     async def get_account(self, account_id: str) -> Account | None:

@@ -37,6 +37,8 @@ def account_json(account: Account) -> dict[str, Any]:
         "username": account.username,
         "scopes": list(account.scopes),
         "status": account.status.value,
+        # pending: not loaded yet (TikTok was busy at connection); the filler loads it.
+        "profileStatus": "pending" if account.profile_pending else "complete",
         # The tokens of a revoked or refused account are gone, and so is their expiry.
         "accessTokenExpiresAt": iso_utc(account.access_token_expires_at) if connected else None,
         "createdAt": iso_utc(account.created_at),

@@ -95,6 +95,7 @@ class ProfileFiller:
         max_per_minute: int = DEFAULT_MAX_PER_MINUTE,
         lease_seconds: float = LEASE_SECONDS,
         clock: Callable[[], datetime] = utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         metrics: GatewayMetrics | None = None,
         holder: str | None = None,
@@ -107,7 +108,7 @@ class ProfileFiller:
         self.concurrency = concurrency
         self.batch_size = batch_size
         self.lease = timedelta(seconds=lease_seconds)
-        self._limiter = RateLimiter(max_per_minute, sleep=sleep)
+        self._limiter = RateLimiter(max_per_minute, clock=monotonic, sleep=sleep)
         self._clock = clock
         self._sleep = sleep
         self._metrics = metrics or GatewayMetrics()

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import tornado.web
+from bson import ObjectId
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
 from sandbox import Sandbox, SandboxClient
@@ -215,6 +216,49 @@ async def test_the_filler_backs_off_and_comes_back(http_client, base_url, app, s
 
 
 @gen_test
+async def test_a_reconnect_keeps_the_earlier_profile_until_the_new_one_is_loaded(
+    http_client, base_url, app, sandbox
+):
+    await ready_store(app)
+    assert location(await follow(http_client, await callback_url(http_client, base_url))) \
+        == CONNECTED
+    [before] = await accounts_of(http_client, base_url)
+    assert before["profileStatus"] == "complete" and before["displayName"]
+
+    url = await callback_url(http_client, base_url)
+    sandbox.add_fault("userinfo", status=429, count=3)
+    assert location(await follow(http_client, url)) == CONNECTED
+    [account] = await accounts_of(http_client, base_url)
+    assert account["id"] == before["id"] and account["profileStatus"] == "pending"
+    assert account["displayName"] == before["displayName"]
+    assert (await filler_of(app).run_once()).outcomes == {"filled": 1}
+    [account] = await accounts_of(http_client, base_url)
+    assert account["profileStatus"] == "complete"
+
+
+@gen_test
+async def test_the_filler_paces_its_calls(http_client, base_url, app, sandbox):
+    await ready_store(app)
+    for owner in ("owner-a", "owner-b", "owner-c"):
+        url = await callback_url(http_client, base_url, owner)
+        sandbox.add_fault("userinfo", status=500, count=3)
+        assert location(await follow(http_client, url)) == CONNECTED
+    clock = [1000.0]
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock[0] += seconds
+
+    filler = filler_of(app, max_per_minute=60, concurrency=1, monotonic=lambda: clock[0],
+                       sleep=sleep)
+    assert (await filler.run_once()).outcomes == {"filled": 3}
+    # 60 a minute: one claim a second. The first went at once; the second and third
+    # accounts, then the look that found nothing left, each waited their second.
+    assert waits == [1.0, 1.0, 1.0]
+
+
+@gen_test
 async def test_two_fillers_never_fetch_one_profile_twice(http_client, base_url, app, sandbox):
     await ready_store(app)
     owners = [f"owner-{n}" for n in range(4)]
@@ -311,6 +355,27 @@ async def test_pending_profiles_are_claimed_oldest_first_one_holder_at_a_time(ma
                                                      until=until + 6 * MINUTE)
         assert rescheduled is not None and rescheduled.account.id == ids[2]
         assert rescheduled.failures == 0
+
+
+@gen_test
+async def test_profiles_left_pending_by_an_earlier_version_are_filled_first(
+    mongo_server, mongo_database_name, mongo_driver
+):
+    now = utc_now()
+    async with open_mongo_store(mongo_server.uri, mongo_database_name, mongo_driver) as store:
+        recent = await connected_at(store, "owner-recent", now - 10 * MINUTE)
+        legacy = await connected_at(store, "owner-legacy", now - MINUTE)
+        # As an earlier version left it: pending, without a schedule.
+        await store.database["social_accounts"].update_one(
+            {"_id": ObjectId(legacy)}, {"$unset": {"profileRetryAt": ""}})
+        assert await store.claim_profile_fill("x", now=now, until=now + MINUTE) is not None
+        await store.schedule_profile_fill(recent, at=now - 5 * MINUTE)  # due again
+
+        await store.initialize()  # the next start-up
+        first = await store.claim_profile_fill("y", now=now, until=now + MINUTE)
+        assert first is not None and first.account.id == legacy
+        second = await store.claim_profile_fill("y", now=now, until=now + MINUTE)
+        assert second is not None and second.account.id == recent
 
 
 @gen_test

@@ -300,8 +300,8 @@ class ConnectionService:
 
     async def _leave_profile_pending(self, account_id: str, cause: ServiceUnavailable) -> None:
         self._metrics.profile_left_pending()
-        log.info("connected account %s for owner, its profile pending (%s)", account_id,
-                 cause.technical_message or cause.message)
+        log.info("account %s connected, its profile pending (%s, log_id=%s)", account_id,
+                 cause.technical_message or cause.message, cause.details.get("logId") or "-")
         try:
             await self._store.schedule_profile_fill(account_id, at=self._clock())
         except GatewayError as exc:

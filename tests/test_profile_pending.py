@@ -187,20 +187,32 @@ async def test_a_failure_before_the_tokens_are_stored_is_still_503(
 
 
 @gen_test
-async def test_the_filler_backs_off_and_comes_back(http_client, base_url, app, sandbox):
+@pytest.mark.parametrize(
+    ("fault", "outcome", "calls"),
+    [
+        # TikTok still busy for the filler: one fetch, its two quick retries.
+        ({"status": 429, "count": 3}, "unavailable", 3),
+        # TikTok refuses the token: never retried at once.
+        ({"status": 401}, "refused", 1),
+    ],
+    ids=["busy", "refused"],
+)
+async def test_the_filler_backs_off_and_comes_back(
+    http_client, base_url, app, sandbox, fault, outcome, calls
+):
     store = await ready_store(app)
     url = await callback_url(http_client, base_url)
     sandbox.add_fault("userinfo", status=500, count=3)
     assert location(await follow(http_client, url)) == CONNECTED
     asked = sandbox.stats["userinfo"]
 
-    # TikTok still busy for the filler: the account waits, the round ends.
-    sandbox.add_fault("userinfo", status=429, count=3)
+    # The filler's attempt fails: the account waits.
+    sandbox.add_fault("userinfo", **fault)
     now = utc_now() + timedelta(seconds=1)  # past the callback's due time, in ms too
     failed = await filler_of(app).run_once(now)
-    assert failed.outcomes == {"unavailable": 1} and failed.pending == 1
+    assert failed.outcomes == {outcome: 1} and failed.pending == 1
     asked_by_filler = sandbox.stats["userinfo"] - asked
-    assert asked_by_filler == 3  # one fetch, its two quick retries
+    assert asked_by_filler == calls
     sandbox.clear_faults()
     # Not due again before its wait (30 s, jittered), in any process.
     assert (await filler_of(app).run_once(now + timedelta(seconds=20))).outcomes == {}

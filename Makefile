@@ -18,6 +18,7 @@ demo: $(BIN)/.installed
 # venv) is installed as root with apt-get, else named with its install command.
 test: test-deps $(BIN)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 test-deps:
@@ -25,6 +26,7 @@ test-deps:
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 cassettes: $(BIN)/.installed
 	$(BIN)/python scripts/record_cassettes.py
@@ -34,4 +36,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis artifacts
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis artifacts

@@ -28,6 +28,7 @@ from tornado.httpserver import HTTPServer
 from core.errors import ConfigError, GatewayError, StoreSetupFailed
 from handlers.accounts import AccessTokenHandler, AccountHandler, AccountListHandler
 from handlers.base import InFlight, NotFoundHandler, log_request
+from handlers.events import EventListHandler, EventRedeliverHandler
 from handlers.health import HealthHandler, ReadinessHandler
 from handlers.meta import MetricsHandler, OpenAPIHandler, openapi_document
 from handlers.oauth import AuthorizeHandler, CallbackHandler
@@ -36,6 +37,8 @@ from services.accounts import AccountService, refresh_lease_seconds
 from services.budget import TikTokBudget
 from services.config import Config, load_config
 from services.connect import ConnectionService
+from services.event_delivery import EventWorkers, event_workers_for
+from services.events import EventFeed
 from services.logging_setup import setup_logging
 from services.metrics import (
     GatewayMetrics,
@@ -53,6 +56,7 @@ from services.product_auth import (
     as_owner_resolver,
     as_principal_resolver,
 )
+from services.profile_filler import ProfileFiller
 from services.refresher import Refresher
 from services.state import StateCodec
 from services.tiktok import TikTokClient, tiktok_client_for
@@ -99,7 +103,7 @@ def create_store(config: Config, *, require_indexes: bool = False) -> Store:
             "MONGODB_URI is not set: using the in-memory store. Nothing persists across "
             "restarts, and it serves one process only."
         )
-        return MemoryStore(config.cipher())
+        return MemoryStore(config.cipher(), events_retention_seconds=events_retention(config))
     from storage.mongodb import MongoStore, connect_mongo
 
     client, database = connect_mongo(
@@ -110,7 +114,17 @@ def create_store(config: Config, *, require_indexes: bool = False) -> Store:
         connect_timeout_ms=config.mongodb_timeout_ms,
         socket_timeout_ms=config.mongodb_operation_timeout_ms,
     )
-    return MongoStore(database, config.cipher(), client=client, require_indexes=require_indexes)
+    return MongoStore(
+        database,
+        config.cipher(),
+        client=client,
+        require_indexes=require_indexes,
+        events_retention_seconds=events_retention(config),
+    )
+
+
+def events_retention(config: Config) -> int:
+    return config.events_retention_days * 86400
 
 
 def bearer_principal_resolver(config: Config) -> PrincipalResolver:
@@ -160,7 +174,9 @@ def build_gateway(
     """
     metrics = GatewayMetrics(registry)
     # Every store operation is timed; the wrapped store stays reachable as .inner.
-    store = InstrumentedStore(store or create_store(config, require_indexes=True), metrics)
+    store = InstrumentedStore(  # type: ignore[abstract]  # its methods are generated
+        store or create_store(config, require_indexes=True), metrics
+    )
     # Every call to TikTok takes a permit from its endpoint's budget in the store.
     budget = TikTokBudget.from_config(config, store, metrics=metrics)
     # One pooled client per process (TIKTOK_HTTP_CLIENT), made in the running loop.
@@ -223,6 +239,11 @@ def routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]:
             TikTokWebhookHandler,
             {"webhooks": webhook_service(gateway)},
         ),
+        # Account events (issue 15): pulled by the product's backend.
+        tornado.web.url(f"{prefix}/events", EventListHandler, events_api(gateway)),
+        tornado.web.url(
+            f"{prefix}/events/([^/]+)/redeliver", EventRedeliverHandler, events_api(gateway)
+        ),
         tornado.web.url(f"{prefix}/metrics", MetricsHandler, {"metrics": gateway.metrics}),
         tornado.web.url(f"{prefix}/openapi.json", OpenAPIHandler, {"document": openapi_document()}),
     ]
@@ -236,6 +257,32 @@ def webhook_service(gateway: Gateway) -> WebhookService:
         client_secret=config.tiktok_client_secret,
         tolerance_seconds=config.webhook_tolerance_seconds,
     )
+
+
+def events_api(gateway: Gateway) -> dict[str, Any]:
+    feed = EventFeed(store=gateway.store, push_enabled=gateway.config.events_push_enabled)
+    return {"feed": feed, "resolve_principal": gateway.resolve_principal}
+
+
+def start_event_workers(
+    gateway: Gateway, after: asyncio.Future[Any] | None = None
+) -> EventWorkers:
+    """Relay account events, and push them when PRODUCT_WEBHOOK_URL is set; every
+    process runs them (the store shares the work out). Stop them with ``stop()``.
+
+    ``after``: start once it answers True (``initialize_store``: the indexes exist,
+    the event log's unique seq among them)."""
+    workers = event_workers_for(gateway.config, gateway.store, gateway.metrics)
+    if after is None:
+        workers.start()
+        return workers
+
+    def ready(done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and done.exception() is None and done.result() is True:
+            workers.start()
+
+    after.add_done_callback(ready)
+    return workers
 
 
 def start_refresher(gateway: Gateway) -> Refresher | None:
@@ -258,6 +305,14 @@ def start_refresher(gateway: Gateway) -> Refresher | None:
     )
     refresher.start()
     return refresher
+
+
+def start_profile_filler(gateway: Gateway, after: asyncio.Future[Any]) -> ProfileFiller:
+    """Start loading, once ``after`` (the store's start-up) is done, the profiles that
+    callbacks left pending."""
+    filler = ProfileFiller(store=gateway.store, tiktok=gateway.tiktok, metrics=gateway.metrics)
+    filler.start(after)
+    return filler
 
 
 def make_app(config: Config, **kwargs: Any) -> tornado.web.Application:
@@ -346,6 +401,10 @@ async def serve(
         log.info("worker %s (pid %d) serving", tornado.process.task_id(), os.getpid())
     init_task = asyncio.create_task(initialize_store(gateway.store))
     refresher = start_refresher(gateway) if tornado.process.task_id() in (None, 0) else None
+    events = start_event_workers(gateway, after=init_task)
+    # Pending profiles: worker 0 too; other instances' fillers claim other accounts.
+    filler = (start_profile_filler(gateway, init_task)
+              if tornado.process.task_id() in (None, 0) else None)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -360,7 +419,9 @@ async def serve(
         loop.remove_reader(lifeline)
     server.stop()
     init_task.cancel()
-    await shut_down(server, app, refresher, config.shutdown_timeout_seconds)
+    if filler is not None:
+        await filler.stop()  # its claims expire on their own
+    await shut_down(server, app, refresher, config.shutdown_timeout_seconds, events=events)
 
 
 async def shut_down(
@@ -368,6 +429,8 @@ async def shut_down(
     app: tornado.web.Application,
     refresher: Refresher | None,
     timeout: float,
+    *,
+    events: EventWorkers | None = None,
 ) -> None:
     """After ``server.stop()``: give requests in flight ``timeout`` seconds, then cut
     the connections left; the refresher stops within the same deadline; then new
@@ -387,7 +450,10 @@ async def shut_down(
             await asyncio.sleep(SHUTDOWN_POLL_SECONDS)
 
     await asyncio.gather(
-        drain(), refresher.stop(grace_seconds=timeout) if refresher else asyncio.sleep(0)
+        drain(),
+        refresher.stop(grace_seconds=timeout) if refresher else asyncio.sleep(0),
+        # Account events: a delivery in flight finishes within the same deadline.
+        events.stop(grace_seconds=timeout) if events else asyncio.sleep(0),
     )
     if in_flight.count > 0:
         log.warning(

@@ -367,6 +367,7 @@ def start_profiler(
     )
     time.sleep(1.0)  # attached before the load starts
     if process.poll() is not None:
+        assert process.stderr is not None  # piped above
         print(f"  (py-spy could not attach: {process.stderr.read().decode()[-300:]})", flush=True)
         return None
     return process, output

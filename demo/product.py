@@ -118,7 +118,7 @@ class DemoProduct:
         *,
         gateway_url: str,
         sandbox_url: str,
-        jwt_secret: str,
+        jwt_secret: str | bytes,
         jwt_issuer: str | None = None,
         jwt_audience: str | None = None,
         http_client: AsyncHTTPClient | None = None,

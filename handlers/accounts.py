@@ -7,34 +7,13 @@ also needs the bearer scope ``tiktok.tokens``.
 
 from __future__ import annotations
 
-from typing import Any
-
 from core.clock import iso_z
 from handlers.base import ErrorWriterMixin
 from services.accounts import AccountService
 from services.product_auth import TOKENS_SCOPE, PrincipalResolver
-from storage.base import Account, AccountStatus
 
-
-def account_json(account: Account) -> dict[str, Any]:
-    """What the product may see of an account: never a token."""
-    connected = account.status is AccountStatus.CONNECTED
-    return {
-        "id": account.id,
-        "platform": account.platform,
-        "platformAccountId": account.platform_account_id,
-        "displayName": account.display_name,
-        "avatarUrl": account.avatar_url,
-        "username": account.username,
-        "scopes": list(account.scopes),
-        "status": account.status.value,
-        # The tokens of a revoked or refused account are gone, and so is their expiry.
-        "accessTokenExpiresAt": iso_z(account.access_token_expires_at) if connected else None,
-        # The user must connect again by then: refreshes do not extend it.
-        "refreshTokenExpiresAt": iso_z(account.refresh_token_expires_at) if connected else None,
-        "createdAt": iso_z(account.created_at),
-        "updatedAt": iso_z(account.updated_at),
-    }
+# The renderer lives in services: account events carry the same representation.
+from services.representation import account_payload as account_json
 
 
 class AccountsHandlerBase(ErrorWriterMixin):

@@ -27,20 +27,21 @@ The sandbox runs on its default (TikTok's current) lifetimes with a frozen clock
 moves only when a recipe says so, so recorded ``expires_in`` / ``refresh_expires_in``
 are the same on every run, however slow the machine.
 
-Both modes scrub what they record (see ``tests/cassettes.py``): the API base URL
-becomes https://open.tiktokapis.com, the client key and redirect URI become the
-tests' values, the code becomes the scenario's fake code, client_secret,
-code_verifier, refresh_token and token become placeholders, Authorization is
-dropped, tokens in responses become fake ones, and only a few response headers
-are kept. Cassettes are written to a temporary directory, scanned for every real
-secret, code and token seen while recording, and only then moved into place; a
-leak fails the run loudly.
+Both modes scrub what they record (see ``scripts/cassette_scenarios.py``, which the
+replaying tests import too): the API base URL becomes https://open.tiktokapis.com,
+the client key and redirect URI become the ones the tests' gateway uses, the code
+becomes the scenario's fake code, client_secret, code_verifier, refresh_token and
+token become placeholders, Authorization is dropped, tokens in responses become
+fake ones, and only a few response headers are kept. Cassettes are written to a
+temporary directory, scanned for every real secret, code and token seen while
+recording, and only then moved into place; a leak fails the run loudly.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -49,6 +50,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import jwt  # noqa: E402
 import tornado.netutil  # noqa: E402
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse  # noqa: E402
 from tornado.httpserver import HTTPServer  # noqa: E402
@@ -71,20 +74,17 @@ from core.errors import ConfigError  # noqa: E402
 from sandbox import Sandbox, SandboxClient  # noqa: E402
 from sandbox.app import AUTHORIZE_PATH as SANDBOX_AUTHORIZE_PATH  # noqa: E402
 from sandbox.state import ACCESS_TOKEN_TTL  # noqa: E402
-from server import make_app  # noqa: E402
-from services.config import Config  # noqa: E402
-from services.product_auth import TOKENS_SCOPE  # noqa: E402
-from services.tiktok import REVOKE_PATH, TOKEN_PATH, USER_INFO_PATH  # noqa: E402
-from storage.memory import MemoryStore  # noqa: E402
-from tests.cassettes import (  # noqa: E402
+from scripts.cassette_scenarios import (  # noqa: E402
     ACCOUNT_SCENARIOS,
     CASSETTE_DIR,
     CASSETTE_NAMES,
+    CLIENT_KEY,
     FAKE_TOKENS,
     FILTERED_FORM_FIELDS,
     FILTERED_HEADERS,
     FILTERED_VALUE,
     KEPT_RESPONSE_HEADERS,
+    REDIRECT_URI,
     SCENARIOS,
     TIKTOK_API_BASE_URL,
     AccountScenario,
@@ -94,7 +94,11 @@ from tests.cassettes import (  # noqa: E402
     is_form,
     tiktok_vcr,
 )
-from tests.support import CLIENT_KEY, PRODUCT_REDIRECT, REDIRECT_URI, bearer, make_config  # noqa: E402
+from server import make_app  # noqa: E402
+from services.config import Config, load_config  # noqa: E402
+from services.product_auth import TOKENS_SCOPE  # noqa: E402
+from services.tiktok import REVOKE_PATH, TOKEN_PATH, USER_INFO_PATH  # noqa: E402
+from storage.memory import MemoryStore  # noqa: E402
 
 log = logging.getLogger("record_cassettes")
 
@@ -313,6 +317,39 @@ def scan_for_leaks(paths: Iterable[Path], secrets_seen: dict[str, str]) -> list[
     return problems
 
 
+# -- the in-process gateway and its product backend ------------------------------------
+
+# Throwaway, per run: the gateway lives only while recording, and none of these
+# reaches TikTok (so none can reach a cassette).
+_STATE_SECRET = secrets.token_urlsafe(48)
+_AUTH_SECRET = secrets.token_urlsafe(48)
+_PRODUCT_ORIGIN = "https://app.example.com"
+PRODUCT_REDIRECT = _PRODUCT_ORIGIN + "/settings/connections"
+
+
+def recording_config(client_secret: str, **settings: str | None) -> Config:
+    """The gateway with the cassettes' client key and redirect URI, ``client_secret``,
+    fresh secrets of its own, and ``settings`` on top (``None`` leaves one unset)."""
+    environ = {
+        "TIKTOK_CLIENT_KEY": CLIENT_KEY,
+        "TIKTOK_CLIENT_SECRET": client_secret,
+        "TIKTOK_REDIRECT_URI": REDIRECT_URI,
+        "STATE_SECRET": _STATE_SECRET,
+        "AUTH_JWT_SECRET": _AUTH_SECRET,
+        "ALLOWED_REDIRECT_ORIGINS": _PRODUCT_ORIGIN,
+        "TOKEN_ENCRYPTION_KEYS": "record:" + base64.b64encode(os.urandom(32)).decode(),
+    }
+    environ |= {name: value for name, value in settings.items() if value is not None}
+    return load_config(environ)
+
+
+def bearer(**claims: Any) -> dict[str, str]:
+    """What the product backend sends the recording gateway."""
+    now = int(time.time())
+    payload = {"sub": "recorder", "iat": now, "exp": now + 600, **claims}
+    return {"Authorization": "Bearer " + jwt.encode(payload, _AUTH_SECRET, algorithm="HS256")}
+
+
 # -- driving the gateway like a browser ---------------------------------------------
 
 
@@ -402,10 +439,11 @@ def recording_sandbox(client_secret: str, **settings: str | None) -> tuple[Sandb
         [SandboxClient(CLIENT_KEY, client_secret, [REDIRECT_URI])], clock=lambda: 0.0
     )
     sandbox_url = f"http://127.0.0.1:{sandbox.listen(0)}"
-    config = make_config(
+    config = recording_config(
+        client_secret,
         TIKTOK_API_BASE_URL=sandbox_url,
         TIKTOK_AUTHORIZE_URL=sandbox_url + SANDBOX_AUTHORIZE_PATH,
-        **{"TIKTOK_CLIENT_SECRET": client_secret, **settings},
+        **settings,
     )
     return sandbox, config
 
@@ -547,10 +585,8 @@ async def record_tiktok_scenario(
     scenario: Scenario, out_dir: Path, client_key: str, client_secret: str, redirect_uri: str
 ) -> dict[str, str]:
     """Real TikTok: the operator plays the browser; the recording path is the same."""
-    config = make_config(
-        TIKTOK_CLIENT_KEY=client_key,
-        TIKTOK_CLIENT_SECRET=client_secret,
-        TIKTOK_REDIRECT_URI=redirect_uri,
+    config = recording_config(
+        client_secret, TIKTOK_CLIENT_KEY=client_key, TIKTOK_REDIRECT_URI=redirect_uri
     )
     scrubber = Scrubber(config.tiktok_api_base_url, fake_code(scenario.name))
     scrubber.remember(client_secret, "client secret")
@@ -659,7 +695,7 @@ def configure_logging(verbose: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     """Record into a temporary directory, scan, and only then move into place."""
     if set(RECIPES) != set(SCENARIOS) or set(ACCOUNT_RECIPES) != set(ACCOUNT_SCENARIOS):
-        raise SystemExit("record_cassettes: the recipes and tests.cassettes' scenarios disagree")
+        raise SystemExit("record_cassettes: the recipes and cassette_scenarios' scenarios disagree")
     target_dir: Path = args.cassette_dir
     with tempfile.TemporaryDirectory(prefix="cassettes-") as tmp:
         out_dir = Path(tmp)

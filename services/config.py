@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,10 +39,23 @@ SECRET_VARIABLES = frozenset(
         "AUTH_JWT_SECRET",
         "TOKEN_ENCRYPTION_KEYS",
         "MONGODB_URI",
+        "PRODUCT_WEBHOOK_SECRET",
+        # May carry a token in its query string.
+        "PRODUCT_WEBHOOK_URL",
     }
 )
+# Account events: waits in seconds between delivery attempts, then hourly up to 24 h.
+EVENT_RETRY_WINDOW_SECONDS = 24 * 3600
+_FIRST_RETRY_WAITS = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
+DEFAULT_EVENT_RETRY_SCHEDULE = _FIRST_RETRY_WAITS + (3600.0,) * int(
+    (EVENT_RETRY_WINDOW_SECONDS - sum(_FIRST_RETRY_WAITS)) // 3600
+)
+# Standard Webhooks: a secret is "whsec_" and the base64 of 24 to 64 random bytes.
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
+WEBHOOK_SECRET_BYTES = (24, 64)
 
 T = TypeVar("T")
+D = TypeVar("D")
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,16 @@ class Config:
     tiktok_background_share: float = DEFAULT_BACKGROUND_SHARE
     # What one process may use of each budget on its own while the store cannot be asked.
     tiktok_fallback_share: float = DEFAULT_FALLBACK_SHARE
+    # Account events (issue 15): pushed to the product when both are set.
+    product_webhook_url: str | None = field(default=None, repr=False)
+    product_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    product_webhook_retry_schedule: tuple[float, ...] = DEFAULT_EVENT_RETRY_SCHEDULE
+    events_retention_days: int = 7
+    events_expiry_notice_days: int = 14
+
+    @property
+    def events_push_enabled(self) -> bool:
+        return bool(self.product_webhook_url and self.product_webhook_secrets)
 
     def cipher(self) -> TokenCipher:
         if self.token_encryption_keys:
@@ -127,7 +152,7 @@ class _Reader:
             return ""
         return value
 
-    def parsed(self, name: str, default: T, parse: Callable[[str], T], expect: str) -> T:
+    def parsed(self, name: str, default: D, parse: Callable[[str], T], expect: str) -> T | D:
         value = self.raw(name)
         if value is None:
             return default
@@ -252,6 +277,49 @@ def _callback_url(text: str) -> str:
     if len(text) >= 512:
         raise ValueError("TikTok requires a redirect URI shorter than 512 characters")
     return text
+
+
+def _webhook_secrets(text: str) -> tuple[str, ...]:
+    secrets = tuple(part.strip() for part in text.split(","))
+    low, high = WEBHOOK_SECRET_BYTES
+    for index, secret in enumerate(secrets, start=1):
+        if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+            raise ValueError(f"secret {index} does not start with {WEBHOOK_SECRET_PREFIX}")
+        encoded = secret[len(WEBHOOK_SECRET_PREFIX):]
+        try:
+            # Unpadded is fine too, as the standardwebhooks package reads it.
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"secret {index} is not base64 after the prefix") from None
+        if not low <= len(key) <= high:
+            raise ValueError(
+                f"secret {index} holds {len(key)} bytes; use {low} to {high} random bytes "
+                "(generate one with: python -c 'import base64, os; "
+                "print(\"whsec_\" + base64.b64encode(os.urandom(32)).decode())')"
+            )
+    return secrets
+
+
+def _retry_schedule(text: str) -> tuple[float, ...]:
+    waits = tuple(_positive_float(part.strip()) for part in text.split(","))
+    if sum(waits) > EVENT_RETRY_WINDOW_SECONDS:
+        raise ValueError(f"the waits add up to more than {EVENT_RETRY_WINDOW_SECONDS} s (24 h)")
+    return waits
+
+
+def _check_events(env: _Reader, config: Config) -> None:
+    """Push delivery needs both where and how to sign."""
+    url, secrets = env.raw("PRODUCT_WEBHOOK_URL"), env.raw("PRODUCT_WEBHOOK_SECRET")
+    if url and not secrets:
+        env.problems.append(
+            "PRODUCT_WEBHOOK_URL is set without PRODUCT_WEBHOOK_SECRET: every delivery is "
+            "signed, so set one (a whsec_ secret your product verifies with)"
+        )
+    elif secrets and not url:
+        env.problems.append(
+            "PRODUCT_WEBHOOK_SECRET is set without PRODUCT_WEBHOOK_URL: set where your "
+            "product receives account events, or unset the secret"
+        )
 
 
 def _http_client(env: _Reader) -> str | None:
@@ -435,6 +503,22 @@ def load_config(environ: Mapping[str, str]) -> Config:
             "TIKTOK_FALLBACK_SHARE", DEFAULT_FALLBACK_SHARE, _fraction,
             "a fraction from 0 to 1",
         ),
+        product_webhook_url=env.parsed(
+            "PRODUCT_WEBHOOK_URL", None, _tls_url, "an absolute URL of your product's receiver"
+        ),
+        product_webhook_secrets=env.parsed(
+            "PRODUCT_WEBHOOK_SECRET", (), _webhook_secrets, "comma-separated whsec_ secrets"
+        ),
+        product_webhook_retry_schedule=env.parsed(
+            "PRODUCT_WEBHOOK_RETRY_SCHEDULE",
+            DEFAULT_EVENT_RETRY_SCHEDULE,
+            _retry_schedule,
+            "comma-separated waits in seconds",
+        ),
+        events_retention_days=env.parsed("EVENTS_RETENTION_DAYS", 7, _positive_int, "days"),
+        events_expiry_notice_days=env.parsed(
+            "EVENTS_EXPIRY_NOTICE_DAYS", 14, _positive_int, "days"
+        ),
     )
     if config.workers > 1 and not config.mongodb_uri:
         env.problems.append(
@@ -443,6 +527,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
         )
     _check_demo_mode(env, config)
     _check_rate_limits(env, config)
+    _check_events(env, config)
     if env.problems:
         raise ConfigError(env.problems)
     return config

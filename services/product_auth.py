@@ -16,6 +16,8 @@ ALGORITHM = "HS256"
 # The bearer scope that may read an account's TikTok tokens: granted to the
 # product's backend, never to a user's own session token.
 TOKENS_SCOPE = "tiktok.tokens"  # noqa: S105 - a scope name, not a secret
+# The bearer scope that may pull account events (every user's): the product's backend.
+EVENTS_SCOPE = "tiktok.events"
 
 
 @dataclass(frozen=True)

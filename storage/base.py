@@ -156,6 +156,83 @@ class ResealBatch:
     unreadable: list[str] = field(default_factory=list)
 
 
+class EventStatus(enum.StrEnum):
+    """Where an account event is in its delivery (push)."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    # Recorded while push delivery was off: only pulled (GET /events).
+    PULL_ONLY = "pull_only"
+
+
+@dataclass
+class StoredEvent:
+    """An account event in the event log, after the relay numbered it."""
+
+    # Increasing in the order events were relayed: the pull feed's cursor.
+    seq: int
+    # id, type, timestamp, data: exactly what is pushed and pulled.
+    event: dict[str, Any]
+    account_id: str
+    owner_id: str
+    status: EventStatus
+    # When the relay logged it (retention counts from here).
+    recorded_at: datetime
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    first_attempt_at: datetime | None = None
+    # "http 500", "timeout", "connection refused"... never the receiver's answer body.
+    last_failure: str | None = None
+    delivered_at: datetime | None = None
+    # The delivery worker that has it in flight, until when.
+    lease_holder: str | None = None
+    lease_expires_at: datetime | None = None
+
+    @property
+    def id(self) -> str:
+        return str(self.event["id"])
+
+    @property
+    def type(self) -> str:
+        return str(self.event["type"])
+
+
+# Account attributes an ``append_account_event(only_if=...)`` condition may name.
+EVENT_CONDITION_ATTRIBUTES = frozenset(
+    {
+        "status",
+        "owner_id",
+        "platform_account_id",
+        "access_token_expires_at",
+        "refresh_token_expires_at",
+        "connected_at",
+        "revoked_at",
+    }
+)
+
+
+def check_event(event: dict[str, Any]) -> None:
+    """What every store requires of an event it records (services.events builds them)."""
+    missing = [key for key in ("id", "type", "timestamp", "data") if key not in event]
+    if missing:
+        raise ValueError(f"an account event needs {', '.join(missing)}")
+    if not isinstance(event["id"], str) or not isinstance(event["timestamp"], str):
+        raise ValueError("an account event's id and timestamp are strings")
+
+
+def event_time(event: dict[str, Any]) -> datetime:
+    """An event's ``timestamp`` (ISO-8601, ``Z``) as a datetime."""
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
+
+
+def check_event_condition(only_if: dict[str, Any] | None) -> dict[str, Any]:
+    unknown = sorted(set(only_if or {}) - EVENT_CONDITION_ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"only_if cannot name {', '.join(unknown)}")
+    return dict(only_if or {})
+
+
 PROFILE_FIELDS = {
     # TikTok user-info field -> account attribute
     "union_id": "union_id",
@@ -163,6 +240,22 @@ PROFILE_FIELDS = {
     "avatar_url": "avatar_url",
     "username": "username",
 }
+
+
+# A new account's profile is due for the background filler this long after its tokens
+# were stored: its callback's own profile call goes first (it lasts at most
+# TIKTOK_CALLBACK_BUDGET_SECONDS), and one that never ends (a crashed process) is
+# filled after it.
+PROFILE_FIRST_FILL_DELAY = timedelta(seconds=60)
+
+
+@dataclass
+class ProfileClaim:
+    """An account whose pending profile one filler holds until the end of its lease."""
+
+    account: Account
+    # Attempts that failed in a row before this one (the filler backs off on them).
+    failures: int = 0
 
 
 class Store(abc.ABC):
@@ -223,7 +316,38 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def save_account_profile(
         self, account_id: str, profile: dict[str, Any], *, now: datetime
-    ) -> Account: ...
+    ) -> Account:
+        """Store the profile: it is complete, and leaves the filler's queue."""
+
+    # -- pending profiles ---------------------------------------------------------
+    # A pending profile carries the time its next fill is due (a new account's:
+    # PROFILE_FIRST_FILL_DELAY after its tokens). Claiming one moves that time to
+    # the end of a lease in the same atomic update, so two fillers never fetch one
+    # profile at once, and one that crashed holds it no longer than its lease.
+
+    @abc.abstractmethod
+    async def schedule_profile_fill(self, account_id: str, *, at: datetime) -> None:
+        """Mark the account's profile pending, due at ``at``; earlier failures are
+        forgotten and any filler's hold is dropped."""
+
+    @abc.abstractmethod
+    async def claim_profile_fill(
+        self, holder: str, *, now: datetime, until: datetime
+    ) -> ProfileClaim | None:
+        """Of the connected accounts whose pending profile is due at ``now``, the one
+        due the longest, now held by ``holder`` (due again at ``until`` unless saved
+        or deferred first); None when no profile is due."""
+
+    @abc.abstractmethod
+    async def defer_profile_fill(
+        self, account_id: str, holder: str, *, retry_at: datetime
+    ) -> None:
+        """A failed fill: due again at ``retry_at``, one more failure counted; only
+        while ``holder`` holds it (a profile saved or rescheduled meanwhile stays so)."""
+
+    @abc.abstractmethod
+    async def count_pending_profiles(self) -> int:
+        """Connected accounts whose profile is pending."""
 
     @abc.abstractmethod
     async def get_account(self, account_id: str) -> Account | None: ...
@@ -349,6 +473,93 @@ class Store(abc.ABC):
         Each account is rewritten only if its tokens are still those that were read,
         so a refresh or a disconnect running meanwhile is never undone.
         """
+
+    # -- account events (issue 15) ----------------------------------------------------
+    # An event is appended to its account's ``outbox`` in the same atomic write as the
+    # change that causes it. The relay (one process at a time, holding a lease) moves
+    # outboxes into the event log, numbering events with an increasing ``seq``; the
+    # delivery workers of every process push them, one in flight per event, in order
+    # per account.
+
+    @abc.abstractmethod
+    async def append_account_event(
+        self, account_id: str, event: dict[str, Any], *, only_if: dict[str, Any] | None = None
+    ) -> bool:
+        """Append ``event`` to the account's outbox; False (nothing written) when the
+        account is unknown or one of the ``only_if`` attributes (``Account`` names,
+        see ``EVENT_CONDITION_ATTRIBUTES``) differs from the value given."""
+
+    # Leases (the relay's, a delivery's claim) are judged by the store's own clock, as
+    # the refresh lease is: MongoDB's $$NOW, the process's monotonic clock in memory.
+
+    @abc.abstractmethod
+    async def acquire_relay_lease(self, holder: str, *, seconds: float) -> bool:
+        """Take or extend the relay lease for ``seconds``: free, expired, or already
+        ``holder``'s."""
+
+    @abc.abstractmethod
+    async def release_relay_lease(self, holder: str) -> None:
+        """Give the relay lease back (only if ``holder`` still has it)."""
+
+    @abc.abstractmethod
+    async def relay_outbox(
+        self, holder: str, *, now: datetime, fence_seconds: float, push: bool, limit: int
+    ) -> list[StoredEvent]:
+        """Move up to ``limit`` outbox events into the event log, oldest account first,
+        each account's in its outbox order; returns those newly logged.
+
+        Each seq is allocated only while ``holder``'s lease lasts ``fence_seconds``
+        more: a relayer that lost its lease logs nothing more. An event already
+        logged (a relayer stopped before removing it from the outbox) is only removed.
+        Logged as ``pending`` (due ``now``) with ``push``, ``pull_only`` without.
+        """
+
+    @abc.abstractmethod
+    async def list_events(
+        self, *, after_seq: int, limit: int, status: EventStatus | None = None
+    ) -> list[StoredEvent]:
+        """Logged events with a seq above ``after_seq``, in seq order."""
+
+    @abc.abstractmethod
+    async def get_event(self, event_id: str) -> StoredEvent | None: ...
+
+    @abc.abstractmethod
+    async def due_events(self, *, now: datetime, limit: int) -> list[StoredEvent]:
+        """Pending events to push now, in seq order: for each account only the earliest
+        pending one, and only when it is due and no worker has it in flight."""
+
+    @abc.abstractmethod
+    async def claim_event_for_delivery(
+        self, event_id: str, holder: str, *, now: datetime, seconds: float
+    ) -> StoredEvent | None:
+        """Lease for ``seconds`` a pending event due at ``now`` that no worker has in
+        flight (None: not claimable)."""
+
+    @abc.abstractmethod
+    async def mark_delivered(self, event_id: str, holder: str, *, now: datetime) -> bool:
+        """The receiver acknowledged ``holder``'s attempt: delivered, lease dropped."""
+
+    @abc.abstractmethod
+    async def mark_attempt_failed(
+        self,
+        event_id: str,
+        holder: str,
+        *,
+        now: datetime,
+        failure: str,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        """``holder``'s attempt failed: counted, lease dropped; pending again until
+        ``next_attempt_at``, or ``failed`` when it is None."""
+
+    @abc.abstractmethod
+    async def redeliver_event(self, event_id: str, *, now: datetime) -> StoredEvent | None:
+        """A failed event becomes pending again, due now, its attempts reset; any other
+        is left as it is. The event as it then stands (None: unknown)."""
+
+    @abc.abstractmethod
+    async def oldest_undelivered(self) -> datetime | None:
+        """The timestamp of the oldest event still to push (pending or not yet relayed)."""
 
     # -- TikTok call budgets (services/budget.py) -----------------------------------
 

@@ -11,12 +11,13 @@ import heapq
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from storage.base import (
     PROFILE_FIELDS,
+    PROFILE_FIRST_FILL_DELAY,
     TOKEN_USE_RESOLUTION,
     Account,
     AccountStatus,
@@ -24,12 +25,18 @@ from storage.base import (
     CallAdmission,
     ClaimOutcome,
     ClaimResult,
+    EventStatus,
     PendingAuthorization,
     PendingFailure,
     PendingStatus,
+    ProfileClaim,
     ResealBatch,
     Store,
+    StoredEvent,
     TokenGrant,
+    check_event,
+    check_event_condition,
+    event_time,
     judge_call,
     window_ms,
 )
@@ -61,9 +68,31 @@ def _copy_account(account: Account) -> Account:
     return clone
 
 
+def _copy_event(stored: StoredEvent) -> StoredEvent:
+    clone = copy.copy(stored)
+    clone.event = copy.deepcopy(stored.event)
+    return clone
+
+
+@dataclass
+class _ProfileFill:
+    """When a pending profile is next due for the filler, and who holds it."""
+
+    due_at: datetime
+    holder: str | None = None
+    failures: int = 0
+
+
+DEFAULT_EVENTS_RETENTION_SECONDS = 7 * 86400
+
+
 class MemoryStore(Store):
     def __init__(
-        self, cipher: TokenCipher | None = None, *, clock: Callable[[], float] = time.monotonic
+        self,
+        cipher: TokenCipher | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        events_retention_seconds: int = DEFAULT_EVENTS_RETENTION_SECONDS,
     ) -> None:
         self._sealer = TokenSealer(cipher or TokenCipher.ephemeral())
         # Judges refresh leases: the one clock of this store's one process.
@@ -80,6 +109,17 @@ class MemoryStore(Store):
         self._versions: dict[str, int] = {}
         # Budget name -> (admitted calls, admitted background calls), epoch milliseconds.
         self._call_logs: dict[str, tuple[list[float], list[float]]] = {}
+        # Account events: outboxes by account id, then the log in seq order.
+        self._outboxes: dict[str, list[dict[str, Any]]] = {}
+        self._events: dict[str, StoredEvent] = {}
+        self._event_ids: list[str] = []
+        self._event_seq = 0
+        # (holder, expiry on ``self._clock``), for the relay and for each claimed event.
+        self._relay_lease: tuple[str, float] | None = None
+        self._event_leases: dict[str, tuple[str, float]] = {}
+        self._events_retention = timedelta(seconds=events_retention_seconds)
+        # Account id -> its pending profile's schedule (MongoStore: profileRetryAt...).
+        self._profile_fills: dict[str, _ProfileFill] = {}
 
     async def initialize(self) -> None:
         return None
@@ -145,6 +185,7 @@ class MemoryStore(Store):
         if account_id is None:
             account_id = uuid.uuid4().hex
             self._account_ids[natural_key] = account_id
+            self._profile_fills[account_id] = _ProfileFill(now + PROFILE_FIRST_FILL_DELAY)
             previous = Account(
                 id=account_id,
                 owner_id=owner_id,
@@ -197,7 +238,48 @@ class MemoryStore(Store):
         account.profile = dict(profile)
         account.profile_pending = False
         account.updated_at = now
+        self._profile_fills.pop(account_id, None)
         return _copy_account(account)
+
+    async def schedule_profile_fill(self, account_id: str, *, at: datetime) -> None:
+        account = self._accounts.get(account_id)
+        if account is not None:
+            account.profile_pending = True
+            self._profile_fills[account_id] = _ProfileFill(at)
+
+    async def claim_profile_fill(
+        self, holder: str, *, now: datetime, until: datetime
+    ) -> ProfileClaim | None:
+        due = [
+            (fill.due_at, account_id)
+            for account_id, fill in self._profile_fills.items()
+            if fill.due_at <= now and self._fill_wanted(account_id)
+        ]
+        if not due:
+            return None
+        _, account_id = min(due)
+        fill = self._profile_fills[account_id]
+        fill.due_at, fill.holder = until, holder
+        return ProfileClaim(_copy_account(self._accounts[account_id]), fill.failures)
+
+    def _fill_wanted(self, account_id: str) -> bool:
+        account = self._accounts.get(account_id)
+        return (
+            account is not None
+            and account.profile_pending
+            and account.status is AccountStatus.CONNECTED
+        )
+
+    async def defer_profile_fill(
+        self, account_id: str, holder: str, *, retry_at: datetime
+    ) -> None:
+        fill = self._profile_fills.get(account_id)
+        if fill is not None and fill.holder == holder:
+            fill.due_at, fill.holder = retry_at, None
+            fill.failures += 1
+
+    async def count_pending_profiles(self) -> int:
+        return sum(1 for account_id in self._profile_fills if self._fill_wanted(account_id))
 
     async def get_account(self, account_id: str) -> Account | None:
         account = self._accounts.get(account_id)
@@ -406,3 +488,187 @@ class MemoryStore(Store):
             background_limit=background_limit,
             unit=0.001,
         )
+
+    # -- account events ---------------------------------------------------------------
+    # No await between a read and its write here either, so each method is atomic.
+
+    async def append_account_event(
+        self, account_id: str, event: dict[str, Any], *, only_if: dict[str, Any] | None = None
+    ) -> bool:
+        check_event(event)
+        conditions = check_event_condition(only_if)
+        account = self._accounts.get(account_id)
+        if account is None:
+            return False
+        for attribute, expected in conditions.items():
+            if getattr(account, attribute) != expected:
+                return False
+        self._outboxes.setdefault(account_id, []).append(copy.deepcopy(event))
+        return True
+
+    async def acquire_relay_lease(self, holder: str, *, seconds: float) -> bool:
+        lease, now = self._relay_lease, self._clock()
+        if lease is not None and lease[0] != holder and lease[1] > now:
+            return False
+        self._relay_lease = (holder, now + seconds)
+        return True
+
+    async def release_relay_lease(self, holder: str) -> None:
+        if self._relay_lease is not None and self._relay_lease[0] == holder:
+            self._relay_lease = None
+
+    async def relay_outbox(
+        self, holder: str, *, now: datetime, fence_seconds: float, push: bool, limit: int
+    ) -> list[StoredEvent]:
+        self._purge_events(now)
+        queues = [
+            [(account_id, event) for event in outbox]
+            for account_id, outbox in self._outboxes.items()
+            if outbox
+        ]
+        relayed: list[StoredEvent] = []
+        # Oldest first across accounts; merge() keeps each account's outbox order.
+        for account_id, event in heapq.merge(*queues, key=lambda item: item[1]["timestamp"]):
+            lease, fence = self._relay_lease, self._clock() + fence_seconds
+            if len(relayed) >= limit or lease is None or lease[0] != holder or lease[1] <= fence:
+                break
+            if event["id"] not in self._events:
+                self._event_seq += 1
+                stored = StoredEvent(
+                    seq=self._event_seq,
+                    event=event,
+                    account_id=account_id,
+                    owner_id=self._accounts[account_id].owner_id,
+                    status=EventStatus.PENDING if push else EventStatus.PULL_ONLY,
+                    recorded_at=now,
+                    next_attempt_at=now if push else None,
+                )
+                self._events[event["id"]] = stored
+                self._event_ids.append(event["id"])
+                relayed.append(_copy_event(stored))
+            self._outboxes[account_id].remove(event)
+        return relayed
+
+    def _purge_events(self, now: datetime) -> None:
+        # Mirrors the TTL index on the MongoDB event log.
+        cutoff = now - self._events_retention
+        kept = 0
+        for event_id in self._event_ids:
+            if self._events[event_id].recorded_at > cutoff:
+                break
+            del self._events[event_id]
+            self._event_leases.pop(event_id, None)
+            kept += 1
+        del self._event_ids[:kept]
+
+    def _logged(self) -> list[StoredEvent]:
+        return [self._events[event_id] for event_id in self._event_ids]
+
+    async def list_events(
+        self, *, after_seq: int, limit: int, status: EventStatus | None = None
+    ) -> list[StoredEvent]:
+        found = [
+            _copy_event(stored)
+            for stored in self._logged()
+            if stored.seq > after_seq and (status is None or stored.status is status)
+        ]
+        return found[:limit]
+
+    async def get_event(self, event_id: str) -> StoredEvent | None:
+        stored = self._events.get(event_id)
+        return _copy_event(stored) if stored is not None else None
+
+    async def due_events(self, *, now: datetime, limit: int) -> list[StoredEvent]:
+        heads: set[str] = set()
+        due: list[StoredEvent] = []
+        for stored in self._logged():
+            if stored.status is not EventStatus.PENDING or stored.account_id in heads:
+                continue
+            heads.add(stored.account_id)  # a later event of this account waits for it
+            if self._claimable(stored, now):
+                due.append(_copy_event(stored))
+                if len(due) >= limit:
+                    break
+        return due
+
+    async def claim_event_for_delivery(
+        self, event_id: str, holder: str, *, now: datetime, seconds: float
+    ) -> StoredEvent | None:
+        stored = self._events.get(event_id)
+        if stored is None or not self._claimable(stored, now):
+            return None
+        self._event_leases[event_id] = (holder, self._clock() + seconds)
+        # For whoever reads it: the expiry on the caller's clock.
+        stored.lease_holder = holder
+        stored.lease_expires_at = now + timedelta(seconds=seconds)
+        if stored.first_attempt_at is None:
+            stored.first_attempt_at = now
+        return _copy_event(stored)
+
+    def _claimable(self, stored: StoredEvent, now: datetime) -> bool:
+        lease = self._event_leases.get(stored.id)
+        return (
+            stored.status is EventStatus.PENDING
+            and stored.next_attempt_at is not None
+            and stored.next_attempt_at <= now
+            and (lease is None or lease[1] <= self._clock())
+        )
+
+    def _leased_by(self, event_id: str, holder: str) -> StoredEvent | None:
+        stored = self._events.get(event_id)
+        lease = self._event_leases.get(event_id)
+        if stored is None or lease is None or lease[0] != holder:
+            return None
+        del self._event_leases[event_id]
+        stored.lease_holder = stored.lease_expires_at = None
+        stored.attempts += 1
+        return stored
+
+    async def mark_delivered(self, event_id: str, holder: str, *, now: datetime) -> bool:
+        stored = self._leased_by(event_id, holder)
+        if stored is None:
+            return False
+        stored.status = EventStatus.DELIVERED
+        stored.delivered_at = now
+        stored.next_attempt_at = stored.last_failure = None
+        return True
+
+    async def mark_attempt_failed(
+        self,
+        event_id: str,
+        holder: str,
+        *,
+        now: datetime,
+        failure: str,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        stored = self._leased_by(event_id, holder)
+        if stored is None:
+            return False
+        stored.last_failure = failure
+        stored.next_attempt_at = next_attempt_at
+        if next_attempt_at is None:
+            stored.status = EventStatus.FAILED
+        return True
+
+    async def redeliver_event(self, event_id: str, *, now: datetime) -> StoredEvent | None:
+        stored = self._events.get(event_id)
+        if stored is None:
+            return None
+        if stored.status is EventStatus.FAILED:
+            self._event_leases.pop(event_id, None)
+            stored.status = EventStatus.PENDING
+            stored.attempts = 0
+            stored.next_attempt_at = now
+            stored.first_attempt_at = stored.last_failure = None
+        return _copy_event(stored)
+
+    async def oldest_undelivered(self) -> datetime | None:
+        times = [event_time(event) for outbox in self._outboxes.values() for event in outbox]
+        times += [
+            event_time(stored.event)
+            for stored in self._events.values()
+            if stored.status is EventStatus.PENDING
+        ]
+        return min(times, default=None)
+

@@ -13,6 +13,7 @@ reaches an error message.
 from __future__ import annotations
 
 import functools
+import heapq
 import inspect
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from storage.base import (
     CALL_BUDGETS,
     PLATFORM,
     PROFILE_FIELDS,
+    PROFILE_FIRST_FILL_DELAY,
     TOKEN_USE_RESOLUTION,
     Account,
     AccountStatus,
@@ -42,12 +44,18 @@ from storage.base import (
     CallAdmission,
     ClaimOutcome,
     ClaimResult,
+    EventStatus,
     PendingAuthorization,
     PendingFailure,
     PendingStatus,
+    ProfileClaim,
     ResealBatch,
     Store,
+    StoredEvent,
     TokenGrant,
+    check_event,
+    check_event_condition,
+    event_time,
     judge_call,
     window_ms,
 )
@@ -70,6 +78,11 @@ REFRESH_DUE_KEYS = [
 # expire_refresh_tokens: connected accounts whose refresh token has expired.
 REFRESH_EXPIRY_INDEX = "status_refresh_expiry"
 REFRESH_EXPIRY_KEYS = [("status", ASCENDING), ("refreshTokenExpiresAt", ASCENDING)]
+
+# The filler's claim: equality on the first two keys, range and sort on the third.
+PROFILE_FILL_INDEX = "profile_fill_due"
+PROFILE_FILL_KEYS = [("profilePending", ASCENDING), ("status", ASCENDING),
+                     ("profileRetryAt", ASCENDING)]
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,8 @@ INDEXES: tuple[IndexSpec, ...] = (
     # however many idle ones the collection holds.
     IndexSpec(ACCOUNTS_COLLECTION, REFRESH_DUE_KEYS, REFRESH_DUE_INDEX),
     IndexSpec(ACCOUNTS_COLLECTION, REFRESH_EXPIRY_KEYS, REFRESH_EXPIRY_INDEX),
+    # Pending profiles (the background filler).
+    IndexSpec(ACCOUNTS_COLLECTION, PROFILE_FILL_KEYS, PROFILE_FILL_INDEX),
     # Housekeeping only: claim_pending checks expiry itself, since the TTL
     # monitor deletes late (once a minute on mongod).
     IndexSpec(
@@ -118,6 +133,39 @@ _INDEX_CONFLICTS = {
 # Store methods that work before the indexes exist; every other one waits for them
 # when the store requires its indexes (see MongoStore).
 _SETUP_METHODS = frozenset({"_create_indexes", "ping", "close"})
+
+# Account events (issue 15).
+EVENTS_COLLECTION = "account_events"
+EVENT_META_COLLECTION = "event_meta"
+RELAY_LEASE_ID = "relay"
+EVENT_SEQ_INDEX = "seq_unique"
+EVENT_DUE_INDEX = "status_next_attempt"
+EVENT_STATUS_SEQ_INDEX = "status_seq"
+EVENT_ACCOUNT_INDEX = "account_seq"
+EVENT_TTL_INDEX = "recorded_at_ttl"
+OUTBOX_INDEX = "outbox_id"
+DEFAULT_EVENTS_RETENTION_SECONDS = 7 * 86400
+# An index of that name exists with other options (a changed EVENTS_RETENTION_DAYS):
+# mongod answers 85, SecantusDB 86.
+_INDEX_OPTIONS_CONFLICT = (85, 86)
+# How many later due events of blocked accounts ``due_events`` looks past.
+_DUE_PAGES = 3
+# The event log's and the outboxes' indexes (the TTL one depends on the retention:
+# MongoStore._event_ttl_index).
+EVENT_INDEXES: tuple[IndexSpec, ...] = (
+    IndexSpec(EVENTS_COLLECTION, [("seq", ASCENDING)], EVENT_SEQ_INDEX, {"unique": True}),
+    IndexSpec(
+        EVENTS_COLLECTION, [("status", ASCENDING), ("nextAttemptAt", ASCENDING)],
+        EVENT_DUE_INDEX,
+    ),
+    IndexSpec(
+        EVENTS_COLLECTION, [("status", ASCENDING), ("seq", ASCENDING)], EVENT_STATUS_SEQ_INDEX
+    ),
+    IndexSpec(
+        EVENTS_COLLECTION, [("accountId", ASCENDING), ("seq", ASCENDING)], EVENT_ACCOUNT_INDEX
+    ),
+    IndexSpec(ACCOUNTS_COLLECTION, [("outbox.id", ASCENDING)], OUTBOX_INDEX, {"sparse": True}),
+)
 
 APP_NAME = "tiktok-gateway"
 DRIVERS = ("motor", "pymongo")
@@ -149,6 +197,20 @@ _REVOCATION_UNSET = {
 }
 _TOKEN_UNSET = {"accessToken": "", "refreshToken": "", "refreshLease": ""}
 _ONE_MORE_GENERATION = {"$inc": {TOKEN_VERSION_FIELD: 1}}
+# A pending profile's schedule: when the filler is due next, who holds it, failures.
+_PROFILE_FILL_UNSET = {"profileRetryAt": "", "profileHolder": "", "profileFailures": ""}
+# Before this, a pending profile had no schedule: such accounts are due at once.
+_LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def profile_fill_query(now: datetime) -> dict[str, Any]:
+    """Connected accounts whose pending profile is due at ``now``: every key is in
+    PROFILE_FILL_INDEX, which also yields them in due order."""
+    return {
+        "profilePending": True,
+        "status": AccountStatus.CONNECTED.value,
+        "profileRetryAt": {"$lte": now},
+    }
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -373,6 +435,7 @@ class MongoStore(Store):
         *,
         client: Any = None,
         require_indexes: bool = False,
+        events_retention_seconds: int = DEFAULT_EVENTS_RETENTION_SECONDS,
     ) -> None:
         self._database = database
         self._client = client if client is not None else getattr(database, "client", None)
@@ -383,6 +446,9 @@ class MongoStore(Store):
         self._indexed = False
         # Why the indexes are missing: the last failed initialize() (None: not tried yet).
         self._setup_error: StoreUnavailable | None = None
+        self._events = database[EVENTS_COLLECTION]
+        self._event_meta = database[EVENT_META_COLLECTION]
+        self._events_retention_seconds = events_retention_seconds
 
     @property
     def database(self) -> Any:
@@ -408,12 +474,15 @@ class MongoStore(Store):
     @_mongo_errors
     async def _create_indexes(self) -> None:
         problems = []
-        for spec in INDEXES:
+        for spec in (*INDEXES, *EVENT_INDEXES, self._event_ttl_index()):
             try:
                 await self._database[spec.collection].create_index(
                     spec.keys, name=spec.name, **spec.options
                 )
             except OperationFailure as exc:
+                if spec.name == EVENT_TTL_INDEX and exc.code in _INDEX_OPTIONS_CONFLICT:
+                    await self._change_event_retention()
+                    continue
                 reason = _INDEX_CONFLICTS.get(exc.code or 0)
                 if reason is None:
                     raise
@@ -424,6 +493,31 @@ class MongoStore(Store):
             raise StoreSetupFailed(problems, details=dict(_DETAILS))
         # TikTok call budgets: their documents exist before any call is admitted.
         await self._create_call_budgets(CALL_BUDGETS)
+        # Profiles left pending before fills were scheduled: due now, first in line.
+        await self._accounts.update_many(
+            {"profilePending": True, "profileRetryAt": {"$exists": False}},
+            {"$set": {"profileRetryAt": _LONG_AGO}},
+        )
+
+    def _event_ttl_index(self) -> IndexSpec:
+        """Account events are kept EVENTS_RETENTION_DAYS after the relay logged them."""
+        return IndexSpec(
+            EVENTS_COLLECTION, [("recordedAt", ASCENDING)], EVENT_TTL_INDEX,
+            {"expireAfterSeconds": self._events_retention_seconds},
+        )
+
+    async def _change_event_retention(self) -> None:
+        """EVENTS_RETENTION_DAYS changed since the TTL index was made: change the index
+        (part of ``_create_indexes``, so not gated)."""
+        await self._database.command(
+            {
+                "collMod": EVENTS_COLLECTION,
+                "index": {
+                    "name": EVENT_TTL_INDEX,
+                    "expireAfterSeconds": self._events_retention_seconds,
+                },
+            }
+        )
 
     def raise_unless_indexed(self) -> None:
         """Raise ``StoreUnavailable`` unless ``initialize`` has created the indexes."""
@@ -542,6 +636,7 @@ class MongoStore(Store):
             "$setOnInsert": {**natural_key, "createdAt": now, "profilePending": True},
             **_ONE_MORE_GENERATION,
         }
+        update["$setOnInsert"]["profileRetryAt"] = now + PROFILE_FIRST_FILL_DELAY
         for attempt in (1, 2):
             try:
                 doc = await self._accounts.find_one_and_update(
@@ -580,11 +675,68 @@ class MongoStore(Store):
                 fields[_PROFILE_DOCUMENT_FIELDS[attribute]] = profile[tiktok_field]
         fields.update({"profile": dict(profile), "profilePending": False, "updatedAt": now})
         doc = await self._accounts.find_one_and_update(
-            {"_id": object_id}, {"$set": fields}, return_document=ReturnDocument.AFTER
+            {"_id": object_id},
+            {"$set": fields, "$unset": _PROFILE_FILL_UNSET},
+            return_document=ReturnDocument.AFTER,
         )
         if doc is None:
             raise KeyError(account_id)
         return _account_from_document(doc)
+
+    @_mongo_errors
+    async def schedule_profile_fill(self, account_id: str, *, at: datetime) -> None:
+        object_id = _object_id(account_id)
+        if object_id is not None:
+            await self._accounts.update_one(
+                {"_id": object_id},
+                {
+                    "$set": {"profilePending": True, "profileRetryAt": at},
+                    "$unset": {"profileHolder": "", "profileFailures": ""},
+                },
+            )
+
+    @_mongo_errors
+    async def claim_profile_fill(
+        self, holder: str, *, now: datetime, until: datetime
+    ) -> ProfileClaim | None:
+        doc = await self._accounts.find_one_and_update(
+            profile_fill_query(now),
+            {"$set": {"profileRetryAt": until, "profileHolder": holder}},
+            sort=[("profileRetryAt", ASCENDING)],
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            return None
+        return ProfileClaim(_account_from_document(doc), int(doc.get("profileFailures") or 0))
+
+    def profile_fill_cursor(self, now: datetime) -> Any:
+        """The claim's query as a cursor, for ``explain`` (it must use its index)."""
+        return (
+            self._accounts.find(profile_fill_query(now))
+            .sort([("profileRetryAt", ASCENDING)])
+            .limit(1)
+        )
+
+    @_mongo_errors
+    async def defer_profile_fill(
+        self, account_id: str, holder: str, *, retry_at: datetime
+    ) -> None:
+        object_id = _object_id(account_id)
+        if object_id is not None:
+            await self._accounts.update_one(
+                {"_id": object_id, "profilePending": True, "profileHolder": holder},
+                {
+                    "$set": {"profileRetryAt": retry_at},
+                    "$unset": {"profileHolder": ""},
+                    "$inc": {"profileFailures": 1},
+                },
+            )
+
+    @_mongo_errors
+    async def count_pending_profiles(self) -> int:
+        return int(await self._accounts.count_documents(
+            {"profilePending": True, "status": AccountStatus.CONNECTED.value}
+        ))
 
     @_mongo_errors
     async def get_account(self, account_id: str) -> Account | None:
@@ -674,7 +826,7 @@ class MongoStore(Store):
             },
             {"$set": fields, **_ONE_MORE_GENERATION},
         )
-        return result.modified_count == 1
+        return bool(result.modified_count == 1)
 
     @_mongo_errors
     async def require_reauthorization(
@@ -696,7 +848,7 @@ class MongoStore(Store):
                 "$unset": _TOKEN_UNSET,
             },
         )
-        return result.matched_count == 1
+        return bool(result.matched_count == 1)
 
     @_mongo_errors
     async def revoke_account(
@@ -925,6 +1077,323 @@ class MongoStore(Store):
                 )
             except DuplicateKeyError:
                 pass  # another process made it meanwhile
+
+    # -- account events ---------------------------------------------------------------
+
+    @_mongo_errors
+    async def append_account_event(
+        self, account_id: str, event: dict[str, Any], *, only_if: dict[str, Any] | None = None
+    ) -> bool:
+        check_event(event)
+        conditions = check_event_condition(only_if)
+        object_id = _object_id(account_id)
+        if object_id is None:
+            return False
+        query: dict[str, Any] = {"_id": object_id}
+        for attribute, expected in conditions.items():
+            query[_ACCOUNT_DOCUMENT_FIELDS[attribute]] = (
+                expected.value if isinstance(expected, AccountStatus) else expected
+            )
+        result = await self._accounts.update_one(query, {"$push": {"outbox": dict(event)}})
+        return bool(result.matched_count)
+
+    # The relay lease and the delivery claims are judged by MongoDB's clock, as the
+    # refresh lease is (_expired, _lasting).
+
+    @_mongo_errors
+    async def acquire_relay_lease(self, holder: str, *, seconds: float) -> bool:
+        try:
+            # Upserted by the first relayer ever; seq counts from there, the document stays.
+            doc = await self._event_meta.find_one_and_update(
+                {"_id": RELAY_LEASE_ID, "$or": [{"holder": holder}, _expired("expiresAt")]},
+                [
+                    {
+                        "$set": {
+                            "holder": {"$literal": holder},
+                            "expiresAt": {"$add": ["$$NOW", _milliseconds(seconds)]},
+                            "seq": {"$ifNull": ["$seq", 0]},
+                        }
+                    }
+                ],
+                upsert=True,
+                projection={"holder": 1},
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:
+            return False  # another process holds it: the upsert found the document taken
+        if doc is None:
+            # SecantusDB may answer null for an upsert that raced another and applied.
+            doc = await self._event_meta.find_one({"_id": RELAY_LEASE_ID}, {"holder": 1})
+        return doc is not None and doc.get("holder") == holder
+
+    @_mongo_errors
+    async def release_relay_lease(self, holder: str) -> None:
+        await self._event_meta.update_one(
+            {"_id": RELAY_LEASE_ID, "holder": holder}, {"$set": {"expiresAt": _EPOCH}}
+        )
+
+    @_mongo_errors
+    async def relay_outbox(
+        self, holder: str, *, now: datetime, fence_seconds: float, push: bool, limit: int
+    ) -> list[StoredEvent]:
+        # An array sort key is its smallest element: the account's oldest event first.
+        cursor = (
+            self._accounts.find(
+                {"outbox.id": {"$exists": True}}, projection={"ownerId": 1, "outbox": 1}
+            )
+            .sort([("outbox.timestamp", ASCENDING)])
+            .limit(limit)
+        )
+        queues = [[(doc, event) for event in doc["outbox"]] async for doc in cursor]
+        relayed: list[StoredEvent] = []
+        for doc, event in heapq.merge(*queues, key=lambda item: item[1]["timestamp"]):
+            if len(relayed) >= limit:
+                break
+            # Fenced: only while this relayer's lease lasts beyond the fence, so a
+            # relayer that lost its lease allocates nothing; the fence margin outlasts
+            # the insert below, so no seq can land behind one a reader already saw.
+            meta = await self._event_meta.find_one_and_update(
+                {
+                    "_id": RELAY_LEASE_ID,
+                    "holder": holder,
+                    **_lasting("expiresAt", fence_seconds),
+                },
+                {"$inc": {"seq": 1}},
+                projection={"seq": 1},
+                return_document=ReturnDocument.AFTER,
+            )
+            if meta is None:
+                break
+            document = {
+                "_id": event["id"],
+                "seq": int(meta["seq"]),
+                "type": event["type"],
+                "timestamp": event["timestamp"],
+                "data": event["data"],
+                "accountId": str(doc["_id"]),
+                "ownerId": doc["ownerId"],
+                "status": (EventStatus.PENDING if push else EventStatus.PULL_ONLY).value,
+                "attempts": 0,
+                "recordedAt": now,
+            }
+            if push:
+                document["nextAttemptAt"] = now
+            try:
+                await self._events.insert_one(document)
+                relayed.append(_event_from_document(document))
+            except DuplicateKeyError:
+                pass  # logged by a relayer that stopped before its $pull (a seq is skipped)
+            await self._accounts.update_one(
+                {"_id": doc["_id"]}, {"$pull": {"outbox": {"id": event["id"]}}}
+            )
+        return relayed
+
+    @_mongo_errors
+    async def list_events(
+        self, *, after_seq: int, limit: int, status: EventStatus | None = None
+    ) -> list[StoredEvent]:
+        query: dict[str, Any] = {"seq": {"$gt": after_seq}}
+        if status is not None:
+            query["status"] = EventStatus(status).value
+        cursor = self._events.find(query).sort([("seq", ASCENDING)]).limit(limit)
+        return [_event_from_document(doc) async for doc in cursor]
+
+    @_mongo_errors
+    async def get_event(self, event_id: str) -> StoredEvent | None:
+        doc = await self._events.find_one({"_id": event_id})
+        return _event_from_document(doc) if doc is not None else None
+
+    @_mongo_errors
+    async def due_events(self, *, now: datetime, limit: int) -> list[StoredEvent]:
+        due: list[StoredEvent] = []
+        seen: set[str] = set()
+        for _ in range(_DUE_PAGES):
+            query: dict[str, Any] = {**_claimable(now)}
+            if seen:
+                query["accountId"] = {"$nin": sorted(seen)}
+            cursor = self._events.find(query).sort([("seq", ASCENDING)]).limit(limit)
+            page = [_event_from_document(doc) async for doc in cursor]
+            for stored in page:
+                if stored.account_id in seen:
+                    continue
+                seen.add(stored.account_id)
+                # In flight, waiting for its retry or not: an earlier pending event
+                # of the account goes first.
+                earlier = await self._events.find_one(
+                    {
+                        "accountId": stored.account_id,
+                        "status": EventStatus.PENDING.value,
+                        "seq": {"$lt": stored.seq},
+                    },
+                    projection={"_id": 1},
+                )
+                if earlier is None:
+                    due.append(stored)
+            if len(due) >= limit or len(page) < limit:
+                break
+        return sorted(due, key=lambda stored: stored.seq)[:limit]
+
+    @_mongo_errors
+    async def claim_event_for_delivery(
+        self, event_id: str, holder: str, *, now: datetime, seconds: float
+    ) -> StoredEvent | None:
+        doc = await self._events.find_one_and_update(
+            {"_id": event_id, **_claimable(now)},
+            [
+                {
+                    "$set": {
+                        "lease": {
+                            "holder": {"$literal": holder},
+                            "expiresAt": {"$add": ["$$NOW", _milliseconds(seconds)]},
+                        },
+                        "firstAttemptAt": {"$ifNull": ["$firstAttemptAt", now]},
+                    }
+                }
+            ],
+            return_document=ReturnDocument.AFTER,
+        )
+        return _event_from_document(doc) if doc is not None else None
+
+    @_mongo_errors
+    async def mark_delivered(self, event_id: str, holder: str, *, now: datetime) -> bool:
+        result = await self._events.update_one(
+            {"_id": event_id, "lease.holder": holder},
+            {
+                "$set": {"status": EventStatus.DELIVERED.value, "deliveredAt": now},
+                "$inc": {"attempts": 1},
+                "$unset": {"lease": "", "nextAttemptAt": "", "lastFailure": ""},
+            },
+        )
+        return bool(result.modified_count)
+
+    @_mongo_errors
+    async def mark_attempt_failed(
+        self,
+        event_id: str,
+        holder: str,
+        *,
+        now: datetime,
+        failure: str,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        update: dict[str, Any] = {
+            "$set": {"lastFailure": failure},
+            "$inc": {"attempts": 1},
+            "$unset": {"lease": ""},
+        }
+        if next_attempt_at is None:
+            update["$set"]["status"] = EventStatus.FAILED.value
+            update["$unset"]["nextAttemptAt"] = ""
+        else:
+            update["$set"]["nextAttemptAt"] = next_attempt_at
+        result = await self._events.update_one({"_id": event_id, "lease.holder": holder}, update)
+        return bool(result.modified_count)
+
+    @_mongo_errors
+    async def redeliver_event(self, event_id: str, *, now: datetime) -> StoredEvent | None:
+        doc = await self._events.find_one_and_update(
+            {"_id": event_id, "status": EventStatus.FAILED.value},
+            {
+                "$set": {
+                    "status": EventStatus.PENDING.value,
+                    "attempts": 0,
+                    "nextAttemptAt": now,
+                },
+                "$unset": {"firstAttemptAt": "", "lastFailure": "", "lease": ""},
+            },
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            doc = await self._events.find_one({"_id": event_id})
+        return _event_from_document(doc) if doc is not None else None
+
+    @_mongo_errors
+    async def oldest_undelivered(self) -> datetime | None:
+        times: list[datetime] = []
+        pending = await self._events.find_one(
+            {"status": EventStatus.PENDING.value},
+            projection={"timestamp": 1},
+            sort=[("seq", ASCENDING)],
+        )
+        if pending is not None:
+            times.append(event_time(pending))
+        unrelayed = await self._accounts.find_one(
+            {"outbox.id": {"$exists": True}},
+            projection={"outbox": 1},
+            sort=[("outbox.timestamp", ASCENDING)],
+        )
+        if unrelayed is not None:
+            times += [event_time(event) for event in unrelayed["outbox"]]
+        return min(times, default=None)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Account attribute -> document field, for ``append_account_event(only_if=...)``.
+_ACCOUNT_DOCUMENT_FIELDS = {
+    "status": "status",
+    "owner_id": "ownerId",
+    "platform_account_id": "platformAccountId",
+    "access_token_expires_at": "accessTokenExpiresAt",
+    "refresh_token_expires_at": "refreshTokenExpiresAt",
+    "connected_at": "connectedAt",
+    "revoked_at": "revokedAt",
+}
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+# Lease expiries on MongoDB's clock, compared as numbers like _LEASE_EXPIRED (SecantusDB
+# compares a stored date with $$NOW wrongly).
+def _expired(path: str) -> dict[str, Any]:
+    return {"$expr": {"$lte": [{"$toLong": f"${path}"}, {"$toLong": "$$NOW"}]}}
+
+
+def _lasting(path: str, seconds: float) -> dict[str, Any]:
+    """The lease at ``path`` lasts at least ``seconds`` more."""
+    return {
+        "$expr": {
+            "$gt": [
+                {"$toLong": f"${path}"},
+                {"$add": [{"$toLong": "$$NOW"}, _milliseconds(seconds)]},
+            ]
+        }
+    }
+
+
+def _claimable(now: datetime) -> dict[str, Any]:
+    """Pending, due at ``now``, and in flight nowhere (no lease, or an expired one)."""
+    return {
+        "status": EventStatus.PENDING.value,
+        "nextAttemptAt": {"$lte": now},
+        "$or": [{"lease": {"$exists": False}}, _expired("lease.expiresAt")],
+    }
+
+
+def _event_from_document(doc: dict[str, Any]) -> StoredEvent:
+    lease = doc.get("lease") or {}
+    return StoredEvent(
+        seq=int(doc["seq"]),
+        event={
+            "id": doc["_id"],
+            "type": doc["type"],
+            "timestamp": doc["timestamp"],
+            "data": doc["data"],
+        },
+        account_id=doc["accountId"],
+        owner_id=doc["ownerId"],
+        status=EventStatus(doc["status"]),
+        recorded_at=doc["recordedAt"],
+        attempts=int(doc.get("attempts", 0)),
+        next_attempt_at=doc.get("nextAttemptAt"),
+        first_attempt_at=doc.get("firstAttemptAt"),
+        last_failure=doc.get("lastFailure"),
+        delivered_at=doc.get("deliveredAt"),
+        lease_holder=lease.get("holder"),
+        lease_expires_at=lease.get("expiresAt"),
+    )
 
 
 CALL_BUDGETS_COLLECTION = "tiktok_call_budgets"

@@ -3,7 +3,8 @@ from collections.abc import Iterator
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.flow import make_sandbox
+from services.tiktok import TikTokClient
+from tests.flow import live_sandbox, tiktok_for
 
 pytest_plugins = ["tests.fixtures_mongo"]
 
@@ -11,10 +12,8 @@ pytest_plugins = ["tests.fixtures_mongo"]
 @pytest.fixture
 def sandbox(io_loop):
     """A live TikTok sandbox on a free loopback port, in the test's event loop."""
-    sandbox = make_sandbox()
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
+    with live_sandbox(io_loop) as sandbox:
+        yield sandbox
 
 
 @pytest.fixture
@@ -28,3 +27,9 @@ def client(io_loop) -> Iterator[AsyncHTTPClient]:
     )
     yield client
     client.close()
+
+
+@pytest.fixture
+def tiktok(sandbox) -> TikTokClient:
+    """The gateway's TikTok client on the test's sandbox, without a gateway."""
+    return tiktok_for(sandbox.url)

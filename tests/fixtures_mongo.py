@@ -20,6 +20,9 @@ Nothing here mocks a driver: the stores talk to SecantusDB over TCP.
 * ``make_store`` (function, parametrized ``memory`` / ``motor`` / ``pymongo``):
   ``async with make_store() as store:`` (optionally ``make_store(cipher)``), an
   initialized store of each backend, opened inside the test's running loop.
+* ``mongo_settings(uri, database, driver)``: a gateway's settings for that store.
+* ``raw_database(uri, name)``: context manager yielding the database through a
+  synchronous client of its own, to see what the gateway wrote.
 """
 
 from __future__ import annotations
@@ -47,18 +50,11 @@ from storage.base import Store
 from storage.crypto import TokenCipher
 from storage.memory import MemoryStore
 from storage.mongodb import MongoStore, connect_mongo
+from tests.support import LOOPBACK, free_port
 
-LOOPBACK = "127.0.0.1"
 StoreFactory = Callable[..., contextlib.AbstractAsyncContextManager[Store]]
 _START_TIMEOUT_S = 20.0
 _STOP_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    """A port that was free a moment ago: bind 127.0.0.1:0 and read it back."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def _port_accepts(port: int) -> bool:
@@ -298,6 +294,24 @@ def make_store(request: pytest.FixtureRequest, mongo_database_name: str) -> Iter
         collect_leaked_driver_sockets()
 
 
+def mongo_settings(uri: str, database: str, driver: str = "motor") -> dict[str, str]:
+    """A gateway's settings for its store on ``database`` (``make_config(**...)``)."""
+    return {"MONGODB_URI": uri, "MONGODB_DATABASE": database, "MONGODB_DRIVER": driver}
+
+
+@contextlib.contextmanager
+def raw_database(uri: str, name: str) -> Iterator[Any]:
+    """The database ``name`` through a synchronous client of its own, closed on exit:
+    what the gateway wrote, as MongoDB holds it."""
+    client: MongoClient[dict[str, Any]] = MongoClient(
+        uri, tz_aware=True, serverSelectionTimeoutMS=5000
+    )
+    try:
+        yield client[name]
+    finally:
+        client.close()
+
+
 @contextlib.contextmanager
 def mongo_failpoint(uri: str, mode: Any = "alwaysOn", **data: Any) -> Iterator[None]:
     """Arm ``failCommand``, e.g. ``failCommands=["find"], errorCode=13`` or
@@ -325,11 +339,12 @@ def mongo_failpoint(uri: str, mode: Any = "alwaysOn", **data: Any) -> Iterator[N
 __all__ = [
     "SecantusProcess",
     "collect_leaked_driver_sockets",
-    "free_port",
     "mongo_database_name",
     "mongo_driver",
     "mongo_failpoint",
     "mongo_process",
     "mongo_server",
+    "mongo_settings",
     "open_mongo_store",
+    "raw_database",
 ]

@@ -1,21 +1,34 @@
-"""Driving a whole connection the way a product backend and a browser would."""
+"""Driving a whole connection the way a product backend and a browser would, and the
+sandbox (TikTok) for tests that skip the browser: its tokens, a TikTok client on it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from tornado.ioloop import IOLoop
 
 from sandbox import Sandbox, SandboxClient
+from services.tiktok import TikTokClient
+from storage.base import TokenGrant
 from tests.support import (
     CLIENT_KEY,
     CLIENT_SECRET,
+    CONNECTED,
+    LOOPBACK,
     PRODUCT_REDIRECT,
     REDIRECT_URI,
     bearer,
+    utc_now,
 )
+
+# The gateway's TIKTOK_PKCE mode -> the sandbox's verification mode that matches it.
+SANDBOX_PKCE = {"hex": "hex", "s256": "s256", "off": "optional"}
 
 
 def make_sandbox(pkce: str = "hex", **kwargs: Any) -> Sandbox:
@@ -27,11 +40,82 @@ def make_sandbox(pkce: str = "hex", **kwargs: Any) -> Sandbox:
     )
 
 
+@contextlib.contextmanager
+def live_sandbox(
+    io_loop: IOLoop, sandbox: Sandbox | None = None, **kwargs: Any
+) -> Iterator[Sandbox]:
+    """``sandbox`` (default: ``make_sandbox(**kwargs)``) listening on a free loopback
+    port, its base URL in ``.url``; closed in ``io_loop`` on the way out."""
+    sandbox = sandbox or make_sandbox(**kwargs)
+    sandbox.url = f"http://{LOOPBACK}:{sandbox.listen()}"  # type: ignore[attr-defined]
+    try:
+        yield sandbox
+    finally:
+        io_loop.run_sync(sandbox.close)
+
+
+def tiktok_for(
+    sandbox_url: str, *, request_timeout: float = 4.0, http: Any = None
+) -> TikTokClient:
+    """The gateway's TikTok client on the sandbox at ``sandbox_url``, without a gateway
+    (``http``: its HTTP client, default Tornado's shared one)."""
+    return TikTokClient(
+        http,
+        client_key=CLIENT_KEY,
+        client_secret=CLIENT_SECRET,
+        redirect_uri=REDIRECT_URI,
+        api_base_url=sandbox_url,
+        authorize_url=f"{sandbox_url}/v2/auth/authorize/",
+        connect_timeout=2.0,
+        request_timeout=request_timeout,
+    )
+
+
+def sandbox_grant(
+    sandbox: Sandbox,
+    *,
+    expires_in: timedelta,
+    refresh_expires_in: timedelta = timedelta(days=180),
+    refresh_token: str | None = None,
+) -> TokenGrant:
+    """Real sandbox tokens for a new authorization (the user consenting), issued without
+    HTTP, stored as expiring ``expires_in`` / ``refresh_expires_in`` from now."""
+    code = sandbox.issue_code(CLIENT_KEY, REDIRECT_URI, ["user.info.basic"], code_challenge=None)
+    client = sandbox.state.clients[CLIENT_KEY]
+    tokens = sandbox.state.exchange_code(client, code, REDIRECT_URI, None)
+    now = utc_now()
+    return TokenGrant(
+        open_id=str(tokens["open_id"]),
+        access_token=str(tokens["access_token"]),
+        refresh_token=refresh_token or str(tokens["refresh_token"]),
+        access_token_expires_at=now + expires_in,
+        refresh_token_expires_at=now + refresh_expires_in,
+        scopes=["user.info.basic"],
+    )
+
+
 def sandbox_settings(sandbox_url: str) -> dict[str, str]:
     return {
         "TIKTOK_API_BASE_URL": sandbox_url,
         "TIKTOK_AUTHORIZE_URL": f"{sandbox_url}/v2/auth/authorize/",
     }
+
+
+async def authorize(
+    client: AsyncHTTPClient,
+    gateway_url: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> HTTPResponse:
+    """``POST /oauth/tiktok/authorize`` as the product backend sends it (``body``
+    default: the product's redirect URI; ``headers`` default: its bearer); any answer."""
+    return await client.fetch(
+        f"{gateway_url}/oauth/tiktok/authorize",
+        method="POST",
+        body=json.dumps(body if body is not None else {"redirectUri": PRODUCT_REDIRECT}),
+        headers=headers if headers is not None else bearer(),
+        raise_error=False,
+    )
 
 
 async def start(
@@ -40,16 +124,15 @@ async def start(
     owner: str = "user-123",
     scopes: list[str] | None = None,
 ) -> dict[str, Any]:
+    """An authorization started for ``owner``: the gateway's answer (``state``,
+    ``authorizationUrl``...)."""
     body: dict[str, Any] = {"redirectUri": PRODUCT_REDIRECT}
     if scopes is not None:
         body["scopes"] = scopes
-    response = await client.fetch(
-        f"{gateway_url}/oauth/tiktok/authorize",
-        method="POST",
-        body=json.dumps(body),
-        headers=bearer(owner),
-    )
-    return json.loads(response.body)
+    response = await authorize(client, gateway_url, body, bearer(owner))
+    assert response.code == 200, response.body
+    started: dict[str, Any] = json.loads(response.body)
+    return started
 
 
 async def consent(
@@ -70,6 +153,28 @@ async def consent(
 
 async def follow(client: AsyncHTTPClient, url: str) -> HTTPResponse:
     return await client.fetch(url, follow_redirects=False, raise_error=False)
+
+
+async def callback(
+    client: AsyncHTTPClient, gateway_url: str, params: Mapping[str, Any] | None = None, **more: Any
+) -> HTTPResponse:
+    """The callback with the query ``params`` and ``more`` (lists repeat a parameter)."""
+    query = urlencode({**(params or {}), **more}, doseq=True)
+    return await follow(client, f"{gateway_url}/oauth/tiktok/callback?{query}")
+
+
+async def connect(
+    client: AsyncHTTPClient,
+    gateway_url: str,
+    owner: str = "user-123",
+    scopes: list[str] | None = None,
+) -> dict[str, Any]:
+    """A whole connection: start, consent at the sandbox, callback, redirected as
+    connected. The authorize answer (``state``...)."""
+    started = await start(client, gateway_url, owner=owner, scopes=scopes)
+    callback_url = await consent(client, gateway_url, started["authorizationUrl"])
+    assert location(await follow(client, callback_url)) == CONNECTED
+    return started
 
 
 async def fetch_with_request_id(

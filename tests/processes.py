@@ -1,9 +1,11 @@
-"""The gateway as its own process (``python server.py``), for outage and multi-process tests.
+"""The gateway as its own process (``python server.py``), for outage and multi-process
+tests, and the demo (``scripts/demo.py``, what ``make demo`` runs).
 
 ``GatewayProcess`` starts ``server.py`` with a test environment on a free loopback
 port, writes its output to a log file (quoted when something goes wrong) and stops
 it with SIGTERM, as a process manager would. ``poll_until`` is the one bounded wait
-these tests use.
+these tests use. ``demo_process`` starts the demo on free ports; ``until_ready``
+reads what it prints until it is ready.
 """
 
 from __future__ import annotations
@@ -20,9 +22,15 @@ from typing import Any, TypeVar
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
 
-from tests.fixtures_mongo import LOOPBACK, free_port
+from storage.mongodb import (
+    ACCOUNT_KEY_INDEX,
+    ACCOUNTS_COLLECTION,
+    PENDING_COLLECTION,
+    PENDING_TTL_INDEX,
+)
+from tests.fixtures_mongo import mongo_settings, raw_database
 from tests.flow import sandbox_settings
-from tests.support import environ
+from tests.support import LOOPBACK, environ, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +45,8 @@ _CONFIG_PREFIXES = (
     "TOKEN_ENCRYPTION_",
     "REFRESH_",
     "WEBHOOK_",
+    "PRODUCT_WEBHOOK_",
+    "EVENTS_",
 )
 _CONFIG_NAMES = {
     "HOST",
@@ -75,14 +85,36 @@ def gateway_settings(
 ) -> dict[str, str]:
     """Environment of a gateway on MongoDB and the sandbox, with a 500 ms store timeout."""
     return {
-        "MONGODB_URI": mongodb_uri,
-        "MONGODB_DATABASE": database,
-        "MONGODB_DRIVER": driver,
+        **mongo_settings(mongodb_uri, database, driver),
         "MONGODB_TIMEOUT_MS": "500",
         "TIKTOK_REQUEST_TIMEOUT_SECONDS": "2",
         **sandbox_settings(sandbox_url),
         **extra,
     }
+
+
+async def wait_for_indexes(uri: str, database_name: str, timeout: float = 20.0) -> dict[str, Any]:
+    """Until the gateway's ``initialize_store`` has created its indexes (bounded).
+
+    Also a precondition for the first write through a gateway: SecantusDB 0.7.0b3
+    deadlocks (the whole server) when ``createIndexes`` and the first insert or
+    upsert into the same not-yet-existing collection run at once, which is
+    exactly a gateway's background start-up racing its first ``/authorize``.
+    mongod has no such problem; the tests wait instead of tripping over it.
+    """
+    with raw_database(uri, database_name) as database:
+        async def indexes() -> dict[str, Any]:
+            return {
+                "accounts": database[ACCOUNTS_COLLECTION].index_information(),
+                "states": database[PENDING_COLLECTION].index_information(),
+            }
+
+        return await poll_until(
+            indexes,
+            lambda i: ACCOUNT_KEY_INDEX in i["accounts"] and PENDING_TTL_INDEX in i["states"],
+            timeout=timeout,
+            what="indexes created by the gateway",
+        )
 
 
 class GatewayProcess:
@@ -228,3 +260,27 @@ class GatewayProcess:
             )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- gateway output ---\n{self.log_tail()}") from None
+
+
+def demo_process(**popen: Any) -> subprocess.Popen[str]:
+    """``scripts/demo.py`` on two free ports, its standard output piped as text
+    (``popen``: more ``subprocess.Popen`` arguments, ``stderr`` among them)."""
+    return subprocess.Popen(  # noqa: S603 - our own interpreter and script
+        [sys.executable, "scripts/demo.py", "--port", str(free_port()),
+         "--sandbox-port", str(free_port())],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def until_ready(demo: subprocess.Popen[str]) -> str:
+    """What the demo printed up to the line that says it is ready (``Press Ctrl+C``)."""
+    assert demo.stdout is not None
+    printed = []
+    for line in demo.stdout:
+        printed.append(line)
+        if line.startswith("Press Ctrl+C"):
+            break
+    return "".join(printed)

@@ -1,28 +1,40 @@
-"""Shared test helpers: per-run fake secrets, configuration, product tokens."""
+"""Shared test helpers: per-run fake secrets, configuration, product tokens, states,
+grants, ports. Flows over HTTP are in ``tests.flow``, stores in ``tests.fixtures_mongo``,
+gateway processes in ``tests.processes``."""
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
+import socket
 import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
+import tornado.web
 
+from scripts.cassette_scenarios import CLIENT_KEY, REDIRECT_URI
 from services.config import Config, load_config
 from services.state import STATE_ISSUER, STATE_TYP
+from storage.base import Store, TokenGrant
 
+LOOPBACK = "127.0.0.1"
+
+# The gateway's client key and redirect URI are the ones the cassettes carry.
 # Obviously fake and fresh every run: nothing here is a real credential.
-CLIENT_KEY = "test-client-key"
 CLIENT_SECRET = "test-client-secret-" + secrets.token_hex(8)
 STATE_SECRET = "test-state-secret-" + secrets.token_hex(24)
 AUTH_SECRET = "test-auth-secret-" + secrets.token_hex(24)
 TOKEN_KEY = "test:" + base64.b64encode(os.urandom(32)).decode()
-REDIRECT_URI = "https://gateway.example.com/oauth/tiktok/callback"
 PRODUCT_ORIGIN = "https://app.example.com"
 PRODUCT_REDIRECT = PRODUCT_ORIGIN + "/settings/connections?tab=social"
+# Where the callback sends the browser once an account is connected.
+CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 
 
 def environ(**overrides: str | None) -> dict[str, str]:
@@ -73,14 +85,69 @@ def forged_state(key: str = STATE_SECRET, algorithm: str = "HS256", **overrides:
     return jwt.encode(claims, key, algorithm=algorithm, headers={"typ": STATE_TYP})
 
 
+def jti_of(state: str) -> str:
+    """The id of a state the gateway minted (its pending authorization's key)."""
+    claims = jwt.decode(state, STATE_SECRET, algorithms=["HS256"], audience=REDIRECT_URI)
+    return str(claims["jti"])
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (bind port 0, read it back): to listen
+    on, or, left alone, a port where nothing answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def utc_now() -> datetime:
+    """Now, to the millisecond: BSON keeps milliseconds, so values stay exact in every
+    store."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def fake_grant(
+    open_id: str | None = None,
+    *,
+    now: datetime | None = None,
+    tag: str | None = None,
+    access_ttl: timedelta = timedelta(hours=24),
+    refresh_ttl: timedelta = timedelta(days=365),
+    scopes: Sequence[str] = ("user.info.basic",),
+) -> TokenGrant:
+    """Tokens as a code exchange returns them: ``act.<tag>`` / ``rft.<tag>`` (a random
+    tag unless given), expiring ``access_ttl`` / ``refresh_ttl`` after ``now``."""
+    now = now or utc_now()
+    tag = tag or "test-" + secrets.token_hex(8)
+    return TokenGrant(
+        open_id=open_id or f"open-id-test-{secrets.token_hex(6)}",
+        access_token=f"act.{tag}",
+        refresh_token=f"rft.{tag}",
+        access_token_expires_at=now + access_ttl,
+        refresh_token_expires_at=now + refresh_ttl,
+        scopes=list(scopes),
+    )
+
+
+def store_of(app: tornado.web.Application) -> Store:
+    """The store of a gateway app made by ``make_app``."""
+    store: Store = app.settings["gateway"].store
+    return store
+
+
+async def initialized_store(app: tornado.web.Application) -> Store:
+    """The app's store, initialized as ``python server.py`` does at start-up."""
+    store = store_of(app)
+    await store.initialize()
+    return store
+
+
 def query_of(url: str) -> dict[str, list[str]]:
     return parse_qs(urlsplit(url).query, keep_blank_values=True)
 
 
 def assert_envelope(response: Any, status: int, code: str) -> dict[str, Any]:
     """The seed's error envelope, with the headers every response carries."""
-    import json
-
     assert response.code == status, response.body
     assert response.headers["Content-Type"].startswith("application/json")
     body = json.loads(response.body)

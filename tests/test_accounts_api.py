@@ -24,16 +24,19 @@ from services.errors import Unauthenticated
 from services.product_auth import TOKENS_SCOPE, Principal
 from services.refresher import Refresher
 from storage.base import AccountStatus, AccountTokens, TokenGrant
-from tests.fixtures_mongo import collect_leaked_driver_sockets
-from tests.flow import consent, follow, location, sandbox_settings, start
+from tests import flow
+from tests.fixtures_mongo import collect_leaked_driver_sockets, mongo_settings
+from tests.flow import consent, follow, location, sandbox_settings
 from tests.support import (
     CLIENT_KEY,
     CLIENT_SECRET,
     PRODUCT_REDIRECT,
     assert_envelope,
     bearer,
+    initialized_store,
     make_config,
     product_token,
+    store_of,
 )
 
 OWNER = "user-123"
@@ -47,6 +50,7 @@ ACCOUNT_KEYS = {
     "username",
     "scopes",
     "status",
+    "profileStatus",
     "accessTokenExpiresAt",
     "refreshTokenExpiresAt",
     "createdAt",
@@ -76,10 +80,6 @@ def app(sandbox, skew):
     return make_app(make_config(**settings))
 
 
-def store_of(app):
-    return app.settings["gateway"].store
-
-
 def tokens_bearer(owner: str = OWNER, scope: Any = TOKENS_SCOPE) -> dict[str, str]:
     """The product backend's bearer: it may read tokens."""
     return bearer(owner, scope=scope)
@@ -98,9 +98,7 @@ async def call(http_client, base_url, method: str, path: str, headers=None):
 
 async def connect(http_client, base_url, owner: str = OWNER) -> dict[str, Any]:
     """Connect the sandbox's user through the real flow; the account as GET /accounts shows it."""
-    started = await start(http_client, base_url, owner=owner, scopes=SCOPES)
-    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
-    assert location(await follow(http_client, callback_url)).endswith("status=connected")
+    await flow.connect(http_client, base_url, owner=owner, scopes=SCOPES)
     response = await call(http_client, base_url, "GET", "/accounts", bearer(owner))
     assert response.code == 200, response.body
     [account] = json.loads(response.body)["accounts"]
@@ -175,6 +173,7 @@ async def test_list_and_get_describe_the_account_and_never_a_token(
     assert account["username"] == user.username
     assert account["scopes"] == SCOPES
     assert account["status"] == "connected"
+    assert account["profileStatus"] == "complete"
     created = parse_utc(account["createdAt"])
     assert created <= parse_utc(account["updatedAt"])
     assert parse_utc(account["accessTokenExpiresAt"]) == to_millis(tokens.access_token_expires_at)
@@ -573,8 +572,7 @@ class TestOnEveryStore:
         settings = sandbox_settings(sandbox.url) | {"TIKTOK_REQUEST_TIMEOUT_SECONDS": "1"}
         if request.param != "memory":
             server = request.getfixturevalue("mongo_server")
-            settings |= {"MONGODB_URI": server.uri, "MONGODB_DATABASE": mongo_database_name,
-                         "MONGODB_DRIVER": request.param}
+            settings |= mongo_settings(server.uri, mongo_database_name, request.param)
         app = make_app(make_config(**settings))
         yield app
         io_loop.run_sync(store_of(app).close)
@@ -582,7 +580,7 @@ class TestOnEveryStore:
             collect_leaked_driver_sockets()
 
     async def connect(self, http_client, base_url, app) -> dict[str, Any]:
-        await store_of(app).initialize()  # as python server.py does at start-up
+        await initialized_store(app)
         return await connect(http_client, base_url)
 
     async def change_expiries(
@@ -593,6 +591,7 @@ class TestOnEveryStore:
         store = store_of(app)
         account = await store.get_account(account_id)
         tokens = await stored_tokens(app, account_id)
+        assert account is not None and tokens is not None
         now = datetime.now(UTC)
         grant = TokenGrant(
             open_id=account.platform_account_id,

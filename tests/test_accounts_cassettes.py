@@ -9,28 +9,25 @@ nothing unrecorded may be asked, and every recorded interaction must be played.
 from __future__ import annotations
 
 import json
-import re
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qsl
 
 import pytest
 
 from sandbox.state import default_users
-from server import make_app
-from services.product_auth import TOKENS_SCOPE
-from storage.base import AccountStatus, TokenGrant
-from tests.cassettes import (
+from scripts.cassette_scenarios import (
     ACCOUNT_SCENARIOS,
     FAKE_TOKENS,
     FILTERED_FORM_FIELDS,
     KEPT_RESPONSE_HEADERS,
-    assert_all_played,
     cassette_path,
-    recorded_json,
-    replay,
     tiktok_vcr,
 )
-from tests.support import CLIENT_KEY, CLIENT_SECRET, assert_envelope, bearer, make_config
+from server import make_app
+from services.product_auth import TOKENS_SCOPE
+from storage.base import AccountStatus, TokenGrant
+from tests.cassettes import assert_all_played, assert_nothing_secret, recorded_json, replay
+from tests.support import CLIENT_KEY, assert_envelope, bearer, make_config, store_of
 
 OWNER = "user-123"
 TOKEN_URL = "https://open.tiktokapis.com/v2/oauth/token/"
@@ -48,10 +45,6 @@ ONE_DAY = 86400
 def app():
     # TikTok's real URLs and the default 300 s skew: replay means nothing leaves.
     return make_app(make_config())
-
-
-def store_of(app):
-    return app.settings["gateway"].store
 
 
 async def seed_account(app, *, access_ttl: timedelta) -> str:
@@ -92,11 +85,7 @@ def recorded_form(cassette, index: int) -> dict[str, str]:
 @pytest.mark.parametrize("scenario", sorted(ACCOUNT_SCENARIOS))
 def test_account_cassette_holds_nothing_secret(scenario):
     path = cassette_path(scenario)
-    assert path.is_file(), f"missing {path}: run `make cassettes`"
-    text = path.read_text()
-    assert "127.0.0.1" not in text and "localhost" not in text
-    assert CLIENT_SECRET not in text
-    assert set(re.findall(r"\b(?:act|rft)\.[^\s\"',]+", text)) <= set(FAKE_TOKENS.values())
+    text = assert_nothing_secret(path)
     assert "record-secret-" not in text
     endpoint = ACCOUNT_SCENARIOS[scenario].endpoint
     expected_uri = TOKEN_URL if endpoint == "refresh" else REVOKE_URL

@@ -90,7 +90,7 @@ class _Transport:
 @pytest.mark.gen_test
 async def test_loadgen_reads_keep_alive_answers_split_anywhere():
     connection = Connection()
-    connection.connection_made(_Transport())  # type: ignore[arg-type]
+    connection.connection_made(_Transport())
     answer = (
         b"HTTP/1.1 302 Found\r\nLocation: http://localhost:3000/?status=connected\r\n"
         b"Content-Length: 5\r\n\r\nhello"

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,9 +26,9 @@ import pytest
 from demo.handlers import prefers_html
 from scripts.check_test_deps import chromedriver_path, chromium_path, explain, missing_browser
 from services.errors import ConfigError
+from tests.processes import ROOT, demo_process, until_ready
 from tests.support import assert_envelope, environ, make_config
 
-ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = chromium_path()
 CHROMEDRIVER = chromedriver_path()
@@ -40,35 +38,15 @@ WAIT_SECONDS = 15
 FULL_TOKEN = re.compile(r"(act|rft)\.[A-Za-z0-9_\-]{8,}")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def demo() -> Iterator[dict[str, str]]:
     """`scripts/demo.py` (what `make demo` runs) on free ports; its printed demo URL."""
     ARTIFACTS.mkdir(exist_ok=True)
     log_path = ARTIFACTS / "browser-demo.log"
     log = log_path.open("w")
-    process = subprocess.Popen(
-        [sys.executable, "scripts/demo.py", "--port", str(free_port()),
-         "--sandbox-port", str(free_port())],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
+    process = demo_process(stderr=log)
     try:
-        printed = []
-        for line in process.stdout:
-            printed.append(line)
-            if line.startswith("Press Ctrl+C"):
-                break
-        output = "".join(printed)
+        output = until_ready(process)
         match = re.search(r"^Open (http://\S+/demo) in your browser\.$", output, re.MULTILINE)
         assert match, output + log_path.read_text()
         sandbox = re.search(r"the TikTok sandbox on (http://[0-9.]+:[0-9]+)", output)
@@ -77,7 +55,8 @@ def demo() -> Iterator[dict[str, str]]:
     finally:
         process.terminate()
         process.wait(timeout=15)
-        process.stdout.close()
+        if process.stdout is not None:
+            process.stdout.close()
         log.close()
 
 

@@ -41,22 +41,26 @@ from services.config import load_config
 from services.errors import ConfigError, RateLimited, StoreUnavailable
 from services.metrics import GatewayMetrics
 from services.refresher import Refresher
-from storage.base import CallAdmission, Store, TokenGrant
+from storage.base import CallAdmission, Store
 from storage.memory import MemoryStore
 from tests.fixtures_mongo import mongo_failpoint, open_mongo_store
-from tests.flow import consent, follow, location, make_sandbox, sandbox_settings, start
+from tests.flow import (
+    connect,
+    consent,
+    follow,
+    live_sandbox,
+    sandbox_grant,
+    sandbox_settings,
+    start,
+)
 from tests.support import (
-    CLIENT_KEY,
-    PRODUCT_REDIRECT,
-    REDIRECT_URI,
-    assert_envelope,
     environ,
     make_config,
+    query_of,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = datetime(2030, 1, 1, tzinfo=UTC)
-CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 gen_test = pytest.mark.gen_test(timeout=60)
 
 
@@ -478,10 +482,8 @@ async def test_no_fallback_share_stops_calls_while_the_store_cannot_be_asked(
 
 @pytest.fixture
 def sandbox(io_loop):
-    sandbox = make_sandbox(pkce="optional")
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
+    with live_sandbox(io_loop, pkce="optional") as sandbox:
+        yield sandbox
 
 
 @pytest.fixture
@@ -492,20 +494,18 @@ def app(sandbox):
 
 
 @gen_test
-async def test_a_callback_past_the_user_info_budget_answers_503_without_calling_tiktok(
+async def test_a_callback_past_the_user_info_budget_connects_with_its_profile_pending(
     http_client, base_url, app, sandbox
 ):
+    """The user-info budget spent: the callback connects (302) without calling TikTok's
+    user info, and the account waits for the background filler."""
     for owner in ("user-123", "user-234"):
-        started = await start(http_client, base_url, owner=owner)
-        connected = await follow(http_client, await consent(http_client, base_url,
-                                                            started["authorizationUrl"]))
-        assert location(connected) == CONNECTED
+        await connect(http_client, base_url, owner=owner)
     third = await start(http_client, base_url, owner="user-456")
-    refused = await follow(http_client, await consent(http_client, base_url,
-                                                      third["authorizationUrl"]))
-    body = assert_envelope(refused, 503, "SERVICE_UNAVAILABLE")
-    assert body["details"]["reason"] == "rate_limit"
-    assert 55 <= int(refused.headers["Retry-After"]) <= 61
+    landed = await follow(http_client, await consent(http_client, base_url,
+                                                     third["authorizationUrl"]))
+    assert landed.code == 302, landed.body
+    assert query_of(landed.headers["Location"])["status"] == ["connected"]
     assert sandbox.stats["userinfo"] == 2
     # The tokens are kept; only the profile waits.
     accounts = await app.settings["gateway"].store.list_accounts("user-456")
@@ -514,18 +514,13 @@ async def test_a_callback_past_the_user_info_budget_answers_503_without_calling_
     assert 'tiktok_gateway_budget_calls_total{budget="user_info",priority="interactive",' \
            'result="refused"} 1.0' in scrape
     assert 'tiktok_gateway_budget_remaining{budget="user_info"} 0.0' in scrape
+    assert "tiktok_gateway_profiles_left_pending_total 1.0" in scrape
 
 
 async def due_account(store: Store, sandbox: Any, owner: str) -> str:
-    code = sandbox.issue_code(CLIENT_KEY, REDIRECT_URI, ["user.info.basic"], code_challenge=None)
-    tokens = sandbox.state.exchange_code(sandbox.state.clients[CLIENT_KEY], code, REDIRECT_URI,
-                                         None)
-    now = datetime.now(UTC)
-    account = await store.save_account_tokens(owner, TokenGrant(
-        open_id=tokens["open_id"], access_token=tokens["access_token"],
-        refresh_token=tokens["refresh_token"], access_token_expires_at=now + timedelta(seconds=60),
-        refresh_token_expires_at=now + timedelta(days=365), scopes=["user.info.basic"],
-    ), now=now)
+    grant = sandbox_grant(sandbox, expires_in=timedelta(seconds=60),
+                          refresh_expires_in=timedelta(days=365))
+    account = await store.save_account_tokens(owner, grant, now=datetime.now(UTC))
     return account.id
 
 

@@ -11,58 +11,47 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 from tornado.httpclient import HTTPResponse
 
-from server import make_app
-from tests.cassettes import (
+from sandbox.state import FIELDS_BY_SCOPE as TIKTOK_FIELDS_BY_SCOPE
+from scripts.cassette_scenarios import (
     CASSETTE_DIR,
     CASSETTE_NAMES,
     FAKE_TOKENS,
     FILTERED_FORM_FIELDS,
     KEPT_RESPONSE_HEADERS,
     SCENARIOS,
-    assert_all_played,
     callback_params,
     cassette_path,
     fake_code,
     normalized_form,
-    recorded_json,
-    replay,
     tiktok_vcr,
 )
+from server import make_app
+from tests.cassettes import assert_all_played, assert_nothing_secret, recorded_json, replay
+from tests.flow import callback, start
 from tests.support import (
-    CLIENT_SECRET,
-    PRODUCT_REDIRECT,
+    CONNECTED,
     assert_envelope,
-    bearer,
     make_config,
+    store_of,
 )
 
 OWNER = "user-123"  # the sub of tests.support.bearer()
-CONNECTED = (
-    "https://app.example.com/settings/connections?tab=social&platform=tiktok&status=connected"
-)
 TOKEN_URL = "https://open.tiktokapis.com/v2/oauth/token/"
 USER_INFO_URL = "https://open.tiktokapis.com/v2/user/info/"
-BASIC_FIELDS = [
-    "open_id",
-    "union_id",
-    "avatar_url",
-    "avatar_url_100",
-    "avatar_large_url",
-    "display_name",
-]
-PROFILE_FIELDS = ["bio_description", "profile_deep_link", "is_verified", "username"]
+# The fields TikTok documents for each scope (the sandbox's copy, not the gateway's).
+BASIC_FIELDS = list(TIKTOK_FIELDS_BY_SCOPE["user.info.basic"])
+PROFILE_FIELDS = list(TIKTOK_FIELDS_BY_SCOPE["user.info.profile"])
 # TikTok's current lifetimes (TIKTOK_API.md, "Token lifetimes and rotation"), not the
 # older pages' 86400 / 31536000: a code exchange answers both in full.
 ACCESS_TTL = timedelta(hours=2)
@@ -77,30 +66,9 @@ def app():
     return make_app(make_config())
 
 
-def store_of(app):
-    return app.settings["gateway"].store
-
-
 async def start_state(http_client, base_url, scenario: str) -> str:
-    response = await http_client.fetch(
-        f"{base_url}/oauth/tiktok/authorize",
-        method="POST",
-        body=json.dumps(
-            {"redirectUri": PRODUCT_REDIRECT, "scopes": list(SCENARIOS[scenario].requested_scopes)}
-        ),
-        headers=bearer(OWNER),
-        raise_error=False,
-    )
-    assert response.code == 200, response.body
-    return json.loads(response.body)["state"]
-
-
-async def callback(http_client, base_url, params: dict[str, str]):
-    return await http_client.fetch(
-        f"{base_url}/oauth/tiktok/callback?{urlencode(params)}",
-        follow_redirects=False,
-        raise_error=False,
-    )
+    scopes = list(SCENARIOS[scenario].requested_scopes)
+    return (await start(http_client, base_url, OWNER, scopes))["state"]
 
 
 @contextlib.asynccontextmanager
@@ -153,12 +121,8 @@ async def assert_fake_tokens_stored(app, account) -> None:
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_cassette_exists_and_holds_nothing_secret(scenario):
     path = cassette_path(scenario)
-    assert path.is_file(), f"missing {path}: run `make cassettes`"
-    text = path.read_text()
-    assert "127.0.0.1" not in text and "localhost" not in text
+    text = assert_nothing_secret(path)
     assert "sbx*" not in text and quote("sbx*", safe="") not in text  # sandbox codes
-    assert set(re.findall(r"\b(?:act|rft)\.[^\s\"',]+", text)) <= set(FAKE_TOKENS.values())
-    assert CLIENT_SECRET not in text
     with tiktok_vcr().use_cassette(path.name) as cassette:
         for request in cassette.requests:
             assert request.uri.startswith("https://open.tiktokapis.com/v2/")

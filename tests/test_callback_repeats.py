@@ -27,19 +27,21 @@ from services.errors import InvalidState
 from storage.base import PendingAuthorization, PendingStatus, Store
 from storage.memory import MemoryStore
 from storage.mongodb import MongoStore, connect_mongo
-from tests.fixtures_mongo import collect_leaked_driver_sockets
+from tests.fixtures_mongo import collect_leaked_driver_sockets, mongo_settings
 from tests.flow import consent, follow, location, sandbox_settings, start
 from tests.support import (
+    CONNECTED,
     PRODUCT_REDIRECT,
     REDIRECT_URI,
     STATE_SECRET,
     assert_envelope,
     forged_state,
+    initialized_store,
+    jti_of,
     make_config,
     query_of,
 )
 
-CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 OWNER = "user-123"
 # Long enough for the test to send its repeat while TikTok holds the first one,
 # short of the gateway's TikTok timeout below.
@@ -84,11 +86,11 @@ def gateway_settings(sandbox) -> dict[str, str]:
 def app(io_loop, request, backend, profile_bug, gateway_settings):
     settings = dict(gateway_settings)
     if backend != "memory":
-        settings |= {
-            "MONGODB_URI": request.getfixturevalue("mongo_server").uri,
-            "MONGODB_DATABASE": request.getfixturevalue("mongo_database_name"),
-            "MONGODB_DRIVER": backend,
-        }
+        settings |= mongo_settings(
+            request.getfixturevalue("mongo_server").uri,
+            request.getfixturevalue("mongo_database_name"),
+            backend,
+        )
     config = make_config(**settings)
     store: Store | None = None
     if profile_bug and backend == "memory":
@@ -101,17 +103,6 @@ def app(io_loop, request, backend, profile_bug, gateway_settings):
     app = make_app(config, store=store)
     yield app
     io_loop.run_sync(app.settings["gateway"].store.close)
-
-
-async def ready_store(app) -> Store:
-    store: Store = app.settings["gateway"].store
-    await store.initialize()  # what ``python server.py`` runs at start-up
-    return store
-
-
-def jti_of(state: str) -> str:
-    claims = jwt.decode(state, STATE_SECRET, algorithms=["HS256"], audience=REDIRECT_URI)
-    return str(claims["jti"])
 
 
 async def started_callback(http_client, base_url) -> tuple[str, str]:
@@ -148,7 +139,7 @@ def forged_code(url: str) -> str:
 
 @gen_test
 async def test_double_click_answers_both_with_the_redirect(http_client, base_url, app, sandbox):
-    store = await ready_store(app)
+    store = await initialized_store(app)
     state, url = await started_callback(http_client, base_url)
     sandbox.add_fault("token", status=200, delay=HELD_SECONDS)
     first, second = await while_held(sandbox, http_client, url)
@@ -163,7 +154,7 @@ async def test_double_click_answers_both_with_the_redirect(http_client, base_url
 async def test_another_code_while_in_progress_is_refused_at_once(
     http_client, base_url, app, sandbox
 ):
-    await ready_store(app)
+    await initialized_store(app)
     _, url = await started_callback(http_client, base_url)
     sandbox.add_fault("token", status=200, delay=HELD_SECONDS)
     first = asyncio.ensure_future(follow(http_client, url))
@@ -182,7 +173,7 @@ async def test_another_code_while_in_progress_is_refused_at_once(
 async def test_double_click_after_a_failure_answers_the_same_error(
     http_client, base_url, app, sandbox
 ):
-    store = await ready_store(app)
+    store = await initialized_store(app)
     state, url = await started_callback(http_client, base_url)
     sandbox.add_fault("token", status=429, retry_after=7, delay=HELD_SECONDS)
     first, second = await while_held(sandbox, http_client, url)
@@ -204,7 +195,7 @@ async def test_double_click_after_a_failure_answers_the_same_error(
 async def test_repeat_after_tiktok_refused_the_code_answers_the_same(
     http_client, base_url, app, sandbox
 ):
-    await ready_store(app)
+    await initialized_store(app)
     _, url = await started_callback(http_client, base_url)
     sandbox.add_fault(
         "token",
@@ -230,7 +221,7 @@ class TestRepeatOutlastingTheBudget:
     async def test_repeat_gives_up_with_503_then_gets_the_redirect(
         self, http_client, base_url, app, sandbox
     ):
-        await ready_store(app)
+        await initialized_store(app)
         _, url = await started_callback(http_client, base_url)
         # TikTok holds the first one well past the repeat's 0.5 s budget.
         sandbox.add_fault("token", status=200, delay=3.0)
@@ -252,7 +243,7 @@ class TestBugAfterTheClaim:
     async def test_bug_marks_the_state_failed_and_repeats_get_the_same_500(
         self, http_client, base_url, app, sandbox
     ):
-        store = await ready_store(app)
+        store = await initialized_store(app)
         state, url = await started_callback(http_client, base_url)
         sandbox.add_fault("token", status=200, delay=HELD_SECONDS)
         first, second = await while_held(sandbox, http_client, url)
@@ -268,7 +259,7 @@ class TestBugAfterTheClaim:
 
 @gen_test
 async def test_cancelled_callback_marks_the_state_failed(http_client, base_url, app, sandbox):
-    store = await ready_store(app)
+    store = await initialized_store(app)
     state, url = await started_callback(http_client, base_url)
     query = query_of(url)
     params = CallbackParams(
@@ -304,7 +295,7 @@ async def test_cancelled_callback_marks_the_state_failed(http_client, base_url, 
 async def test_expired_state_is_validation_error(
     http_client, base_url, app, state_exp, record_exp
 ):
-    store = await ready_store(app)
+    store = await initialized_store(app)
     now = datetime.now(UTC).replace(microsecond=0)
     jti = f"expiring-{time.monotonic_ns()}"
     await store.save_pending(
@@ -336,7 +327,7 @@ async def test_repeat_of_a_completed_callback_after_expiry_is_expired(
     http_client, base_url, app, sandbox
 ):
     """The state's expiry is one moment for every use, a completed one included."""
-    await ready_store(app)
+    await initialized_store(app)
     state, url = await started_callback(http_client, base_url)
     assert location(await follow(http_client, url)) == CONNECTED
     claims = jwt.decode(state, STATE_SECRET, algorithms=["HS256"], audience=REDIRECT_URI)

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import base64
 import os
-from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from storage.base import TokenGrant
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.tokens import TokenSealer
+from tests.support import fake_grant
 
 
 def key(kid: str) -> tuple[str, bytes]:
     return kid, os.urandom(32)
-
-
-def grant(open_id: str = "open-1") -> TokenGrant:
-    now = datetime.now(UTC)
-    return TokenGrant(
-        open_id=open_id,
-        access_token="act.test-" + os.urandom(6).hex(),
-        refresh_token="rft.test-" + os.urandom(6).hex(),
-        access_token_expires_at=now + timedelta(days=1),
-        refresh_token_expires_at=now + timedelta(days=365),
-        scopes=["user.info.basic"],
-    )
 
 
 def test_round_trip_and_fresh_nonce_each_time():
@@ -69,9 +56,9 @@ def test_tampering_is_detected(tamper):
 
 def test_a_token_copied_to_another_account_or_field_does_not_decrypt():
     sealer = TokenSealer(TokenCipher([key("k1")]))
-    victim = sealer.seal("owner-a", grant("open-a"))
+    victim = sealer.seal("owner-a", fake_grant("open-a"))
     # An attacker with write access to the database moves the ciphertext around.
-    moved = dict(sealer.seal("owner-b", grant("open-b")), accessToken=victim["accessToken"])
+    moved = dict(sealer.seal("owner-b", fake_grant("open-b")), accessToken=victim["accessToken"])
     with pytest.raises(TokenIntegrityError):
         sealer.open("owner-b", "open-b", moved)
     swapped = dict(victim, accessToken=victim["refreshToken"])

@@ -7,9 +7,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,32 +15,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.processes import demo_process, until_ready
 
 
 def test_demo_steps_connect_an_account():
     assert shutil.which("curl"), "the demo's steps use curl (.ci/run installs it)"
-    demo = subprocess.Popen(
-        [sys.executable, "scripts/demo.py", "--port", str(free_port()),
-         "--sandbox-port", str(free_port())],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    demo = demo_process(stderr=subprocess.DEVNULL)
     try:
-        lines = []
-        for line in demo.stdout:
-            lines.append(line)
-            if line.startswith("Press Ctrl+C"):
-                break
-        output = "".join(lines)
+        output = until_ready(demo)
         assert "In another terminal, paste:" in output, output
         # ... and the browser demo (tests/test_browser_demo.py clicks through it).
         assert re.search(r"^Open http://127\.0\.0\.1:\d+/demo in your browser\.$", output, re.M)
@@ -104,7 +84,9 @@ def catches_sigint(pid: int) -> bool:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
-    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    match = re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M)
+    assert match is not None, status
+    caught = int(match.group(1), 16)
     return bool(caught & (1 << (signal.SIGINT - 1)))
 
 
@@ -113,18 +95,11 @@ def started_demo(ready: bool = True) -> Iterator[tuple[subprocess.Popen, dict[in
     """The demo in a session of its own, as in its own terminal, and its sandbox and
     gateway: once it says it is ready, or (``ready=False``) as soon as both run Python,
     still loading. Whatever is left is killed on the way out."""
-    demo = subprocess.Popen(
-        [sys.executable, "scripts/demo.py", "--port", str(free_port()),
-         "--sandbox-port", str(free_port())],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )
+    demo = demo_process(stderr=subprocess.STDOUT, start_new_session=True)
     children: dict[int, str] = {}
     try:
         if ready:
-            for line in demo.stdout:
-                if line.startswith("Press Ctrl+C"):
-                    break
+            until_ready(demo)
         else:
             wait_until(lambda: len(children_of(demo.pid)) == 2
                        and all(map(catches_sigint, children_of(demo.pid))),
@@ -139,7 +114,8 @@ def started_demo(ready: bool = True) -> Iterator[tuple[subprocess.Popen, dict[in
             if running(pid, started):
                 os.kill(pid, signal.SIGKILL)
         demo.wait(timeout=STOP_TIMEOUT_S)
-        demo.stdout.close()
+        if demo.stdout is not None:
+            demo.stdout.close()
 
 
 def test_ctrl_c_stops_everything_and_exits_0():

@@ -77,7 +77,7 @@ asyncio.run(main())
 """
 
 
-def demo_references(tree: Path) -> list[tuple[Path, ast.AST, list[str]]]:
+def demo_references(tree: Path) -> list[tuple[Path, ast.stmt, list[str]]]:
     """Every import of the ``demo`` package in the application's code: the file, the
     node, and the names of the functions it sits in."""
     found = []

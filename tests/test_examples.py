@@ -23,6 +23,7 @@ from examples.host_app import (
 from sandbox import Sandbox, SandboxClient
 from services.config import load_config
 from storage.memory import MemoryStore
+from tests.flow import live_sandbox
 from tests.support import CLIENT_SECRET, assert_envelope
 
 PASSWORD = "host-example-password-for-tests"
@@ -76,9 +77,8 @@ def sandbox(io_loop, http_port):
                        redirect_uris=[callback_url(public_url)], app_name="Acme Notes")],
         consent="page",
     )
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
+    with live_sandbox(io_loop, sandbox):
+        yield sandbox
 
 
 @pytest.fixture

@@ -14,18 +14,17 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-import jwt
 import pytest
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
-from pymongo import MongoClient
 from tornado.httpclient import AsyncHTTPClient
 
 from server import make_app
-from storage.base import Store
 from storage.mongodb import ACCOUNTS_COLLECTION, PENDING_COLLECTION
+from tests.fixtures_mongo import mongo_settings, raw_database
 from tests.flow import (
     assert_one_state_connected_once,
+    connect,
     consent,
     follow,
     location,
@@ -33,13 +32,12 @@ from tests.flow import (
     start,
 )
 from tests.support import (
-    PRODUCT_REDIRECT,
-    REDIRECT_URI,
-    STATE_SECRET,
+    CONNECTED,
+    initialized_store,
+    jti_of,
     make_config,
 )
 
-CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 OWNER = "user-123"
 ACCOUNT_FIELDS = {
     "ownerId",
@@ -65,10 +63,8 @@ gen_test = pytest.mark.gen_test(timeout=30)
 def app(io_loop, sandbox, mongo_server, mongo_database_name, mongo_driver):
     app = make_app(
         make_config(
-            MONGODB_URI=mongo_server.uri,
-            MONGODB_DATABASE=mongo_database_name,
-            MONGODB_DRIVER=mongo_driver,
             TIKTOK_REQUEST_TIMEOUT_SECONDS="2",
+            **mongo_settings(mongo_server.uri, mongo_database_name, mongo_driver),
             **sandbox_settings(sandbox.url),
         )
     )
@@ -80,13 +76,8 @@ def app(io_loop, sandbox, mongo_server, mongo_database_name, mongo_driver):
 @pytest.fixture
 def raw_db(mongo_server, mongo_database_name) -> Iterator[Any]:
     """The gateway's database through a client of its own."""
-    client: MongoClient[dict[str, Any]] = MongoClient(
-        mongo_server.uri, tz_aware=True, serverSelectionTimeoutMS=5000
-    )
-    try:
-        yield client[mongo_database_name]
-    finally:
-        client.close()
+    with raw_database(mongo_server.uri, mongo_database_name) as database:
+        yield database
 
 
 @pytest.fixture
@@ -98,24 +89,6 @@ def wide_client(io_loop, http_server) -> Iterator[AsyncHTTPClient]:
     client = AsyncHTTPClient(force_instance=True, max_clients=50)
     yield client
     client.close()
-
-
-async def initialized_store(app) -> Store:
-    store: Store = app.settings["gateway"].store
-    await store.initialize()  # what ``python server.py`` runs at start-up
-    return store
-
-
-def jti_of(state: str) -> str:
-    claims = jwt.decode(state, STATE_SECRET, algorithms=["HS256"], audience=REDIRECT_URI)
-    return str(claims["jti"])
-
-
-async def connect(client, base_url) -> dict[str, Any]:
-    started = await start(client, base_url, scopes=["user.info.basic", "user.info.profile"])
-    callback_url = await consent(client, base_url, started["authorizationUrl"])
-    assert location(await follow(client, callback_url)) == CONNECTED
-    return started
 
 
 @gen_test
@@ -207,11 +180,11 @@ async def test_reconnect_updates_the_same_document(
 ):
     store = await initialized_store(app)
     accounts = raw_db[ACCOUNTS_COLLECTION]
-    await connect(http_client, base_url)
+    await connect(http_client, base_url, scopes=["user.info.basic", "user.info.profile"])
     [first] = list(accounts.find({}))
     first_tokens = await store.get_account_tokens(str(first["_id"]))
 
-    await connect(http_client, base_url)
+    await connect(http_client, base_url, scopes=["user.info.basic", "user.info.profile"])
     [second] = list(accounts.find({}))
     second_tokens = await store.get_account_tokens(str(second["_id"]))
 

@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
 from server import make_app
 from storage.base import AccountStatus
 from tests.flow import (
+    SANDBOX_PKCE,
     assert_one_state_connected_once,
     consent,
     follow,
+    live_sandbox,
     location,
-    make_sandbox,
     sandbox_settings,
     start,
 )
-from tests.support import PRODUCT_REDIRECT, assert_envelope, make_config
-
-CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
-
-
-# gateway TIKTOK_PKCE mode -> the sandbox's matching verification mode
-SANDBOX_PKCE = {"hex": "hex", "s256": "s256", "off": "optional"}
+from tests.support import (
+    CONNECTED,
+    LOOPBACK,
+    assert_envelope,
+    free_port,
+    make_config,
+    store_of,
+)
 
 
 @pytest.fixture
@@ -35,10 +36,8 @@ def pkce_mode(request):
 
 @pytest.fixture
 def sandbox(io_loop, pkce_mode):
-    sandbox = make_sandbox(pkce=SANDBOX_PKCE[pkce_mode])
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
+    with live_sandbox(io_loop, pkce=SANDBOX_PKCE[pkce_mode]) as sandbox:
+        yield sandbox
 
 
 @pytest.fixture
@@ -52,10 +51,6 @@ def gateway_settings(sandbox, pkce_mode):
 @pytest.fixture
 def app(gateway_settings):
     return make_app(make_config(**gateway_settings))
-
-
-def store_of(app):
-    return app.settings["gateway"].store
 
 
 @pytest.mark.gen_test
@@ -186,8 +181,8 @@ async def test_profile_is_retried_then_kept_pending_when_it_keeps_failing(
     started = await start(http_client, base_url)
     callback_url = await consent(http_client, base_url, started["authorizationUrl"])
     sandbox.add_fault("userinfo", status=503, count=3)
-    body = assert_envelope(await follow(http_client, callback_url), 503, "SERVICE_UNAVAILABLE")
-    assert body["details"]["endpoint"] == "user_info"
+    # Connected all the same: the profile is the background filler's to load.
+    assert location(await follow(http_client, callback_url)) == CONNECTED
     assert sandbox.stats["userinfo"] == 3  # one try and two retries
     [account] = await store_of(app).list_accounts("user-123")
     assert account.profile_pending
@@ -222,17 +217,11 @@ async def test_pkce_off_sends_no_challenge(http_client, base_url, sandbox):
     assert location(await follow(http_client, callback_url)) == CONNECTED
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class TestUnreachableTikTok:
     @pytest.fixture
     def app(self, sandbox):
         settings = sandbox_settings(sandbox.url)
-        settings["TIKTOK_API_BASE_URL"] = f"http://127.0.0.1:{_closed_port()}"
+        settings["TIKTOK_API_BASE_URL"] = f"http://{LOOPBACK}:{free_port()}"
         return make_app(make_config(**settings))
 
     @pytest.mark.gen_test
@@ -256,10 +245,8 @@ class TestCallbackBudget:
         started = await start(http_client, base_url)
         callback_url = await consent(http_client, base_url, started["authorizationUrl"])
         sandbox.add_fault("userinfo", status=200, delay=3.0, count=3)
-        body = assert_envelope(
-            await follow(http_client, callback_url), 503, "SERVICE_UNAVAILABLE"
-        )
-        assert body["details"]["endpoint"] == "user_info"
+        # Connected, its profile pending: the budget bounds the browser's wait.
+        assert location(await follow(http_client, callback_url)) == CONNECTED
         # Two retries were allowed, but the 1.5 s budget leaves room for one attempt only.
         assert sandbox.stats["userinfo"] == 1
 

@@ -54,6 +54,7 @@ from tests.support import (
     AUTH_SECRET,
     CLIENT_KEY,
     CLIENT_SECRET,
+    CONNECTED,
     PRODUCT_ORIGIN,
     PRODUCT_REDIRECT,
     REDIRECT_URI,
@@ -62,7 +63,6 @@ from tests.support import (
     product_token,
 )
 
-CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{7,127}")
 UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 KNOWN_SCOPES = (
@@ -448,6 +448,7 @@ def test_fuzz_callback_query_strings(client, sandbox):
         if mode in ("pair", "pair_twice"):
             callback_url = client.consent(started["authorizationUrl"])
             genuine_code = parse_qs(urlsplit(callback_url).query)["code"][0]
+            assert genuine_state is not None
             pairs = [("state", _mutate(genuine_state, plan["state_how"])),
                      ("code", _mutate(genuine_code, plan["code_how"]))]
             if plan["scopes"] is not None:
@@ -633,7 +634,7 @@ def _bearer_header(kind: str, sub: str, garbage: str) -> dict[str, str]:
             {"sub": sub, "exp": now + 600}, AUTH_SECRET, algorithm="HS256",
             headers={"typ": STATE_TYP}),
         "alg-none": lambda: "Bearer " + jwt.encode(
-            {"sub": sub, "exp": now + 600}, None, algorithm="none"),
+            {"sub": sub, "exp": now + 600}, None, algorithm="none"),  # type: ignore[arg-type]
         "a-state": lambda: "Bearer " + jwt.encode(
             {"iss": STATE_ISSUER, "aud": REDIRECT_URI, "sub": sub, "jti": "x" * 32,
              "iat": now, "exp": now + 600, "redirect_uri": PRODUCT_REDIRECT},

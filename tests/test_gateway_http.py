@@ -8,7 +8,6 @@ import logging
 import os
 import time
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlencode
 
 import jwt
 import pytest
@@ -17,7 +16,8 @@ from server import make_app
 from storage.base import TokenGrant
 from storage.crypto import TokenCipher
 from storage.memory import MemoryStore
-from tests.fixtures_mongo import open_mongo_store
+from tests.fixtures_mongo import mongo_settings, open_mongo_store
+from tests.flow import authorize, callback, start
 from tests.support import (
     AUTH_SECRET,
     CLIENT_KEY,
@@ -38,28 +38,8 @@ def app():
     return make_app(make_config())
 
 
-async def authorize(http_client, base_url, body=None, headers=None):
-    return await http_client.fetch(
-        f"{base_url}/oauth/tiktok/authorize",
-        method="POST",
-        body=json.dumps(body if body is not None else {"redirectUri": PRODUCT_REDIRECT}),
-        headers=headers if headers is not None else bearer(),
-        raise_error=False,
-    )
-
-
-async def callback(http_client, base_url, **params):
-    return await http_client.fetch(
-        f"{base_url}/oauth/tiktok/callback?{urlencode(params, doseq=True)}",
-        follow_redirects=False,
-        raise_error=False,
-    )
-
-
 async def start_state(http_client, base_url) -> str:
-    response = await authorize(http_client, base_url)
-    assert response.code == 200, response.body
-    return json.loads(response.body)["state"]
+    return (await start(http_client, base_url))["state"]
 
 
 # -- authorize -------------------------------------------------------------------
@@ -393,8 +373,7 @@ class TestTokensSealedWithARemovedKey:
 
     @pytest.fixture
     def app(self, io_loop, mongo_server, mongo_database_name):
-        app = make_app(make_config(MONGODB_URI=mongo_server.uri,
-                                   MONGODB_DATABASE=mongo_database_name,
+        app = make_app(make_config(**mongo_settings(mongo_server.uri, mongo_database_name),
                                    TOKEN_ENCRYPTION_KEYS=KEY_B))
         # As start-up does: the gateway's MongoDB store serves only once indexed.
         io_loop.run_sync(app.settings["gateway"].store.initialize)

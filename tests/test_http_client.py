@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -21,6 +20,7 @@ from tornado.httpclient import HTTPClientError
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 import services.http_client as http_client_module
+from scripts.cassette_scenarios import callback_params
 from server import make_app
 from services.errors import ConfigError, ProviderRejected, ProviderUnavailable
 from services.http_client import (
@@ -32,19 +32,18 @@ from services.http_client import (
     nothing_sent,
 )
 from services.tiktok import TikTokClient, tiktok_client_for
-from tests.cassettes import callback_params, replay
+from tests.cassettes import replay
 from tests.flow import location, sandbox_settings, start
-from tests.support import PRODUCT_REDIRECT, assert_envelope, make_config
+from tests.support import (
+    CONNECTED,
+    LOOPBACK,
+    assert_envelope,
+    free_port,
+    make_config,
+)
 
-CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 CLIENTS = ("curl", "simple")
 SEQUENTIAL_FLOWS = 50
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(params=CLIENTS)
@@ -146,7 +145,7 @@ class TestRefusedConnection:
     @pytest.fixture
     def gateway_settings(self, sandbox, client_kind):
         settings = sandbox_settings(sandbox.url) | {"TIKTOK_HTTP_CLIENT": client_kind}
-        settings["TIKTOK_API_BASE_URL"] = f"http://127.0.0.1:{_closed_port()}"
+        settings["TIKTOK_API_BASE_URL"] = f"http://{LOOPBACK}:{free_port()}"
         return settings
 
     @pytest.mark.gen_test(timeout=20)
@@ -164,7 +163,7 @@ class TestRefusedConnection:
 async def test_refused_exchange_is_retried_once_then_unavailable(client_kind):
     """Nothing was sent when a connection is refused: the one retry the exchange allows."""
     config = make_config(
-        TIKTOK_HTTP_CLIENT=client_kind, TIKTOK_API_BASE_URL=f"http://127.0.0.1:{_closed_port()}",
+        TIKTOK_HTTP_CLIENT=client_kind, TIKTOK_API_BASE_URL=f"http://{LOOPBACK}:{free_port()}",
         TIKTOK_CONNECT_TIMEOUT_SECONDS="1", TIKTOK_REQUEST_TIMEOUT_SECONDS="2",
     )
     attempts = []
@@ -196,7 +195,7 @@ async def test_refused_and_timeout_are_recognised_from_either_client(client_kind
     client = make_http_client(make_config(TIKTOK_HTTP_CLIENT=client_kind))
     try:
         with pytest.raises((OSError, HTTPClientError)) as refused:
-            await client.fetch(f"http://127.0.0.1:{_closed_port()}/", raise_error=False)
+            await client.fetch(f"http://{LOOPBACK}:{free_port()}/", raise_error=False)
         assert is_refused(refused.value) and not is_timeout(refused.value)
         assert nothing_sent(refused.value)
         sandbox.add_fault("userinfo", status=200, delay=1.0)

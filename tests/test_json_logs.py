@@ -21,6 +21,7 @@ from tests.processes import ROOT, GatewayProcess
 from tests.support import (
     AUTH_SECRET,
     CLIENT_SECRET,
+    CONNECTED,
     PRODUCT_REDIRECT,
     REDIRECT_URI,
     STATE_SECRET,
@@ -30,7 +31,6 @@ from tests.support import (
     product_token,
 )
 
-CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 BASE_FIELDS = {"time", "level", "logger", "message"}
 
 

@@ -21,9 +21,8 @@ from services.refresher import Refresher
 from storage.base import Store
 from storage.memory import MemoryStore
 from tests.flow import consent, follow, location, sandbox_settings, start
-from tests.support import PRODUCT_REDIRECT, assert_envelope, make_config
+from tests.support import CONNECTED, assert_envelope, make_config
 
-CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 ACCESS_TTL = ACCESS_TOKEN_TTL  # the sandbox's access-token lifetime, as TikTok's (2 h)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,9 +28,8 @@ from schemathesis.config import SchemathesisConfig
 
 from handlers.meta import OPENAPI_PATH
 from server import build_gateway, make_app, routes
-from tests.fixtures_mongo import LOOPBACK
 from tests.processes import GatewayProcess
-from tests.support import PRODUCT_REDIRECT, bearer, make_config
+from tests.support import LOOPBACK, PRODUCT_REDIRECT, bearer, free_port, make_config
 
 DOCUMENT = json.loads(OPENAPI_PATH.read_text())
 METHODS = ("get", "post", "put", "patch", "delete", "head", "options")
@@ -138,12 +136,6 @@ def app():
 # -- the running gateway against the document ------------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
 def _wait_healthy(url: str, process: GatewayProcess, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -160,7 +152,7 @@ def _wait_healthy(url: str, process: GatewayProcess, timeout: float = 20.0) -> N
 
 @pytest.fixture(scope="module")
 def live_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tiktok = f"http://{LOOPBACK}:{_closed_port()}"
+    tiktok = f"http://{LOOPBACK}:{free_port()}"
     log = Path(tmp_path_factory.mktemp("openapi")) / "gateway.log"
     with GatewayProcess(
         log,
@@ -176,7 +168,7 @@ def live_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 # A bearer that may do everything, so generated cases get past authentication; the
 # checks send requests without it too (ignored_auth).
-AUTHORIZED = bearer(scope="tiktok.tokens")
+AUTHORIZED = bearer(scope="tiktok.tokens tiktok.events")
 
 
 @SCHEMA.parametrize()
@@ -202,7 +194,7 @@ def test_stateful_links_conform(live_gateway):
     """Responses' values fed into the next operations along the documented links (an
     authorize answer's state into a callback, a listed account's id into its endpoints)."""
 
-    class Machine(STATEFUL.as_state_machine()):  # type: ignore[misc]
+    class Machine(STATEFUL.as_state_machine()):
         def get_call_kwargs(self, case):  # noqa: ANN202 - schemathesis hook
             return {"base_url": live_gateway, "headers": AUTHORIZED, "timeout": 10}
 

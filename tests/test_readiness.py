@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from pymongo import ASCENDING, MongoClient
+from pymongo import ASCENDING
 
 from server import initialize_store, make_app
 from storage.base import Store
@@ -28,23 +28,15 @@ from storage.mongodb import (
     PENDING_TTL_INDEX,
     PLATFORM_ACCOUNT_INDEX,
 )
-from tests.fixtures_mongo import collect_leaked_driver_sockets
+from tests.fixtures_mongo import collect_leaked_driver_sockets, mongo_settings, raw_database
+from tests.flow import authorize
 from tests.processes import GatewayProcess, gateway_settings, poll_until
-from tests.support import PRODUCT_REDIRECT, assert_envelope, bearer, make_config
+from tests.support import assert_envelope, make_config
 
 RETRY_S = 0.5  # initialize_store's pause between attempts while MongoDB is down
 TIMEOUT_S = 20.0
 ACCOUNT_KEYS = [("ownerId", ASCENDING), ("platform", ASCENDING),
                 ("platformAccountId", ASCENDING)]
-
-
-@contextlib.contextmanager
-def raw_database(uri: str, name: str) -> Iterator[Any]:
-    client: MongoClient[dict[str, Any]] = MongoClient(uri, serverSelectionTimeoutMS=5000)
-    try:
-        yield client[name]
-    finally:
-        client.close()
 
 
 def index_names(uri: str, name: str) -> dict[str, set[str]]:
@@ -71,14 +63,6 @@ async def readyz(http_client: Any, base_url: str) -> Any:
     return await http_client.fetch(f"{base_url}/readyz", raise_error=False)
 
 
-async def authorize(http_client: Any, base_url: str) -> Any:
-    return await http_client.fetch(
-        f"{base_url}/oauth/tiktok/authorize", method="POST",
-        body=json.dumps({"redirectUri": PRODUCT_REDIRECT}), headers=bearer(),
-        raise_error=False,
-    )
-
-
 def assert_not_ready(response: Any) -> dict[str, Any]:
     body = assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
     assert body["details"]["dependency"] == "mongodb", body
@@ -87,9 +71,8 @@ def assert_not_ready(response: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def gateway_app(io_loop, mongo_server, mongo_database_name, mongo_driver):
-    app = make_app(make_config(MONGODB_URI=mongo_server.uri,
-                               MONGODB_DATABASE=mongo_database_name,
-                               MONGODB_DRIVER=mongo_driver))
+    app = make_app(make_config(**mongo_settings(mongo_server.uri, mongo_database_name,
+                                                mongo_driver)))
     yield app
     io_loop.run_sync(app.settings["gateway"].store.close)
 
@@ -210,9 +193,8 @@ class TestMongoDBDownAtStart:
     @pytest.fixture
     def app(self, io_loop, mongo_process, mongo_database_name, mongo_driver):
         mongo_process.stop()
-        app = make_app(make_config(MONGODB_URI=mongo_process.uri,
-                                   MONGODB_DATABASE=mongo_database_name,
-                                   MONGODB_DRIVER=mongo_driver, MONGODB_TIMEOUT_MS="300"))
+        app = make_app(make_config(**mongo_settings(mongo_process.uri, mongo_database_name,
+                                                    mongo_driver), MONGODB_TIMEOUT_MS="300"))
         yield app
         io_loop.run_sync(app.settings["gateway"].store.close)
         if mongo_driver == "pymongo":

@@ -39,13 +39,12 @@ from services.errors import (
 )
 from services.http_client import close_http_client, make_http_client, nothing_sent
 from services.metrics import GatewayMetrics, InstrumentedStore
-from services.tiktok import TikTokClient
 from storage.base import Account, AccountStatus, Store, TokenGrant
 from storage.mongodb import APP_NAME, MongoStore
-from tests.fixtures_mongo import free_port, mongo_failpoint
-from tests.flow import make_sandbox, record_refreshes
+from tests.fixtures_mongo import mongo_failpoint
+from tests.flow import live_sandbox, record_refreshes, sandbox_grant, tiktok_for
 from tests.processes import poll_until
-from tests.support import CLIENT_KEY, CLIENT_SECRET, REDIRECT_URI, make_config
+from tests.support import free_port, make_config, utc_now
 
 gen_test = pytest.mark.gen_test(timeout=60)
 OWNER = "owner-1"
@@ -53,55 +52,15 @@ OWNER = "owner-1"
 DUE = timedelta(minutes=1)
 
 
-def utc_now() -> datetime:
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
 @pytest.fixture
 def sandbox(io_loop):
-    sandbox = make_sandbox(pkce="optional")
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
-
-
-def tiktok_for(base_url: str, *, request_timeout: float = 4.0, http: Any = None) -> TikTokClient:
-    return TikTokClient(
-        http,
-        client_key=CLIENT_KEY,
-        client_secret=CLIENT_SECRET,
-        redirect_uri=REDIRECT_URI,
-        api_base_url=base_url,
-        authorize_url=f"{base_url}/v2/auth/authorize/",
-        connect_timeout=2.0,
-        request_timeout=request_timeout,
-    )
-
-
-@pytest.fixture
-def tiktok(sandbox) -> TikTokClient:
-    return tiktok_for(sandbox.url)
-
-
-def sandbox_grant(sandbox: Any, *, expires_in: timedelta = DUE) -> TokenGrant:
-    """A new authorization at the sandbox (the user connecting, or connecting again)."""
-    code = sandbox.issue_code(CLIENT_KEY, REDIRECT_URI, ["user.info.basic"], code_challenge=None)
-    tokens = sandbox.state.exchange_code(sandbox.state.clients[CLIENT_KEY], code, REDIRECT_URI,
-                                         None)
-    now = utc_now()
-    return TokenGrant(
-        open_id=tokens["open_id"],
-        access_token=tokens["access_token"],
-        refresh_token=tokens["refresh_token"],
-        access_token_expires_at=now + expires_in,
-        refresh_token_expires_at=now + timedelta(days=180),
-        scopes=["user.info.basic"],
-    )
+    with live_sandbox(io_loop, pkce="optional") as sandbox:
+        yield sandbox
 
 
 async def connect(store: Store, sandbox: Any) -> Account:
-    return await store.save_account_tokens(OWNER, sandbox_grant(sandbox), now=utc_now())
+    grant = sandbox_grant(sandbox, expires_in=DUE)
+    return await store.save_account_tokens(OWNER, grant, now=utc_now())
 
 
 def refreshes(metrics: GatewayMetrics, outcome: str) -> float:
@@ -133,7 +92,7 @@ class Outage:
             self.store: Store = store
             self.mongo_uri = request.getfixturevalue("mongo_server").uri
         else:
-            self.store = SavesFail(store)
+            self.store = SavesFail(store)  # type: ignore[abstract]  # methods generated
 
     @contextlib.contextmanager
     def saves_fail(self) -> Iterator[None]:

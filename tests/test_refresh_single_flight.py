@@ -25,7 +25,7 @@ from storage.base import AccountTokens
 from storage.crypto import TokenCipher
 from storage.mongodb import APP_NAME
 from tests.fixtures_mongo import mongo_failpoint, open_mongo_store
-from tests.flow import consent, follow, location, make_sandbox, record_refreshes, start
+from tests.flow import consent, follow, live_sandbox, location, record_refreshes, start
 from tests.processes import GatewayProcess, gateway_settings, poll_until
 from tests.support import TOKEN_KEY, assert_envelope, bearer
 
@@ -43,10 +43,8 @@ SKEW_SECONDS = 300
 
 @pytest.fixture
 def sandbox(io_loop):
-    sandbox = make_sandbox(access_ttl=FIRST_ACCESS_TTL)
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
+    with live_sandbox(io_loop, access_ttl=FIRST_ACCESS_TTL) as sandbox:
+        yield sandbox
 
 
 @pytest.fixture

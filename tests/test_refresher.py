@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -19,21 +19,16 @@ from services.accounts import AccountService, RefreshOutcome
 from services.errors import ConfigError, StoreUnavailable
 from services.refresher import ERROR, MAX_BACKOFF_SECONDS, RateLimiter, Refresher
 from services.tiktok import TikTokClient
-from storage.base import Account, AccountStatus, Store, TokenGrant
+from storage.base import Account, AccountStatus, Store
 from storage.memory import MemoryStore
-from tests.flow import make_sandbox
-from tests.support import CLIENT_KEY, CLIENT_SECRET, REDIRECT_URI, make_config
+from tests.flow import live_sandbox, make_sandbox, sandbox_grant, tiktok_for
+from tests.support import CLIENT_KEY, make_config, utc_now
 
 gen_test = pytest.mark.gen_test(timeout=30)
 AHEAD = 3600
 # A refreshed access token lives the sandbox's (TikTok's) 2 hours, well past AHEAD and
 # the due expiries the tests seed (minutes): an expiry this late shows a refresh happened.
 REFRESHED = timedelta(seconds=ACCESS_TOKEN_TTL) - timedelta(minutes=1)
-
-
-def utc_now() -> datetime:
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 class FakeTime:
@@ -79,28 +74,8 @@ class RecordingAccounts(AccountService):
 
 @pytest.fixture
 def sandbox(io_loop):
-    sandbox = make_sandbox(pkce="optional")
-    sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-    yield sandbox
-    io_loop.run_sync(sandbox.close)
-
-
-def tiktok_for(sandbox_url: str) -> TikTokClient:
-    return TikTokClient(
-        None,
-        client_key=CLIENT_KEY,
-        client_secret=CLIENT_SECRET,
-        redirect_uri=REDIRECT_URI,
-        api_base_url=sandbox_url,
-        authorize_url=f"{sandbox_url}/v2/auth/authorize/",
-        connect_timeout=2.0,
-        request_timeout=4.0,
-    )
-
-
-@pytest.fixture
-def tiktok(sandbox) -> TikTokClient:
-    return tiktok_for(sandbox.url)
+    with live_sandbox(io_loop, pkce="optional") as sandbox:
+        yield sandbox
 
 
 async def connect(
@@ -113,22 +88,9 @@ async def connect(
     refresh_token: str | None = None,
 ) -> Account:
     """An account holding real sandbox tokens, with the access expiry we choose."""
-    code = sandbox.issue_code(CLIENT_KEY, REDIRECT_URI, ["user.info.basic"], code_challenge=None)
-    client = sandbox.state.clients[CLIENT_KEY]
-    tokens = sandbox.state.exchange_code(client, code, REDIRECT_URI, None)
-    now = utc_now()
-    return await store.save_account_tokens(
-        owner,
-        TokenGrant(
-            open_id=tokens["open_id"],
-            access_token=tokens["access_token"],
-            refresh_token=refresh_token or tokens["refresh_token"],
-            access_token_expires_at=now + expires_in,
-            refresh_token_expires_at=now + refresh_expires_in,
-            scopes=["user.info.basic"],
-        ),
-        now=now,
-    )
+    grant = sandbox_grant(sandbox, expires_in=expires_in, refresh_expires_in=refresh_expires_in,
+                          refresh_token=refresh_token)
+    return await store.save_account_tokens(owner, grant, now=utc_now())
 
 
 def refresher_for(

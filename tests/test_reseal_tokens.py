@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import base64
 import os
-import secrets
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -26,6 +25,7 @@ from storage.memory import MemoryStore
 from storage.mongodb import ACCOUNTS_COLLECTION
 from tests.fixtures_mongo import open_mongo_store
 from tests.processes import ROOT, GatewayProcess
+from tests.support import fake_grant
 
 gen_test = pytest.mark.gen_test(timeout=60)
 SCRIPT = ROOT / "scripts" / "reseal_tokens.py"
@@ -42,26 +42,16 @@ def cipher(*keys: str) -> TokenCipher:
     return TokenCipher(TokenCipher.parse_keys(",".join(keys)))
 
 
-def grant(n: int) -> TokenGrant:
-    now = datetime.now(UTC)
-    return TokenGrant(
-        open_id=f"open-id-{n}",
-        access_token=f"act.reseal-{n}-" + secrets.token_hex(8),
-        refresh_token=f"rft.reseal-{n}-" + secrets.token_hex(8),
-        access_token_expires_at=now + timedelta(hours=24),
-        refresh_token_expires_at=now + timedelta(days=365),
-        scopes=["user.info.basic"],
-    )
-
-
 async def seed(store: Store) -> dict[str, TokenGrant]:
     """Three accounts with tokens and one disconnected (no tokens): id -> its grant."""
     saved = {}
     for n in range(3):
-        granted = grant(n)
+        granted = fake_grant(f"open-id-{n}")
         account = await store.save_account_tokens(f"owner-{n}", granted, now=datetime.now(UTC))
         saved[account.id] = granted
-    gone = await store.save_account_tokens("owner-gone", grant(9), now=datetime.now(UTC))
+    gone = await store.save_account_tokens(
+        "owner-gone", fake_grant("open-id-9"), now=datetime.now(UTC)
+    )
     await store.revoke_account(gone.id, now=datetime.now(UTC), reason="disconnected",
                                revoked_at_tiktok=True)
     return saved
@@ -113,7 +103,7 @@ async def test_a_refresh_meanwhile_wins_over_the_reseal(
         account_id = next(iter(saved))
         read = await store.database[ACCOUNTS_COLLECTION].find_one({"_id": ObjectId(account_id)})
         # The gateway stores new tokens for the account between the read and the write.
-        saved[account_id] = grant(0)
+        saved[account_id] = fake_grant("open-id-0")
         await store.save_account_tokens("owner-0", saved[account_id], now=datetime.now(UTC))
         batch = ResealBatch(last_id=None)
         await store._reseal_one(read, batch)

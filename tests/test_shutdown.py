@@ -17,12 +17,10 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from services.errors import ConfigError
-from tests.fixtures_mongo import LOOPBACK
 from tests.flow import consent, follow, location, sandbox_settings, start
 from tests.processes import GatewayProcess, poll_until
-from tests.support import PRODUCT_REDIRECT, make_config
+from tests.support import CONNECTED, LOOPBACK, make_config
 
-CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 EXIT_TIMEOUT_S = 30.0
 
 

@@ -67,7 +67,7 @@ def rs256_token() -> str:
 
 ATTACKS = {
     "alg-none": b64({"alg": "none", "typ": STATE_TYP}) + "." + b64(claims()) + ".",
-    "alg-none-no-typ": jwt.encode(claims(), None, algorithm="none"),
+    "alg-none-no-typ": jwt.encode(claims(), None, algorithm="none"),  # type: ignore[arg-type]
     "hs512": sign(claims(), algorithm="HS512"),
     "hs384": sign(claims(), algorithm="HS384"),
     "rs256": rs256_token(),

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -27,7 +27,6 @@ from storage.base import (
     PendingAuthorization,
     PendingFailure,
     PendingStatus,
-    TokenGrant,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.mongodb import (
@@ -41,30 +40,12 @@ from storage.mongodb import (
     expired_refresh_query,
 )
 from tests.fixtures_mongo import (
-    free_port,
     mongo_failpoint,
     open_mongo_store,
 )
+from tests.support import fake_grant, free_port, utc_now
 
 gen_test = pytest.mark.gen_test(timeout=30)
-
-
-def utc_now() -> datetime:
-    # BSON datetimes have millisecond precision; keep test values exact.
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
-def fake_grant(open_id: str | None = None, *, now: datetime | None = None) -> TokenGrant:
-    now = now or utc_now()
-    return TokenGrant(
-        open_id=open_id or f"open-id-test-{secrets.token_hex(6)}",
-        access_token="act.test-" + secrets.token_hex(8),
-        refresh_token="rft.test-" + secrets.token_hex(8),
-        access_token_expires_at=now + timedelta(hours=24),
-        refresh_token_expires_at=now + timedelta(days=365),
-        scopes=["user.info.basic", "user.info.profile"],
-    )
 
 
 def fake_pending(*, now: datetime, ttl: timedelta = timedelta(minutes=10)) -> PendingAuthorization:
@@ -227,7 +208,7 @@ async def test_failed_pending_keeps_what_the_callback_answered(make_store):
 @gen_test
 async def test_reconnecting_updates_the_same_account(make_store):
     created = utc_now()
-    first = fake_grant(now=created)
+    first = fake_grant(now=created, scopes=["user.info.basic", "user.info.profile"])
     second = fake_grant(first.open_id, now=created + timedelta(minutes=5))
     second.scopes = ["user.info.basic"]
     async with make_store() as store:
@@ -364,9 +345,7 @@ async def test_tokens_round_trip_and_unknown_ids(make_store):
 async def connected(
     store: Any, owner: str, now: datetime, *, access: timedelta, refresh: timedelta
 ) -> str:
-    grant = fake_grant(now=now)
-    grant.access_token_expires_at = now + access
-    grant.refresh_token_expires_at = now + refresh
+    grant = fake_grant(now=now, access_ttl=access, refresh_ttl=refresh)
     return (await store.save_account_tokens(owner, grant, now=now)).id
 
 
@@ -470,7 +449,8 @@ async def test_expired_refresh_tokens_need_reauthorization(make_store):
 
 def plan_stages(plan: dict[str, Any]) -> list[dict[str, Any]]:
     """Every stage of an explain's winning plan, outermost first."""
-    stages, stage = [], plan
+    stages: list[dict[str, Any]] = []
+    stage: dict[str, Any] | None = plan
     while stage:
         stages.append(stage)
         stage = stage.get("inputStage")

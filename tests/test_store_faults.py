@@ -21,95 +21,43 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
-from pymongo import MongoClient
-from tornado.httpclient import AsyncHTTPClient
 
 from server import make_app
-from services.state import STATE_ISSUER, STATE_TYP
 from storage.mongodb import (
     ACCOUNT_KEY_INDEX,
     ACCOUNTS_COLLECTION,
     PENDING_COLLECTION,
-    PENDING_TTL_INDEX,
 )
-from tests.fixtures_mongo import free_port
-from tests.flow import assert_one_state_connected_once, consent, follow, location, start
-from tests.processes import GatewayProcess, gateway_settings, poll_until
+from tests.fixtures_mongo import raw_database
+from tests.flow import (
+    assert_one_state_connected_once,
+    authorize,
+    connect,
+    consent,
+    follow,
+    location,
+    start,
+)
+from tests.processes import GatewayProcess, gateway_settings, wait_for_indexes
 from tests.support import (
-    PRODUCT_REDIRECT,
-    REDIRECT_URI,
-    STATE_SECRET,
+    CONNECTED,
     assert_envelope,
-    bearer,
+    forged_state,
+    free_port,
     make_config,
 )
 
-CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 DRIVERS = ["motor", "pymongo"]
 # The gateway retries index creation every STORE_RETRY_SECONDS (5 s) plus a 500 ms
 # server-selection timeout; these bounds leave room for a few rounds on a slow machine.
 READY_TIMEOUT_S = 20.0
-INDEX_TIMEOUT_S = 20.0
-
-
-def raw_database(uri: str, database: str) -> Any:
-    """A synchronous client on the gateways' database (caller closes ``.client``)."""
-    client: MongoClient[dict[str, Any]] = MongoClient(
-        uri, tz_aware=True, serverSelectionTimeoutMS=5000
-    )
-    return client[database]
-
-
-async def wait_for_indexes(uri: str, database_name: str) -> dict[str, Any]:
-    """Until the gateway's ``initialize_store`` has created its indexes (bounded).
-
-    Also a precondition for the first write through a gateway: SecantusDB 0.7.0b3
-    deadlocks (the whole server) when ``createIndexes`` and the first insert or
-    upsert into the same not-yet-existing collection run at once, which is
-    exactly a gateway's background start-up racing its first ``/authorize``.
-    mongod has no such problem; the tests wait instead of tripping over it.
-    """
-    database = raw_database(uri, database_name)
-    try:
-
-        async def indexes() -> dict[str, Any]:
-            return {
-                "accounts": database[ACCOUNTS_COLLECTION].index_information(),
-                "states": database[PENDING_COLLECTION].index_information(),
-            }
-
-        return await poll_until(
-            indexes,
-            lambda i: ACCOUNT_KEY_INDEX in i["accounts"] and PENDING_TTL_INDEX in i["states"],
-            timeout=INDEX_TIMEOUT_S,
-            what="indexes created by the gateway",
-        )
-    finally:
-        database.client.close()
-
-
-async def authorize(client: AsyncHTTPClient, gateway_url: str) -> Any:
-    return await client.fetch(
-        f"{gateway_url}/oauth/tiktok/authorize",
-        method="POST",
-        body=json.dumps({"redirectUri": PRODUCT_REDIRECT}),
-        headers=bearer(),
-        raise_error=False,
-    )
 
 
 def assert_store_unavailable(response: Any) -> dict[str, Any]:
     body = assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
     assert body["details"]["dependency"] == "mongodb", body
     return body
-
-
-async def connect(client: AsyncHTTPClient, gateway_url: str) -> None:
-    started = await start(client, gateway_url)
-    callback_url = await consent(client, gateway_url, started["authorizationUrl"])
-    assert location(await follow(client, callback_url)) == CONNECTED
 
 
 # -- MongoDB down at start-up ------------------------------------------------------
@@ -186,12 +134,9 @@ async def test_mongodb_stopped_mid_flow_answers_503_then_recovers(
         assert location(await follow(client, old_callback)) == CONNECTED
         assert sandbox.stats["token"] == 2
 
-        database = raw_database(mongo_process.uri, mongo_database_name)
-        try:
+        with raw_database(mongo_process.uri, mongo_database_name) as database:
             accounts = list(database[ACCOUNTS_COLLECTION].find({}))
             states = {d["status"] for d in database[PENDING_COLLECTION].find({})}
-        finally:
-            database.client.close()
         assert len(accounts) == 1  # the same TikTok user reconnected: one document
         assert states == {"completed"}
         assert gateway.stop() == 0, gateway.log_tail()
@@ -228,12 +173,9 @@ async def test_two_gateway_processes_complete_one_state_once(
         assert_one_state_connected_once(responses, CONNECTED)
         assert sandbox.stats["token"] == 1
         assert sandbox.stats["userinfo"] == 1
-        database = raw_database(mongo_server.uri, mongo_database_name)
-        try:
+        with raw_database(mongo_server.uri, mongo_database_name) as database:
             assert database[ACCOUNTS_COLLECTION].count_documents({}) == 1
             [state] = list(database[PENDING_COLLECTION].find({}))
-        finally:
-            database.client.close()
         assert state["status"] == "completed"
         assert all(gateway.running for gateway in gateways)
     finally:
@@ -242,22 +184,6 @@ async def test_two_gateway_processes_complete_one_state_once(
 
 
 # -- the store unreachable, in-process -----------------------------------------------
-
-
-def forged_state(**overrides: Any) -> str:
-    """A state the gateway would accept by signature: we cannot mint one without a store."""
-    now = int(time.time())
-    claims = {
-        "iss": STATE_ISSUER,
-        "aud": REDIRECT_URI,
-        "sub": "user-123",
-        "jti": uuid.uuid4().hex,
-        "iat": now,
-        "exp": now + 600,
-        "redirect_uri": PRODUCT_REDIRECT,
-        **overrides,
-    }
-    return jwt.encode(claims, STATE_SECRET, algorithm="HS256", headers={"typ": STATE_TYP})
 
 
 class TestStoreUnreachableInProcess:
@@ -284,7 +210,7 @@ class TestStoreUnreachableInProcess:
             "authorize": await authorize(http_client, base_url),
             "callback": await follow(
                 http_client,
-                f"{base_url}/oauth/tiktok/callback?code=abc&state={forged_state()}",
+                f"{base_url}/oauth/tiktok/callback?code=abc&state={forged_state(jti=uuid.uuid4().hex)}",
             ),
             "readyz": await http_client.fetch(f"{base_url}/readyz", raise_error=False),
         }

@@ -17,6 +17,7 @@ from bson import ObjectId
 from storage.base import AccountStatus, Store, TokenGrant
 from storage.mongodb import ACCOUNTS_COLLECTION, MongoStore
 from tests.fixtures_mongo import open_mongo_store
+from tests.support import fake_grant
 
 # Whole seconds: MongoDB keeps milliseconds, so these survive a round trip unchanged.
 NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -37,14 +38,8 @@ def grant(
     access_ttl: timedelta = timedelta(hours=24),
     scopes: tuple[str, ...] = ("user.info.basic",),
 ) -> TokenGrant:
-    return TokenGrant(
-        open_id=open_id,
-        access_token=f"act.{tag}",
-        refresh_token=f"rft.{tag}",
-        access_token_expires_at=at + access_ttl,
-        refresh_token_expires_at=at + timedelta(days=365),
-        scopes=list(scopes),
-    )
+    """``act.<tag>`` / ``rft.<tag>``, issued ``at``."""
+    return fake_grant(open_id, now=at, tag=tag, access_ttl=access_ttl, scopes=scopes)
 
 
 async def raw_document(store: Store, account_id: str) -> dict[str, Any] | None:

@@ -8,56 +8,46 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
+from types import EllipsisType
 from typing import Any
 
 import pytest
 import tornado.httpserver
 import tornado.netutil
 from bson import ObjectId
-from pymongo import MongoClient
 
 from sandbox.app import webhook_signature
 from sandbox.state import OAuthError
 from server import make_app
 from services.webhooks import MAX_WEBHOOK_BODY_BYTES, sign
-from storage.base import Account, AccountStatus, Store, TokenGrant
+from storage.base import Account, AccountStatus, Store
 from storage.mongodb import ACCOUNTS_COLLECTION
-from tests.flow import consent, follow, location, make_sandbox, sandbox_settings, start
-from tests.support import CLIENT_KEY, CLIENT_SECRET, PRODUCT_REDIRECT, assert_envelope, make_config
+from tests.fixtures_mongo import mongo_settings, raw_database
+from tests.flow import connect, sandbox_settings
+from tests.support import (
+    CLIENT_KEY,
+    CLIENT_SECRET,
+    assert_envelope,
+    fake_grant,
+    make_config,
+    store_of,
+    utc_now,
+)
 
 URL = "/webhooks/tiktok"
 HOUR = 3600
 OPEN_ID = "open-id-webhook-" + secrets.token_hex(4)
 OTHER_OPEN_ID = "open-id-bystander-" + secrets.token_hex(4)
-CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
-
-
-def utc_now() -> datetime:
-    # BSON keeps milliseconds: keep values exact across both stores.
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
-def grant(open_id: str) -> TokenGrant:
-    now = utc_now()
-    return TokenGrant(
-        open_id=open_id,
-        access_token="act.test-" + secrets.token_hex(8),
-        refresh_token="rft.test-" + secrets.token_hex(8),
-        access_token_expires_at=now + timedelta(hours=24),
-        refresh_token_expires_at=now + timedelta(days=365),
-        scopes=["user.info.basic"],
-    )
 
 
 async def seed(store: Store) -> dict[str, Account]:
     """Two owners connected the same TikTok user; a third owner another user."""
     now = utc_now() - timedelta(minutes=5)
     return {
-        "alice": await store.save_account_tokens("alice", grant(OPEN_ID), now=now),
-        "bob": await store.save_account_tokens("bob", grant(OPEN_ID), now=now),
-        "carol": await store.save_account_tokens("carol", grant(OTHER_OPEN_ID), now=now),
+        "alice": await store.save_account_tokens("alice", fake_grant(OPEN_ID), now=now),
+        "bob": await store.save_account_tokens("bob", fake_grant(OPEN_ID), now=now),
+        "carol": await store.save_account_tokens("carol", fake_grant(OTHER_OPEN_ID), now=now),
     }
 
 
@@ -66,7 +56,7 @@ def event(
     *,
     open_id: str = OPEN_ID,
     content: Any = None,
-    client_key: str = CLIENT_KEY,
+    client_key: str | EllipsisType = CLIENT_KEY,
     **overrides: Any,
 ) -> bytes:
     document = {
@@ -126,10 +116,6 @@ async def assert_revoked(store: Store, account: Account, reason: int) -> Account
 @pytest.fixture
 def app():
     return make_app(make_config())
-
-
-def store_of(app: Any) -> Store:
-    return app.settings["gateway"].store
 
 
 # -- deauthorization ---------------------------------------------------------
@@ -362,11 +348,7 @@ class TestWithMongoDB:
     @pytest.fixture
     def app(self, io_loop, mongo_server, mongo_database_name, mongo_driver):
         app = make_app(
-            make_config(
-                MONGODB_URI=mongo_server.uri,
-                MONGODB_DATABASE=mongo_database_name,
-                MONGODB_DRIVER=mongo_driver,
-            )
+            make_config(**mongo_settings(mongo_server.uri, mongo_database_name, mongo_driver))
         )
         yield app
         # Before mongo_driver's teardown, which collects what a closed pymongo client leaks.
@@ -385,9 +367,8 @@ class TestWithMongoDB:
             await assert_revoked(store, accounts[owner], 2)
         assert (await store.get_account(accounts["carol"].id)).status is AccountStatus.CONNECTED
 
-        raw: MongoClient[dict[str, Any]] = MongoClient(mongo_server.uri)
-        try:
-            documents = raw[mongo_database_name][ACCOUNTS_COLLECTION]
+        with raw_database(mongo_server.uri, mongo_database_name) as database:
+            documents = database[ACCOUNTS_COLLECTION]
             doc = documents.find_one({"_id": ObjectId(accounts["alice"].id)})
             assert doc is not None
             assert "accessToken" not in doc and "refreshToken" not in doc
@@ -395,8 +376,6 @@ class TestWithMongoDB:
             assert (await deliver(http_client, base_url, body)).code == 200  # redelivery
             again = documents.find_one({"_id": ObjectId(accounts["alice"].id)})
             assert again is not None and again["updatedAt"] == doc["updatedAt"]
-        finally:
-            raw.close()
 
 
 # -- TikTok's retries and unreadable content, on every store --------------------
@@ -417,7 +396,7 @@ async def serving(store: Store) -> AsyncIterator[str]:
 
 async def connect_one(store: Store, open_id: str, *, hours_ago: float = 0.1) -> Account:
     connected = utc_now() - timedelta(hours=hours_ago)
-    return await store.save_account_tokens("owner-" + open_id, grant(open_id), now=connected)
+    return await store.save_account_tokens("owner-" + open_id, fake_grant(open_id), now=connected)
 
 
 async def assert_untouched(store: Store, account: Account) -> None:
@@ -506,13 +485,6 @@ async def test_removal_with_unreadable_content_is_applied_as_reason_0(client, ma
 
 class TestWithSandbox:
     @pytest.fixture
-    def sandbox(self, io_loop):
-        sandbox = make_sandbox()
-        sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-        yield sandbox
-        io_loop.run_sync(sandbox.close)
-
-    @pytest.fixture
     def app(self, sandbox):
         return make_app(make_config(**sandbox_settings(sandbox.url)))
 
@@ -563,9 +535,7 @@ class TestWithSandbox:
 
 
 async def _connect(http_client: Any, base_url: str, store: Store, owner: str) -> Account:
-    started = await start(http_client, base_url, owner=owner)
-    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
-    assert location(await follow(http_client, callback_url)) == CONNECTED
+    await connect(http_client, base_url, owner=owner)
     [account] = await store.list_accounts(owner)
     assert account.status is AccountStatus.CONNECTED
     return account

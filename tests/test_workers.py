@@ -26,13 +26,12 @@ from tornado.httpclient import AsyncHTTPClient
 from services.errors import ConfigError
 from services.metrics import MULTIPROCESS_DIR_ENV, prepare_multiprocess_dir
 from storage.mongodb import ACCOUNTS_COLLECTION
-from tests.flow import consent, follow, location, start
-from tests.processes import ROOT, GatewayProcess, gateway_settings, poll_until
-from tests.support import PRODUCT_REDIRECT, make_config
+from tests.fixtures_mongo import raw_database
+from tests.flow import connect
+from tests.processes import ROOT, GatewayProcess, gateway_settings, poll_until, wait_for_indexes
+from tests.support import make_config
 from tests.test_metrics import Scrape
-from tests.test_store_faults import raw_database, wait_for_indexes
 
-CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 WORKERS = 2
 TIMEOUT_S = 30.0
 
@@ -89,12 +88,6 @@ async def log_count(gateway: GatewayProcess, text: str, count: int) -> None:
     )
 
 
-async def connect(client: AsyncHTTPClient, gateway_url: str, owner: str) -> None:
-    started = await start(client, gateway_url, owner=owner)
-    callback_url = await consent(client, gateway_url, started["authorizationUrl"])
-    assert location(await follow(client, callback_url)) == CONNECTED
-
-
 async def assert_metrics_of_all_workers(
     client: AsyncHTTPClient, gateway: GatewayProcess, *, starts: int, connected: int
 ) -> None:
@@ -123,11 +116,8 @@ def worker_number(gateway: GatewayProcess, pid: int) -> int:
 
 
 def count_accounts(uri: str, database_name: str) -> int:
-    database = raw_database(uri, database_name)
-    try:
+    with raw_database(uri, database_name) as database:
         return database[ACCOUNTS_COLLECTION].count_documents({})
-    finally:
-        database.client.close()
 
 
 @pytest.mark.gen_test(timeout=120)
@@ -152,7 +142,7 @@ async def test_workers_share_one_port_restart_after_a_crash_and_stop_on_sigterm(
         # Whole flows at once, each state started and completed by whichever worker
         # the kernel hands the connection to: the states live in MongoDB.
         owners = [f"user-{n}" for n in range(6)]
-        await asyncio.gather(*(connect(client, gateway.url, owner) for owner in owners))
+        await asyncio.gather(*(connect(client, gateway.url, owner=owner) for owner in owners))
         assert sandbox.stats["token"] == len(owners)
         assert count_accounts(mongo_server.uri, mongo_database_name) == len(owners)
         health = await asyncio.gather(*(gateway.get(client, "/healthz") for _ in range(20)))
@@ -171,7 +161,7 @@ async def test_workers_share_one_port_restart_after_a_crash_and_stop_on_sigterm(
         await log_count(gateway, "store ready", WORKERS + 1)
         # A new worker 0 starts the refresher again; any other does not.
         assert refreshers_started(gateway) == (2 if crashed_number == 0 else 1)
-        await connect(client, gateway.url, "user-after-crash")
+        await connect(client, gateway.url, owner="user-after-crash")
         assert count_accounts(mongo_server.uri, mongo_database_name) == len(owners) + 1
         # The crashed worker's counts stay; its replacement's add up.
         await assert_metrics_of_all_workers(client, gateway, starts=WORKERS + 1,

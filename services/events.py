@@ -1,0 +1,289 @@
+"""Account events (issue 15): how they are built, relayed into the event log and pulled.
+
+An event is a plain dict ``{"id", "type", "timestamp", "data"}``; ``data.account`` is
+the account as the accounts API shows it, never a token. The store appends it to the
+account's outbox in the same atomic write as the change that causes it; ``EventRelay``
+(every process runs one, the holder of the store's relay lease does the work) moves
+outboxes into the event log, where each event gets its ``seq``: the pull feed's
+cursor. ``services.event_delivery`` pushes them from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from core.clock import iso_z, utcnow
+from core.errors import Conflict, GatewayError, NotFound, ValidationFailed
+
+# The types and reasons, re-exported: callers build events from here.
+from services.event_types import CONNECTED as CONNECTED
+from services.event_types import EVENT_TYPES as EVENT_TYPES
+from services.event_types import REAUTHORIZATION_DUE as REAUTHORIZATION_DUE
+from services.event_types import REAUTHORIZATION_REQUIRED as REAUTHORIZATION_REQUIRED
+from services.event_types import REFRESH_REFUSED as REFRESH_REFUSED
+from services.event_types import REFRESH_TOKEN_EXPIRED as REFRESH_TOKEN_EXPIRED
+from services.event_types import REVOKED as REVOKED
+from services.event_types import SOURCE_PRODUCT as SOURCE_PRODUCT
+from services.event_types import SOURCE_TIKTOK as SOURCE_TIKTOK
+from services.representation import account_payload
+from storage.base import Account, EventStatus, Store, StoredEvent
+
+if TYPE_CHECKING:
+    from services.metrics import GatewayMetrics
+
+log = logging.getLogger("gateway.events")
+
+EVENT_ID_PREFIX = "evt_"
+EVENT_ID_CHARS = 26
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 500
+# An event id is ours if it is this long at most; anything longer is not looked up.
+MAX_EVENT_ID_LENGTH = 64
+
+# The relay lease: renewed at every round; a holder that stops renewing is replaced
+# after RELAY_LEASE_SECONDS. A seq is allocated only while the lease lasts at least
+# RELAY_FENCE_SECONDS more, longer than one store call may take (the driver's socket
+# timeout), so a relayer that stalls cannot log an event behind one a reader saw.
+RELAY_LEASE_SECONDS = 20.0
+RELAY_FENCE_SECONDS = 10.0
+RELAY_BATCH = 100
+RELAY_IDLE_SECONDS = 0.5
+# While the store fails, rounds back off up to this (and the outage is logged once).
+MAX_BACKOFF_SECONDS = 5.0
+
+
+class Outage:
+    """A background loop's store outage: logged when it starts and when it ends, not
+    at every round, with rounds spaced out meanwhile."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failures = 0
+
+    def failed(self, exc: GatewayError, interval: float) -> float:
+        """Note a failed round; how long to wait before the next."""
+        self.failures += 1
+        if self.failures == 1:
+            log.warning("%s paused: %s", self.what, exc.technical_message or exc.message)
+        return min(interval * 2.0 ** min(self.failures, 16), MAX_BACKOFF_SECONDS)
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.info("%s resumed after %d failed round(s)", self.what, self.failures)
+        self.failures = 0
+
+
+def new_event_id() -> str:
+    return EVENT_ID_PREFIX + secrets.token_urlsafe(EVENT_ID_CHARS)[:EVENT_ID_CHARS]
+
+
+def new_event(
+    event_type: str, account: Account, *, now: datetime | None = None, **extras: Any
+) -> dict[str, Any]:
+    """An event about ``account`` as it stands after the change (``extras`` join
+    ``data``: a reason, a source...). The store records it with the change."""
+    if event_type not in EVENT_TYPES:
+        raise ValueError(f"unknown account event type {event_type!r}")
+    if "account" in extras:
+        raise ValueError("data.account is the account's representation, not an extra")
+    return {
+        "id": new_event_id(),
+        "type": event_type,
+        "timestamp": iso_z(now or utcnow()),
+        "data": {"account": account_payload(account), **extras},
+    }
+
+
+# -- the pull feed ----------------------------------------------------------------------
+
+
+def parse_cursor(text: str | None) -> int:
+    """A cursor from ``GET /events``'s ``nextCursor`` (none: from the start)."""
+    if text is None or text == "":
+        return 0
+    if not text.isascii() or not text.isdigit() or len(text) > 18:
+        raise ValidationFailed(
+            "after must be a cursor this API returned as nextCursor.",
+            technical_message="the cursor is not one GET /events answered",
+            details={"parameter": "after"},
+        )
+    return int(text)
+
+
+def cursor_of(seq: int) -> str:
+    return str(seq)
+
+
+@dataclass(frozen=True)
+class EventPage:
+    events: list[StoredEvent]
+    next_cursor: str
+
+
+class EventFeed:
+    """What ``GET /events`` and ``POST /events/{id}/redeliver`` do."""
+
+    def __init__(
+        self, *, store: Store, push_enabled: bool, clock: Callable[[], datetime] = utcnow
+    ) -> None:
+        self._store = store
+        self._push_enabled = push_enabled
+        self._clock = clock
+
+    async def page(self, *, after: str | None, limit: int, status: EventStatus | None) -> EventPage:
+        after_seq = parse_cursor(after)
+        events = await self._store.list_events(after_seq=after_seq, limit=limit, status=status)
+        last = events[-1].seq if events else after_seq
+        return EventPage(events=events, next_cursor=cursor_of(last))
+
+    async def redeliver(self, event_id: str) -> StoredEvent:
+        if not self._push_enabled:
+            raise Conflict(
+                "Push delivery is off: pull events with GET /events, or set "
+                "PRODUCT_WEBHOOK_URL and PRODUCT_WEBHOOK_SECRET.",
+                technical_message="no PRODUCT_WEBHOOK_URL configured",
+            )
+        stored = None
+        if len(event_id) <= MAX_EVENT_ID_LENGTH:
+            stored = await self._store.redeliver_event(event_id, now=self._clock())
+        if stored is None:
+            raise NotFound(
+                "There is no event with this id (events are kept for EVENTS_RETENTION_DAYS).",
+                details={"eventId": event_id[:MAX_EVENT_ID_LENGTH]},
+            )
+        if stored.status is EventStatus.DELIVERED:
+            raise Conflict(
+                "This event was already delivered; pull it again with GET /events.",
+                details={"eventId": stored.id, "status": stored.status.value},
+            )
+        if stored.status is EventStatus.PULL_ONLY:
+            raise Conflict(
+                "This event was recorded while push delivery was off; pull it with "
+                "GET /events.",
+                details={"eventId": stored.id, "status": stored.status.value},
+            )
+        return stored  # pending: due now, or already on its way
+
+
+# -- the relay ----------------------------------------------------------------------------
+
+
+class EventRelay:
+    """Moves account outboxes into the event log. Every process runs one; only the
+    holder of the store's relay lease does the work, a few times a second while there
+    is some. ``relay_soon()`` (after a state change) cuts the wait."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        push: bool,
+        metrics: GatewayMetrics | None = None,
+        holder: str | None = None,
+        idle_seconds: float = RELAY_IDLE_SECONDS,
+        lease_seconds: float = RELAY_LEASE_SECONDS,
+        fence_seconds: float = RELAY_FENCE_SECONDS,
+        batch: int = RELAY_BATCH,
+        clock: Callable[[], datetime] = utcnow,
+        on_relayed: Callable[[], None] | None = None,
+    ) -> None:
+        if fence_seconds >= lease_seconds:
+            raise ValueError("fence_seconds must be shorter than lease_seconds")
+        self._store = store
+        self._push = push
+        self._metrics = metrics
+        self.holder = holder or f"relay-{uuid.uuid4().hex}"
+        self.idle_seconds = idle_seconds
+        self._lease_seconds = lease_seconds
+        self._fence_seconds = fence_seconds
+        self._batch = batch
+        self._clock = clock
+        self._on_relayed = on_relayed
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def run_once(self) -> int:
+        """Relay everything in the outboxes if this process holds the lease; how many."""
+        if not await self._store.acquire_relay_lease(self.holder, seconds=self._lease_seconds):
+            return 0
+        total = 0
+        while True:
+            relayed = await self._store.relay_outbox(
+                self.holder,
+                now=self._clock(),
+                fence_seconds=self._fence_seconds,
+                push=self._push,
+                limit=self._batch,
+            )
+            for stored in relayed:
+                if self._metrics is not None:
+                    self._metrics.event_recorded(stored.type)
+            total += len(relayed)
+            if len(relayed) < self._batch:
+                break
+            if not await self._store.acquire_relay_lease(
+                self.holder, seconds=self._lease_seconds
+            ):
+                break
+        if total:
+            log.debug("relayed %d account event(s)", total)
+            if self._on_relayed is not None:
+                self._on_relayed()
+        return total
+
+    def relay_soon(self) -> None:
+        """Relay now rather than at the next round (call it after a state change)."""
+        self._wake.set()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        if not self.running:
+            self._stopping = False
+            self._task = asyncio.create_task(self._run(), name="account-event-relay")
+
+    async def _run(self) -> None:
+        # The flag too, not only cancel(): a driver may turn the cancellation of a call
+        # in flight into an error of its own, which the loop would carry on after.
+        outage = Outage("account event relay")
+        while not self._stopping:
+            # Cleared before the round: a relay_soon() during it triggers the next one.
+            self._wake.clear()
+            wait = self.idle_seconds
+            try:
+                await self.run_once()
+                outage.succeeded()
+            except GatewayError as exc:
+                wait = outage.failed(exc, self.idle_seconds)
+            except Exception:
+                log.exception("event relay round failed")
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        try:
+            # Another process takes over at once rather than when the lease runs out.
+            await self._store.release_relay_lease(self.holder)
+        except GatewayError as exc:
+            log.warning("relay lease not released: %s", exc.technical_message or exc.message)

@@ -178,6 +178,7 @@ class Phase:
     errors: Counter[str] = field(default_factory=Counter)
     samples: list[str] = field(default_factory=list)
     unsent: int = 0  # not sent before --max-seconds ran out
+    spread: float = 0.0  # a burst: seconds between its first and its last request
 
     def error(self, kind: str, sample: str) -> None:
         self.errors[kind] += 1
@@ -268,9 +269,12 @@ def percentile(ordered: Sequence[float], fraction: float) -> float | None:
 
 
 async def mint(
-    args: argparse.Namespace, gateway: Target, sandbox: Target, total: int
+    args: argparse.Namespace, gateway: Target, sandbox: Target, total: int,
+    targets: Sequence[Target] = (),
 ) -> list[bytes]:
-    """``total`` callback requests, each with a fresh state and code."""
+    """``total`` callback requests, each with a fresh state and code; the n-th one for
+    ``targets[n % len(targets)]`` when given (a state is good at any gateway sharing
+    the store), else for ``gateway``."""
     secret = os.environ.get("AUTH_JWT_SECRET")
     if not secret:
         raise SystemExit("AUTH_JWT_SECRET must be set in the environment")
@@ -304,7 +308,8 @@ async def mint(
         location = response.header("Location") if response.status == 302 else None
         if location is None or "code=" not in location:
             return f"consent_{response.status}"
-        callbacks.append(gateway.get(f"{CALLBACK_PATH}?{urlsplit(location).query}"))
+        target = targets[len(callbacks) % len(targets)] if targets else gateway
+        callbacks.append(target.get(f"{CALLBACK_PATH}?{urlsplit(location).query}"))
         return None
 
     consents = []
@@ -340,6 +345,51 @@ async def read_sandbox_connections(connection: Connection, sandbox: Target) -> i
     return int(json.loads(response.body)["connections"])
 
 
+# -- a burst -----------------------------------------------------------------------
+
+
+async def burst(
+    targets: Sequence[Target], requests: Sequence[bytes], spread: float, *,
+    request_timeout: float, check: Any,
+) -> Phase:
+    """Open loop: request n starts at ``n * spread / len(requests)`` seconds, each on a
+    connection of its own (a browser each), to ``targets[n % len(targets)]``, whatever
+    the answers before it. Latency counts from the planned start, connecting included."""
+    phase = Phase()
+    loop = asyncio.get_running_loop()
+    count = len(requests)
+    begin = loop.time() + 0.05
+    phase.started = time.monotonic()
+    started_at: list[float] = []
+
+    async def one(index: int, data: bytes) -> None:
+        planned = begin + index * spread / count
+        await asyncio.sleep(max(planned - loop.time(), 0.0))
+        started_at.append(loop.time())
+        target = targets[index % len(targets)]
+        connection: Connection | None = None
+        try:
+            connection = await asyncio.wait_for(target.connect(), request_timeout)
+            response = await asyncio.wait_for(connection.request(data), request_timeout)
+        except (OSError, RequestFailed, TimeoutError) as exc:
+            phase.error("connection", repr(exc) or type(exc).__name__)
+            return
+        finally:
+            if connection is not None and connection.transport is not None:
+                connection.transport.close()
+        took = loop.time() - planned
+        problem = check(response)
+        if problem is None:
+            phase.latencies.append(took)
+        else:
+            phase.error(problem, f"{response.status} {response.body[:200]!r}")
+
+    await asyncio.gather(*(one(n, data) for n, data in enumerate(requests)))
+    phase.elapsed = time.monotonic() - phase.started
+    phase.spread = (max(started_at) - min(started_at)) if started_at else 0.0
+    return phase
+
+
 # -- the run --------------------------------------------------------------------
 
 
@@ -348,10 +398,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     sandbox = Target(args.sandbox) if args.sandbox else None
     total = args.warmup + args.count
     mint_started = time.monotonic()
+    targets = [gateway, *(Target(url) for url in args.also_gateway)]
     if args.mode == "callbacks":
         if sandbox is None:
             raise SystemExit("--sandbox is required with --mode callbacks")
-        requests = await mint(args, gateway, sandbox, total)
+        requests = await mint(args, gateway, sandbox, total, targets if args.spread else ())
         check = connected
     elif args.mode == "floor":
         # bench.floor: the callback's HTTP shape only; it needs no state.
@@ -363,6 +414,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     mint_seconds = time.monotonic() - mint_started
     if sandbox is not None:
         sandbox.close_all()  # the consent connections: not the gateway's
+    if args.spread:
+        return await run_burst(args, targets, requests, check, mint_seconds)
     common = {
         "max_seconds": args.max_seconds,
         "request_timeout": args.request_timeout,
@@ -431,6 +484,37 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def run_burst(
+    args: argparse.Namespace, targets: Sequence[Target], requests: Sequence[bytes], check: Any,
+    mint_seconds: float,
+) -> dict[str, Any]:
+    gateway_cpu = cpu_seconds(args.gateway_pid)
+    phase = await burst(targets, requests, args.spread, request_timeout=args.request_timeout,
+                        check=check)
+    spent = cpu_seconds(args.gateway_pid)
+    ordered = sorted(phase.latencies)
+    return {
+        "mode": f"{args.mode} burst",
+        "requested": len(requests),
+        "gateways": len(targets),
+        "ok": len(ordered),
+        "errors": sum(phase.errors.values()),
+        "errors_by_kind": dict(phase.errors),
+        "error_samples": phase.samples,
+        "mint_seconds": round(mint_seconds, 3),
+        "started_within_seconds": round(phase.spread, 3),
+        "elapsed_seconds": round(phase.elapsed, 3),
+        "latency_seconds": {
+            "p50": percentile(ordered, 0.50),
+            "p95": percentile(ordered, 0.95),
+            "p99": percentile(ordered, 0.99),
+            "max": ordered[-1] if ordered else None,
+        },
+        "gateway_cpu_seconds": (
+            spent - gateway_cpu if spent is not None and gateway_cpu is not None else None),
+    }
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
     parser.add_argument("--gateway", required=True, help="http://127.0.0.1:PORT")
@@ -448,12 +532,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gateway-pid", type=int)
     parser.add_argument("--sandbox-pid", type=int)
     parser.add_argument(
+        "--spread", type=float, default=0.0,
+        help="a burst: start the --count requests evenly within this many seconds, open "
+        "loop, each on a new connection (no warm-up)",
+    )
+    parser.add_argument(
+        "--also-gateway", action="append", default=[],
+        help="a burst's callbacks go round-robin to --gateway and these (same store)",
+    )
+    parser.add_argument(
         "--hold", action="store_true",
         help="after the warm-up, print 'ready' on stderr and wait for a line on stdin",
     )
     args = parser.parse_args(argv)
     if args.count < 1 or args.warmup < 0 or args.concurrency < 1 or args.owners < 1:
         parser.error("--count, --concurrency and --owners must be >= 1, --warmup >= 0")
+    if args.spread < 0 or (args.spread and args.warmup):
+        parser.error("--spread must be >= 0, and a burst has no --warmup")
     return args
 
 

@@ -198,7 +198,8 @@ class TikTokBudget:
         self._sleep = sleep
         self._store_down_until: float | None = None
         for budget in self._budgets.values():
-            self._metrics.budget_use(budget.name, 0, budget.limit.calls)
+            self._metrics.budget_declared(budget.name, budget.limit.calls,
+                                          budget.background_limit)
         self._metrics.before_render(self._report_use)
 
     @classmethod

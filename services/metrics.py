@@ -77,6 +77,13 @@ REFRESH_OUTCOMES = (
 )
 # services.profile_filler outcomes: what one attempt to load a pending profile did.
 PROFILE_FILL_OUTCOMES = ("filled", "unavailable", "refused", "no_tokens", "error")
+# services.budget: what a permit asked by each priority can come to (the store
+# answering: admitted or refused; not answering: local for interactive calls, paused
+# for background ones).
+BUDGET_RESULTS = {
+    "interactive": ("admitted", "refused", "local"),
+    "background": ("admitted", "refused", "paused"),
+}
 # TikTok answers in well under a second, times out at a few.
 TIKTOK_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 STORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -344,9 +351,29 @@ class GatewayMetrics:
             registry=self.registry,
             multiprocess_mode="livemostrecent",
         )
+        self.budget_limit = Gauge(
+            "tiktok_gateway_budget_limit",
+            "Calls a TikTok budget admits in any window (TIKTOK_RATE_LIMITS), and "
+            "background_limit: the most of them background work may use "
+            "(TIKTOK_BACKGROUND_SHARE).",
+            ["budget", "share"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
 
     def before_render(self, hook: Callable[[], None]) -> None:
         self._render_hooks.append(hook)
+
+    def budget_declared(self, budget: str, limit: int, background_limit: int) -> None:
+        """A budget's series, present from the start (at 0), so rate() and alerts see
+        every one before its first call."""
+        self.budget_limit.labels(budget, "all").set(limit)
+        self.budget_limit.labels(budget, "background").set(background_limit)
+        for priority, results in BUDGET_RESULTS.items():
+            self.budget_deferred.labels(budget, priority)
+            for result in results:
+                self.budget_calls.labels(budget, priority, result)
+        self.budget_use(budget, 0, limit)
 
     def budget_call(self, budget: str, priority: str, result: str) -> None:
         self.budget_calls.labels(budget, priority, result).inc()

@@ -122,6 +122,30 @@ async def test_flows_show_up_in_the_metrics(http_client, base_url, app, sandbox)
 
 
 @pytest.mark.gen_test(timeout=20)
+async def test_every_budget_shows_its_limits_and_counters_before_its_first_call(
+    http_client, base_url, app
+):
+    """TikTok's user-info budget (the default one): its limit, the background share's,
+    its use and room, and its counters by priority, all there at 0 before any call."""
+    before = await scrape(http_client, base_url)
+    assert before.labelled("tiktok_gateway_budget_limit", "share") == {
+        "all": 600.0, "background": 300.0}
+    assert before.value("tiktok_gateway_budget_used", budget="user_info") == 0
+    assert before.value("tiktok_gateway_budget_remaining", budget="user_info") == 600
+    assert before.labelled("tiktok_gateway_budget_deferred_total", "priority") == {
+        "interactive": 0.0, "background": 0.0}
+    calls = {(dict(key)["priority"], dict(key)["result"]): value
+             for (name, key), value in before.samples.items()
+             if name == "tiktok_gateway_budget_calls_total"}
+    assert calls == {("interactive", "admitted"): 0, ("interactive", "refused"): 0,
+                     ("interactive", "local"): 0, ("background", "admitted"): 0,
+                     ("background", "refused"): 0, ("background", "paused"): 0}
+    # Only TikTok's documented limit: no budget for token or revoke.
+    assert {dict(key)["budget"] for name, key in before.samples
+            if name == "tiktok_gateway_budget_limit"} == {"user_info"}
+
+
+@pytest.mark.gen_test(timeout=20)
 async def test_in_flight_gauge_counts_a_callback_while_it_waits_for_tiktok(
     http_client, base_url, app, sandbox
 ):

@@ -147,6 +147,7 @@ class Refresher:
         # for the next round, soonest expiry first.
         self.batch_size = batch_size or max_per_minute
         self._limiter = RateLimiter(max_per_minute, clock=monotonic, sleep=sleep)
+        self._monotonic = monotonic
         self._clock = clock
         self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
@@ -267,13 +268,17 @@ class Refresher:
 
     async def _run(self) -> None:
         while True:
+            started = self._monotonic()
             try:
                 await self.run_once()
             except GatewayError as exc:
                 log.warning("refresh round skipped: %s", exc.technical_message or exc.message)
             except Exception:
                 log.exception("refresh round failed")
-            await self._sleep(self.interval)
+            # Rounds start every interval: a round that spent it waiting for its pace
+            # (a backlog) is followed at once, so a busy refresher keeps its
+            # max_per_minute instead of idling a whole interval after each round.
+            await self._sleep(max(self.interval - (self._monotonic() - started), 0.0))
 
     async def stop(self, grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS) -> None:
         """End the loop: no new refresh starts; those in flight get ``grace_seconds``."""

@@ -119,7 +119,8 @@ def account_documents(
 
 
 def plan_stages(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    stages, stage = [], plan
+    stages: list[dict[str, Any]] = []
+    stage: dict[str, Any] | None = plan
     while stage:
         stages.append(stage)
         stage = stage.get("inputStage")

@@ -67,6 +67,10 @@ TARGET_RSS_MB = 150
 TARGET_RSS_FLOWS = 1000
 TARGET_CONNECTIONS_PER_100 = 2.0
 
+# What `--only` picks from: the callback scenarios above, and issue 14's benchmarks,
+# each its own module with its own figures and baseline (BENCHMARKS.md).
+BENCHMARKS = ("callbacks", "burst", "burst-2", "simulate", "mongo-scale")
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -573,6 +577,44 @@ def ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
+def benchmark_names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown benchmark(s) {', '.join(unknown) or '(none)'}; known: "
+            f"{', '.join(BENCHMARKS)}"
+        )
+    return names
+
+
+def run_others(args: argparse.Namespace) -> dict[str, Any]:
+    """Issue 14's benchmarks that ``--only`` selects, each printing its own figures."""
+    quick = ["--quick"] if args.quick else []
+    results: dict[str, Any] = {}
+    bursts = [name for name in ("burst", "burst-2") if name in args.only]
+    if bursts:
+        from bench import burst
+
+        print(flush=True)
+        only = [] if len(bursts) == 2 else ["--only", "one" if bursts == ["burst"] else "two"]
+        results["burst"] = burst.main(
+            [*quick, *only, "--out", str(args.log_dir / "bench-burst.json")])
+    if "simulate" in args.only:
+        from bench import simulate
+
+        print(flush=True)
+        simulated = simulate.run(simulate.parse_args(quick))
+        simulate.print_report(simulated)
+        results["simulate"] = simulated
+    if "mongo-scale" in args.only:
+        from bench import mongo_scale
+
+        print(flush=True)
+        results["mongo_scale"] = mongo_scale.main(quick)
+    return results
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     def numbers(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -581,7 +623,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m bench", description="Benchmark the gateway (see BENCHMARKS.md)."
     )
     parser.add_argument("--quick", action="store_true",
-                        help="fewer scenarios and a quarter of the callbacks (~30 s)")
+                        help="fewer scenarios and a quarter of the callbacks; every other "
+                        "benchmark in its short form")
+    parser.add_argument("--only", type=benchmark_names, default=list(BENCHMARKS),
+                        help="comma-separated, of: " + ", ".join(BENCHMARKS) + " (default: all)."
+                        " callbacks: the scenarios above; burst: 1,000 callbacks within a "
+                        "second against TikTok's user-info limit (bench.burst); burst-2: the "
+                        "same through two gateways sharing MongoDB; simulate: a million "
+                        "accounts over 200 days (bench.simulate); mongo-scale: MongoDB with "
+                        "100,000 accounts (bench.mongo_scale)")
     parser.add_argument("--store", choices=("memory", "mongodb"), default="memory",
                         help="mongodb: against a SecantusDB server process (a pure-Python "
                         "test server: it, not the gateway, is then the bottleneck)")
@@ -659,6 +709,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.log_dir.mkdir(parents=True, exist_ok=True)
     raise_file_limit()  # 1,000 flows in flight: connections in, to TikTok, and the loadgen's
+    if "callbacks" not in args.only:
+        alone = {
+            "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": machine(),
+            "benchmarks": run_others(args),
+        }
+        args.out.write_text(json.dumps(alone, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+        return 0
     scenarios = plan(args)
     info = machine()
     print(
@@ -691,7 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stack.stop()
     # The issue's targets are set for the memory store.
     targets = evaluate(results, args) if args.store == "memory" else {}
-    report = {
+    report: dict[str, Any] = {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": info,
         "settings": {
@@ -726,5 +785,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bench.profile import print_summary
 
             print_summary(result["profile"])
+    others = run_others(args)
+    if others:
+        report["benchmarks"] = others
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

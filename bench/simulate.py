@@ -63,6 +63,7 @@ import time
 import tracemalloc
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
@@ -166,6 +167,10 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
         super().__init__(selector)
         selector.loop = self
         self._now = 0.0
+        # asyncio runs the timers due before now + this. Its default, the monotonic
+        # clock's 1 ns, is below a double's step past 2**24 s (194 days): a timer due
+        # "now" would then never run, and the loop would spin.
+        self._clock_resolution = 1e-6
 
     def time(self) -> float:
         return self._now
@@ -277,7 +282,7 @@ class FakeTikTok(AsyncHTTPClient):
             problem = "rotated"  # a refresh token already used: lost rotation
         elif now >= grant.refresh_expires_at:
             problem = "expired"
-        if problem:
+        if grant is None or problem:
             if problem != "revoked":
                 self.refused[f"refresh_token_{problem}"] += 1
             return 200, {"error": "invalid_grant", "error_description": f"refresh token {problem}"}
@@ -321,8 +326,6 @@ class Asked:
 class ObservedBudget(TikTokBudget):
     """The real budget; every ``acquire`` is also written down (``log``)."""
 
-    activity = "other"  # set per task by the simulation, read here
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.log: list[Asked] = []
@@ -344,7 +347,8 @@ class ObservedBudget(TikTokBudget):
         return admission
 
 
-ACTIVITY: Any = None  # a ContextVar, made in main(): what a task's TikTok calls are for
+# What a task's TikTok calls are for: "request" (the product's), "connect", else background.
+ACTIVITY: ContextVar[str] = ContextVar("simulated_activity", default="background")
 
 
 # -- the simulation --------------------------------------------------------------------
@@ -422,7 +426,7 @@ async def simulate(args: argparse.Namespace) -> tuple[dict[str, Any], list[Asked
     logging.getLogger().setLevel(logging.ERROR)
 
     # TikTok's client reads time.monotonic(): the loop's clock, here.
-    services.tiktok.time = SimpleNamespace(monotonic=loop.time)  # type: ignore[attr-defined]
+    services.tiktok.time = SimpleNamespace(monotonic=loop.time)  # type: ignore[assignment]
 
     tracemalloc.start()
     store = MemoryStore(clock=loop.time)
@@ -870,11 +874,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    global ACTIVITY
-    import contextvars
-
-    ACTIVITY = contextvars.ContextVar("simulated_activity", default="background")
-    result, log = on_virtual_clock(simulate(args))
+    real_time = services.tiktok.time
+    try:
+        result, log = on_virtual_clock(simulate(args))
+    finally:
+        services.tiktok.time = real_time
     if args.replay_hours > 0:
         limits = dict(parse_rate_limits(args.limits))
         result["replay"] = on_virtual_clock(replay(

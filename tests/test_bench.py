@@ -1,8 +1,10 @@
-"""``make bench`` works end to end: a tiny run of ``python -m bench``.
+"""``make bench`` works end to end: a tiny run of ``python -m bench`` and of each of
+issue 14's benchmarks (``bench.burst``, ``bench.simulate``, ``bench.mongo_scale``).
 
 Processes and plumbing only (the sandbox, the gateway, the load generator, the
 report and the chart). No timing is asserted: a benchmark prints figures, a test
-must not depend on how fast this machine is right now.
+must not depend on how fast this machine is right now. Counts that do not depend on
+speed (errors, 429s, the most calls in a window, which index a plan uses) are.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ def run_bench(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
     """``python -m bench`` with ``args``, bounded and small; its stdout and report."""
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--callbacks", "100", "--max-seconds", "30",
-         "--out", str(out), "--chart", str(tmp_path / "bench.png"), *args],
+        [sys.executable, "-m", "bench", "--only", "callbacks", "--callbacks", "100",
+         "--max-seconds", "30", "--out", str(out), "--chart", str(tmp_path / "bench.png"),
+         *args],
         cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -108,3 +111,75 @@ def test_percentile_is_nearest_rank():
     assert percentile(values, 0.50) == 50.0
     assert percentile(values, 0.99) == 99.0
     assert percentile([], 0.5) is None
+
+
+def run_module(module: str, *args: str, timeout: float = 420) -> str:
+    """``python -m <module> args``, bounded; its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_a_tiny_burst_through_one_gateway_and_through_two_sharing_mongodb(tmp_path: Path):
+    """15 callbacks within a second against a user-info limit of 10 in 3 s: the budget
+    holds the sandbox to the limit (no 429), the rest connect with their profile
+    pending, and the filler loads them; the same through two gateways and one MongoDB."""
+    out = tmp_path / "burst.json"
+    stdout = run_module(
+        "bench.burst", "--callbacks", "15", "--limit", "10/3s", "--latency", "0.05",
+        "--fill-timeout", "150", "--max-seconds", "30", "--out", str(out),
+    )
+    report = json.loads(out.read_text())
+    one, two = report["one"], report["two"]
+    assert one["burst"]["ok"] == 15 and one["burst"]["errors"] == 0
+    assert one["baseline_healthz"]["ok"] == 15
+    assert one["sandbox"]["rate_limited"] == 0
+    assert one["sandbox"]["max_in_window"] <= 10 and one["sandbox"]["limit"] == 10
+    assert one["profiles"]["left_pending"] >= 5
+    assert one["profiles"]["profile_statuses"] == {"complete": 15}
+    # Without the budget, the sandbox refuses what is past its limit.
+    assert one["without_budget"]["sandbox"]["rate_limited"] > 0
+    assert two["burst"]["ok"] == 15 and two["sandbox"]["max_in_window"] <= 10
+    assert two["sandbox"]["rate_limited"] == 0
+    for line in ("burst: 15 callbacks", "baseline", "burst-2: 15 callbacks", "targets:"):
+        assert line in stdout
+
+
+def test_a_tiny_simulation_prints_its_figures():
+    stdout = run_module("bench.simulate", "--accounts", "40", "--days", "3",
+                        "--replay-hours", "0.1", "--json")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["sampled_accounts"] == 40 and result["days"] == 3
+    assert result["expired_unnoticed"] == 0
+    assert result["tiktok_refused"].get("rate_limited", 0) == 0
+    assert result["tiktok_refused"].get("refresh_token_rotated", 0) == 0
+    assert result["tiktok_calls"]["token"] > 0
+    assert result["replay"]["budgets"]["token"]["max_in_window"] <= 1200
+    for line in ("simulation: 40 sampled accounts", "busiest", "memory: peak RSS"):
+        assert line in stdout
+
+
+def test_a_tiny_mongodb_scale_run_uses_the_indexes():
+    stdout = run_module("bench.mongo_scale", "--baseline", "60", "--accounts", "300",
+                        "--round-batch", "2", "--json")
+    report = json.loads(stdout.strip().splitlines()[-1])
+    for size in report["sizes"].values():
+        for name, query in size["queries"].items():
+            assert query["uses_its_index"], (name, query)
+        assert size["refresher_round"]["peak_mb"] > 0
+        assert size["filler_round"]["peak_mb"] > 0
+    assert "MongoDB (SecantusDB) with 300 accounts beside the baseline of 60" in stdout
+
+
+def test_make_bench_selects_the_benchmarks_by_name(tmp_path: Path):
+    out = tmp_path / "bench.json"
+    stdout = run_module("bench", "--only", "simulate", "--quick", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["benchmarks"]) == {"simulate"}
+    assert "simulation: 200 sampled accounts" in stdout
+    done = subprocess.run([sys.executable, "-m", "bench", "--only", "nothing"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "unknown benchmark(s) nothing" in done.stderr

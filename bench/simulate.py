@@ -87,7 +87,7 @@ from services.budget import (
     share_of,
 )
 from services.config import _rate_limits as parse_rate_limits
-from services.refresher import DEFAULT_MAX_PER_MINUTE, Refresher
+from services.refresher import DEFAULT_MAX_PER_MINUTE, Refresher, RoundSummary
 from services.tiktok import MIN_ATTEMPT_SECONDS, TikTokClient
 from storage.base import AccountStatus, CallAdmission, TokenGrant
 from storage.memory import MemoryStore
@@ -351,6 +351,19 @@ class ObservedBudget(TikTokBudget):
 ACTIVITY: ContextVar[str] = ContextVar("simulated_activity", default="background")
 
 
+class ObservedRefresher(Refresher):
+    """The real refresher; its rounds' outcomes are also added up (``outcomes``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.outcomes: Counter[str] = Counter()
+
+    async def run_once(self, now: datetime | None = None) -> RoundSummary:
+        summary = await super().run_once(now)
+        self.outcomes.update(summary.outcomes)
+        return summary
+
+
 # -- the simulation --------------------------------------------------------------------
 
 
@@ -444,14 +457,14 @@ async def simulate(args: argparse.Namespace) -> tuple[dict[str, Any], list[Asked
     )
     accounts = AccountService(store=store, tiktok=tiktok, clock=clock, monotonic=loop.time)
     pace = scaled_pace(fraction)
-    refresher = Refresher(
+    refresher = ObservedRefresher(
         store=store,
         accounts=accounts.with_skew(REFRESH_AHEAD),
         interval_seconds=REFRESH_INTERVAL,
         ahead_seconds=REFRESH_AHEAD,
         keep_warm_seconds=args.keep_warm,
         # The whole base's pace, scaled to the sample: a float is fine for its spacing.
-        max_per_minute=pace,  # type: ignore[arg-type]
+        max_per_minute=pace,
         batch_size=max(1, math.ceil(pace)),
         clock=clock,
         monotonic=loop.time,
@@ -560,7 +573,9 @@ async def simulate(args: argparse.Namespace) -> tuple[dict[str, Any], list[Asked
         while loop.time() < end:
             await asyncio.sleep(REFRESH_INTERVAL)
             now = loop.time()
-            while expiring and expiring[0][0] <= now:
+            # TikTok tells lifetimes in whole seconds: the gateway knows an expiry to
+            # within one, so it is asked about one second after it.
+            while expiring and expiring[0][0] <= now - 1.0:
                 expires, open_id, _ = heapq.heappop(expiring)
                 if tiktok_http.grants[open_id].refresh_expires_at != expires:
                     continue  # reconnected before it expired: a newer grant
@@ -597,6 +612,7 @@ async def simulate(args: argparse.Namespace) -> tuple[dict[str, Any], list[Asked
             figures.refreshes_by_kind[asked.activity] += 1
     result = report(args, fraction, limits, sample, figures, tiktok_http, budget, store_bytes,
                     peak_rss_mb, wall, cpu, pace)
+    result["refresher_outcomes"] = dict(refresher.outcomes)
     return result, budget.log
 
 
@@ -821,6 +837,7 @@ def print_report(result: dict[str, Any]) -> None:
     print(f"  TikTok calls/day, whole base: {r['tiktok_calls_per_day_whole_base']}")
     print(f"  token calls/day, whole base, by activity: {r['refresh_calls_per_day_whole_base']}")
     print(f"  product token requests: {r['requests']}; connections: {r['connects']}")
+    print(f"  the refresher's outcomes: {r.get('refresher_outcomes')}")
     print(f"  refresh-token expiries {r['refresh_token_expiries']}: unnoticed "
           f"{r['expired_unnoticed']} (target 0); TikTok asked with an expired one "
           f"{r['tiktok_asked_with_an_expired_refresh_token']}; marked by the sweep after "

@@ -550,9 +550,11 @@ async def simulate(args: argparse.Namespace) -> tuple[dict[str, Any], list[Asked
                 figures.requests["reauthorization_required"] += 1
                 if kind.reconnect_days is None:
                     return
-                await asyncio.sleep(account_rng.expovariate(1 / (kind.reconnect_days * DAY)))
-                if loop.time() < end:
-                    await connect(account)
+                back = loop.time() + account_rng.expovariate(1 / (kind.reconnect_days * DAY))
+                if back >= end:
+                    return  # the run ends first: never sleep past it
+                await asyncio.sleep(back - loop.time())
+                await connect(account)
                 continue
             except RateLimited:
                 figures.requests["refused_by_budget"] += 1
@@ -602,6 +604,9 @@ async def simulate(args: argparse.Namespace) -> tuple[dict[str, Any], list[Asked
     await asyncio.gather(watch_expiries(), *(product(a) for a in sample))
     if loop.time() < end:
         await asyncio.sleep(end - loop.time())
+    if loop.time() > end + HOUR:
+        # Per-day figures divide by --days: a task that slept past the end would skew them.
+        raise RuntimeError(f"the run overran its end by {(loop.time() - end) / HOUR:.1f} h")
     await refresher.stop()
     wall = time.monotonic() - wall
     cpu = time.process_time() - cpu

@@ -866,6 +866,9 @@ def print_report(result: dict[str, Any]) -> None:
                   f"{share:.2f}; interactive: {fg['admitted']:,} admitted, {fg['waited']:,} "
                   f"waited, p99 wait {fg['wait_p99_seconds']}s, refused {fg['refused']}; "
                   f"background: {bg['admitted']:,} admitted, refused {bg['refused']}")
+    if r["sampled_accounts"] < 1000 or r["days"] < 100:
+        print("  (a short run: a small sample's rates by time of day are noisy, and the replay "
+              "scales them up with their noise; the full run is the one to read)")
     print(f"  memory: peak RSS {r['peak_rss_mb']} MB; the memory store holds "
           f"{r['store_bytes_per_account']} bytes per account, {r['store_mb_whole_base']:,} MB "
           f"for {r['base_accounts']:,}")

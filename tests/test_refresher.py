@@ -405,12 +405,13 @@ async def test_a_backlog_is_refreshed_at_the_full_pace_round_after_round(sandbox
     refresher = refresher_for(store, accounts, fake, max_per_minute=6, interval_seconds=60,
                               concurrency=1)
     refresher.start()
-    await wait_until(lambda: len(accounts.starts) == 18)
+    # The fake clock runs on while we look: the refreshed tokens fall due again an hour
+    # later, so the first 18 starts are the ones that tell.
+    await wait_until(lambda: len(accounts.starts) >= 18)
     await refresher.stop()
-    starts = accounts.starts
+    starts = accounts.starts[:18]
     gaps = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
     assert gaps == pytest.approx([10.0] * 17)
-    assert sandbox.stats["token_refresh"] == 18
 
 
 @gen_test

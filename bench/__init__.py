@@ -6,4 +6,10 @@
   SecantusDB for ``--store mongodb``) as processes, runs the scenarios, measures,
   prints, writes ``artifacts/bench.json`` and the chart.
 * ``bench.plot``: the chart (matplotlib, Agg).
+* issue 14's benchmarks, each runnable alone and from ``python -m bench --only``:
+  ``bench.burst`` (1,000 callbacks in a second against TikTok's user-info limit,
+  through one gateway and through two sharing MongoDB), ``bench.simulate`` (a million
+  accounts over 200 days on a virtual clock, the real refresh policy and budget) and
+  ``bench.mongo_scale`` (the background queries' plans and a round's memory at
+  10,000 and 100,000 accounts).
 """

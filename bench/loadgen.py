@@ -21,6 +21,11 @@ count). Every phase is bounded by ``--max-seconds`` and every request by
 ``--request-timeout``; a request past either counts as an error. Loopback only.
 The result is one JSON object on stdout.
 
+``--spread S`` makes it a burst instead (``bench.burst``): the ``--count`` requests
+start evenly within S seconds, open loop, each on a new connection of its own (a
+browser each), with no warm-up; callbacks go round-robin to ``--gateway`` and each
+``--also-gateway`` (gateways sharing one store complete each other's states).
+
 The product's bearer JWTs are signed with ``AUTH_JWT_SECRET`` from the
 environment (never a command-line argument).
 """

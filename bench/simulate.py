@@ -26,24 +26,27 @@ What is sampled, exactly (the work is two parts):
    (code exchange and user info, through the budget) after a
    ``reauthorization_required``. The refresher's pace (``REFRESH_MAX_PER_MINUTE``,
    300 per minute for the whole base) is scaled to the sample (x 1/1000: one refresh
-   every 200 s), so the refresher falls behind exactly when it would for the whole
-   base. TikTok's budgets are kept at their real size: a sample never fills them.
-   That is exact only if the whole base does not fill them either; part 2 checks it.
-2. **The budgets at full scale, replayed.** The sample's TikTok calls of its
-   busiest hour, each repeated 1/sample times at a random offset within
-   ``REPLAY_JITTER_SECONDS`` (the other accounts behave alike, not in lockstep), go
-   through a fresh ``TikTokBudget`` at TikTok's real limits, each asking as the
-   TikTok client does (its priority, a deadline of the request timeout): the waits
-   and refusals the whole base would meet at its busiest, and the background share
-   in every window. It is open loop: a refused call is counted, not retried.
+   every 200 s), so the refresher falls behind when it would for the whole base
+   (though, taking one account at a time, it loses more picks to on-demand refreshes
+   made while it waits: BENCHMARKS.md). TikTok's budgets are kept at their real size:
+   a sample never fills them. That is exact only if the whole base does not fill them
+   either; part 2 checks it.
+2. **The budgets at full scale, replayed.** The sample's permits asked, by budget and
+   priority, averaged per five-minute bin of the day over the run (its first day, the
+   warm-up, left out) and multiplied by 1/sample, are the whole base's rates; a
+   million independent accounts make them Poisson arrivals. The busiest hour of them
+   goes through a fresh ``TikTokBudget`` at TikTok's real limits, each call asking as
+   the TikTok client does (its priority, a deadline of the request timeout): the waits
+   and refusals the whole base would meet at its busiest, and the background share in
+   every window. It is open loop: a refused call is counted, not retried.
 
 Reported: TikTok calls a day (scaled to the base), refreshes per account and day by
-kind of account, the product's token requests and how they were answered, the
-budgets (background use against its share, interactive waits), refresh tokens that
-expired unnoticed (a connected account whose refresh token expired more than one
-refresher interval ago, or one TikTok was asked to refresh after it expired: both
-must be 0), and memory (the process's peak RSS; the store's bytes per account,
-times 1,000,000).
+activity, the product's token requests and how they were answered, the refresher's
+outcomes, the budgets (background use against its share, interactive waits), refresh
+tokens that expired unnoticed (the product's view of the account, at least a second
+after TikTok's expiry, still ``connected``; or TikTok asked to refresh an expired
+one: both must be 0) and the sweep's lag, and memory (the process's peak RSS; the
+store's bytes per account, times 1,000,000).
 """
 
 from __future__ import annotations
@@ -107,7 +110,6 @@ KEEP_WARM = 3600
 # TikTok's documented user-info limit, and a token limit of the issue's example
 # (TikTok documents none; with none, refreshes never wait for a budget).
 DEFAULT_LIMITS = "user_info=600/60s,token=1200/60s"
-REPLAY_JITTER_SECONDS = 300.0
 # Scopes the sample's grants carry; user info asks for these fields.
 SCOPES = ["user.info.basic"]
 FIELDS = ["open_id", "union_id", "avatar_url", "display_name"]

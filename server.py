@@ -35,7 +35,7 @@ from handlers.oauth import AuthorizeHandler, CallbackHandler
 from handlers.webhooks import TikTokWebhookHandler
 from services.accounts import AccountService, refresh_lease_seconds
 from services.budget import TikTokBudget
-from services.config import Config, load_config
+from services.config import Config, load_config, logging_settings
 from services.connect import ConnectionService
 from services.event_delivery import EventWorkers, event_workers_for
 from services.events import EventFeed
@@ -351,13 +351,11 @@ async def initialize_store(store: Store, retry_seconds: float = STORE_RETRY_SECO
             await asyncio.sleep(retry_seconds)
 
 
-def configure_logging() -> None:
-    # LOG_FORMAT=json: one JSON object per line. An invalid value logs text here,
-    # and load_config then stops the start-up naming it.
-    setup_logging(
-        level=os.environ.get("LOG_LEVEL", "INFO"),
-        log_format=os.environ.get("LOG_FORMAT", "text"),
-    )
+def configure_logging(environ: Mapping[str, str] | None = None) -> None:
+    # LOG_FORMAT=json: one JSON object per line. An invalid LOG_LEVEL or LOG_FORMAT
+    # logs at INFO, as text, here, and load_config then stops the start-up naming it.
+    level, log_format = logging_settings(os.environ if environ is None else environ)
+    setup_logging(level=level, log_format=log_format)
 
 
 async def serve(
@@ -471,7 +469,9 @@ def run_workers(config: Config) -> int:
     scrape of any worker's ``/metrics`` reports them all.
     """
     try:
-        metrics_dir, temporary_metrics_dir = prepare_multiprocess_dir()
+        metrics_dir, temporary_metrics_dir = prepare_multiprocess_dir(
+            config.prometheus_multiproc_dir
+        )
     except OSError as exc:
         print(f"tiktok-gateway: no directory for the workers' metrics "
               f"(PROMETHEUS_MULTIPROC_DIR): {exc}", file=sys.stderr)
@@ -531,9 +531,10 @@ def run_workers(config: Config) -> int:
 
 
 def main(environ: Mapping[str, str] | None = None) -> int:
-    configure_logging()
+    environ = os.environ if environ is None else environ
+    configure_logging(environ)
     try:
-        config = load_config(os.environ if environ is None else environ)
+        config = load_config(environ)
     except ConfigError as exc:
         print(f"tiktok-gateway: {exc}", file=sys.stderr)
         return 2

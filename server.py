@@ -56,6 +56,7 @@ from services.product_auth import (
     as_owner_resolver,
     as_principal_resolver,
 )
+from services.profile_filler import ProfileFiller
 from services.refresher import Refresher
 from services.state import StateCodec
 from services.tiktok import TikTokClient, tiktok_client_for
@@ -306,6 +307,14 @@ def start_refresher(gateway: Gateway) -> Refresher | None:
     return refresher
 
 
+def start_profile_filler(gateway: Gateway, after: asyncio.Future[Any]) -> ProfileFiller:
+    """Start loading, once ``after`` (the store's start-up) is done, the profiles that
+    callbacks left pending."""
+    filler = ProfileFiller(store=gateway.store, tiktok=gateway.tiktok, metrics=gateway.metrics)
+    filler.start(after)
+    return filler
+
+
 def make_app(config: Config, **kwargs: Any) -> tornado.web.Application:
     """A standalone application: the gateway's routes and a JSON 404 for the rest."""
     gateway = build_gateway(config, **kwargs)
@@ -391,6 +400,9 @@ async def serve(
     init_task = asyncio.create_task(initialize_store(gateway.store))
     refresher = start_refresher(gateway) if tornado.process.task_id() in (None, 0) else None
     events = start_event_workers(gateway, after=init_task)
+    # Pending profiles: worker 0 too; other instances' fillers claim other accounts.
+    filler = (start_profile_filler(gateway, init_task)
+              if tornado.process.task_id() in (None, 0) else None)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -405,6 +417,8 @@ async def serve(
         loop.remove_reader(lifeline)
     server.stop()
     init_task.cancel()
+    if filler is not None:
+        await filler.stop()  # its claims expire on their own
     await shut_down(server, app, refresher, config.shutdown_timeout_seconds, events=events)
 
 

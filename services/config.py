@@ -501,7 +501,8 @@ class Config:
     tiktok_connect_timeout: float = setting(
         "TIKTOK_CONNECT_TIMEOUT_SECONDS", _positive_float, default=2.0, expect="seconds",
         help="timeout of every call to TikTok to get a connection (a free one from the pool, "
-        "or a new one)",
+        "or a new one); a callback's calls wait for a free pooled connection within its "
+        "budget instead (`TIKTOK_MAX_CONNECTIONS`)",
     )
     tiktok_request_timeout: float = setting(
         "TIKTOK_REQUEST_TIMEOUT_SECONDS", _positive_float, default=4.0, expect="seconds",
@@ -518,15 +519,21 @@ class Config:
     tiktok_max_connections: int = setting(
         "TIKTOK_MAX_CONNECTIONS", _positive_int, default=DEFAULT_MAX_CONNECTIONS,
         expect="a number",
-        help="most calls to TikTok in flight at once per process (the pool's size). A call "
-        "beyond it waits for a free connection at most the connect timeout, then fails with "
-        "the 503 envelope without reaching TikTok; the time it waited comes off its request "
-        "timeout. Size it to peak callbacks/s x 2 calls x TikTok's latency: 50 carries about "
-        "125 callbacks/s at 200 ms per call",
+        help="most calls to TikTok in flight at once per process (the pool's size). A "
+        "callback's call beyond it queues, in arrival order, for a free connection as long "
+        "as the callback's budget leaves time for the call, then gets its full request "
+        "timeout (never past the budget): a burst queues instead of failing. Other calls (a "
+        "product's token request, a disconnect, the background work) wait at most the "
+        "connect timeout, and the wait comes off their request timeout. A call that gets no "
+        "connection in time fails with the 503 envelope without reaching TikTok (a "
+        "callback's profile call is then left pending). A pool of N carries about N / (2 x "
+        "TikTok's latency) callbacks/s; the default is measured below",
     )
     tiktok_callback_budget: float = setting(
         "TIKTOK_CALLBACK_BUDGET_SECONDS", _positive_float, default=10.0, expect="seconds",
-        help="the most one callback spends on TikTok, profile retries included",
+        help="how long one callback may wait for TikTok: for a pooled connection, and for "
+        "its profile call, retries included (past it the profile is left pending and filled "
+        "in the background); a code exchange already sent keeps its own request timeout",
     )
     # One budget per endpoint shared by every process through the store (services/budget.py).
     tiktok_rate_limits: tuple[tuple[str, RateLimit], ...] = setting(

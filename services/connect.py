@@ -27,7 +27,7 @@ from services.metrics import GatewayMetrics
 from services.redirects import AllowedOrigins, with_query
 from services.scopes import BASIC_SCOPE, KNOWN_SCOPES, parse_granted, user_fields_for
 from services.state import StateCodec
-from services.tiktok import TikTokClient, clip
+from services.tiktok import INTERACTIVE, ProfileRefused, TikTokClient, clip
 from storage.base import (
     ClaimOutcome,
     ClaimResult,
@@ -251,7 +251,9 @@ class ConnectionService:
         if params.granted_scopes is not None:
             # Refuse before the exchange, so no token is obtained that we would not keep.
             _require_basic_scope(parse_granted(params.granted_scopes))
-        tokens = await self._tiktok.exchange_code(params.code, pending.code_verifier)
+        tokens = await self._tiktok.exchange_code(
+            params.code, pending.code_verifier, deadline=deadline, priority=INTERACTIVE
+        )
         granted = tokens.scopes or parse_granted(params.granted_scopes)
         if BASIC_SCOPE not in granted:
             # We will not keep these tokens: hand them back rather than leave them live.
@@ -271,17 +273,40 @@ class ConnectionService:
             ),
             now=now,
         )
-        # Tokens are safe in the store from here: a profile failure leaves the
-        # account connected with its profile pending, and the caller sees 503.
-        user = await self._tiktok.fetch_user(
-            tokens.access_token, user_fields_for(granted), deadline=deadline
-        )
-        await self._store.save_account_profile(account.id, user.fields, now=self._clock())
-        log.info("connected account %s for owner (log_id=%s)", account.id, user.log_id or "-")
+        # The tokens are safe in the store from here: the account is connected.
+        try:
+            user = await self._tiktok.fetch_user(
+                tokens.access_token, user_fields_for(granted), deadline=deadline,
+                priority=INTERACTIVE,
+            )
+        except ProfileRefused:
+            # TikTok refused the token it has just issued: the user's retry is what
+            # fixes that. The profile stays pending, due for the filler later.
+            raise
+        except ServiceUnavailable as exc:
+            # TikTok busy (429, 5xx, timeout, no free connection or budget in time):
+            # the profile is the filler's to load, the user is connected.
+            await self._leave_profile_pending(account.id, exc)
+        else:
+            await self._store.save_account_profile(account.id, user.fields, now=self._clock())
+            log.info("connected account %s for owner (log_id=%s)", account.id,
+                     user.log_id or "-")
         return Connected(
             redirect_url=with_query(redirect_uri, {"platform": "tiktok", "status": "connected"}),
             account_id=account.id,
         )
+
+    async def _leave_profile_pending(self, account_id: str, cause: ServiceUnavailable) -> None:
+        self._metrics.profile_left_pending()
+        log.info("account %s connected, its profile pending (%s, log_id=%s)", account_id,
+                 cause.technical_message or cause.message, cause.details.get("logId") or "-")
+        try:
+            await self._store.schedule_profile_fill(account_id, at=self._clock())
+        except GatewayError as exc:
+            # Still connected: a new account is due for the filler anyway
+            # (PROFILE_FIRST_FILL_DELAY); a reconnected one keeps its earlier profile.
+            log.warning("could not queue account %s for its profile (%s)", account_id,
+                        exc.technical_message or exc.message)
 
 
 def _require_basic_scope(granted: list[str]) -> None:

@@ -75,6 +75,8 @@ REFRESH_OUTCOMES = (
     "busy",
     "error",
 )
+# services.profile_filler outcomes: what one attempt to load a pending profile did.
+PROFILE_FILL_OUTCOMES = ("filled", "unavailable", "refused", "no_tokens", "error")
 # TikTok answers in well under a second, times out at a few.
 TIKTOK_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 STORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -208,6 +210,7 @@ class GatewayMetrics:
         self._event_types = {name: self.events_recorded.labels(name) for name in EVENT_TYPES}
         self._callbacks = {name: self.callbacks.labels(name) for name in CALLBACK_OUTCOMES}
         self._refreshes = {name: self.refreshes.labels(name) for name in REFRESH_OUTCOMES}
+        self._init_profile_metrics()
         self._tiktok: dict[tuple[str, str], Any] = {}
         self._init_budget_metrics()
 
@@ -265,6 +268,38 @@ class GatewayMetrics:
         if expires is not None:
             lag = max((before - expires).total_seconds(), 0.0)
         self.refresher_lag_seconds.set(lag)
+
+    # -- pending profiles (services/profile_filler.py) ------------------------------
+
+    def _init_profile_metrics(self) -> None:
+        self.profiles_left_pending = Counter(
+            "tiktok_gateway_profiles_left_pending",
+            "Callbacks that connected an account with its profile pending: TikTok could "
+            "not answer the profile call in time (429, 5xx, timeout, budget spent).",
+            registry=self.registry,
+        )
+        self.profile_fills = Counter(
+            "tiktok_gateway_profile_fills",
+            "The profile filler's attempts by outcome: filled, unavailable (TikTok busy or "
+            "unreachable), refused (TikTok refused the token), no_tokens (disconnected "
+            "meanwhile), error (a bug or a store fault).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.profiles_pending = Gauge(
+            "tiktok_gateway_profiles_pending",
+            "Connected accounts whose profile is pending, at the filler's last round.",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self._profile_fills = {name: self.profile_fills.labels(name)
+                               for name in PROFILE_FILL_OUTCOMES}
+
+    def profile_left_pending(self) -> None:
+        self.profiles_left_pending.inc()
+
+    def profile_fill(self, outcome: str) -> None:
+        self._counter(self._profile_fills, self.profile_fills, outcome).inc()
 
     @staticmethod
     def _counter(children: dict[str, Any], counter: Counter, name: str) -> Any:

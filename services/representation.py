@@ -21,6 +21,8 @@ def account_payload(account: Account) -> dict[str, Any]:
         "username": account.username,
         "scopes": list(account.scopes),
         "status": account.status.value,
+        # pending: not loaded yet (TikTok was busy at connection); the filler loads it.
+        "profileStatus": "pending" if account.profile_pending else "complete",
         # The tokens of a revoked or refused account are gone, and so is their expiry.
         "accessTokenExpiresAt": iso_z(account.access_token_expires_at) if connected else None,
         # The user must connect again by then: refreshes do not extend it.

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
 from core.errors import OutcomeUnknown, ProviderRejected, ProviderUnavailable
-from services.budget import ENDPOINT_BUDGETS, CallBudget
+from services.budget import ENDPOINT_BUDGETS, CallBudget, Priority
 from services.http_client import (
     capacity_of,
     close_http_client,
@@ -47,6 +47,9 @@ MAX_PROVIDER_TEXT = 200
 RETRY_AFTER_CAP_SECONDS = 2.0
 # A retry with less time than this left is not worth starting.
 MIN_ATTEMPT_SECONDS = 0.5
+# A callback's profile call waits this long at most for a user-info permit: past it the
+# account is connected with its profile pending, and the filler fetches it later.
+PROFILE_PERMIT_PATIENCE_SECONDS = 0.5
 # What a call that waited for a free connection keeps of its request timeout, at least.
 MIN_REQUEST_SECONDS = 0.1
 
@@ -82,6 +85,18 @@ class _Retryable(Exception):
     def __init__(self, error: ProviderUnavailable, delay: float | None) -> None:
         self.error = error
         self.delay = delay
+
+
+# What a call asks of the shared TikTok budget (services/budget.py): interactive work
+# (a callback, a product asking for a token) comes first; background work (the
+# profile filler, keep-warm refreshes) only takes what it leaves.
+INTERACTIVE = "interactive"
+BACKGROUND = "background"
+
+
+class ProfileRefused(ProviderUnavailable):
+    """TikTok answered the profile call and refused it (401 ``access_token_invalid``,
+    a scope error...): not a transient fault, so it is never retried at once."""
 
 
 def clip(text: Any) -> str:
@@ -165,7 +180,20 @@ class TikTokClient:
         separator = "&" if "?" in self._authorize_url else "?"
         return self._authorize_url + separator + urlencode(params)
 
-    async def exchange_code(self, code: str, code_verifier: str | None) -> TokenResponse:
+    async def exchange_code(
+        self,
+        code: str,
+        code_verifier: str | None,
+        *,
+        deadline: float | None = None,
+        priority: str | None = None,
+    ) -> TokenResponse:
+        """Trade an authorization code for tokens; sent at most once.
+
+        ``deadline`` (``time.monotonic()`` seconds): the caller's own budget. Waiting
+        for a pooled connection may last until then, instead of the connect timeout.
+        ``priority``: INTERACTIVE (None) or BACKGROUND, for the shared budget.
+        """
         form = {
             "client_key": self._client_key,
             "client_secret": self._client_secret,
@@ -175,7 +203,9 @@ class TikTokClient:
         }
         if code_verifier:
             form["code_verifier"] = code_verifier
-        reply = await self._post_form(TOKEN_PATH, form, "token")
+        reply = await self._post_form(
+            TOKEN_PATH, form, "token", deadline=deadline, priority=priority
+        )
         return self._token_response(reply, require_open_id=True)
 
     async def refresh(self, refresh_token: str) -> TokenResponse:
@@ -220,12 +250,20 @@ class TikTokClient:
         return reply.log_id
 
     async def fetch_user(
-        self, access_token: str, fields: list[str], *, deadline: float | None = None
+        self,
+        access_token: str,
+        fields: list[str],
+        *,
+        deadline: float | None = None,
+        priority: str | None = None,
     ) -> UserInfo:
         """GET user info, retrying transient failures a bounded number of times.
 
-        ``deadline`` (``time.monotonic()`` seconds) caps the whole, retries included,
-        so one callback never hangs the browser for long.
+        ``deadline`` (``time.monotonic()`` seconds) caps the whole, retries and the
+        wait for a pooled connection included, so one callback never hangs the
+        browser for long. ``priority``: INTERACTIVE (None) or BACKGROUND. Raises
+        ``ProfileRefused`` when TikTok refuses the call, ``ProviderUnavailable``
+        when it cannot answer it.
         """
         url = self._user_info_url(fields)
         attempt = 0
@@ -238,6 +276,8 @@ class TikTokClient:
                     HTTPRequest(url, headers={"Authorization": f"Bearer {access_token}"}),
                     "user_info",
                     timeout,
+                    deadline=deadline,
+                    priority=priority,
                 )
                 return self._user_info(reply)
             except _Retryable as retry:
@@ -260,7 +300,15 @@ class TikTokClient:
             self._user_info_urls[key] = url
         return url
 
-    async def _post_form(self, path: str, form: dict[str, str], endpoint: str) -> _Reply:
+    async def _post_form(
+        self,
+        path: str,
+        form: dict[str, str],
+        endpoint: str,
+        *,
+        deadline: float | None = None,
+        priority: str | None = None,
+    ) -> _Reply:
         request = HTTPRequest(
             f"{self._api}{path}",
             method="POST",
@@ -272,13 +320,19 @@ class TikTokClient:
             body=urlencode(form),
         )
         try:
-            return await self._fetch(request, endpoint)
+            return await self._fetch(request, endpoint, deadline=deadline, priority=priority)
         except _Retryable as retry:
             # The request may have reached TikTok: a code is single-use, so never resend.
             raise retry.error from None
 
     async def _fetch(
-        self, request: HTTPRequest, endpoint: str, timeout: float | None = None
+        self,
+        request: HTTPRequest,
+        endpoint: str,
+        timeout: float | None = None,
+        *,
+        deadline: float | None = None,
+        priority: str | None = None,  # what the shared budget draws on (services/budget.py)
     ) -> _Reply:
         request.connect_timeout = min(self._connect_timeout, timeout or self._connect_timeout)
         request.request_timeout = timeout or self._request_timeout
@@ -291,47 +345,79 @@ class TikTokClient:
                 self._http = AsyncHTTPClient()
         started = time.monotonic()
         if self._budget is not None:
-            await self._take_permit(self._budget, request, endpoint, started)
+            await self._take_permit(self._budget, request, endpoint, started, priority,
+                                    patience=PROFILE_PERMIT_PATIENCE_SECONDS
+                                    if endpoint == "user_info" and deadline is not None
+                                    else None)
             started = time.monotonic()
         slots = self._slots
         if slots is None:
             return await self._send(request, endpoint, started)
-        await self._take_slot(slots, request, endpoint, started)
+        await self._take_slot(slots, request, endpoint, started, deadline)
         try:
             return await self._send(request, endpoint, started)
         finally:
             slots.release()
 
     async def _take_slot(
-        self, slots: asyncio.Semaphore, request: HTTPRequest, endpoint: str, started: float
+        self,
+        slots: asyncio.Semaphore,
+        request: HTTPRequest,
+        endpoint: str,
+        started: float,
+        deadline: float | None,
     ) -> None:
-        """Wait for a free slot at most the connect timeout, like a connection would;
-        the time waited comes off the request timeout, which stays the whole bound."""
+        """Wait for a free slot, in arrival order. A call with a ``deadline`` (a
+        callback's budget) waits until it leaves just enough time for the call, so a
+        burst queues instead of failing; its request timeout then counts from the
+        slot, but never past the deadline. Without one, it waits at most the connect
+        timeout, like a connection would, and the time waited comes off the request
+        timeout, which stays the whole bound."""
         if not slots.locked():
             await slots.acquire()  # a free slot: no wait
             return
+        if deadline is None:
+            patience = request.connect_timeout
+        else:
+            patience = max(deadline - started - MIN_ATTEMPT_SECONDS, 0.0)
         try:
-            await asyncio.wait_for(slots.acquire(), request.connect_timeout)
+            await asyncio.wait_for(slots.acquire(), patience)
         except TimeoutError:
             self._log(request, endpoint, started, "failed (timeout waiting for a connection)",
                       None)
             raise _Retryable(
                 self._unavailable(endpoint, "timeout waiting for a free connection"), None
             ) from None
-        waited = time.monotonic() - started
+        now = time.monotonic()
         allowed = request.request_timeout or self._request_timeout
-        request.request_timeout = max(allowed - waited, MIN_REQUEST_SECONDS)
+        if deadline is not None:
+            request.request_timeout = max(min(allowed, deadline - now), MIN_REQUEST_SECONDS)
+            return
+        request.request_timeout = max(allowed - (now - started), MIN_REQUEST_SECONDS)
 
     async def _take_permit(
-        self, budget: CallBudget, request: HTTPRequest, endpoint: str, started: float
+        self,
+        budget: CallBudget,
+        request: HTTPRequest,
+        endpoint: str,
+        started: float,
+        priority: str | None,
+        *,
+        patience: float | None = None,
     ) -> None:
-        """A permit from the endpoint's budget, with the caller's priority; the time
-        waited comes off the request timeout, which stays the whole bound. No room in
-        time: ``RateLimited``, and nothing is sent."""
+        """A permit from the endpoint's budget, with the caller's priority (None: the
+        context's); the time waited comes off the request timeout, which stays the
+        whole bound, or ``patience`` when shorter. No room in time: ``RateLimited``,
+        and nothing is sent."""
         allowed = request.request_timeout or self._request_timeout
+        wait = allowed - MIN_ATTEMPT_SECONDS
+        if patience is not None:
+            wait = min(wait, patience)
         await budget.acquire(
             ENDPOINT_BUDGETS.get(endpoint, endpoint),
-            deadline=started + allowed - MIN_ATTEMPT_SECONDS,
+            # The budget tells priorities apart by identity: its own enum members.
+            priority=Priority(priority) if priority else None,
+            deadline=started + wait,
         )
         waited = time.monotonic() - started
         request.request_timeout = max(allowed - waited, MIN_REQUEST_SECONDS)
@@ -481,7 +567,7 @@ class TikTokClient:
         if reply.log_id:
             details["logId"] = reply.log_id
         # Not retryable (401/400...): the profile stays pending and the caller answers 503.
-        raise ProviderUnavailable(
+        raise ProfileRefused(
             "We connected your TikTok account but could not load its profile. "
             "Please try again in a moment.",
             technical_message=f"TikTok user info failed: {details['providerError']}",

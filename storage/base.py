@@ -242,6 +242,22 @@ PROFILE_FIELDS = {
 }
 
 
+# A new account's profile is due for the background filler this long after its tokens
+# were stored: its callback's own profile call goes first (it lasts at most
+# TIKTOK_CALLBACK_BUDGET_SECONDS), and one that never ends (a crashed process) is
+# filled after it.
+PROFILE_FIRST_FILL_DELAY = timedelta(seconds=60)
+
+
+@dataclass
+class ProfileClaim:
+    """An account whose pending profile one filler holds until the end of its lease."""
+
+    account: Account
+    # Attempts that failed in a row before this one (the filler backs off on them).
+    failures: int = 0
+
+
 class Store(abc.ABC):
     """Persistence for pending authorizations and connected accounts."""
 
@@ -300,7 +316,38 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def save_account_profile(
         self, account_id: str, profile: dict[str, Any], *, now: datetime
-    ) -> Account: ...
+    ) -> Account:
+        """Store the profile: it is complete, and leaves the filler's queue."""
+
+    # -- pending profiles ---------------------------------------------------------
+    # A pending profile carries the time its next fill is due (a new account's:
+    # PROFILE_FIRST_FILL_DELAY after its tokens). Claiming one moves that time to
+    # the end of a lease in the same atomic update, so two fillers never fetch one
+    # profile at once, and one that crashed holds it no longer than its lease.
+
+    @abc.abstractmethod
+    async def schedule_profile_fill(self, account_id: str, *, at: datetime) -> None:
+        """Mark the account's profile pending, due at ``at``; earlier failures are
+        forgotten and any filler's hold is dropped."""
+
+    @abc.abstractmethod
+    async def claim_profile_fill(
+        self, holder: str, *, now: datetime, until: datetime
+    ) -> ProfileClaim | None:
+        """Of the connected accounts whose pending profile is due at ``now``, the one
+        due the longest, now held by ``holder`` (due again at ``until`` unless saved
+        or deferred first); None when no profile is due."""
+
+    @abc.abstractmethod
+    async def defer_profile_fill(
+        self, account_id: str, holder: str, *, retry_at: datetime
+    ) -> None:
+        """A failed fill: due again at ``retry_at``, one more failure counted; only
+        while ``holder`` holds it (a profile saved or rescheduled meanwhile stays so)."""
+
+    @abc.abstractmethod
+    async def count_pending_profiles(self) -> int:
+        """Connected accounts whose profile is pending."""
 
     @abc.abstractmethod
     async def get_account(self, account_id: str) -> Account | None: ...

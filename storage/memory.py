@@ -11,12 +11,13 @@ import heapq
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from storage.base import (
     PROFILE_FIELDS,
+    PROFILE_FIRST_FILL_DELAY,
     TOKEN_USE_RESOLUTION,
     Account,
     AccountStatus,
@@ -28,6 +29,7 @@ from storage.base import (
     PendingAuthorization,
     PendingFailure,
     PendingStatus,
+    ProfileClaim,
     ResealBatch,
     Store,
     StoredEvent,
@@ -72,6 +74,15 @@ def _copy_event(stored: StoredEvent) -> StoredEvent:
     return clone
 
 
+@dataclass
+class _ProfileFill:
+    """When a pending profile is next due for the filler, and who holds it."""
+
+    due_at: datetime
+    holder: str | None = None
+    failures: int = 0
+
+
 DEFAULT_EVENTS_RETENTION_SECONDS = 7 * 86400
 
 
@@ -107,6 +118,8 @@ class MemoryStore(Store):
         self._relay_lease: tuple[str, float] | None = None
         self._event_leases: dict[str, tuple[str, float]] = {}
         self._events_retention = timedelta(seconds=events_retention_seconds)
+        # Account id -> its pending profile's schedule (MongoStore: profileRetryAt...).
+        self._profile_fills: dict[str, _ProfileFill] = {}
 
     async def initialize(self) -> None:
         return None
@@ -172,6 +185,7 @@ class MemoryStore(Store):
         if account_id is None:
             account_id = uuid.uuid4().hex
             self._account_ids[natural_key] = account_id
+            self._profile_fills[account_id] = _ProfileFill(now + PROFILE_FIRST_FILL_DELAY)
             previous = Account(
                 id=account_id,
                 owner_id=owner_id,
@@ -224,7 +238,48 @@ class MemoryStore(Store):
         account.profile = dict(profile)
         account.profile_pending = False
         account.updated_at = now
+        self._profile_fills.pop(account_id, None)
         return _copy_account(account)
+
+    async def schedule_profile_fill(self, account_id: str, *, at: datetime) -> None:
+        account = self._accounts.get(account_id)
+        if account is not None:
+            account.profile_pending = True
+            self._profile_fills[account_id] = _ProfileFill(at)
+
+    async def claim_profile_fill(
+        self, holder: str, *, now: datetime, until: datetime
+    ) -> ProfileClaim | None:
+        due = [
+            (fill.due_at, account_id)
+            for account_id, fill in self._profile_fills.items()
+            if fill.due_at <= now and self._fill_wanted(account_id)
+        ]
+        if not due:
+            return None
+        _, account_id = min(due)
+        fill = self._profile_fills[account_id]
+        fill.due_at, fill.holder = until, holder
+        return ProfileClaim(_copy_account(self._accounts[account_id]), fill.failures)
+
+    def _fill_wanted(self, account_id: str) -> bool:
+        account = self._accounts.get(account_id)
+        return (
+            account is not None
+            and account.profile_pending
+            and account.status is AccountStatus.CONNECTED
+        )
+
+    async def defer_profile_fill(
+        self, account_id: str, holder: str, *, retry_at: datetime
+    ) -> None:
+        fill = self._profile_fills.get(account_id)
+        if fill is not None and fill.holder == holder:
+            fill.due_at, fill.holder = retry_at, None
+            fill.failures += 1
+
+    async def count_pending_profiles(self) -> int:
+        return sum(1 for account_id in self._profile_fills if self._fill_wanted(account_id))
 
     async def get_account(self, account_id: str) -> Account | None:
         account = self._accounts.get(account_id)

@@ -36,6 +36,7 @@ from storage.base import (
     CALL_BUDGETS,
     PLATFORM,
     PROFILE_FIELDS,
+    PROFILE_FIRST_FILL_DELAY,
     TOKEN_USE_RESOLUTION,
     Account,
     AccountStatus,
@@ -47,6 +48,7 @@ from storage.base import (
     PendingAuthorization,
     PendingFailure,
     PendingStatus,
+    ProfileClaim,
     ResealBatch,
     Store,
     StoredEvent,
@@ -77,6 +79,11 @@ REFRESH_DUE_KEYS = [
 REFRESH_EXPIRY_INDEX = "status_refresh_expiry"
 REFRESH_EXPIRY_KEYS = [("status", ASCENDING), ("refreshTokenExpiresAt", ASCENDING)]
 
+# The filler's claim: equality on the first two keys, range and sort on the third.
+PROFILE_FILL_INDEX = "profile_fill_due"
+PROFILE_FILL_KEYS = [("profilePending", ASCENDING), ("status", ASCENDING),
+                     ("profileRetryAt", ASCENDING)]
+
 
 @dataclass(frozen=True)
 class IndexSpec:
@@ -101,6 +108,8 @@ INDEXES: tuple[IndexSpec, ...] = (
     # however many idle ones the collection holds.
     IndexSpec(ACCOUNTS_COLLECTION, REFRESH_DUE_KEYS, REFRESH_DUE_INDEX),
     IndexSpec(ACCOUNTS_COLLECTION, REFRESH_EXPIRY_KEYS, REFRESH_EXPIRY_INDEX),
+    # Pending profiles (the background filler).
+    IndexSpec(ACCOUNTS_COLLECTION, PROFILE_FILL_KEYS, PROFILE_FILL_INDEX),
     # Housekeeping only: claim_pending checks expiry itself, since the TTL
     # monitor deletes late (once a minute on mongod).
     IndexSpec(
@@ -188,6 +197,20 @@ _REVOCATION_UNSET = {
 }
 _TOKEN_UNSET = {"accessToken": "", "refreshToken": "", "refreshLease": ""}
 _ONE_MORE_GENERATION = {"$inc": {TOKEN_VERSION_FIELD: 1}}
+# A pending profile's schedule: when the filler is due next, who holds it, failures.
+_PROFILE_FILL_UNSET = {"profileRetryAt": "", "profileHolder": "", "profileFailures": ""}
+# Before this, a pending profile had no schedule: such accounts are due at once.
+_LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def profile_fill_query(now: datetime) -> dict[str, Any]:
+    """Connected accounts whose pending profile is due at ``now``: every key is in
+    PROFILE_FILL_INDEX, which also yields them in due order."""
+    return {
+        "profilePending": True,
+        "status": AccountStatus.CONNECTED.value,
+        "profileRetryAt": {"$lte": now},
+    }
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -470,6 +493,11 @@ class MongoStore(Store):
             raise StoreSetupFailed(problems, details=dict(_DETAILS))
         # TikTok call budgets: their documents exist before any call is admitted.
         await self._create_call_budgets(CALL_BUDGETS)
+        # Profiles left pending before fills were scheduled: due now, first in line.
+        await self._accounts.update_many(
+            {"profilePending": True, "profileRetryAt": {"$exists": False}},
+            {"$set": {"profileRetryAt": _LONG_AGO}},
+        )
 
     def _event_ttl_index(self) -> IndexSpec:
         """Account events are kept EVENTS_RETENTION_DAYS after the relay logged them."""
@@ -608,6 +636,7 @@ class MongoStore(Store):
             "$setOnInsert": {**natural_key, "createdAt": now, "profilePending": True},
             **_ONE_MORE_GENERATION,
         }
+        update["$setOnInsert"]["profileRetryAt"] = now + PROFILE_FIRST_FILL_DELAY
         for attempt in (1, 2):
             try:
                 doc = await self._accounts.find_one_and_update(
@@ -646,11 +675,68 @@ class MongoStore(Store):
                 fields[_PROFILE_DOCUMENT_FIELDS[attribute]] = profile[tiktok_field]
         fields.update({"profile": dict(profile), "profilePending": False, "updatedAt": now})
         doc = await self._accounts.find_one_and_update(
-            {"_id": object_id}, {"$set": fields}, return_document=ReturnDocument.AFTER
+            {"_id": object_id},
+            {"$set": fields, "$unset": _PROFILE_FILL_UNSET},
+            return_document=ReturnDocument.AFTER,
         )
         if doc is None:
             raise KeyError(account_id)
         return _account_from_document(doc)
+
+    @_mongo_errors
+    async def schedule_profile_fill(self, account_id: str, *, at: datetime) -> None:
+        object_id = _object_id(account_id)
+        if object_id is not None:
+            await self._accounts.update_one(
+                {"_id": object_id},
+                {
+                    "$set": {"profilePending": True, "profileRetryAt": at},
+                    "$unset": {"profileHolder": "", "profileFailures": ""},
+                },
+            )
+
+    @_mongo_errors
+    async def claim_profile_fill(
+        self, holder: str, *, now: datetime, until: datetime
+    ) -> ProfileClaim | None:
+        doc = await self._accounts.find_one_and_update(
+            profile_fill_query(now),
+            {"$set": {"profileRetryAt": until, "profileHolder": holder}},
+            sort=[("profileRetryAt", ASCENDING)],
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            return None
+        return ProfileClaim(_account_from_document(doc), int(doc.get("profileFailures") or 0))
+
+    def profile_fill_cursor(self, now: datetime) -> Any:
+        """The claim's query as a cursor, for ``explain`` (it must use its index)."""
+        return (
+            self._accounts.find(profile_fill_query(now))
+            .sort([("profileRetryAt", ASCENDING)])
+            .limit(1)
+        )
+
+    @_mongo_errors
+    async def defer_profile_fill(
+        self, account_id: str, holder: str, *, retry_at: datetime
+    ) -> None:
+        object_id = _object_id(account_id)
+        if object_id is not None:
+            await self._accounts.update_one(
+                {"_id": object_id, "profilePending": True, "profileHolder": holder},
+                {
+                    "$set": {"profileRetryAt": retry_at},
+                    "$unset": {"profileHolder": ""},
+                    "$inc": {"profileFailures": 1},
+                },
+            )
+
+    @_mongo_errors
+    async def count_pending_profiles(self) -> int:
+        return int(await self._accounts.count_documents(
+            {"profilePending": True, "status": AccountStatus.CONNECTED.value}
+        ))
 
     @_mongo_errors
     async def get_account(self, account_id: str) -> Account | None:

@@ -50,6 +50,7 @@ ACCOUNT_KEYS = {
     "username",
     "scopes",
     "status",
+    "profileStatus",
     "accessTokenExpiresAt",
     "refreshTokenExpiresAt",
     "createdAt",
@@ -172,6 +173,7 @@ async def test_list_and_get_describe_the_account_and_never_a_token(
     assert account["username"] == user.username
     assert account["scopes"] == SCOPES
     assert account["status"] == "connected"
+    assert account["profileStatus"] == "complete"
     created = parse_utc(account["createdAt"])
     assert created <= parse_utc(account["updatedAt"])
     assert parse_utc(account["accessTokenExpiresAt"]) == to_millis(tokens.access_token_expires_at)

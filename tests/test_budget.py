@@ -54,9 +54,9 @@ from tests.flow import (
     start,
 )
 from tests.support import (
-    assert_envelope,
     environ,
     make_config,
+    query_of,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -494,17 +494,18 @@ def app(sandbox):
 
 
 @gen_test
-async def test_a_callback_past_the_user_info_budget_answers_503_without_calling_tiktok(
+async def test_a_callback_past_the_user_info_budget_connects_with_its_profile_pending(
     http_client, base_url, app, sandbox
 ):
+    """The user-info budget spent: the callback connects (302) without calling TikTok's
+    user info, and the account waits for the background filler."""
     for owner in ("user-123", "user-234"):
         await connect(http_client, base_url, owner=owner)
     third = await start(http_client, base_url, owner="user-456")
-    refused = await follow(http_client, await consent(http_client, base_url,
-                                                      third["authorizationUrl"]))
-    body = assert_envelope(refused, 503, "SERVICE_UNAVAILABLE")
-    assert body["details"]["reason"] == "rate_limit"
-    assert 55 <= int(refused.headers["Retry-After"]) <= 61
+    landed = await follow(http_client, await consent(http_client, base_url,
+                                                     third["authorizationUrl"]))
+    assert landed.code == 302, landed.body
+    assert query_of(landed.headers["Location"])["status"] == ["connected"]
     assert sandbox.stats["userinfo"] == 2
     # The tokens are kept; only the profile waits.
     accounts = await app.settings["gateway"].store.list_accounts("user-456")
@@ -513,6 +514,7 @@ async def test_a_callback_past_the_user_info_budget_answers_503_without_calling_
     assert 'tiktok_gateway_budget_calls_total{budget="user_info",priority="interactive",' \
            'result="refused"} 1.0' in scrape
     assert 'tiktok_gateway_budget_remaining{budget="user_info"} 0.0' in scrape
+    assert "tiktok_gateway_profiles_left_pending_total 1.0" in scrape
 
 
 async def due_account(store: Store, sandbox: Any, owner: str) -> str:

@@ -181,8 +181,8 @@ async def test_profile_is_retried_then_kept_pending_when_it_keeps_failing(
     started = await start(http_client, base_url)
     callback_url = await consent(http_client, base_url, started["authorizationUrl"])
     sandbox.add_fault("userinfo", status=503, count=3)
-    body = assert_envelope(await follow(http_client, callback_url), 503, "SERVICE_UNAVAILABLE")
-    assert body["details"]["endpoint"] == "user_info"
+    # Connected all the same: the profile is the background filler's to load.
+    assert location(await follow(http_client, callback_url)) == CONNECTED
     assert sandbox.stats["userinfo"] == 3  # one try and two retries
     [account] = await store_of(app).list_accounts("user-123")
     assert account.profile_pending
@@ -245,10 +245,8 @@ class TestCallbackBudget:
         started = await start(http_client, base_url)
         callback_url = await consent(http_client, base_url, started["authorizationUrl"])
         sandbox.add_fault("userinfo", status=200, delay=3.0, count=3)
-        body = assert_envelope(
-            await follow(http_client, callback_url), 503, "SERVICE_UNAVAILABLE"
-        )
-        assert body["details"]["endpoint"] == "user_info"
+        # Connected, its profile pending: the budget bounds the browser's wait.
+        assert location(await follow(http_client, callback_url)) == CONNECTED
         # Two retries were allowed, but the 1.5 s budget leaves room for one attempt only.
         assert sandbox.stats["userinfo"] == 1
 

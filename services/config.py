@@ -134,6 +134,8 @@ def setting(
     """A ``Config`` field read from the environment variable ``name``."""
     if isinstance(parse, _OneOf):
         expect = expect or parse.expect
+    if (default is MISSING) is (required is None):
+        raise TypeError(f"{name}: give either a default or why it is required")
     if secret and default not in (MISSING, None, ()):
         raise TypeError(f"{name}: a secret has no default value (it would be shown)")
     if unset is not None and default not in (None, ()):

@@ -74,6 +74,8 @@ def test_secrets_show_no_default_and_stay_out_of_repr():
         assert representation[item.attribute] is not item.secret, item.name
     with pytest.raises(TypeError, match="a secret has no default value"):
         setting("SOME_SECRET", str, default="s3cr3t", secret=True, help="a secret")
+    with pytest.raises(TypeError, match="either a default or why it is required"):
+        setting("SOME_SETTING", str, help="neither a default nor required")
 
 
 def test_the_dataclass_defaults_are_the_ones_load_config_applies():

@@ -56,7 +56,7 @@ CONNECTED_REDIRECT = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 ALWAYS_DUE = "90000"
 ACCOUNT_KEYS = {
     "id", "platform", "platformAccountId", "displayName", "avatarUrl", "username",
-    "scopes", "status", "accessTokenExpiresAt", "refreshTokenExpiresAt", "createdAt",
+    "scopes", "status", "profileStatus", "accessTokenExpiresAt", "refreshTokenExpiresAt", "createdAt",
     "updatedAt",
 }
 

@@ -56,8 +56,8 @@ CONNECTED_REDIRECT = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 ALWAYS_DUE = "90000"
 ACCOUNT_KEYS = {
     "id", "platform", "platformAccountId", "displayName", "avatarUrl", "username",
-    "scopes", "status", "profileStatus", "accessTokenExpiresAt", "refreshTokenExpiresAt", "createdAt",
-    "updatedAt",
+    "scopes", "status", "profileStatus", "accessTokenExpiresAt", "refreshTokenExpiresAt",
+    "createdAt", "updatedAt",
 }
 
 gen_test = pytest.mark.gen_test(timeout=120)

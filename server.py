@@ -38,7 +38,7 @@ from services.budget import TikTokBudget
 from services.config import Config, load_config, logging_settings
 from services.connect import ConnectionService
 from services.event_delivery import EventWorkers, event_workers_for
-from services.events import EventFeed
+from services.events import AccountEvents, EventFeed
 from services.logging_setup import setup_logging
 from services.metrics import (
     GatewayMetrics,
@@ -90,6 +90,8 @@ class Gateway:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     # TikTok's rate limits, shared through the store by every process.
     budget: TikTokBudget | None = None
+    # Account events: what the services record them with, and the relay they wake.
+    events: AccountEvents = field(default_factory=AccountEvents)
 
 
 def create_store(config: Config, *, require_indexes: bool = False) -> Store:
@@ -181,6 +183,7 @@ def build_gateway(
     budget = TikTokBudget.from_config(config, store, metrics=metrics)
     # One pooled client per process (TIKTOK_HTTP_CLIENT), made in the running loop.
     tiktok = tiktok_client_for(config, http_client, metrics=metrics, budget=budget)
+    events = AccountEvents(expiry_notice_days=config.events_expiry_notice_days)
     service = ConnectionService(
         store=store,
         tiktok=tiktok,
@@ -194,6 +197,7 @@ def build_gateway(
         pkce_mode=config.tiktok_pkce,
         callback_budget_seconds=config.tiktok_callback_budget,
         metrics=metrics,
+        events=events,
     )
     resolve_principal = (
         as_principal_resolver(resolve_user) if resolve_user else bearer_principal_resolver(config)
@@ -211,10 +215,12 @@ def build_gateway(
             refresh_skew_seconds=config.refresh_skew_seconds,
             lease_seconds=refresh_lease_seconds(config),
             metrics=metrics,
+            events=events,
         ),
         resolve_principal=resolve_principal,
         metrics=metrics,
         budget=budget,
+        events=events,
     )
 
 
@@ -256,6 +262,7 @@ def webhook_service(gateway: Gateway) -> WebhookService:
         client_key=config.tiktok_client_key,
         client_secret=config.tiktok_client_secret,
         tolerance_seconds=config.webhook_tolerance_seconds,
+        events=gateway.events,
     )
 
 
@@ -273,6 +280,8 @@ def start_event_workers(
     ``after``: start once it answers True (``initialize_store``: the indexes exist,
     the event log's unique seq among them)."""
     workers = event_workers_for(gateway.config, gateway.store, gateway.metrics)
+    # The services wake this relay after each change that recorded an event.
+    gateway.events.attach(workers.relay)
     if after is None:
         workers.start()
         return workers

@@ -35,7 +35,7 @@ from handlers.oauth import CallbackHandler
 from services.accounts import AccountService, RefreshOutcome
 
 if TYPE_CHECKING:
-    from server import Gateway
+    from app.gateway import Gateway
 
 log = logging.getLogger("gateway.demo")
 

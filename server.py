@@ -18,49 +18,27 @@ import sys
 from collections.abc import Mapping
 
 from app.gateway import Gateway
-from app.lifecycle import (
-    MAX_BODY_BYTES,
-    MAX_HEADER_BYTES,
-    SHUTDOWN_POLL_SECONDS,
-    STOP_SIGNALS,
-    STORE_RETRY_SECONDS,
-    configure_logging,
-    initialize_store,
-    serve,
-    shut_down,
-)
+from app.lifecycle import configure_logging, initialize_store, serve, shut_down
 from app.wiring import (
-    bearer_principal_resolver,
-    bearer_user_resolver,
     build_gateway,
     create_store,
-    events_api,
-    events_retention,
     make_app,
     routes,
     start_event_workers,
     start_profile_filler,
     start_refresher,
-    webhook_service,
 )
 from app.workers import run_workers
 from core.errors import ConfigError
 from services.config import load_config
 
+# Embedding (README): wire the gateway, mount its routes, start its background work.
+# Running: what main does, for scripts and benchmarks that run the gateway their way.
 __all__ = [
-    "MAX_BODY_BYTES",
-    "MAX_HEADER_BYTES",
-    "SHUTDOWN_POLL_SECONDS",
-    "STOP_SIGNALS",
-    "STORE_RETRY_SECONDS",
     "Gateway",
-    "bearer_principal_resolver",
-    "bearer_user_resolver",
     "build_gateway",
     "configure_logging",
     "create_store",
-    "events_api",
-    "events_retention",
     "initialize_store",
     "main",
     "make_app",
@@ -71,7 +49,6 @@ __all__ = [
     "start_event_workers",
     "start_profile_filler",
     "start_refresher",
-    "webhook_service",
 ]
 
 

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tornado.httpclient import AsyncHTTPClient
-
 from services.accounts import AccountService
-from services.budget import TikTokBudget
 from services.config import Config
 from services.connect import ConnectionService
 from services.metrics import GatewayMetrics
-from services.product_auth import PrincipalResolver, UserResolver
+from services.product_auth import PrincipalResolver, UserResolver, as_owner_resolver
 from services.tiktok import TikTokClient
 from storage.base import Store
 
@@ -24,13 +21,15 @@ class Gateway:
     config: Config
     store: Store
     service: ConnectionService
-    resolve_user: UserResolver
-    http_client: AsyncHTTPClient | None
+    # Holds TikTok's budgets (shared through the store) and the pooled HTTP client.
     tiktok: TikTokClient
     accounts: AccountService
-    # The owner and the bearer's scopes (the accounts API needs both).
+    # Who is asking: the owner and the bearer's scopes (the accounts API needs both).
     resolve_principal: PrincipalResolver
     # This gateway's Prometheus metrics, in a registry of its own (GET /metrics).
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
-    # TikTok's rate limits, shared through the store by every process.
-    budget: TikTokBudget | None = None
+
+    @property
+    def resolve_user(self) -> UserResolver:
+        """The owner only: all the connection flow asks."""
+        return as_owner_resolver(self.resolve_principal)

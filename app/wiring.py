@@ -36,8 +36,6 @@ from services.product_auth import (
     Principal,
     PrincipalResolver,
     ProductTokenVerifier,
-    UserResolver,
-    as_owner_resolver,
     as_principal_resolver,
 )
 from services.profile_filler import ProfileFiller
@@ -111,11 +109,6 @@ def bearer_principal_resolver(config: Config) -> PrincipalResolver:
     return resolve
 
 
-def bearer_user_resolver(config: Config) -> UserResolver:
-    """The bearer JWT's ``sub`` only."""
-    return as_owner_resolver(bearer_principal_resolver(config))
-
-
 def build_gateway(
     config: Config,
     *,
@@ -154,15 +147,10 @@ def build_gateway(
         callback_budget_seconds=config.tiktok_callback_budget,
         metrics=metrics,
     )
-    resolve_principal = (
-        as_principal_resolver(resolve_user) if resolve_user else bearer_principal_resolver(config)
-    )
     return Gateway(
         config=config,
         store=store,
         service=service,
-        resolve_user=as_owner_resolver(resolve_principal),
-        http_client=http_client,
         tiktok=tiktok,
         accounts=AccountService(
             store=store,
@@ -171,9 +159,11 @@ def build_gateway(
             lease_seconds=refresh_lease_seconds(config),
             metrics=metrics,
         ),
-        resolve_principal=resolve_principal,
+        resolve_principal=(
+            as_principal_resolver(resolve_user) if resolve_user
+            else bearer_principal_resolver(config)
+        ),
         metrics=metrics,
-        budget=budget,
     )
 
 

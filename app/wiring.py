@@ -243,13 +243,11 @@ def start_refresher(gateway: Gateway) -> Refresher | None:
     if config.refresh_interval_seconds <= 0:
         log.info("background token refresh disabled (REFRESH_INTERVAL_SECONDS=0)")
         return None
-    # Its own AccountService (same refresh path, same leases, same unsaved grants):
-    # refresh_account answers not_due for tokens outside its skew, which here is the
-    # refresher's window.
-    accounts = gateway.accounts.with_skew(config.refresh_ahead_seconds)
     refresher = Refresher(
         store=gateway.store,
-        accounts=accounts,
+        # The gateway's one AccountService (its leases, its grants not stored yet),
+        # asked to refresh what expires within the refresher's own window.
+        accounts=gateway.accounts,
         interval_seconds=config.refresh_interval_seconds,
         ahead_seconds=config.refresh_ahead_seconds,
         keep_warm_seconds=config.refresh_keep_warm_seconds,

@@ -17,9 +17,9 @@ import os
 import sys
 from collections.abc import Mapping
 
-from app.gateway import Gateway
 from app.lifecycle import configure_logging, initialize_store, serve, shut_down
 from app.wiring import (
+    Gateway,
     build_gateway,
     create_store,
     make_app,

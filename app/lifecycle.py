@@ -18,8 +18,13 @@ import tornado.web
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 
-from app.gateway import Gateway
-from app.wiring import make_app, start_event_workers, start_profile_filler, start_refresher
+from app.wiring import (
+    Gateway,
+    make_app,
+    start_event_workers,
+    start_profile_filler,
+    start_refresher,
+)
 from core.errors import GatewayError, StoreSetupFailed
 from handlers.base import InFlight
 from services.config import Config

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import tornado.web
 from prometheus_client import CollectorRegistry
 from tornado.httpclient import AsyncHTTPClient
 
-from app.gateway import Gateway
 from handlers.accounts import AccessTokenHandler, AccountHandler, AccountListHandler
 from handlers.base import InFlight, NotFoundHandler, log_request
 from handlers.events import EventListHandler, EventRedeliverHandler
@@ -36,17 +36,41 @@ from services.product_auth import (
     Principal,
     PrincipalResolver,
     ProductTokenVerifier,
+    UserResolver,
+    as_owner_resolver,
     as_principal_resolver,
 )
 from services.profile_filler import ProfileFiller
 from services.refresher import Refresher
 from services.state import StateCodec
-from services.tiktok import tiktok_client_for
+from services.tiktok import TikTokClient, tiktok_client_for
 from services.webhooks import WebhookService
 from storage.base import Store
 from storage.memory import MemoryStore
 
 log = logging.getLogger("gateway")
+
+
+@dataclass
+class Gateway:
+    """Everything the handlers need, built once at start-up."""
+
+    config: Config
+    store: Store
+    service: ConnectionService
+    # Holds TikTok's budgets (shared through the store) and the pooled HTTP client.
+    tiktok: TikTokClient
+    # The process's one AccountService: the accounts API and the refresher share it.
+    accounts: AccountService
+    # Who is asking: the owner and the bearer's scopes (the accounts API needs both).
+    resolve_principal: PrincipalResolver
+    # This gateway's Prometheus metrics, in a registry of its own (GET /metrics).
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+
+    @property
+    def resolve_user(self) -> UserResolver:
+        """The owner only: all the connection flow asks."""
+        return as_owner_resolver(self.resolve_principal)
 
 
 def create_store(config: Config, *, require_indexes: bool = False) -> Store:

@@ -212,6 +212,9 @@ class ProfileFiller:
     async def _run(self, after: asyncio.Future[Any] | None) -> None:
         if after is not None:
             await asyncio.wait([after])  # never cancels it
+            if after.cancelled() or after.exception() is not None or after.result() is False:
+                # The store never got its indexes (logged at start-up): nothing to fill.
+                return
         while True:
             try:
                 await self.run_once()

@@ -29,7 +29,7 @@ from services.budget import TikTokBudget
 from services.config import Config
 from services.connect import ConnectionService
 from services.event_delivery import EventWorkers, event_workers_for
-from services.events import EventFeed
+from services.events import AccountEvents, EventFeed
 from services.metrics import GatewayMetrics, InstrumentedStore
 from services.product_auth import (
     HostResolver,
@@ -66,6 +66,8 @@ class Gateway:
     resolve_principal: PrincipalResolver
     # This gateway's Prometheus metrics, in a registry of its own (GET /metrics).
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    # Account events: what the services record them with, and the relay they wake.
+    events: AccountEvents = field(default_factory=AccountEvents)
 
     @property
     def resolve_user(self) -> UserResolver:
@@ -157,6 +159,7 @@ def build_gateway(
     budget = TikTokBudget.from_config(config, store, metrics=metrics)
     # One pooled client per process (TIKTOK_HTTP_CLIENT), made in the running loop.
     tiktok = tiktok_client_for(config, http_client, metrics=metrics, budget=budget)
+    events = AccountEvents(expiry_notice_days=config.events_expiry_notice_days)
     service = ConnectionService(
         store=store,
         tiktok=tiktok,
@@ -170,6 +173,7 @@ def build_gateway(
         pkce_mode=config.tiktok_pkce,
         callback_budget_seconds=config.tiktok_callback_budget,
         metrics=metrics,
+        events=events,
     )
     return Gateway(
         config=config,
@@ -182,12 +186,14 @@ def build_gateway(
             refresh_skew_seconds=config.refresh_skew_seconds,
             lease_seconds=refresh_lease_seconds(config),
             metrics=metrics,
+            events=events,
         ),
         resolve_principal=(
             as_principal_resolver(resolve_user) if resolve_user
             else bearer_principal_resolver(config)
         ),
         metrics=metrics,
+        events=events,
     )
 
 
@@ -229,6 +235,7 @@ def webhook_service(gateway: Gateway) -> WebhookService:
         client_key=config.tiktok_client_key,
         client_secret=config.tiktok_client_secret,
         tolerance_seconds=config.webhook_tolerance_seconds,
+        events=gateway.events,
     )
 
 
@@ -249,6 +256,8 @@ def start_event_workers(
     ``after``: start once it answers True (``initialize_store``: the indexes exist,
     the event log's unique seq among them)."""
     workers = event_workers_for(gateway.config, gateway.store, gateway.metrics)
+    # The services wake this relay after each change that recorded an event.
+    gateway.events.attach(workers.relay)
     if after is None:
         workers.start()
         return workers

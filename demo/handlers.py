@@ -21,11 +21,13 @@ from tornado.escape import url_escape
 from tornado.template import Loader
 
 from core.clock import iso_z, utcnow
-from core.errors import PermissionDenied
+from core.errors import NotFound, PermissionDenied, SignatureInvalid
 from demo.product import (
     DEMO_PATH,
     DEMO_USER_NAME,
+    EVENT_WAIT_SECONDS,
     PRODUCT_NAME,
+    WEBHOOK_PATH,
     DemoFailed,
     DemoProduct,
     gateway_url_of,
@@ -196,17 +198,22 @@ class DemoHandler(HtmlErrorPages):
             iso=iso_z,
             relative=relative,
             path_segment=lambda value: url_escape(value, plus=False),
+            events=list(self.product.events),
+            receives_events=self.product.receives_events,
             **{"returned": None, "notice": None, "cards": [], **extra},
         )
 
 
 class DemoPageHandler(DemoHandler):
     async def get(self) -> None:
+        returned = self.check_returned()
+        notice = NOTICES.get(self.get_query_argument("notice", ""))
+        # Back from an action: its account event is on its way (the page has no script
+        # to show it later).
+        await self.product.wait_for_event(EVENT_WAIT_SECONDS if returned or notice else 0)
         self.finish(
             self.render_page(
-                cards=await self.product.cards(),
-                returned=self.check_returned(),
-                notice=NOTICES.get(self.get_query_argument("notice", "")),
+                cards=await self.product.cards(), returned=returned, notice=notice
             )
         )
 
@@ -263,6 +270,27 @@ class DemoAccountActionHandler(DemoHandler):
             raise DemoFailed(503, "TikTok did not answer the refresh in time. Please try again.")
 
 
+class DemoWebhookHandler(ErrorWriterMixin):
+    """The demo product's receiver of account events: what ``PRODUCT_WEBHOOK_URL``
+    points at in the demo. A delivery whose signature does not verify is refused."""
+
+    def initialize(self, product: DemoProduct) -> None:
+        self.product = product
+
+    def check_xsrf_cookie(self) -> None:
+        return None  # the gateway carries no cookie: the signature authenticates it
+
+    async def post(self) -> None:
+        try:
+            self.product.receive_event(self.request.body, self.request.headers)
+        except DemoFailed as exc:
+            if exc.status == 404:
+                raise NotFound(exc.message) from None
+            raise SignatureInvalid(exc.message, technical_message="webhook-signature") from None
+        self.set_status(204)  # acknowledged: the gateway will not send it again
+        self.finish()
+
+
 def relative(moment: datetime | None) -> str:
     """``in 23 h 59 min`` (or ``expired``) from now."""
     if moment is None:
@@ -288,12 +316,19 @@ def routes(gateway: GatewayParts, prefix: str = "") -> list[tornado.web.URLSpec]
         DEMO_PATH,
     )
     config = gateway.config
+    webhook_url = f"{prefix}{WEBHOOK_PATH}"
+    # The demo product verifies deliveries when the gateway pushes them to it.
+    pushed_here = bool(
+        config.events_push_enabled
+        and urlsplit(config.product_webhook_url or "").path == webhook_url
+    )
     product = DemoProduct(
         gateway_url=gateway_url_of(config.tiktok_redirect_uri, prefix),
         sandbox_url=config.tiktok_api_base_url,
         jwt_secret=config.auth_jwt_secrets[0],
         jwt_issuer=config.auth_jwt_issuer,
         jwt_audience=config.auth_jwt_audience,
+        webhook_secret=config.product_webhook_secrets[0] if pushed_here else None,
     )
     authorize = urlsplit(config.tiktok_authorize_url)
     pages = {
@@ -310,5 +345,6 @@ def routes(gateway: GatewayParts, prefix: str = "") -> list[tornado.web.URLSpec]
             DemoAccountActionHandler,
             {**pages, "accounts": gateway.accounts},
         ),
+        tornado.web.url(webhook_url, DemoWebhookHandler, {"product": product}),
         tornado.web.url(f"{prefix}{CALLBACK_SUFFIX}", DemoCallbackHandler, flow),
     ]

@@ -34,6 +34,12 @@ from core.errors import (
     ProviderUnavailable,
     ServiceUnavailable,
 )
+from services.events import (
+    REFRESH_REFUSED,
+    REFRESH_TOKEN_EXPIRED,
+    SOURCE_PRODUCT,
+    AccountEvents,
+)
 from services.metrics import GatewayMetrics
 from services.tiktok import TikTokClient
 from storage.base import Account, AccountStatus, AccountTokens, Store, TokenGrant
@@ -313,6 +319,7 @@ class AccountService:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
         metrics: GatewayMetrics | None = None,
+        events: AccountEvents | None = None,
     ) -> None:
         """``lease_seconds``: how long a refresh holds the account's lease; by default
         a call to TikTok and a margin (``refresh_lease_seconds(config)`` adds the
@@ -337,6 +344,8 @@ class AccountService:
         self._monotonic = monotonic
         self._metrics = metrics or GatewayMetrics()
         self.unsaved = UnsavedGrants(store, clock=clock, sleep=sleep)
+        # Account events: recorded with the changes made here (and by the refresher).
+        self.events = events or AccountEvents()
         # Names this process's lease holders, so logs can tell processes apart.
         self._holder_prefix = secrets.token_hex(4)
 
@@ -479,7 +488,7 @@ class AccountService:
             return _Attempt(RefreshOutcome.REAUTHORIZATION_REQUIRED)
         if account.refresh_token_expires_at and account.refresh_token_expires_at <= now:
             # No point asking TikTok: the refresh token is dead.
-            await self._store.require_reauthorization(account.id, now=now)
+            await self._require_reauthorization(account, REFRESH_TOKEN_EXPIRED, now=now)
             return _Attempt(RefreshOutcome.REFRESH_TOKEN_EXPIRED)
         holder = f"{self._holder_prefix}-{secrets.token_hex(6)}"
         if not await self._store.acquire_refresh_lease(
@@ -489,7 +498,8 @@ class AccountService:
         try:
             tokens = await self._store.get_account_tokens(account.id)
             if tokens is None:
-                await self._store.require_reauthorization(account.id, now=now)
+                # No refresh token left to present: as good as refused.
+                await self._require_reauthorization(account, REFRESH_REFUSED, now=now)
                 return _Attempt(RefreshOutcome.REAUTHORIZATION_REQUIRED)
             window = self.refresh_skew if due_within is None else due_within
             not_due = tokens.access_token_expires_at - now > window
@@ -518,8 +528,8 @@ class AccountService:
         except ProviderRejected as exc:
             if exc.details.get("providerError") in REFUSED_REFRESH_ERRORS:
                 # Only if the refused token is still the stored one (same generation).
-                if await self._store.require_reauthorization(
-                    account.id, now=self._clock(), version=tokens.version
+                if await self._require_reauthorization(
+                    account, REFRESH_REFUSED, now=self._clock(), version=tokens.version
                 ):
                     log.warning("refresh token refused for account %s", account.id)
                     return _Attempt(RefreshOutcome.REAUTHORIZATION_REQUIRED)
@@ -546,6 +556,20 @@ class AccountService:
             return _Attempt(RefreshOutcome.SUPERSEDED)
         log.info("refreshed account %s (log_id=%s)", account.id, response.log_id or "-")
         return _Attempt(RefreshOutcome.REFRESHED)
+
+    async def _require_reauthorization(
+        self, account: Account, reason: str, *, now: datetime, version: int | None = None
+    ) -> bool:
+        """Mark the account ``reauthorization_required``, with its event."""
+        marked = await self._store.require_reauthorization(
+            account.id,
+            now=now,
+            version=version,
+            event_factory=self.events.reauthorization_required(reason),
+        )
+        if marked:
+            self.events.relay_soon()
+        return marked
 
     async def _release(self, account_id: str, holder: str) -> None:
         try:
@@ -574,7 +598,9 @@ class AccountService:
         revoked = await self._store.revoke_account(
             account.id, now=self._clock(), reason="disconnected",
             revoked_at_tiktok=revoked_at_tiktok,
+            event_factory=self.events.revoked(SOURCE_PRODUCT),
         )
+        self.events.relay_soon()
         # A concurrent disconnect may have won: report what is stored.
         stored = bool(revoked.revoked_at_tiktok) if revoked else revoked_at_tiktok
         return Disconnected("revoked", stored)

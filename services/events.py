@@ -16,7 +16,7 @@ import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from core.clock import iso_z, utcnow
@@ -33,7 +33,7 @@ from services.event_types import REVOKED as REVOKED
 from services.event_types import SOURCE_PRODUCT as SOURCE_PRODUCT
 from services.event_types import SOURCE_TIKTOK as SOURCE_TIKTOK
 from services.representation import account_payload
-from storage.base import Account, EventStatus, Store, StoredEvent
+from storage.base import Account, AccountStatus, EventFactory, EventStatus, Store, StoredEvent
 
 if TYPE_CHECKING:
     from services.metrics import GatewayMetrics
@@ -99,6 +99,88 @@ def new_event(
         "timestamp": iso_z(now or utcnow()),
         "data": {"account": account_payload(account), **extras},
     }
+
+
+DEFAULT_EXPIRY_NOTICE_DAYS = 14
+
+
+class AccountEvents:
+    """What the services record their changes' events with, and how they have them
+    relayed at once.
+
+    Each method gives the ``EventFactory`` a store method takes: the store calls it with
+    the account as its write leaves it (and as it was), and writes the event in that same
+    write. ``relay_soon()``, after the change, wakes this process's relay (``attach``:
+    the event workers, once they start) so the event goes out without waiting a round.
+    """
+
+    def __init__(
+        self,
+        *,
+        expiry_notice_days: int = DEFAULT_EXPIRY_NOTICE_DAYS,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        # reauthorization_due: sent when the refresh token expires within this.
+        self.expiry_notice = timedelta(days=expiry_notice_days)
+        self._clock = clock
+        self._relays: list[EventRelay] = []
+
+    def connected(self) -> EventFactory:
+        """A grant stored: a first connection, or a known account connected again."""
+
+        def build(after: Account, before: Account | None) -> dict[str, Any]:
+            return self._event(CONNECTED, after, reconnected=before is not None)
+
+        return build
+
+    def reauthorization_required(self, reason: str) -> EventFactory:
+        """The tokens are gone (``REFRESH_REFUSED``, ``REFRESH_TOKEN_EXPIRED``); nothing
+        when the account already needed reauthorization."""
+        return self._status_change(
+            AccountStatus.REAUTHORIZATION_REQUIRED, REAUTHORIZATION_REQUIRED, reason=reason
+        )
+
+    def revoked(self, source: str, reason: int | None = None) -> EventFactory:
+        """Disconnected by the product (``SOURCE_PRODUCT``) or removed at TikTok
+        (``SOURCE_TIKTOK``, with its reason code); nothing when it already was revoked."""
+        extras: dict[str, Any] = {"source": source}
+        if source == SOURCE_TIKTOK:
+            extras["reason"] = reason
+        return self._status_change(AccountStatus.REVOKED, REVOKED, **extras)
+
+    def reauthorization_due(self) -> EventFactory:
+        """The refresh token expires within ``expiry_notice``: the user should connect
+        again before (``account.refreshTokenExpiresAt`` says when)."""
+
+        def build(after: Account, before: Account | None) -> dict[str, Any]:
+            return self._event(REAUTHORIZATION_DUE, after)
+
+        return build
+
+    def _status_change(
+        self, status: AccountStatus, event_type: str, **extras: Any
+    ) -> EventFactory:
+        def build(after: Account, before: Account | None) -> dict[str, Any] | None:
+            if after.status is not status or (before is not None and before.status is status):
+                return None
+            return self._event(event_type, after, **extras)
+
+        return build
+
+    def _event(self, event_type: str, account: Account, **extras: Any) -> dict[str, Any]:
+        # When the change happens: the wall clock, whatever clock the change itself
+        # was judged by (a refresher round may look ahead).
+        return new_event(event_type, account, now=self._clock(), **extras)
+
+    def attach(self, relay: EventRelay) -> None:
+        """``relay`` relays at once after each change (``relay_soon``)."""
+        if relay not in self._relays:
+            self._relays.append(relay)
+
+    def relay_soon(self) -> None:
+        """Call after a change that recorded an event."""
+        for relay in self._relays:
+            relay.relay_soon()
 
 
 # -- the pull feed ----------------------------------------------------------------------

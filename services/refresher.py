@@ -45,6 +45,7 @@ from core.clock import utcnow
 from core.errors import GatewayError
 from services.accounts import AccountService, RefreshOutcome
 from services.budget import Priority, call_priority
+from services.events import REFRESH_TOKEN_EXPIRED
 from storage.base import Account, Store
 
 log = logging.getLogger("gateway.refresher")
@@ -103,10 +104,13 @@ class RateLimiter:
 class RoundSummary:
     due: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
+    # Accounts told this round that their refresh token expires soon.
+    expiry_notices: int = 0
 
     def describe(self) -> str:
         counts = ", ".join(f"{name}={n}" for name, n in sorted(self.outcomes.items()))
-        return f"{self.due} due" + (f": {counts}" if counts else "")
+        notices = f"; {self.expiry_notices} expiry notice(s)" if self.expiry_notices else ""
+        return f"{self.due} due" + (f": {counts}" if counts else "") + notices
 
 
 class Refresher:
@@ -158,9 +162,21 @@ class Refresher:
         """Refresh what is due at ``now``; never raises for one account's failure."""
         now = now or self._clock()
         summary = RoundSummary()
-        expired = await self._store.expire_refresh_tokens(now=now)
+        events = self._accounts.events
+        expired = await self._store.expire_refresh_tokens(
+            now=now, event_factory=events.reauthorization_required(REFRESH_TOKEN_EXPIRED)
+        )
         if expired:
             summary.outcomes[RefreshOutcome.REFRESH_TOKEN_EXPIRED.value] = expired
+        # Refresh tokens expiring soon: the user should connect again (once per grant).
+        summary.expiry_notices = await self._store.record_expiry_notices(
+            now=now,
+            expiring_by=now + events.expiry_notice,
+            limit=self.batch_size,
+            event_factory=events.reauthorization_due(),
+        )
+        if expired or summary.expiry_notices:
+            events.relay_soon()
         due: list[Account] = []
         if self.keep_warm != timedelta(0):
             due = await self._store.accounts_due_for_refresh(
@@ -179,7 +195,7 @@ class Refresher:
 
         await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(due)))))
         self.rounds += 1
-        if summary.outcomes:
+        if summary.outcomes or summary.expiry_notices:
             log.info("refresh round: %s", summary.describe())
         else:
             log.debug("refresh round: nothing due")

@@ -3,8 +3,8 @@ relayed, pushed to a real receiver that verifies every delivery with the
 ``standardwebhooks`` package, and pulled over HTTP from ``GET /events``. Memory store
 and MongoDB over the wire (SecantusDB, motor and PyMongo).
 
-Events are appended with ``Store.append_account_event``: emitting them from the state
-changes themselves (connect, disconnect...) comes with a later change.
+Events are appended with ``Store.append_account_event``, so that delivery is tested on
+its own; tests/test_events_emission.py has the state changes themselves emit them.
 """
 
 from __future__ import annotations

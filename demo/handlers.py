@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import tornado.web
@@ -35,9 +35,9 @@ from demo.product import (
 from handlers.base import ErrorWriterMixin
 from handlers.oauth import CallbackHandler
 from services.accounts import AccountService, RefreshOutcome
-
-if TYPE_CHECKING:
-    from server import Gateway
+from services.config import Config
+from services.connect import ConnectionService
+from services.product_auth import UserResolver
 
 log = logging.getLogger("gateway.demo")
 
@@ -52,6 +52,20 @@ NOTICES = {
     "(authorization.removed webhook).",
 }
 ACTIONS = ("refresh", "disconnect", "simulate-removal")
+
+
+class GatewayParts(Protocol):
+    """What ``routes`` reads of the ``Gateway`` that mounts it (``app.wiring``), named
+    here so that the room imports nothing of the application that imports it."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def service(self) -> ConnectionService: ...
+    @property
+    def accounts(self) -> AccountService: ...
+    @property
+    def resolve_user(self) -> UserResolver: ...
 
 
 def prefers_html(accept: str) -> bool:
@@ -293,7 +307,7 @@ def relative(moment: datetime | None) -> str:
     return f"in {minutes} min {seconds} s"
 
 
-def routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]:
+def routes(gateway: GatewayParts, prefix: str = "") -> list[tornado.web.URLSpec]:
     """The demo's routes; put them first: their callback shadows the standard one."""
     log.warning(
         "DEMO_MODE is on: %s%s connects TikTok accounts for a built-in demo user without "

@@ -319,14 +319,13 @@ class AccountService:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
         metrics: GatewayMetrics | None = None,
-        unsaved: UnsavedGrants | None = None,
         events: AccountEvents | None = None,
     ) -> None:
         """``lease_seconds``: how long a refresh holds the account's lease; by default
         a call to TikTok and a margin (``refresh_lease_seconds(config)`` adds the
         store's calls). It must outlive a call to TikTok, or a second request would
-        refresh with the token the first one is sending. ``unsaved``: this process's
-        ``UnsavedGrants``, when another ``AccountService`` already has it."""
+        refresh with the token the first one is sending. One per process: its
+        ``unsaved`` grants are the process's."""
         longest_call = tiktok.longest_call_seconds
         if lease_seconds is None:
             lease_seconds = longest_call + LEASE_MARGIN_SECONDS
@@ -344,28 +343,11 @@ class AccountService:
         self._sleep = sleep
         self._monotonic = monotonic
         self._metrics = metrics or GatewayMetrics()
-        self.unsaved = unsaved or UnsavedGrants(store, clock=clock, sleep=sleep)
+        self.unsaved = UnsavedGrants(store, clock=clock, sleep=sleep)
         # Account events: recorded with the changes made here (and by the refresher).
         self.events = events or AccountEvents()
         # Names this process's lease holders, so logs can tell processes apart.
         self._holder_prefix = secrets.token_hex(4)
-
-    def with_skew(self, refresh_skew_seconds: int) -> AccountService:
-        """The same refresh path (store, TikTok client, lease, metrics, unsaved grants)
-        with another skew: the background refresher's."""
-        return AccountService(
-            store=self._store,
-            tiktok=self._tiktok,
-            refresh_skew_seconds=refresh_skew_seconds,
-            lease_seconds=self.lease_seconds,
-            wait_poll_seconds=self._poll,
-            clock=self._clock,
-            sleep=self._sleep,
-            monotonic=self._monotonic,
-            metrics=self._metrics,
-            unsaved=self.unsaved,
-            events=self.events,
-        )
 
     async def close(self, timeout: float) -> int:
         """On shutdown, before the store closes: ``UnsavedGrants.flush``."""
@@ -460,24 +442,41 @@ class AccountService:
                         exc.technical_message or exc.message)
         return _access_token(account, tokens)
 
-    async def refresh_account(self, account: Account, *, force: bool = False) -> RefreshOutcome:
-        """Refresh one account's tokens under the lease. Never raises for TikTok faults."""
-        return (await self._refresh(account, force=force)).outcome
+    async def refresh_account(
+        self, account: Account, *, force: bool = False, due_within: timedelta | None = None
+    ) -> RefreshOutcome:
+        """Refresh one account's tokens under the lease. Never raises for TikTok faults.
+
+        Unless ``force``, only tokens that expire within ``due_within`` (default: the
+        refresh skew) are refreshed; the background refresher passes its own window."""
+        return (await self._refresh(account, force=force, due_within=due_within)).outcome
 
     async def _refresh(
-        self, account: Account, *, force: bool, due: AccountTokens | None = None
+        self,
+        account: Account,
+        *,
+        force: bool,
+        due: AccountTokens | None = None,
+        due_within: timedelta | None = None,
     ) -> _Attempt:
         """``_attempt_refresh``, counted by outcome (``error`` when it raised)."""
         outcome = "error"
         try:
-            attempt = await self._attempt_refresh(account, force=force, due=due)
+            attempt = await self._attempt_refresh(
+                account, force=force, due=due, due_within=due_within
+            )
             outcome = attempt.outcome.value
             return attempt
         finally:
             self._metrics.refresh(outcome)
 
     async def _attempt_refresh(
-        self, account: Account, *, force: bool, due: AccountTokens | None = None
+        self,
+        account: Account,
+        *,
+        force: bool,
+        due: AccountTokens | None = None,
+        due_within: timedelta | None = None,
     ) -> _Attempt:
         # A grant this process got but could not store is the live credential: store
         # it, never refresh over it (the stored refresh token is dead).
@@ -502,7 +501,8 @@ class AccountService:
                 # No refresh token left to present: as good as refused.
                 await self._require_reauthorization(account, REFRESH_REFUSED, now=now)
                 return _Attempt(RefreshOutcome.REAUTHORIZATION_REQUIRED)
-            not_due = tokens.access_token_expires_at - now > self.refresh_skew
+            window = self.refresh_skew if due_within is None else due_within
+            not_due = tokens.access_token_expires_at - now > window
             if not force and (not_due or _replaced(tokens, due)):
                 # Someone refreshed between our read and our lease.
                 return _Attempt(RefreshOutcome.NOT_DUE)

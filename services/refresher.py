@@ -5,7 +5,8 @@ connected accounts whose refresh token has expired (one indexed update, no call
 to TikTok: TikTok's refresh tokens live 180 days and a refresh does not renew
 them). Then it asks the store for the connected accounts whose access token
 expires within ``ahead`` seconds (soonest first) and hands each to
-``AccountService.refresh_account``, the one refresh path. That method takes the
+``AccountService.refresh_account`` with ``ahead`` as its window: the one refresh
+path, in the same service the access-token endpoint uses. That method takes the
 account's lease in the store, so several gateway processes running this loop
 never refresh one account twice, and it never raises for TikTok faults.
 
@@ -134,13 +135,6 @@ class Refresher:
             raise ValueError("concurrency must be greater than 0")
         if keep_warm_seconds is not None and keep_warm_seconds < 0:
             raise ValueError("keep_warm_seconds must be 0 or more (None: keep all warm)")
-        if accounts.refresh_skew < timedelta(seconds=ahead_seconds):
-            # refresh_account would answer not_due for every account the round picks
-            # between the two windows.
-            raise ValueError(
-                "the AccountService's refresh skew must cover ahead_seconds; build it with "
-                "refresh_skew_seconds=ahead_seconds"
-            )
         self._store = store
         self._accounts = accounts
         self.interval = interval_seconds
@@ -235,7 +229,9 @@ class Refresher:
                 await self._limiter.acquire()
             # The task keeps this priority: its TikTok calls draw on the background share.
             with call_priority(Priority.BACKGROUND):
-                task = asyncio.ensure_future(self._accounts.refresh_account(account))
+                task = asyncio.ensure_future(
+                    self._accounts.refresh_account(account, due_within=self.ahead)
+                )
             self._in_flight.add(task)
             task.add_done_callback(self._settled)
             # Shielded: stop() cancels the round, but a refresh that may have reached

@@ -101,8 +101,8 @@ class Running:
         return list(json.loads(response.body)["events"])
 
     def refresher(self) -> Refresher:
-        accounts = self.gateway.accounts.with_skew(3600)
-        return Refresher(store=self.store, accounts=accounts, ahead_seconds=3600)
+        # The gateway's own AccountService, as start_refresher hands it over.
+        return Refresher(store=self.store, accounts=self.gateway.accounts, ahead_seconds=3600)
 
 
 @contextlib.asynccontextmanager

@@ -483,11 +483,7 @@ async def test_user_info_invalid_token_is_401(http_client, base_url, token):
 @pytest.mark.gen_test
 async def test_revoke_invalidates_access_and_refresh_tokens(http_client, base_url, sandbox):
     tokens = await connect(http_client, base_url)
-    response, body = await post_form(
-        http_client,
-        base_url + REVOKE,
-        {"client_key": CLIENT_KEY, "client_secret": CLIENT_SECRET, "token": tokens["access_token"]},
-    )
+    response, body = await revoke_form(http_client, base_url, tokens["access_token"])
     assert response.code == 200 and body == {}
     assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Tt-Logid"])
     response, body = await user_info(http_client, base_url, tokens["access_token"])
@@ -507,6 +503,23 @@ async def revoke(http_client, base_url: str, token: str) -> HTTPResponse:
         headers={"Content-Type": FORM},
         raise_error=False,
     )
+
+
+async def revoke_form(
+    http_client, base_url: str, token: str, client_secret: str = CLIENT_SECRET
+) -> tuple[HTTPResponse, dict[str, Any]]:
+    """A revoke whose answer has a JSON body."""
+    return await post_form(
+        http_client,
+        base_url + REVOKE,
+        {"client_key": CLIENT_KEY, "client_secret": client_secret, "token": token},
+    )
+
+
+async def assert_revoke_refuses_a_bad_client(http_client, base_url: str) -> None:
+    response, body = await revoke_form(http_client, base_url, "act.whatever", "wrong")
+    assert response.code == 401
+    assert_flat_error(body, "invalid_client")
 
 
 @pytest.mark.gen_test
@@ -540,24 +553,12 @@ async def test_revoke_empty_body_switch(http_client, base_url, sandbox):
     assert (await user_info(http_client, base_url, tokens["access_token"]))[0].code == 401
     assert (await revoke(http_client, base_url, "act.unknown")).body == b""
     # Errors keep their JSON body.
-    response, body = await post_form(
-        http_client,
-        base_url + REVOKE,
-        {"client_key": CLIENT_KEY, "client_secret": "wrong", "token": "act.whatever"},
-    )
-    assert response.code == 401
-    assert_flat_error(body, "invalid_client")
+    await assert_revoke_refuses_a_bad_client(http_client, base_url)
 
 
 @pytest.mark.gen_test
 async def test_revoke_with_bad_client_is_401(http_client, base_url):
-    response, body = await post_form(
-        http_client,
-        base_url + REVOKE,
-        {"client_key": CLIENT_KEY, "client_secret": "wrong", "token": "act.whatever"},
-    )
-    assert response.code == 401
-    assert_flat_error(body, "invalid_client")
+    await assert_revoke_refuses_a_bad_client(http_client, base_url)
 
 
 @pytest.mark.gen_test
@@ -629,11 +630,7 @@ async def test_fault_delay_and_latency_slow_answers_down(http_client, base_url, 
 async def test_clear_faults(http_client, base_url, sandbox):
     sandbox.add_fault("revoke", count=5)
     sandbox.clear_faults()
-    response, _ = await post_form(
-        http_client,
-        base_url + REVOKE,
-        {"client_key": CLIENT_KEY, "client_secret": CLIENT_SECRET, "token": "act.unknown"},
-    )
+    response, _ = await revoke_form(http_client, base_url, "act.unknown")
     assert response.code == 200
 
 
@@ -687,11 +684,7 @@ async def test_stats_count_every_endpoint(http_client, base_url, sandbox):
     await refresh(http_client, base_url, tokens["refresh_token"])
     await refresh(http_client, base_url, tokens["refresh_token"])  # refused, still counted
     await user_info(http_client, base_url, tokens["access_token"])
-    await post_form(
-        http_client,
-        base_url + REVOKE,
-        {"client_key": CLIENT_KEY, "client_secret": CLIENT_SECRET, "token": "x"},
-    )
+    await revoke_form(http_client, base_url, "x")
     assert sandbox.stats == {
         "authorize": 1,
         "token": 3,

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from services.background import cancel_and_wait
 from services.connect import utcnow
 from services.errors import GatewayError, ServiceUnavailable
 from services.metrics import GatewayMetrics
@@ -228,9 +229,4 @@ class ProfileFiller:
     async def stop(self) -> None:
         """End the loop now: a fetch in flight is dropped, its claim expires."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)

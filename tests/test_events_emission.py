@@ -12,18 +12,15 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from bson import ObjectId
 from pymongo import MongoClient
-from tornado.httpclient import AsyncHTTPClient, HTTPResponse
-from tornado.httpserver import HTTPServer
+from tornado.httpclient import HTTPResponse
 
-from server import Gateway, make_app, start_event_workers
-from services.event_delivery import EventWorkers
+from server import make_app, start_event_workers
 from services.event_types import (
     CONNECTED,
     REAUTHORIZATION_DUE,
@@ -42,12 +39,13 @@ from storage.mongodb import (
     MongoStore,
     expiry_notice_query,
 )
-from tests.fixtures_mongo import LOOPBACK, mongo_failpoint, open_mongo_store
+from tests.fixtures_mongo import mongo_failpoint, open_mongo_store
 from tests.flow import consent, follow, location, sandbox_settings, start
 from tests.processes import poll_until
-from tests.receiver import Receiver, bind
+from tests.receiver import Receiver
 from tests.support import PRODUCT_REDIRECT, assert_envelope, bearer, make_config
-from tests.test_events_delivery import EVENTS_BEARER, SECRET, WAIT
+from tests.test_events_delivery import EVENTS_BEARER, SECRET, WAIT, serving
+from tests.test_events_delivery import Running as DeliveryRunning
 from tests.test_store import plan_stages
 
 OWNER = "user-123"
@@ -63,17 +61,7 @@ ACCOUNT_KEYS = {
 gen_test = pytest.mark.gen_test(timeout=120)
 
 
-@dataclass
-class Running:
-    gateway: Gateway
-    workers: EventWorkers
-    url: str
-    client: AsyncHTTPClient
-
-    @property
-    def store(self) -> Store:
-        return self.gateway.store
-
+class Running(DeliveryRunning):
     async def call(self, method: str, path: str, headers: dict[str, str]) -> HTTPResponse:
         return await self.client.fetch(
             self.url + path, method=method, headers=headers, raise_error=False,
@@ -114,21 +102,9 @@ async def running(
     env = sandbox_settings(sandbox.url) | {"REFRESH_SKEW_SECONDS": ALWAYS_DUE} | settings
     if receiver is not None:
         env |= {"PRODUCT_WEBHOOK_URL": receiver.url, "PRODUCT_WEBHOOK_SECRET": SECRET}
-    app = make_app(make_config(**env), store=store)
-    gateway: Gateway = app.settings["gateway"]
-    sockets = bind(0)
-    server = HTTPServer(app)
-    server.add_sockets(sockets)
-    workers = start_event_workers(gateway)
-    client = AsyncHTTPClient(force_instance=True, defaults={"request_timeout": 20})
-    try:
-        yield Running(gateway, workers, f"http://{LOOPBACK}:{sockets[0].getsockname()[1]}",
-                      client)
-    finally:
-        await workers.stop(grace_seconds=5)
-        server.stop()
-        await server.close_all_connections()
-        client.close()
+    async with serving(make_app(make_config(**env), store=store), start_event_workers,
+                       Running, {"request_timeout": 20}) as run:
+        yield run
 
 
 async def next_event(receiver: Receiver, count: int) -> dict[str, Any]:

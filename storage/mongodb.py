@@ -214,6 +214,17 @@ _PROFILE_FILL_UNSET = {"profileRetryAt": "", "profileHolder": "", "profileFailur
 _LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def _reauthorization_required(now: datetime) -> dict[str, Any]:
+    """The update that leaves an account needing the user to connect again."""
+    return {
+        "$set": {
+            "status": AccountStatus.REAUTHORIZATION_REQUIRED.value,
+            "updatedAt": now,
+        },
+        "$unset": _TOKEN_UNSET,
+    }
+
+
 def profile_fill_query(now: datetime) -> dict[str, Any]:
     """Connected accounts whose pending profile is due at ``now``: every key is in
     PROFILE_FILL_INDEX, which also yields them in due order."""
@@ -978,13 +989,7 @@ class MongoStore(Store):
         query: dict[str, Any] = {"_id": object_id, "status": {"$ne": AccountStatus.REVOKED.value}}
         if version is not None:
             query.update(_generation_is(version))
-        update = {
-            "$set": {
-                "status": AccountStatus.REAUTHORIZATION_REQUIRED.value,
-                "updatedAt": now,
-            },
-            "$unset": _TOKEN_UNSET,
-        }
+        update = _reauthorization_required(now)
         if event_factory is not None:
             return await self._change_with_event(query, update, event_factory) is not None
         result = await self._accounts.update_one(query, update)
@@ -1103,13 +1108,7 @@ class MongoStore(Store):
     async def expire_refresh_tokens(
         self, *, now: datetime, event_factory: EventFactory | None = None
     ) -> int:
-        update = {
-            "$set": {
-                "status": AccountStatus.REAUTHORIZATION_REQUIRED.value,
-                "updatedAt": now,
-            },
-            "$unset": _TOKEN_UNSET,
-        }
+        update = _reauthorization_required(now)
         if event_factory is not None:
             return await self._change_each_with_event(
                 expired_refresh_query(now), update, event_factory

@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
 from core.clock import utcnow
 from core.errors import (
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from services.config import Config
 
 log = logging.getLogger("gateway.accounts")
+P = ParamSpec("P")
 
 # TikTok's answer to a refresh token it no longer honours.
 REFUSED_REFRESH_ERRORS = frozenset({"invalid_grant"})
@@ -306,6 +308,24 @@ class UnsavedGrants:
         return len(lost)
 
 
+def _counted_by_outcome(
+    attempt: Callable[Concatenate[AccountService, P], Awaitable[_Attempt]],
+) -> Callable[Concatenate[AccountService, P], Awaitable[_Attempt]]:
+    """``attempt``, its outcome counted in the refresh metric (``error`` when it raised)."""
+
+    @functools.wraps(attempt)
+    async def counted(service: AccountService, /, *args: P.args, **kwargs: P.kwargs) -> _Attempt:
+        outcome = "error"
+        try:
+            result = await attempt(service, *args, **kwargs)
+            outcome = result.outcome.value
+            return result
+        finally:
+            service._metrics.refresh(outcome)
+
+    return counted
+
+
 class AccountService:
     def __init__(
         self,
@@ -451,26 +471,8 @@ class AccountService:
         refresh skew) are refreshed; the background refresher passes its own window."""
         return (await self._refresh(account, force=force, due_within=due_within)).outcome
 
+    @_counted_by_outcome
     async def _refresh(
-        self,
-        account: Account,
-        *,
-        force: bool,
-        due: AccountTokens | None = None,
-        due_within: timedelta | None = None,
-    ) -> _Attempt:
-        """``_attempt_refresh``, counted by outcome (``error`` when it raised)."""
-        outcome = "error"
-        try:
-            attempt = await self._attempt_refresh(
-                account, force=force, due=due, due_within=due_within
-            )
-            outcome = attempt.outcome.value
-            return attempt
-        finally:
-            self._metrics.refresh(outcome)
-
-    async def _attempt_refresh(
         self,
         account: Account,
         *,

@@ -158,6 +158,14 @@ async def user_info(
     return response, json.loads(response.body)
 
 
+async def connected_user_info(
+    http_client, base_url: str, fields: str | None
+) -> tuple[HTTPResponse, dict[str, Any]]:
+    """``fields`` of the user just connected."""
+    tokens = await connect(http_client, base_url)
+    return await user_info(http_client, base_url, tokens["access_token"], fields)
+
+
 def assert_flat_error(body: dict[str, Any], error: str) -> None:
     assert body["error"] == error
     assert body["error_description"]
@@ -435,9 +443,8 @@ async def test_refresh_answers_the_remaining_refresh_lifetime(http_client, base_
 
 @pytest.mark.gen_test
 async def test_user_info_returns_only_requested_fields(http_client, base_url):
-    tokens = await connect(http_client, base_url)
-    response, body = await user_info(
-        http_client, base_url, tokens["access_token"], "open_id,display_name,username"
+    response, body = await connected_user_info(
+        http_client, base_url, "open_id,display_name,username"
     )
     assert response.code == 200
     assert body["data"]["user"] == {
@@ -451,10 +458,7 @@ async def test_user_info_returns_only_requested_fields(http_client, base_url):
 
 @pytest.mark.gen_test
 async def test_user_info_field_of_ungranted_scope_is_scope_not_authorized(http_client, base_url):
-    tokens = await connect(http_client, base_url)
-    response, body = await user_info(
-        http_client, base_url, tokens["access_token"], "open_id,follower_count"
-    )
+    response, body = await connected_user_info(http_client, base_url, "open_id,follower_count")
     assert response.code == 401
     assert_api_error(body, "scope_not_authorized")
     assert "user.info.stats" in body["error"]["message"]
@@ -463,8 +467,7 @@ async def test_user_info_field_of_ungranted_scope_is_scope_not_authorized(http_c
 @pytest.mark.parametrize("fields", [None, "", "open_id,shoe_size"])
 @pytest.mark.gen_test
 async def test_user_info_fields_missing_or_unknown_is_invalid_params(http_client, base_url, fields):
-    tokens = await connect(http_client, base_url)
-    response, body = await user_info(http_client, base_url, tokens["access_token"], fields)
+    response, body = await connected_user_info(http_client, base_url, fields)
     assert response.code == 400
     assert_api_error(body, "invalid_params")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from core.errors import GatewayError
@@ -45,6 +46,25 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         await task
     except asyncio.CancelledError:
         pass
+
+
+async def run_guarded(
+    run_round: Callable[[], Awaitable[Any]],
+    logger: logging.Logger,
+    *,
+    skipped: str,
+    failed: str,
+    skipped_level: int = logging.WARNING,
+) -> None:
+    """One round of a loop that must outlive it: a gateway error (the store or TikTok
+    out) is logged at ``skipped_level`` as ``skipped % reason``, any other error with
+    its traceback as ``failed``."""
+    try:
+        await run_round()
+    except GatewayError as exc:
+        logger.log(skipped_level, skipped, exc.technical_message or exc.message)
+    except Exception:
+        logger.exception(failed)
 
 
 class WakeableLoop:

@@ -32,7 +32,7 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from core.clock import utcnow
 from core.errors import GatewayError
-from services.background import WakeableLoop
+from services.background import WakeableLoop, run_guarded
 from services.events import RELAY_IDLE_SECONDS, EventRelay
 from services.http_client import is_refused, is_timeout
 from storage.base import Store, StoredEvent
@@ -330,13 +330,9 @@ class EventWorkers:
         self._metrics.oldest_undelivered_event_seconds.set(max(age, 0.0))
 
     async def _gauge(self) -> None:
-        while not self._stopping:  # the flag too: see EventRelay._run
-            try:
-                await self.update_gauge()
-            except GatewayError as exc:
-                log.debug("event gauge not updated: %s", exc.technical_message or exc.message)
-            except Exception:
-                log.exception("event gauge update failed")
+        while not self._stopping:  # the flag too: see WakeableLoop._run
+            await run_guarded(self.update_gauge, log, skipped="event gauge not updated: %s",
+                              failed="event gauge update failed", skipped_level=logging.DEBUG)
             await asyncio.sleep(self.gauge_seconds)
 
     async def stop(self, grace_seconds: float = REQUEST_TIMEOUT_SECONDS) -> None:

@@ -110,10 +110,9 @@ async def post_form(
     return response, json.loads(response.body)
 
 
-async def exchange(
-    http_client, base_url: str, code: str, **overrides: str | None
-) -> tuple[HTTPResponse, dict[str, Any]]:
-    fields: dict[str, str | None] = {
+def exchange_fields(code: str) -> dict[str, str]:
+    """A valid code exchange's form."""
+    return {
         "client_key": CLIENT_KEY,
         "client_secret": CLIENT_SECRET,
         "code": code,
@@ -121,7 +120,12 @@ async def exchange(
         "redirect_uri": REDIRECT_URI,
         "code_verifier": VERIFIER,
     }
-    fields.update(overrides)
+
+
+async def exchange(
+    http_client, base_url: str, code: str, **overrides: str | None
+) -> tuple[HTTPResponse, dict[str, Any]]:
+    fields: dict[str, str | None] = {**exchange_fields(code), **overrides}
     body = {k: v for k, v in fields.items() if v is not None}
     return await post_form(http_client, base_url + TOKEN, body)
 
@@ -356,15 +360,9 @@ async def test_bad_client_credentials_are_invalid_client_401(http_client, base_u
 @pytest.mark.gen_test
 async def test_content_type_must_be_exactly_form(http_client, base_url, content_type):
     code = callback_query(await authorize(http_client, base_url))["code"]
-    fields = {
-        "client_key": CLIENT_KEY,
-        "client_secret": CLIENT_SECRET,
-        "code": code,
-        "grant_type": "authorization_code",
-        "redirect_uri": REDIRECT_URI,
-        "code_verifier": VERIFIER,
-    }
-    response, body = await post_form(http_client, base_url + TOKEN, fields, content_type)
+    response, body = await post_form(
+        http_client, base_url + TOKEN, exchange_fields(code), content_type
+    )
     assert response.code == 400
     assert_flat_error(body, "invalid_request")
     assert "charset" not in body["error_description"] or "exactly" in body["error_description"]

@@ -603,6 +603,12 @@ async def test_a_store_outage_pauses_the_relay_with_one_warning(
             await poll_until(paused, bool, timeout=WAIT, interval=0.05, what="relay paused")
             await asyncio.sleep(0.5)  # several failing rounds, backing off
         await until_status(run.store, event["id"], EventStatus.PULL_ONLY)
+
+        async def resumed() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "resumed after" in r.getMessage()]
+
+        # The event is stored as relayed a moment before that round logs its recovery.
+        await poll_until(resumed, bool, timeout=WAIT, interval=0.05, what="relay resumed")
         messages = [r.getMessage() for r in caplog.records if r.name == "gateway.events"]
         assert len([m for m in messages if "paused" in m]) == 1, messages
         assert len([m for m in messages if "resumed after" in m]) == 1, messages

@@ -26,6 +26,7 @@ __all__ = [
     "PermissionDenied",
     "ProviderRejected",
     "OutcomeUnknown",
+    "ProfileRefused",
     "ProviderUnavailable",
     "RateLimited",
     "RedirectRejected",
@@ -227,6 +228,11 @@ class OutcomeUnknown(ProviderUnavailable):
     """The request may have reached TikTok, but no answer came back (a timeout or a
     dropped connection once it was sent): whatever TikTok did with it is unknown. For
     a refresh: TikTok may have rotated the refresh token."""
+
+
+class ProfileRefused(ProviderUnavailable):
+    """TikTok answered the profile call and refused it (401 ``access_token_invalid``,
+    a scope error...): not a transient fault, so it is never retried at once."""
 
 class StoreUnavailable(ServiceUnavailable):
     default_message = "We cannot save your connection right now. Please try again in a moment."

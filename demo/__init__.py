@@ -2,7 +2,7 @@
 
 The whole demo lives here: ``demo.product`` is the product's backend (it talks to the
 gateway over HTTP only), ``demo.handlers`` its pages and their routes, ``templates``
-their rendering. The gateway mounts ``routes`` from one line in ``server.routes``, and
+their rendering. The gateway mounts ``routes`` from one line in ``app.wiring.routes``, and
 only in demo mode; delete that line and this directory and the demo is gone.
 """
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import tornado.web
@@ -21,11 +21,13 @@ from tornado.escape import url_escape
 from tornado.template import Loader
 
 from core.clock import iso_z, utcnow
-from core.errors import PermissionDenied
+from core.errors import NotFound, PermissionDenied, SignatureInvalid
 from demo.product import (
     DEMO_PATH,
     DEMO_USER_NAME,
+    EVENT_WAIT_SECONDS,
     PRODUCT_NAME,
+    WEBHOOK_PATH,
     DemoFailed,
     DemoProduct,
     gateway_url_of,
@@ -33,9 +35,9 @@ from demo.product import (
 from handlers.base import ErrorWriterMixin
 from handlers.oauth import CallbackHandler
 from services.accounts import AccountService, RefreshOutcome
-
-if TYPE_CHECKING:
-    from server import Gateway
+from services.config import Config
+from services.connect import ConnectionService
+from services.product_auth import UserResolver
 
 log = logging.getLogger("gateway.demo")
 
@@ -50,6 +52,20 @@ NOTICES = {
     "(authorization.removed webhook).",
 }
 ACTIONS = ("refresh", "disconnect", "simulate-removal")
+
+
+class GatewayParts(Protocol):
+    """What ``routes`` reads of the ``Gateway`` that mounts it (``app.wiring``), named
+    here so that the room imports nothing of the application that imports it."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def service(self) -> ConnectionService: ...
+    @property
+    def accounts(self) -> AccountService: ...
+    @property
+    def resolve_user(self) -> UserResolver: ...
 
 
 def prefers_html(accept: str) -> bool:
@@ -182,17 +198,22 @@ class DemoHandler(HtmlErrorPages):
             iso=iso_z,
             relative=relative,
             path_segment=lambda value: url_escape(value, plus=False),
+            events=list(self.product.events),
+            receives_events=self.product.receives_events,
             **{"returned": None, "notice": None, "cards": [], **extra},
         )
 
 
 class DemoPageHandler(DemoHandler):
     async def get(self) -> None:
+        returned = self.check_returned()
+        notice = NOTICES.get(self.get_query_argument("notice", ""))
+        # Back from an action: its account event is on its way (the page has no script
+        # to show it later).
+        await self.product.wait_for_event(EVENT_WAIT_SECONDS if returned or notice else 0)
         self.finish(
             self.render_page(
-                cards=await self.product.cards(),
-                returned=self.check_returned(),
-                notice=NOTICES.get(self.get_query_argument("notice", "")),
+                cards=await self.product.cards(), returned=returned, notice=notice
             )
         )
 
@@ -249,6 +270,27 @@ class DemoAccountActionHandler(DemoHandler):
             raise DemoFailed(503, "TikTok did not answer the refresh in time. Please try again.")
 
 
+class DemoWebhookHandler(ErrorWriterMixin):
+    """The demo product's receiver of account events: what ``PRODUCT_WEBHOOK_URL``
+    points at in the demo. A delivery whose signature does not verify is refused."""
+
+    def initialize(self, product: DemoProduct) -> None:
+        self.product = product
+
+    def check_xsrf_cookie(self) -> None:
+        return None  # the gateway carries no cookie: the signature authenticates it
+
+    async def post(self) -> None:
+        try:
+            self.product.receive_event(self.request.body, self.request.headers)
+        except DemoFailed as exc:
+            if exc.status == 404:
+                raise NotFound(exc.message) from None
+            raise SignatureInvalid(exc.message, technical_message="webhook-signature") from None
+        self.set_status(204)  # acknowledged: the gateway will not send it again
+        self.finish()
+
+
 def relative(moment: datetime | None) -> str:
     """``in 23 h 59 min`` (or ``expired``) from now."""
     if moment is None:
@@ -265,7 +307,7 @@ def relative(moment: datetime | None) -> str:
     return f"in {minutes} min {seconds} s"
 
 
-def routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]:
+def routes(gateway: GatewayParts, prefix: str = "") -> list[tornado.web.URLSpec]:
     """The demo's routes; put them first: their callback shadows the standard one."""
     log.warning(
         "DEMO_MODE is on: %s%s connects TikTok accounts for a built-in demo user without "
@@ -274,12 +316,19 @@ def routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]:
         DEMO_PATH,
     )
     config = gateway.config
+    webhook_url = f"{prefix}{WEBHOOK_PATH}"
+    # The demo product verifies deliveries when the gateway pushes them to it.
+    pushed_here = bool(
+        config.events_push_enabled
+        and urlsplit(config.product_webhook_url or "").path == webhook_url
+    )
     product = DemoProduct(
         gateway_url=gateway_url_of(config.tiktok_redirect_uri, prefix),
         sandbox_url=config.tiktok_api_base_url,
         jwt_secret=config.auth_jwt_secrets[0],
         jwt_issuer=config.auth_jwt_issuer,
         jwt_audience=config.auth_jwt_audience,
+        webhook_secret=config.product_webhook_secrets[0] if pushed_here else None,
     )
     authorize = urlsplit(config.tiktok_authorize_url)
     pages = {
@@ -296,5 +345,6 @@ def routes(gateway: Gateway, prefix: str = "") -> list[tornado.web.URLSpec]:
             DemoAccountActionHandler,
             {**pages, "accounts": gateway.accounts},
         ),
+        tornado.web.url(webhook_url, DemoWebhookHandler, {"product": product}),
         tornado.web.url(f"{prefix}{CALLBACK_SUFFIX}", DemoCallbackHandler, flow),
     ]

@@ -7,19 +7,27 @@ bearer JWT server-side (the secret never leaves this process) and calls
 ``POST /accounts/{id}/access-token`` (to show the token, masked) and
 ``DELETE /accounts/{id}``; the browser gets nothing but the ``authorizationUrl``.
 One demo-only control has no product equivalent: the sandbox's simulated removal.
+
+It also receives the gateway's account events as a product does (``receive_event``:
+its webhook, ``PRODUCT_WEBHOOK_URL``), checks each signature with the
+``standardwebhooks`` package and keeps the last ``EVENTS_KEPT`` to show.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
+from standardwebhooks import Webhook, WebhookVerificationError
 from tornado.escape import url_escape
 from tornado.httpclient import AsyncHTTPClient
 
@@ -39,6 +47,13 @@ MASK = "\u2022\u2022\u2022\u2022"  # ••••
 # TikTok's reason code for a user removing the app (TIKTOK_API.md).
 REMOVED_BY_USER = 1
 EPOCH = datetime.fromtimestamp(0, UTC)
+# Where the demo product receives account events (scripts/demo.py points
+# PRODUCT_WEBHOOK_URL here), and how many it keeps to show.
+WEBHOOK_PATH = "/demo/product/webhook"
+EVENTS_KEPT = 20
+# After an action that changes an account, the page waits this long at most for its event.
+EVENT_WAIT_SECONDS = 3.0
+EVENT_POLL_SECONDS = 0.05
 
 
 class DemoFailed(Exception):
@@ -73,6 +88,36 @@ class AccountCard:
     def initials(self) -> str:
         words = [w for w in self.display_name.split() if w[:1].isalnum()]
         return "".join(w[0] for w in words[:2]).upper() or "?"
+
+
+@dataclass(frozen=True)
+class ReceivedEvent:
+    """An account event the demo product received, its signature verified."""
+
+    id: str
+    type: str
+    timestamp: datetime | None
+    account: str  # the account's display name, else its open_id
+    account_status: str
+    # What the event carries beyond the account: reconnected, reason, source.
+    detail: str
+
+
+def describe_event(event: Mapping[str, Any]) -> ReceivedEvent:
+    data = event.get("data")
+    data = data if isinstance(data, dict) else {}
+    account = data.get("account")
+    account = account if isinstance(account, dict) else {}
+    extras = {k: v for k, v in data.items() if k != "account"}
+    return ReceivedEvent(
+        id=str(event.get("id", "")),
+        type=str(event.get("type", "")),
+        timestamp=_moment(event.get("timestamp")),
+        account=_text(account.get("displayName"))
+        or str(account.get("platformAccountId") or account.get("id") or "?"),
+        account_status=str(account.get("status", "")),
+        detail=", ".join(f"{name}={json.dumps(value)}" for name, value in extras.items()),
+    )
 
 
 def mask_token(token: str) -> str:
@@ -122,6 +167,7 @@ class DemoProduct:
         jwt_issuer: str | None = None,
         jwt_audience: str | None = None,
         http_client: AsyncHTTPClient | None = None,
+        webhook_secret: str | None = None,
     ) -> None:
         self.gateway_url = gateway_url
         self.page_url = gateway_url + DEMO_PATH
@@ -135,6 +181,53 @@ class DemoProduct:
         # What this backend learnt of an account beyond its status, by account id:
         # the disconnects it made, the removals it had the sandbox send.
         self._notes: dict[str, str] = {}
+        # Account events: verified with the secret the gateway signs with (None: the
+        # gateway does not push them).
+        self._webhook = Webhook(webhook_secret) if webhook_secret else None
+        self.events: deque[ReceivedEvent] = deque(maxlen=EVENTS_KEPT)
+        self._received = 0
+        self._awaited: int | None = None
+
+    @property
+    def receives_events(self) -> bool:
+        return self._webhook is not None
+
+    # -- account events, as a product receives them ---------------------------------
+
+    def receive_event(self, body: bytes, headers: Mapping[str, str]) -> ReceivedEvent | None:
+        """One delivery to the product's webhook: the event, once its signature is
+        verified (``DemoFailed`` otherwise); None for one already received (deliveries
+        are at least once)."""
+        if self._webhook is None:
+            raise DemoFailed(404, "This demo product does not receive account events.")
+        try:
+            event = self._webhook.verify(body, dict(headers))
+        except WebhookVerificationError as exc:
+            log.warning("demo product refused an account event: %s", exc)
+            raise DemoFailed(400, "The signature does not verify.") from None
+        received = describe_event(event)
+        if any(kept.id == received.id for kept in self.events):
+            return None
+        self.events.appendleft(received)
+        self._received += 1
+        log.info("demo product received account event %s (%s), signature verified",
+                 received.id, received.type)
+        return received
+
+    def expect_event(self) -> None:
+        """An action that changes an account starts: the page shown after it waits
+        for its event (``wait_for_event``)."""
+        self._awaited = self._received
+
+    async def wait_for_event(self, timeout: float = EVENT_WAIT_SECONDS) -> None:
+        """Until an event arrives after ``expect_event`` (the gateway pushes it within
+        moments), or ``timeout``; at once when no action awaits one."""
+        awaited, self._awaited = self._awaited, None
+        if awaited is None or self._webhook is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self._received <= awaited and time.monotonic() < deadline:
+            await asyncio.sleep(EVENT_POLL_SECONDS)
 
     # -- what a product backend does, over the gateway's public API --------------
 
@@ -143,6 +236,7 @@ class DemoProduct:
         body = await self._gateway(
             "POST", "/oauth/tiktok/authorize", {"redirectUri": self.page_url}
         )
+        self.expect_event()  # the page the callback returns to shows the connection's
         url = body.get("authorizationUrl")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise DemoFailed(502, "The gateway answered without an authorization URL.")
@@ -160,6 +254,7 @@ class DemoProduct:
 
     async def disconnect(self, account_id: str) -> bool:
         """``DELETE /accounts/{id}``; whether TikTok confirmed the revocation."""
+        self.expect_event()
         body = await self._gateway("DELETE", f"/accounts/{url_escape(account_id, plus=False)}")
         revoked_at_tiktok = bool(body.get("revokedAtTikTok"))
         at_tiktok = (
@@ -176,6 +271,7 @@ class DemoProduct:
         """Ask the sandbox to act as if the user removed the app in TikTok: it revokes
         the grant and sends the gateway a signed ``authorization.removed`` webhook."""
         account = await self._gateway("GET", f"/accounts/{url_escape(account_id, plus=False)}")
+        self.expect_event()
         body = await self._call(
             "POST",
             f"{self.sandbox_url}/sandbox/webhooks",

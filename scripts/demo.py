@@ -99,6 +99,10 @@ def demo_environment(host: str, gateway_port: int, sandbox_port: int) -> dict[st
         "ALLOWED_REDIRECT_ORIGINS": f"{PRODUCT_ORIGIN},http://{host}:{gateway_port}",
         "DEMO_MODE": "1",
         "TOKEN_ENCRYPTION_KEYS": "demo:" + base64.b64encode(os.urandom(32)).decode(),
+        # Account events are pushed to the demo product's own receiver, which verifies
+        # them with this per-run signing secret (plain http: a loopback address).
+        "PRODUCT_WEBHOOK_URL": f"http://{host}:{gateway_port}/demo/product/webhook",
+        "PRODUCT_WEBHOOK_SECRET": "whsec_" + base64.b64encode(os.urandom(32)).decode(),
         "PYTHONUNBUFFERED": "1",
     }
 

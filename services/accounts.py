@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
 from core.clock import utcnow
 from core.errors import (
@@ -34,6 +35,12 @@ from core.errors import (
     ProviderUnavailable,
     ServiceUnavailable,
 )
+from services.events import (
+    REFRESH_REFUSED,
+    REFRESH_TOKEN_EXPIRED,
+    SOURCE_PRODUCT,
+    AccountEvents,
+)
 from services.metrics import GatewayMetrics
 from services.tiktok import TikTokClient
 from storage.base import Account, AccountStatus, AccountTokens, Store, TokenGrant
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
     from services.config import Config
 
 log = logging.getLogger("gateway.accounts")
+P = ParamSpec("P")
 
 # TikTok's answer to a refresh token it no longer honours.
 REFUSED_REFRESH_ERRORS = frozenset({"invalid_grant"})
@@ -300,6 +308,24 @@ class UnsavedGrants:
         return len(lost)
 
 
+def _counted_by_outcome(
+    attempt: Callable[Concatenate[AccountService, P], Awaitable[_Attempt]],
+) -> Callable[Concatenate[AccountService, P], Awaitable[_Attempt]]:
+    """``attempt``, its outcome counted in the refresh metric (``error`` when it raised)."""
+
+    @functools.wraps(attempt)
+    async def counted(service: AccountService, /, *args: P.args, **kwargs: P.kwargs) -> _Attempt:
+        outcome = "error"
+        try:
+            result = await attempt(service, *args, **kwargs)
+            outcome = result.outcome.value
+            return result
+        finally:
+            service._metrics.refresh(outcome)
+
+    return counted
+
+
 class AccountService:
     def __init__(
         self,
@@ -313,13 +339,13 @@ class AccountService:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
         metrics: GatewayMetrics | None = None,
-        unsaved: UnsavedGrants | None = None,
+        events: AccountEvents | None = None,
     ) -> None:
         """``lease_seconds``: how long a refresh holds the account's lease; by default
         a call to TikTok and a margin (``refresh_lease_seconds(config)`` adds the
         store's calls). It must outlive a call to TikTok, or a second request would
-        refresh with the token the first one is sending. ``unsaved``: this process's
-        ``UnsavedGrants``, when another ``AccountService`` already has it."""
+        refresh with the token the first one is sending. One per process: its
+        ``unsaved`` grants are the process's."""
         longest_call = tiktok.longest_call_seconds
         if lease_seconds is None:
             lease_seconds = longest_call + LEASE_MARGIN_SECONDS
@@ -337,25 +363,11 @@ class AccountService:
         self._sleep = sleep
         self._monotonic = monotonic
         self._metrics = metrics or GatewayMetrics()
-        self.unsaved = unsaved or UnsavedGrants(store, clock=clock, sleep=sleep)
+        self.unsaved = UnsavedGrants(store, clock=clock, sleep=sleep)
+        # Account events: recorded with the changes made here (and by the refresher).
+        self.events = events or AccountEvents()
         # Names this process's lease holders, so logs can tell processes apart.
         self._holder_prefix = secrets.token_hex(4)
-
-    def with_skew(self, refresh_skew_seconds: int) -> AccountService:
-        """The same refresh path (store, TikTok client, lease, metrics, unsaved grants)
-        with another skew: the background refresher's."""
-        return AccountService(
-            store=self._store,
-            tiktok=self._tiktok,
-            refresh_skew_seconds=refresh_skew_seconds,
-            lease_seconds=self.lease_seconds,
-            wait_poll_seconds=self._poll,
-            clock=self._clock,
-            sleep=self._sleep,
-            monotonic=self._monotonic,
-            metrics=self._metrics,
-            unsaved=self.unsaved,
-        )
 
     async def close(self, timeout: float) -> int:
         """On shutdown, before the store closes: ``UnsavedGrants.flush``."""
@@ -450,24 +462,23 @@ class AccountService:
                         exc.technical_message or exc.message)
         return _access_token(account, tokens)
 
-    async def refresh_account(self, account: Account, *, force: bool = False) -> RefreshOutcome:
-        """Refresh one account's tokens under the lease. Never raises for TikTok faults."""
-        return (await self._refresh(account, force=force)).outcome
+    async def refresh_account(
+        self, account: Account, *, force: bool = False, due_within: timedelta | None = None
+    ) -> RefreshOutcome:
+        """Refresh one account's tokens under the lease. Never raises for TikTok faults.
 
+        Unless ``force``, only tokens that expire within ``due_within`` (default: the
+        refresh skew) are refreshed; the background refresher passes its own window."""
+        return (await self._refresh(account, force=force, due_within=due_within)).outcome
+
+    @_counted_by_outcome
     async def _refresh(
-        self, account: Account, *, force: bool, due: AccountTokens | None = None
-    ) -> _Attempt:
-        """``_attempt_refresh``, counted by outcome (``error`` when it raised)."""
-        outcome = "error"
-        try:
-            attempt = await self._attempt_refresh(account, force=force, due=due)
-            outcome = attempt.outcome.value
-            return attempt
-        finally:
-            self._metrics.refresh(outcome)
-
-    async def _attempt_refresh(
-        self, account: Account, *, force: bool, due: AccountTokens | None = None
+        self,
+        account: Account,
+        *,
+        force: bool,
+        due: AccountTokens | None = None,
+        due_within: timedelta | None = None,
     ) -> _Attempt:
         # A grant this process got but could not store is the live credential: store
         # it, never refresh over it (the stored refresh token is dead).
@@ -479,7 +490,7 @@ class AccountService:
             return _Attempt(RefreshOutcome.REAUTHORIZATION_REQUIRED)
         if account.refresh_token_expires_at and account.refresh_token_expires_at <= now:
             # No point asking TikTok: the refresh token is dead.
-            await self._store.require_reauthorization(account.id, now=now)
+            await self._require_reauthorization(account, REFRESH_TOKEN_EXPIRED, now=now)
             return _Attempt(RefreshOutcome.REFRESH_TOKEN_EXPIRED)
         holder = f"{self._holder_prefix}-{secrets.token_hex(6)}"
         if not await self._store.acquire_refresh_lease(
@@ -489,9 +500,11 @@ class AccountService:
         try:
             tokens = await self._store.get_account_tokens(account.id)
             if tokens is None:
-                await self._store.require_reauthorization(account.id, now=now)
+                # No refresh token left to present: as good as refused.
+                await self._require_reauthorization(account, REFRESH_REFUSED, now=now)
                 return _Attempt(RefreshOutcome.REAUTHORIZATION_REQUIRED)
-            not_due = tokens.access_token_expires_at - now > self.refresh_skew
+            window = self.refresh_skew if due_within is None else due_within
+            not_due = tokens.access_token_expires_at - now > window
             if not force and (not_due or _replaced(tokens, due)):
                 # Someone refreshed between our read and our lease.
                 return _Attempt(RefreshOutcome.NOT_DUE)
@@ -517,8 +530,8 @@ class AccountService:
         except ProviderRejected as exc:
             if exc.details.get("providerError") in REFUSED_REFRESH_ERRORS:
                 # Only if the refused token is still the stored one (same generation).
-                if await self._store.require_reauthorization(
-                    account.id, now=self._clock(), version=tokens.version
+                if await self._require_reauthorization(
+                    account, REFRESH_REFUSED, now=self._clock(), version=tokens.version
                 ):
                     log.warning("refresh token refused for account %s", account.id)
                     return _Attempt(RefreshOutcome.REAUTHORIZATION_REQUIRED)
@@ -545,6 +558,20 @@ class AccountService:
             return _Attempt(RefreshOutcome.SUPERSEDED)
         log.info("refreshed account %s (log_id=%s)", account.id, response.log_id or "-")
         return _Attempt(RefreshOutcome.REFRESHED)
+
+    async def _require_reauthorization(
+        self, account: Account, reason: str, *, now: datetime, version: int | None = None
+    ) -> bool:
+        """Mark the account ``reauthorization_required``, with its event."""
+        marked = await self._store.require_reauthorization(
+            account.id,
+            now=now,
+            version=version,
+            event_factory=self.events.reauthorization_required(reason),
+        )
+        if marked:
+            self.events.relay_soon()
+        return marked
 
     async def _release(self, account_id: str, holder: str) -> None:
         try:
@@ -573,7 +600,9 @@ class AccountService:
         revoked = await self._store.revoke_account(
             account.id, now=self._clock(), reason="disconnected",
             revoked_at_tiktok=revoked_at_tiktok,
+            event_factory=self.events.revoked(SOURCE_PRODUCT),
         )
+        self.events.relay_soon()
         # A concurrent disconnect may have won: report what is stored.
         stored = bool(revoked.revoked_at_tiktok) if revoked else revoked_at_tiktok
         return Disconnected("revoked", stored)

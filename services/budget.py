@@ -35,18 +35,15 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from core.errors import RateLimited, StoreUnavailable
 from services.metrics import GatewayMetrics
 from storage.base import CALL_BUDGETS, CallAdmission, Store, judge_call
-
-if TYPE_CHECKING:
-    from services.config import Config
 
 log = logging.getLogger("gateway.budget")
 
@@ -156,6 +153,20 @@ class _Budget:
         return sum(1 for left in admission.leaving if left > now - at)
 
 
+class BudgetSettings(Protocol):
+    """The settings ``TikTokBudget.from_config`` reads: ``services.config.Config`` has
+    them. Named here, not imported: the configuration imports this module's defaults."""
+
+    @property
+    def tiktok_rate_limits(self) -> Iterable[tuple[str, RateLimit]]: ...
+    @property
+    def tiktok_rate_limit_margin_seconds(self) -> float: ...
+    @property
+    def tiktok_background_share(self) -> float: ...
+    @property
+    def tiktok_fallback_share(self) -> float: ...
+
+
 class TikTokBudget:
     """The gateway's permits to call TikTok, per endpoint; see the module docstring.
 
@@ -204,7 +215,7 @@ class TikTokBudget:
 
     @classmethod
     def from_config(
-        cls, config: Config, store: Store, *, metrics: GatewayMetrics | None = None
+        cls, config: BudgetSettings, store: Store, *, metrics: GatewayMetrics | None = None
     ) -> TikTokBudget:
         return cls(
             store,

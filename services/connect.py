@@ -23,6 +23,7 @@ from core.errors import (
     ValidationFailed,
 )
 from services import pkce
+from services.events import AccountEvents
 from services.metrics import GatewayMetrics
 from services.redirects import AllowedOrigins, with_query
 from services.scopes import BASIC_SCOPE, KNOWN_SCOPES, parse_granted, user_fields_for
@@ -85,8 +86,10 @@ class ConnectionService:
         callback_budget_seconds: float = 10.0,
         clock: Callable[[], datetime] = utcnow,
         metrics: GatewayMetrics | None = None,
+        events: AccountEvents | None = None,
     ) -> None:
         self._callback_budget = callback_budget_seconds
+        self._events = events or AccountEvents()
         self._store = store
         self._tiktok = tiktok
         self._states = states
@@ -272,7 +275,9 @@ class ConnectionService:
                 scopes=granted,
             ),
             now=now,
+            event_factory=self._events.connected(),
         )
+        self._events.relay_soon()
         # The tokens are safe in the store from here: the account is connected.
         try:
             user = await self._tiktok.fetch_user(

@@ -32,7 +32,8 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from core.clock import utcnow
 from core.errors import GatewayError
-from services.events import RELAY_IDLE_SECONDS, EventRelay, Outage
+from services.background import WakeableLoop, run_guarded
+from services.events import RELAY_IDLE_SECONDS, EventRelay
 from services.http_client import is_refused, is_timeout
 from storage.base import Store, StoredEvent
 
@@ -121,7 +122,7 @@ def _safe_url(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
 
 
-class EventDelivery:
+class EventDelivery(WakeableLoop):
     def __init__(
         self,
         *,
@@ -138,6 +139,7 @@ class EventDelivery:
         concurrency: int = CONCURRENCY,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
+        super().__init__()
         self._store = store
         self.url = url
         self._signer = Signer(secrets)
@@ -152,10 +154,7 @@ class EventDelivery:
         self.concurrency = concurrency
         self._lease_seconds = request_timeout + LEASE_MARGIN_SECONDS
         self._clock = clock
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._stopping = False
 
     # -- one round ------------------------------------------------------------------
 
@@ -259,45 +258,24 @@ class EventDelivery:
     def wake(self) -> None:
         self._wake.set()
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+    task_name = "account-event-delivery"
+    what = "account event delivery"
+    round_name = "event delivery"
 
     def start(self) -> None:
-        if not self.running:
-            self._stopping = False
-            self._task = asyncio.create_task(self._run(), name="account-event-delivery")
+        if self._start():
             log.info("account events pushed to %s", _safe_url(self.url))
 
-    async def _run(self) -> None:
-        outage = Outage("account event delivery")
-        while not self._stopping:  # the flag too: see EventRelay._run
-            self._wake.clear()
-            wait, started = self.poll_seconds, 0
-            try:
-                started = await self.run_once()
-                outage.succeeded()
-            except GatewayError as exc:
-                wait = outage.failed(exc, self.poll_seconds)
-            except Exception:
-                log.exception("event delivery round failed")
-            if started and len(self._in_flight) < self.concurrency:
-                continue  # more may be due
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
-            except TimeoutError:
-                pass
+    def _interval(self) -> float:
+        return self.poll_seconds
+
+    async def _round(self) -> bool:
+        started = await self.run_once()
+        return bool(started) and len(self._in_flight) < self.concurrency  # more may be due
 
     async def stop(self, grace_seconds: float = REQUEST_TIMEOUT_SECONDS) -> None:
         """No new attempt starts; those in flight get ``grace_seconds`` to finish."""
-        self._stopping = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await self._stop_task()
         in_flight = set(self._in_flight)
         if in_flight:
             _, late = await asyncio.wait(in_flight, timeout=grace_seconds)
@@ -352,13 +330,9 @@ class EventWorkers:
         self._metrics.oldest_undelivered_event_seconds.set(max(age, 0.0))
 
     async def _gauge(self) -> None:
-        while not self._stopping:  # the flag too: see EventRelay._run
-            try:
-                await self.update_gauge()
-            except GatewayError as exc:
-                log.debug("event gauge not updated: %s", exc.technical_message or exc.message)
-            except Exception:
-                log.exception("event gauge update failed")
+        while not self._stopping:  # the flag too: see WakeableLoop._run
+            await run_guarded(self.update_gauge, log, skipped="event gauge not updated: %s",
+                              failed="event gauge update failed", skipped_level=logging.DEBUG)
             await asyncio.sleep(self.gauge_seconds)
 
     async def stop(self, grace_seconds: float = REQUEST_TIMEOUT_SECONDS) -> None:

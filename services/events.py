@@ -10,17 +10,17 @@ cursor. ``services.event_delivery`` pushes them from there.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from core.clock import iso_z, utcnow
 from core.errors import Conflict, GatewayError, NotFound, ValidationFailed
+from services.background import WakeableLoop
 
 # The types and reasons, re-exported: callers build events from here.
 from services.event_types import CONNECTED as CONNECTED
@@ -33,7 +33,7 @@ from services.event_types import REVOKED as REVOKED
 from services.event_types import SOURCE_PRODUCT as SOURCE_PRODUCT
 from services.event_types import SOURCE_TIKTOK as SOURCE_TIKTOK
 from services.representation import account_payload
-from storage.base import Account, EventStatus, Store, StoredEvent
+from storage.base import Account, AccountStatus, EventFactory, EventStatus, Store, StoredEvent
 
 if TYPE_CHECKING:
     from services.metrics import GatewayMetrics
@@ -55,31 +55,6 @@ RELAY_LEASE_SECONDS = 20.0
 RELAY_FENCE_SECONDS = 10.0
 RELAY_BATCH = 100
 RELAY_IDLE_SECONDS = 0.5
-# While the store fails, rounds back off up to this (and the outage is logged once).
-MAX_BACKOFF_SECONDS = 5.0
-
-
-class Outage:
-    """A background loop's store outage: logged when it starts and when it ends, not
-    at every round, with rounds spaced out meanwhile."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.failures = 0
-
-    def failed(self, exc: GatewayError, interval: float) -> float:
-        """Note a failed round; how long to wait before the next."""
-        self.failures += 1
-        if self.failures == 1:
-            log.warning("%s paused: %s", self.what, exc.technical_message or exc.message)
-        return min(interval * 2.0 ** min(self.failures, 16), MAX_BACKOFF_SECONDS)
-
-    def succeeded(self) -> None:
-        if self.failures:
-            log.info("%s resumed after %d failed round(s)", self.what, self.failures)
-        self.failures = 0
-
-
 def new_event_id() -> str:
     return EVENT_ID_PREFIX + secrets.token_urlsafe(EVENT_ID_CHARS)[:EVENT_ID_CHARS]
 
@@ -99,6 +74,88 @@ def new_event(
         "timestamp": iso_z(now or utcnow()),
         "data": {"account": account_payload(account), **extras},
     }
+
+
+DEFAULT_EXPIRY_NOTICE_DAYS = 14
+
+
+class AccountEvents:
+    """What the services record their changes' events with, and how they have them
+    relayed at once.
+
+    Each method gives the ``EventFactory`` a store method takes: the store calls it with
+    the account as its write leaves it (and as it was), and writes the event in that same
+    write. ``relay_soon()``, after the change, wakes this process's relay (``attach``:
+    the event workers, once they start) so the event goes out without waiting a round.
+    """
+
+    def __init__(
+        self,
+        *,
+        expiry_notice_days: int = DEFAULT_EXPIRY_NOTICE_DAYS,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        # reauthorization_due: sent when the refresh token expires within this.
+        self.expiry_notice = timedelta(days=expiry_notice_days)
+        self._clock = clock
+        self._relays: list[EventRelay] = []
+
+    def connected(self) -> EventFactory:
+        """A grant stored: a first connection, or a known account connected again."""
+
+        def build(after: Account, before: Account | None) -> dict[str, Any]:
+            return self._event(CONNECTED, after, reconnected=before is not None)
+
+        return build
+
+    def reauthorization_required(self, reason: str) -> EventFactory:
+        """The tokens are gone (``REFRESH_REFUSED``, ``REFRESH_TOKEN_EXPIRED``); nothing
+        when the account already needed reauthorization."""
+        return self._status_change(
+            AccountStatus.REAUTHORIZATION_REQUIRED, REAUTHORIZATION_REQUIRED, reason=reason
+        )
+
+    def revoked(self, source: str, reason: int | None = None) -> EventFactory:
+        """Disconnected by the product (``SOURCE_PRODUCT``) or removed at TikTok
+        (``SOURCE_TIKTOK``, with its reason code); nothing when it already was revoked."""
+        extras: dict[str, Any] = {"source": source}
+        if source == SOURCE_TIKTOK:
+            extras["reason"] = reason
+        return self._status_change(AccountStatus.REVOKED, REVOKED, **extras)
+
+    def reauthorization_due(self) -> EventFactory:
+        """The refresh token expires within ``expiry_notice``: the user should connect
+        again before (``account.refreshTokenExpiresAt`` says when)."""
+
+        def build(after: Account, before: Account | None) -> dict[str, Any]:
+            return self._event(REAUTHORIZATION_DUE, after)
+
+        return build
+
+    def _status_change(
+        self, status: AccountStatus, event_type: str, **extras: Any
+    ) -> EventFactory:
+        def build(after: Account, before: Account | None) -> dict[str, Any] | None:
+            if after.status is not status or (before is not None and before.status is status):
+                return None
+            return self._event(event_type, after, **extras)
+
+        return build
+
+    def _event(self, event_type: str, account: Account, **extras: Any) -> dict[str, Any]:
+        # When the change happens: the wall clock, whatever clock the change itself
+        # was judged by (a refresher round may look ahead).
+        return new_event(event_type, account, now=self._clock(), **extras)
+
+    def attach(self, relay: EventRelay) -> None:
+        """``relay`` relays at once after each change (``relay_soon``)."""
+        if relay not in self._relays:
+            self._relays.append(relay)
+
+    def relay_soon(self) -> None:
+        """Call after a change that recorded an event."""
+        for relay in self._relays:
+            relay.relay_soon()
 
 
 # -- the pull feed ----------------------------------------------------------------------
@@ -175,7 +232,7 @@ class EventFeed:
 # -- the relay ----------------------------------------------------------------------------
 
 
-class EventRelay:
+class EventRelay(WakeableLoop):
     """Moves account outboxes into the event log. Every process runs one; only the
     holder of the store's relay lease does the work, a few times a second while there
     is some. ``relay_soon()`` (after a state change) cuts the wait."""
@@ -196,6 +253,7 @@ class EventRelay:
     ) -> None:
         if fence_seconds >= lease_seconds:
             raise ValueError("fence_seconds must be shorter than lease_seconds")
+        super().__init__()
         self._store = store
         self._push = push
         self._metrics = metrics
@@ -206,9 +264,6 @@ class EventRelay:
         self._batch = batch
         self._clock = clock
         self._on_relayed = on_relayed
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
 
     async def run_once(self) -> int:
         """Relay everything in the outboxes if this process holds the lease; how many."""
@@ -243,45 +298,20 @@ class EventRelay:
         """Relay now rather than at the next round (call it after a state change)."""
         self._wake.set()
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+    task_name = "account-event-relay"
+    what = "account event relay"
+    round_name = "event relay"
 
-    def start(self) -> None:
-        if not self.running:
-            self._stopping = False
-            self._task = asyncio.create_task(self._run(), name="account-event-relay")
+    def _interval(self) -> float:
+        return self.idle_seconds
 
-    async def _run(self) -> None:
-        # The flag too, not only cancel(): a driver may turn the cancellation of a call
-        # in flight into an error of its own, which the loop would carry on after.
-        outage = Outage("account event relay")
-        while not self._stopping:
-            # Cleared before the round: a relay_soon() during it triggers the next one.
-            self._wake.clear()
-            wait = self.idle_seconds
-            try:
-                await self.run_once()
-                outage.succeeded()
-            except GatewayError as exc:
-                wait = outage.failed(exc, self.idle_seconds)
-            except Exception:
-                log.exception("event relay round failed")
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
-            except TimeoutError:
-                pass
+    async def _round(self) -> bool:
+        await self.run_once()
+        return False
 
     async def stop(self) -> None:
-        self._stopping = True
-        task, self._task = self._task, None
-        if task is None:
+        if not await self._stop_task():
             return
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
         try:
             # Another process takes over at once rather than when the lease runs out.
             await self._store.release_relay_lease(self.holder)

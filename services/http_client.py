@@ -22,13 +22,10 @@ import errno
 import functools
 import logging
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
-
-if TYPE_CHECKING:
-    from services.config import Config
 
 log = logging.getLogger("gateway.http")
 
@@ -65,7 +62,17 @@ def client_kind(configured: str | None) -> str:
     return "curl" if curl_available() else "simple"
 
 
-def make_http_client(config: Config) -> AsyncHTTPClient:
+class HttpClientSettings(Protocol):
+    """The settings ``make_http_client`` reads: ``services.config.Config`` has them.
+    Named here, not imported: the configuration imports this module's defaults."""
+
+    @property
+    def tiktok_http_client(self) -> str | None: ...
+    @property
+    def tiktok_max_connections(self) -> int: ...
+
+
+def make_http_client(config: HttpClientSettings) -> AsyncHTTPClient:
     """A new client for calls to TikTok; call it inside the running event loop.
 
     Its owner closes it (``close_http_client``) on shutdown.

@@ -92,11 +92,11 @@ MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
 
 
-def prepare_multiprocess_dir() -> tuple[str, bool]:
+def prepare_multiprocess_dir(configured: str | None) -> tuple[str, bool]:
     """For a supervisor about to fork workers: the directory their metrics go to, and
     whether it is a new temporary one (the supervisor removes it when it exits).
-    ``PROMETHEUS_MULTIPROC_DIR`` when set, emptied of an earlier run's metric files."""
-    configured = os.environ.get(MULTIPROCESS_DIR_ENV)
+    ``configured`` (``PROMETHEUS_MULTIPROC_DIR``) when set, emptied of an earlier run's
+    metric files."""
     if not configured:
         return tempfile.mkdtemp(prefix="tiktok-gateway-metrics-"), True
     os.makedirs(configured, exist_ok=True)

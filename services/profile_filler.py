@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from services.background import cancel_and_wait, run_guarded
 from services.connect import utcnow
 from services.errors import GatewayError, ServiceUnavailable
 from services.metrics import GatewayMetrics
@@ -212,22 +213,15 @@ class ProfileFiller:
     async def _run(self, after: asyncio.Future[Any] | None) -> None:
         if after is not None:
             await asyncio.wait([after])  # never cancels it
+            if after.cancelled() or after.exception() is not None or after.result() is False:
+                # The store never got its indexes (logged at start-up): nothing to fill.
+                return
         while True:
-            try:
-                await self.run_once()
-            except GatewayError as exc:
-                log.warning("profile fill round skipped: %s",
-                            exc.technical_message or exc.message)
-            except Exception:
-                log.exception("profile fill round failed")
+            await run_guarded(self.run_once, log, skipped="profile fill round skipped: %s",
+                              failed="profile fill round failed")
             await self._sleep(self.interval)
 
     async def stop(self) -> None:
         """End the loop now: a fetch in flight is dropped, its claim expires."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)

@@ -5,7 +5,8 @@ connected accounts whose refresh token has expired (one indexed update, no call
 to TikTok: TikTok's refresh tokens live 180 days and a refresh does not renew
 them). Then it asks the store for the connected accounts whose access token
 expires within ``ahead`` seconds (soonest first) and hands each to
-``AccountService.refresh_account``, the one refresh path. That method takes the
+``AccountService.refresh_account`` with ``ahead`` as its window: the one refresh
+path, in the same service the access-token endpoint uses. That method takes the
 account's lease in the store, so several gateway processes running this loop
 never refresh one account twice, and it never raises for TikTok faults.
 
@@ -44,6 +45,7 @@ from core.clock import utcnow
 from core.errors import GatewayError
 from services.accounts import AccountService, RefreshOutcome
 from services.budget import Priority, call_priority
+from services.events import REFRESH_TOKEN_EXPIRED
 from storage.base import Account, Store
 
 log = logging.getLogger("gateway.refresher")
@@ -102,10 +104,13 @@ class RateLimiter:
 class RoundSummary:
     due: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
+    # Accounts told this round that their refresh token expires soon.
+    expiry_notices: int = 0
 
     def describe(self) -> str:
         counts = ", ".join(f"{name}={n}" for name, n in sorted(self.outcomes.items()))
-        return f"{self.due} due" + (f": {counts}" if counts else "")
+        notices = f"; {self.expiry_notices} expiry notice(s)" if self.expiry_notices else ""
+        return f"{self.due} due" + (f": {counts}" if counts else "") + notices
 
 
 class Refresher:
@@ -130,13 +135,6 @@ class Refresher:
             raise ValueError("concurrency must be greater than 0")
         if keep_warm_seconds is not None and keep_warm_seconds < 0:
             raise ValueError("keep_warm_seconds must be 0 or more (None: keep all warm)")
-        if accounts.refresh_skew < timedelta(seconds=ahead_seconds):
-            # refresh_account would answer not_due for every account the round picks
-            # between the two windows.
-            raise ValueError(
-                "the AccountService's refresh skew must cover ahead_seconds; build it with "
-                "refresh_skew_seconds=ahead_seconds"
-            )
         self._store = store
         self._accounts = accounts
         self.interval = interval_seconds
@@ -165,9 +163,21 @@ class Refresher:
         """Refresh what is due at ``now``; never raises for one account's failure."""
         now = now or self._clock()
         summary = RoundSummary()
-        expired = await self._store.expire_refresh_tokens(now=now)
+        events = self._accounts.events
+        expired = await self._store.expire_refresh_tokens(
+            now=now, event_factory=events.reauthorization_required(REFRESH_TOKEN_EXPIRED)
+        )
         if expired:
             summary.outcomes[RefreshOutcome.REFRESH_TOKEN_EXPIRED.value] = expired
+        # Refresh tokens expiring soon: the user should connect again (once per grant).
+        summary.expiry_notices = await self._store.record_expiry_notices(
+            now=now,
+            expiring_by=now + events.expiry_notice,
+            limit=self.batch_size,
+            event_factory=events.reauthorization_due(),
+        )
+        if expired or summary.expiry_notices:
+            events.relay_soon()
         due: list[Account] = []
         if self.keep_warm != timedelta(0):
             due = await self._store.accounts_due_for_refresh(
@@ -186,7 +196,7 @@ class Refresher:
 
         await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(due)))))
         self.rounds += 1
-        if summary.outcomes:
+        if summary.outcomes or summary.expiry_notices:
             log.info("refresh round: %s", summary.describe())
         else:
             log.debug("refresh round: nothing due")
@@ -220,7 +230,9 @@ class Refresher:
                 await self._limiter.acquire()
             # The task keeps this priority: its TikTok calls draw on the background share.
             with call_priority(Priority.BACKGROUND):
-                task = asyncio.ensure_future(self._accounts.refresh_account(account))
+                task = asyncio.ensure_future(
+                    self._accounts.refresh_account(account, due_within=self.ahead)
+                )
             self._in_flight.add(task)
             task.add_done_callback(self._settled)
             # Shielded: stop() cancels the round, but a refresh that may have reached

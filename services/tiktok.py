@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
-from core.errors import OutcomeUnknown, ProviderRejected, ProviderUnavailable
+from core.errors import OutcomeUnknown, ProfileRefused, ProviderRejected, ProviderUnavailable
 from services.budget import ENDPOINT_BUDGETS, CallBudget, Priority
 from services.http_client import (
     capacity_of,
@@ -92,11 +92,6 @@ class _Retryable(Exception):
 # profile filler, keep-warm refreshes) only takes what it leaves.
 INTERACTIVE = "interactive"
 BACKGROUND = "background"
-
-
-class ProfileRefused(ProviderUnavailable):
-    """TikTok answered the profile call and refused it (401 ``access_token_invalid``,
-    a scope error...): not a transient fault, so it is never retried at once."""
 
 
 def clip(text: Any) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 from core.clock import utcnow
 from core.errors import PayloadTooLarge, SignatureInvalid, ValidationFailed
 from services.config import WEBHOOK_RETRY_WINDOW_SECONDS
+from services.events import SOURCE_TIKTOK, AccountEvents
 from storage.base import Store
 
 # Year 5138: anything later is garbage, and would overflow datetime.
@@ -204,8 +205,10 @@ class WebhookService:
         tolerance_seconds: int = DEFAULT_TOLERANCE_SECONDS,
         max_body_bytes: int = MAX_WEBHOOK_BODY_BYTES,
         clock: Callable[[], datetime] = utcnow,
+        events: AccountEvents | None = None,
     ) -> None:
         self._store = store
+        self._events = events or AccountEvents()
         self._client_key = client_key
         self._client_secret = client_secret
         self._tolerance = tolerance_seconds
@@ -244,7 +247,10 @@ class WebhookService:
             # TikTok redelivers for up to 72 h: an old removal must spare a newer grant.
             # create_time has whole seconds: a grant in that same second is revoked.
             connected_before=datetime.fromtimestamp(event.create_time + 1, UTC),
+            event_factory=self._events.revoked(SOURCE_TIKTOK, reason),
         )
+        if changed:
+            self._events.relay_soon()
         log.info(
             "authorization.removed for open_id %s (reason %d: %s): %d account(s) revoked",
             event.user_openid[:64],

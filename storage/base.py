@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -126,6 +127,15 @@ class Account:
     # (TikTok unavailable): it does not try again before refresh_retry_at.
     refresh_retry_at: datetime | None = None
     refresh_failures: int = 0
+    # The refresh token expiry a reauthorization_due event was recorded for; the next
+    # grant (a reconnect) clears it. A refresh keeps it: it does not move the expiry.
+    expiry_notice_for: datetime | None = None
+
+
+# Builds the account event a change records with it (services.events.AccountEvents):
+# called with the account as the change leaves it and as it was before (None: the change
+# creates it). None records nothing: the change is not one the event is about.
+EventFactory = Callable[[Account, Account | None], dict[str, Any] | None]
 
 
 @dataclass
@@ -309,9 +319,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def save_account_tokens(
-        self, owner_id: str, grant: TokenGrant, *, now: datetime
+        self,
+        owner_id: str,
+        grant: TokenGrant,
+        *,
+        now: datetime,
+        event_factory: EventFactory | None = None,
     ) -> Account:
-        """Create or update the (owner, tiktok, open_id) account with fresh tokens."""
+        """Create or update the (owner, tiktok, open_id) account with fresh tokens.
+
+        ``event_factory`` (here and in the other methods that take it): its event is
+        appended to the account's outbox in the same atomic write as the change, built
+        from the account as that write leaves it; no change, no event."""
 
     @abc.abstractmethod
     async def save_account_profile(
@@ -392,7 +411,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def require_reauthorization(
-        self, account_id: str, *, now: datetime, version: int | None = None
+        self,
+        account_id: str,
+        *,
+        now: datetime,
+        version: int | None = None,
+        event_factory: EventFactory | None = None,
     ) -> bool:
         """Wipe both tokens and mark the account ``reauthorization_required`` (never a
         revoked one). With ``version``, only if the stored tokens are still that
@@ -407,6 +431,7 @@ class Store(abc.ABC):
         now: datetime,
         reason: int | str | None,
         revoked_at_tiktok: bool | None,
+        event_factory: EventFactory | None = None,
     ) -> Account | None:
         """Wipe both tokens and mark the account ``revoked``; keeps the first revocation."""
 
@@ -418,6 +443,7 @@ class Store(abc.ABC):
         now: datetime,
         reason: int | str | None,
         connected_before: datetime | None = None,
+        event_factory: EventFactory | None = None,
     ) -> int:
         """Revoke every live account of this TikTok user; returns how many changed.
 
@@ -459,9 +485,20 @@ class Store(abc.ABC):
         """Forget the account's backoff (``refresh_retry_at`` and ``refresh_failures``)."""
 
     @abc.abstractmethod
-    async def expire_refresh_tokens(self, *, now: datetime) -> int:
+    async def expire_refresh_tokens(
+        self, *, now: datetime, event_factory: EventFactory | None = None
+    ) -> int:
         """Mark ``reauthorization_required`` (tokens wiped) every connected account whose
         refresh token expired at or before ``now``; returns how many changed."""
+
+    @abc.abstractmethod
+    async def record_expiry_notices(
+        self, *, now: datetime, expiring_by: datetime, limit: int, event_factory: EventFactory
+    ) -> int:
+        """For up to ``limit`` connected accounts whose refresh token expires after
+        ``now`` and at or before ``expiring_by``, soonest first, and whose grant had no
+        notice yet: note the notice (``Account.expiry_notice_for``) and record the
+        factory's event, in one atomic write each. Returns how many were noticed."""
 
     # -- key rotation ---------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from storage.base import (
     CallAdmission,
     ClaimOutcome,
     ClaimResult,
+    EventFactory,
     EventStatus,
     PendingAuthorization,
     PendingFailure,
@@ -66,6 +67,20 @@ def _copy_account(account: Account) -> Account:
     clone.scopes = list(account.scopes)
     clone.profile = copy.deepcopy(account.profile)
     return clone
+
+
+def _event_of(
+    event_factory: EventFactory | None, after: Account, before: Account | None
+) -> dict[str, Any] | None:
+    """The event a change records: the factory's, given copies of the account after and
+    before the change, and checked as every recorded event is."""
+    if event_factory is None:
+        return None
+    event = event_factory(_copy_account(after), _copy_account(before) if before else None)
+    if event is None:
+        return None
+    check_event(event)
+    return copy.deepcopy(event)
 
 
 def _copy_event(stored: StoredEvent) -> StoredEvent:
@@ -178,14 +193,18 @@ class MemoryStore(Store):
                 del self._pending[jti]
 
     async def save_account_tokens(
-        self, owner_id: str, grant: TokenGrant, *, now: datetime
+        self,
+        owner_id: str,
+        grant: TokenGrant,
+        *,
+        now: datetime,
+        event_factory: EventFactory | None = None,
     ) -> Account:
         natural_key = (owner_id, "tiktok", grant.open_id)
         account_id = self._account_ids.get(natural_key)
-        if account_id is None:
+        before = self._accounts.get(account_id) if account_id is not None else None
+        if before is None:
             account_id = uuid.uuid4().hex
-            self._account_ids[natural_key] = account_id
-            self._profile_fills[account_id] = _ProfileFill(now + PROFILE_FIRST_FILL_DELAY)
             previous = Account(
                 id=account_id,
                 owner_id=owner_id,
@@ -198,7 +217,7 @@ class MemoryStore(Store):
                 updated_at=now,
             )
         else:
-            previous = self._accounts[account_id]
+            previous = before
         # A new grant: fresh tokens and expiries, and no trace of an earlier revocation.
         account = replace(
             previous,
@@ -213,12 +232,19 @@ class MemoryStore(Store):
             revoked_at_tiktok=None,
             refresh_retry_at=None,
             refresh_failures=0,
+            expiry_notice_for=None,
         )
-        self._accounts[account_id] = account
-        self._seal(account_id, owner_id, grant)
+        # Built before anything is written: a factory that raises changes nothing.
+        event = _event_of(event_factory, account, before)
+        self._account_ids[natural_key] = account.id
+        self._accounts[account.id] = account
+        if before is None:
+            self._profile_fills[account.id] = _ProfileFill(now + PROFILE_FIRST_FILL_DELAY)
+        self._seal(account.id, owner_id, grant)
+        self._record(account.id, event)
         # As MongoStore does: a refresh of the previous grant may start at once (one
         # still in flight cannot overwrite these tokens: their generation moved on).
-        self._leases.pop(account_id, None)
+        self._leases.pop(account.id, None)
         return _copy_account(account)
 
     def _seal(self, account_id: str, owner_id: str, grant: TokenGrant) -> None:
@@ -331,16 +357,25 @@ class MemoryStore(Store):
         return True
 
     async def require_reauthorization(
-        self, account_id: str, *, now: datetime, version: int | None = None
+        self,
+        account_id: str,
+        *,
+        now: datetime,
+        version: int | None = None,
+        event_factory: EventFactory | None = None,
     ) -> bool:
         account = self._accounts.get(account_id)
         if account is None or account.status is AccountStatus.REVOKED:
             return False
         if version is not None and self._versions.get(account_id, 0) != version:
             return False
+        self._change(
+            account,
+            event_factory,
+            status=AccountStatus.REAUTHORIZATION_REQUIRED,
+            updated_at=now,
+        )
         self._wipe_tokens(account_id)
-        account.status = AccountStatus.REAUTHORIZATION_REQUIRED
-        account.updated_at = now
         return True
 
     async def revoke_account(
@@ -350,17 +385,22 @@ class MemoryStore(Store):
         now: datetime,
         reason: int | str | None,
         revoked_at_tiktok: bool | None,
+        event_factory: EventFactory | None = None,
     ) -> Account | None:
         account = self._accounts.get(account_id)
         if account is None:
             return None
         if account.status is not AccountStatus.REVOKED:
+            self._change(
+                account,
+                event_factory,
+                status=AccountStatus.REVOKED,
+                revoked_at=now,
+                revocation_reason=reason,
+                revoked_at_tiktok=revoked_at_tiktok,
+                updated_at=now,
+            )
             self._wipe_tokens(account_id)
-            account.status = AccountStatus.REVOKED
-            account.revoked_at = now
-            account.revocation_reason = reason
-            account.revoked_at_tiktok = revoked_at_tiktok
-            account.updated_at = now
         return _copy_account(account)
 
     async def revoke_accounts_by_open_id(
@@ -370,6 +410,7 @@ class MemoryStore(Store):
         now: datetime,
         reason: int | str | None,
         connected_before: datetime | None = None,
+        event_factory: EventFactory | None = None,
     ) -> int:
         changed = 0
         for account in list(self._accounts.values()):
@@ -381,7 +422,8 @@ class MemoryStore(Store):
             )
             if account.platform_account_id == open_id and live and older:
                 await self.revoke_account(
-                    account.id, now=now, reason=reason, revoked_at_tiktok=True
+                    account.id, now=now, reason=reason, revoked_at_tiktok=True,
+                    event_factory=event_factory,
                 )
                 changed += 1
         return changed
@@ -426,7 +468,9 @@ class MemoryStore(Store):
             account.refresh_retry_at = None
             account.refresh_failures = 0
 
-    async def expire_refresh_tokens(self, *, now: datetime) -> int:
+    async def expire_refresh_tokens(
+        self, *, now: datetime, event_factory: EventFactory | None = None
+    ) -> int:
         expired = [
             a for a in self._accounts.values()
             if a.status is AccountStatus.CONNECTED
@@ -434,10 +478,41 @@ class MemoryStore(Store):
             and a.refresh_token_expires_at <= now
         ]
         for account in expired:
+            self._change(
+                account,
+                event_factory,
+                status=AccountStatus.REAUTHORIZATION_REQUIRED,
+                updated_at=now,
+            )
             self._wipe_tokens(account.id)
-            account.status = AccountStatus.REAUTHORIZATION_REQUIRED
-            account.updated_at = now
         return len(expired)
+
+    async def record_expiry_notices(
+        self, *, now: datetime, expiring_by: datetime, limit: int, event_factory: EventFactory
+    ) -> int:
+        expiring = sorted(
+            (a.refresh_token_expires_at, a.id)
+            for a in self._accounts.values()
+            if a.status is AccountStatus.CONNECTED
+            and a.expiry_notice_for is None
+            and a.refresh_token_expires_at is not None
+            and now < a.refresh_token_expires_at <= expiring_by
+        )
+        for expires_at, account_id in expiring[:limit]:
+            self._change(self._accounts[account_id], event_factory, expiry_notice_for=expires_at)
+        return len(expiring[:limit])
+
+    def _change(self, account: Account, event_factory: EventFactory | None, **changes: Any) -> None:
+        """Apply ``changes`` to the stored ``account`` and record the factory's event with
+        them: one step, as no await comes between."""
+        event = _event_of(event_factory, replace(account, **changes), account)
+        for name, value in changes.items():
+            setattr(account, name, value)
+        self._record(account.id, event)
+
+    def _record(self, account_id: str, event: dict[str, Any] | None) -> None:
+        if event is not None:
+            self._outboxes.setdefault(account_id, []).append(event)
 
     async def reseal_tokens(self, *, after: str | None, limit: int) -> ResealBatch:
         ids = sorted(i for i in self._accounts if after is None or i > after)[:limit]

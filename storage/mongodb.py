@@ -44,6 +44,7 @@ from storage.base import (
     CallAdmission,
     ClaimOutcome,
     ClaimResult,
+    EventFactory,
     EventStatus,
     PendingAuthorization,
     PendingFailure,
@@ -78,6 +79,13 @@ REFRESH_DUE_KEYS = [
 # expire_refresh_tokens: connected accounts whose refresh token has expired.
 REFRESH_EXPIRY_INDEX = "status_refresh_expiry"
 REFRESH_EXPIRY_KEYS = [("status", ASCENDING), ("refreshTokenExpiresAt", ASCENDING)]
+# record_expiry_notices: connected accounts without a notice whose refresh token expires soon.
+EXPIRY_NOTICE_INDEX = "status_notice_refresh_expiry"
+EXPIRY_NOTICE_KEYS = [
+    ("status", ASCENDING),
+    ("expiryNoticeFor", ASCENDING),
+    ("refreshTokenExpiresAt", ASCENDING),
+]
 
 # The filler's claim: equality on the first two keys, range and sort on the third.
 PROFILE_FILL_INDEX = "profile_fill_due"
@@ -110,6 +118,7 @@ INDEXES: tuple[IndexSpec, ...] = (
     IndexSpec(ACCOUNTS_COLLECTION, REFRESH_EXPIRY_KEYS, REFRESH_EXPIRY_INDEX),
     # Pending profiles (the background filler).
     IndexSpec(ACCOUNTS_COLLECTION, PROFILE_FILL_KEYS, PROFILE_FILL_INDEX),
+    IndexSpec(ACCOUNTS_COLLECTION, EXPIRY_NOTICE_KEYS, EXPIRY_NOTICE_INDEX),
     # Housekeeping only: claim_pending checks expiry itself, since the TTL
     # monitor deletes late (once a minute on mongod).
     IndexSpec(
@@ -186,7 +195,8 @@ _CLAIM_REFUSALS = {
     PendingStatus.FAILED: ClaimResult.FAILED,
 }
 
-# Reconnecting clears what a revocation, a refresh lease or a backoff left behind.
+# Reconnecting clears what a revocation, a refresh lease or a backoff left behind; the
+# new grant's refresh token gets its own expiry notice.
 _REVOCATION_UNSET = {
     "revokedAt": "",
     "revocationReason": "",
@@ -194,6 +204,7 @@ _REVOCATION_UNSET = {
     "refreshLease": "",
     "refreshRetryAt": "",
     "refreshFailures": "",
+    "expiryNoticeFor": "",
 }
 _TOKEN_UNSET = {"accessToken": "", "refreshToken": "", "refreshLease": ""}
 _ONE_MORE_GENERATION = {"$inc": {TOKEN_VERSION_FIELD: 1}}
@@ -201,6 +212,17 @@ _ONE_MORE_GENERATION = {"$inc": {TOKEN_VERSION_FIELD: 1}}
 _PROFILE_FILL_UNSET = {"profileRetryAt": "", "profileHolder": "", "profileFailures": ""}
 # Before this, a pending profile had no schedule: such accounts are due at once.
 _LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _reauthorization_required(now: datetime) -> dict[str, Any]:
+    """The update that leaves an account needing the user to connect again."""
+    return {
+        "$set": {
+            "status": AccountStatus.REAUTHORIZATION_REQUIRED.value,
+            "updatedAt": now,
+        },
+        "$unset": _TOKEN_UNSET,
+    }
 
 
 def profile_fill_query(now: datetime) -> dict[str, Any]:
@@ -400,6 +422,7 @@ def _account_from_document(doc: dict[str, Any]) -> Account:
         token_used_at=doc.get("tokenUsedAt"),
         refresh_retry_at=doc.get("refreshRetryAt"),
         refresh_failures=int(doc.get("refreshFailures") or 0),
+        expiry_notice_for=doc.get("expiryNoticeFor"),
     )
 
 
@@ -420,6 +443,61 @@ def due_for_refresh_query(
 def expired_refresh_query(now: datetime) -> dict[str, Any]:
     """The filter of ``expire_refresh_tokens`` (REFRESH_EXPIRY_INDEX serves it)."""
     return {"status": AccountStatus.CONNECTED.value, "refreshTokenExpiresAt": {"$lte": now}}
+
+
+def expiry_notice_query(now: datetime, expiring_by: datetime) -> dict[str, Any]:
+    """The filter of ``record_expiry_notices`` (EXPIRY_NOTICE_INDEX serves it)."""
+    return {
+        "status": AccountStatus.CONNECTED.value,
+        # Matches a missing field too: no notice for this grant yet.
+        "expiryNoticeFor": None,
+        "refreshTokenExpiresAt": {"$gt": now, "$lte": expiring_by},
+    }
+
+
+# What an event's account snapshot is rendered from, and the token generation: a change
+# is written with its event only while the account still holds what was read.
+_SNAPSHOT_FIELDS = (
+    "status",
+    "updatedAt",
+    "scopes",
+    "displayName",
+    "avatarUrl",
+    "username",
+    "accessTokenExpiresAt",
+    "refreshTokenExpiresAt",
+    "expiryNoticeFor",
+    TOKEN_VERSION_FIELD,
+)
+# Reads and conditional writes before giving up on an account that keeps changing.
+_EVENT_WRITE_ATTEMPTS = 5
+
+
+def _unchanged(doc: dict[str, Any]) -> dict[str, Any]:
+    """The query for ``doc`` as read: same id, same snapshot fields (None also matches
+    a missing field, as ``_account_from_document`` reads one)."""
+    return {"_id": doc["_id"], **{name: doc.get(name) for name in _SNAPSHOT_FIELDS}}
+
+
+def _stored(value: Any) -> Any:
+    # BSON dates keep milliseconds: the snapshot shows what the document will hold.
+    if isinstance(value, datetime):
+        return value.replace(microsecond=value.microsecond // 1000 * 1000)
+    return value
+
+
+def _applied(doc: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` as ``update`` ($set, $unset, $inc: what the account updates use) leaves it."""
+    unknown = set(update) - {"$set", "$unset", "$inc"}
+    if unknown:
+        raise ValueError(f"cannot foresee {', '.join(sorted(unknown))}")
+    after = dict(doc)
+    after.update({name: _stored(value) for name, value in update.get("$set", {}).items()})
+    for name in update.get("$unset", {}):
+        after.pop(name, None)
+    for name, step in update.get("$inc", {}).items():
+        after[name] = (after.get(name) or 0) + step
+    return after
 
 
 class MongoStore(Store):
@@ -617,7 +695,12 @@ class MongoStore(Store):
 
     @_mongo_errors
     async def save_account_tokens(
-        self, owner_id: str, grant: TokenGrant, *, now: datetime
+        self,
+        owner_id: str,
+        grant: TokenGrant,
+        *,
+        now: datetime,
+        event_factory: EventFactory | None = None,
     ) -> Account:
         natural_key = {
             "ownerId": owner_id,
@@ -637,6 +720,8 @@ class MongoStore(Store):
             **_ONE_MORE_GENERATION,
         }
         update["$setOnInsert"]["profileRetryAt"] = now + PROFILE_FIRST_FILL_DELAY
+        if event_factory is not None:
+            return await self._save_grant_with_event(natural_key, update, event_factory)
         for attempt in (1, 2):
             try:
                 doc = await self._accounts.find_one_and_update(
@@ -661,6 +746,67 @@ class MongoStore(Store):
             technical_message="MongoDB upsert returned no account document",
             details=dict(_DETAILS),
         )
+
+    async def _save_grant_with_event(
+        self, natural_key: dict[str, Any], update: dict[str, Any], event_factory: EventFactory
+    ) -> Account:
+        """``save_account_tokens`` with its event: an update of the account, or the insert
+        of a new one, each one write holding the event. Not an upsert: the event says
+        whether the account existed, and what the write leaves, before the write."""
+        on_insert = update["$setOnInsert"]
+        change = {name: value for name, value in update.items() if name != "$setOnInsert"}
+        for _ in range(_EVENT_WRITE_ATTEMPTS):
+            updated = await self._change_with_event(natural_key, change, event_factory)
+            if updated is not None:
+                return updated
+            created = {name: _stored(value) for name, value in on_insert.items()}
+            document = _applied({"_id": ObjectId(), **created}, change)
+            account = _account_from_document(document)
+            event = event_factory(account, None)
+            if event is not None:
+                check_event(event)
+                document["outbox"] = [event]
+            try:
+                await self._accounts.insert_one(document)
+            except DuplicateKeyError:
+                continue  # a concurrent connection created it: update that one
+            return account
+        raise _kept_changing()
+
+    async def _change_with_event(
+        self, query: dict[str, Any], update: dict[str, Any], event_factory: EventFactory
+    ) -> Account | None:
+        """Apply ``update`` to the account ``query`` matches, pushing the factory's event
+        onto its outbox in the same update; the account after the change (None: no
+        account matches). The event is built from the account as read, so the update
+        applies only while the account still holds that (else it is read again)."""
+        for _ in range(_EVENT_WRITE_ATTEMPTS):
+            doc = await self._accounts.find_one(query)
+            if doc is None:
+                return None
+            after = _applied(doc, update)
+            event = event_factory(_account_from_document(after), _account_from_document(doc))
+            write = dict(update)
+            if event is not None:
+                check_event(event)
+                write["$push"] = {"outbox": event}
+            result = await self._accounts.update_one({"$and": [query, _unchanged(doc)]}, write)
+            if result.matched_count:
+                return _account_from_document(after)
+        raise _kept_changing()
+
+    async def _change_each_with_event(
+        self, query: dict[str, Any], update: dict[str, Any], event_factory: EventFactory
+    ) -> int:
+        """``_change_with_event`` for every account ``query`` matches, one by one (an
+        update_many cannot give each its own event); how many changed."""
+        ids = [doc["_id"] async for doc in self._accounts.find(query, projection={"_id": 1})]
+        changed = 0
+        for object_id in ids:
+            one = {"$and": [query, {"_id": object_id}]}
+            if await self._change_with_event(one, update, event_factory) is not None:
+                changed += 1
+        return changed
 
     @_mongo_errors
     async def save_account_profile(
@@ -830,7 +976,12 @@ class MongoStore(Store):
 
     @_mongo_errors
     async def require_reauthorization(
-        self, account_id: str, *, now: datetime, version: int | None = None
+        self,
+        account_id: str,
+        *,
+        now: datetime,
+        version: int | None = None,
+        event_factory: EventFactory | None = None,
     ) -> bool:
         object_id = _object_id(account_id)
         if object_id is None:
@@ -838,16 +989,10 @@ class MongoStore(Store):
         query: dict[str, Any] = {"_id": object_id, "status": {"$ne": AccountStatus.REVOKED.value}}
         if version is not None:
             query.update(_generation_is(version))
-        result = await self._accounts.update_one(
-            query,
-            {
-                "$set": {
-                    "status": AccountStatus.REAUTHORIZATION_REQUIRED.value,
-                    "updatedAt": now,
-                },
-                "$unset": _TOKEN_UNSET,
-            },
-        )
+        update = _reauthorization_required(now)
+        if event_factory is not None:
+            return await self._change_with_event(query, update, event_factory) is not None
+        result = await self._accounts.update_one(query, update)
         return bool(result.matched_count == 1)
 
     @_mongo_errors
@@ -858,14 +1003,19 @@ class MongoStore(Store):
         now: datetime,
         reason: int | str | None,
         revoked_at_tiktok: bool | None,
+        event_factory: EventFactory | None = None,
     ) -> Account | None:
         object_id = _object_id(account_id)
         if object_id is None:
             return None
-        await self._accounts.update_one(
-            {"_id": object_id, "status": {"$ne": AccountStatus.REVOKED.value}},
-            self._revocation(now, reason, revoked_at_tiktok),
-        )
+        query = {"_id": object_id, "status": {"$ne": AccountStatus.REVOKED.value}}
+        update = self._revocation(now, reason, revoked_at_tiktok)
+        if event_factory is not None:
+            revoked = await self._change_with_event(query, update, event_factory)
+            if revoked is not None:
+                return revoked
+        else:
+            await self._accounts.update_one(query, update)
         doc = await self._accounts.find_one({"_id": object_id})
         return _account_from_document(doc) if doc is not None else None
 
@@ -877,6 +1027,7 @@ class MongoStore(Store):
         now: datetime,
         reason: int | str | None,
         connected_before: datetime | None = None,
+        event_factory: EventFactory | None = None,
     ) -> int:
         query: dict[str, Any] = {
             "platformAccountId": open_id,
@@ -887,7 +1038,10 @@ class MongoStore(Store):
                 {"connectedAt": {"$lt": connected_before}},
                 {"connectedAt": {"$exists": False}},
             ]
-        result = await self._accounts.update_many(query, self._revocation(now, reason, True))
+        update = self._revocation(now, reason, True)
+        if event_factory is not None:
+            return await self._change_each_with_event(query, update, event_factory)
+        result = await self._accounts.update_many(query, update)
         return int(result.modified_count)
 
     @_mongo_errors
@@ -951,18 +1105,43 @@ class MongoStore(Store):
             )
 
     @_mongo_errors
-    async def expire_refresh_tokens(self, *, now: datetime) -> int:
-        result = await self._accounts.update_many(
-            expired_refresh_query(now),
-            {
-                "$set": {
-                    "status": AccountStatus.REAUTHORIZATION_REQUIRED.value,
-                    "updatedAt": now,
-                },
-                "$unset": _TOKEN_UNSET,
-            },
-        )
+    async def expire_refresh_tokens(
+        self, *, now: datetime, event_factory: EventFactory | None = None
+    ) -> int:
+        update = _reauthorization_required(now)
+        if event_factory is not None:
+            return await self._change_each_with_event(
+                expired_refresh_query(now), update, event_factory
+            )
+        result = await self._accounts.update_many(expired_refresh_query(now), update)
         return int(result.modified_count)
+
+    @_mongo_errors
+    async def record_expiry_notices(
+        self, *, now: datetime, expiring_by: datetime, limit: int, event_factory: EventFactory
+    ) -> int:
+        query = expiry_notice_query(now, expiring_by)
+        noticed = 0
+        expiring = [doc async for doc in self.expiry_notice_cursor(now, expiring_by, limit=limit)]
+        for doc in expiring:
+            # Only while it still has no notice, and for the expiry read (_unchanged).
+            one = {"$and": [query, {"_id": doc["_id"]}]}
+            update = {"$set": {"expiryNoticeFor": doc["refreshTokenExpiresAt"]}}
+            if await self._change_with_event(one, update, event_factory) is not None:
+                noticed += 1
+        return noticed
+
+    def expiry_notice_cursor(self, now: datetime, expiring_by: datetime, *, limit: int) -> Any:
+        """The cursor ``record_expiry_notices`` reads (tests ``explain`` it)."""
+        return (
+            self._accounts.find(
+                expiry_notice_query(now, expiring_by),
+                projection={"refreshTokenExpiresAt": 1},
+            )
+            .sort([("refreshTokenExpiresAt", ASCENDING)])
+            .limit(limit)
+            .hint(EXPIRY_NOTICE_INDEX)
+        )
 
     @_mongo_errors
     async def reseal_tokens(self, *, after: str | None, limit: int) -> ResealBatch:
@@ -1328,6 +1507,14 @@ class MongoStore(Store):
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _kept_changing() -> StoreUnavailable:
+    return StoreUnavailable(
+        technical_message=f"MongoDB account changed {_EVENT_WRITE_ATTEMPTS} times in a row "
+        "while a change and its event were written",
+        details=dict(_DETAILS),
+    )
 
 # Account attribute -> document field, for ``append_account_event(only_if=...)``.
 _ACCOUNT_DOCUMENT_FIELDS = {

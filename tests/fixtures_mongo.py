@@ -234,6 +234,14 @@ def mongo_driver(request: pytest.FixtureRequest) -> Iterator[str]:
         collect_leaked_driver_sockets()
 
 
+@pytest.fixture(params=["memory", "motor", "pymongo"])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The store backend a gateway under test runs on, one per parameter."""
+    yield str(request.param)
+    if request.param == "pymongo":
+        collect_leaked_driver_sockets()
+
+
 @pytest.fixture
 def mongo_process(tmp_path: Path) -> Iterator[SecantusProcess]:
     process = SecantusProcess(tmp_path / "secantus-data")

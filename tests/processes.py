@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
 
+from services.config import SETTINGS
 from storage.mongodb import (
     ACCOUNT_KEY_INDEX,
     ACCOUNTS_COLLECTION,
@@ -36,26 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 _STOP_TIMEOUT_S = 15.0
 # Variables the gateway reads: never inherited from the developer's shell.
-_CONFIG_PREFIXES = (
-    "TIKTOK_",
-    "MONGODB_",
-    "STATE_",
-    "AUTH_JWT_",
-    "ALLOWED_REDIRECT_",
-    "TOKEN_ENCRYPTION_",
-    "REFRESH_",
-    "WEBHOOK_",
-    "PRODUCT_WEBHOOK_",
-    "EVENTS_",
-)
-_CONFIG_NAMES = {
-    "HOST",
-    "PORT",
-    "LOG_LEVEL",
-    "WORKERS",
-    "SHUTDOWN_TIMEOUT_SECONDS",
-    "PROMETHEUS_MULTIPROC_DIR",
-}
+_CONFIG_NAMES = frozenset(item.name for item in SETTINGS)
 
 _T = TypeVar("_T")
 
@@ -127,7 +109,7 @@ class GatewayProcess:
         inherited = {
             name: value
             for name, value in os.environ.items()
-            if not name.startswith(_CONFIG_PREFIXES) and name not in _CONFIG_NAMES
+            if name not in _CONFIG_NAMES
         }
         self.env = inherited | environ(
             HOST=LOOPBACK, PORT=str(self.port), LOG_LEVEL="INFO", **settings

@@ -139,6 +139,30 @@ def assert_no_full_token(driver: Any) -> None:
     assert not FULL_TOKEN.search(driver.page_source), "a full token reached the browser"
 
 
+def latest_event(driver: Any) -> dict[str, Any]:
+    """The newest account event the demo product lists (it received it from the gateway
+    and verified its signature)."""
+    event = css(driver, "#events .event")
+    return {
+        "type": event.get_attribute("data-event-type"),
+        "id": event.get_attribute("data-event-id"),
+        "status": css(event, ".status").text,
+        "detail": (event.find_elements("css selector", ".event-detail") or [None])[0],
+        "verified": css(event, ".verified").text,
+        "text": event.text,
+    }
+
+
+def assert_latest_event(driver: Any, event_type: str, status: str, detail: str) -> str:
+    event = latest_event(driver)
+    assert event["type"] == event_type, event
+    assert event["status"] == status
+    assert event["detail"] is not None and event["detail"].text == detail
+    assert event["verified"] == "✓ signature verified"
+    assert event["id"].startswith("evt_")
+    return event["id"]
+
+
 def approve_on_consent_page(driver: Any) -> None:
     page = css(driver, "body").text
     assert f"{APP_NAME} would like to access your TikTok account" in page
@@ -153,6 +177,7 @@ def test_connect_refresh_disconnect_and_removal_in_a_browser(demo, browser):
     driver.get(demo["url"])
     assert "Connected accounts" in css(driver, "h1").text
     assert "No TikTok account connected yet." in css(driver, "body").text
+    assert "No event received yet." in css(driver, "#events").text
     shot(driver, "demo-empty")
 
     # Connect: the demo's server starts the flow; the browser lands on TikTok's consent.
@@ -174,6 +199,10 @@ def test_connect_refresh_disconnect_and_removal_in_a_browser(demo, browser):
     expires = css(driver, ".expires").text
     assert datetime.fromisoformat(expires) > datetime.now(datetime.fromisoformat(expires).tzinfo)
     assert_no_full_token(driver)
+    # The gateway pushed the connection to the demo product, which verified it.
+    connected = assert_latest_event(
+        driver, "tiktok.account.connected", "connected", "reconnected=false")
+    assert len(driver.find_elements("css selector", "#events .event")) == 1
     shot(driver, "demo-connected")
 
     # Refresh now: new tokens, and the expiry moves forward.
@@ -195,6 +224,9 @@ def test_connect_refresh_disconnect_and_removal_in_a_browser(demo, browser):
     assert account_status(driver) == "revoked"
     assert "Disconnected here" in css(driver, ".account").text
     assert not driver.find_elements("css selector", ".access-token")
+    disconnected = assert_latest_event(
+        driver, "tiktok.account.revoked", "revoked", 'source="product"')
+    assert_no_full_token(driver)
     shot(driver, "demo-disconnected")
 
     # Connect again (the same TikTok user restores the same account), then the user
@@ -202,11 +234,19 @@ def test_connect_refresh_disconnect_and_removal_in_a_browser(demo, browser):
     click(driver, "#connect")
     approve_on_consent_page(driver)
     assert account_status(driver) == "connected"
+    assert_latest_event(driver, "tiktok.account.connected", "connected", "reconnected=true")
     click(driver, "button.simulate-removal")
     assert "authorization.removed" in css(driver, "#notice").text
     assert account_status(driver) == "revoked"
     assert "Removed in TikTok" in css(driver, ".account").text
     assert len(driver.find_elements("css selector", ".account")) == 1
+    assert_latest_event(driver, "tiktok.account.revoked", "revoked",
+                        'source="tiktok", reason=1')
+    # Newest first, each once: the refresh changed no state, so it sent none.
+    listed = [e.get_attribute("data-event-id")
+              for e in driver.find_elements("css selector", "#events .event")]
+    assert len(listed) == len(set(listed)) == 4
+    assert listed[2:] == [disconnected, connected]
     shot(driver, "demo-removed")
 
 
@@ -262,6 +302,25 @@ def test_callback_keeps_its_json_contract_for_api_clients_in_demo_mode(demo):
     assert headers["Referrer-Policy"] == "no-referrer"
     assert "This connection link is invalid or has expired." in body
     assert 'href="/demo"' in body
+
+
+def test_the_demo_products_webhook_refuses_what_the_gateway_did_not_sign(demo):
+    webhook = demo["url"] + "/product/webhook"
+    body = json.dumps({"id": "evt_forged", "type": "tiktok.account.revoked", "data": {}})
+    forged = urllib.request.Request(webhook, data=body.encode(), headers={  # noqa: S310
+        "webhook-id": "evt_forged",
+        "webhook-timestamp": str(int(time.time())),
+        "webhook-signature": "v1,bm90IGEgc2lnbmF0dXJl",
+        "Content-Type": "application/json",
+    })
+    try:
+        urllib.request.urlopen(forged, timeout=10)  # noqa: S310 - a loopback test URL
+        raise AssertionError("the forged delivery was accepted")
+    except urllib.error.HTTPError as error:
+        assert error.code == 401
+        assert json.loads(error.read())["error"] == "UNAUTHORIZED"
+    status, _, page = fetch(demo["url"])
+    assert status == 200 and "evt_forged" not in page
 
 
 def test_demo_forms_need_the_xsrf_token(demo):

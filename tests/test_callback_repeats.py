@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -27,7 +26,7 @@ from services.errors import InvalidState
 from storage.base import PendingAuthorization, PendingStatus, Store
 from storage.memory import MemoryStore
 from storage.mongodb import MongoStore, connect_mongo
-from tests.fixtures_mongo import collect_leaked_driver_sockets, mongo_settings
+from tests.fixtures_mongo import mongo_settings
 from tests.flow import consent, follow, location, sandbox_settings, start
 from tests.support import (
     CONNECTED,
@@ -63,13 +62,6 @@ class BuggyMemoryStore(ProfileBug, MemoryStore):
 
 class BuggyMongoStore(ProfileBug, MongoStore):
     pass
-
-
-@pytest.fixture(params=["memory", "motor", "pymongo"])
-def backend(request: pytest.FixtureRequest) -> Iterator[str]:
-    yield str(request.param)
-    if request.param == "pymongo":
-        collect_leaked_driver_sockets()
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ relayed, pushed to a real receiver that verifies every delivery with the
 ``standardwebhooks`` package, and pulled over HTTP from ``GET /events``. Memory store
 and MongoDB over the wire (SecantusDB, motor and PyMongo).
 
-Events are appended with ``Store.append_account_event``: emitting them from the state
-changes themselves (connect, disconnect...) comes with a later change.
+Events are appended with ``Store.append_account_event``, so that delivery is tested on
+its own; tests/test_events_emission.py has the state changes themselves emit them.
 """
 
 from __future__ import annotations
@@ -15,16 +15,17 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from standardwebhooks import Webhook
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
+from tornado.web import Application
 
 from server import Gateway, make_app
 from services.event_delivery import EventWorkers, Signer, event_workers_for
@@ -73,6 +74,9 @@ class Running:
         return 0.0 if value is None else value
 
 
+R = TypeVar("R", bound=Running)
+
+
 @contextlib.asynccontextmanager
 async def running(
     store: Store,
@@ -94,20 +98,37 @@ async def running(
             "PRODUCT_WEBHOOK_RETRY_SCHEDULE": schedule,
         }
     config = make_config(**env)
-    app = make_app(config, store=store)
+
+    def start_workers(gateway: Gateway) -> EventWorkers:
+        workers = event_workers_for(
+            config, gateway.store, gateway.metrics,
+            request_timeout=request_timeout, poll_seconds=0.05, relay_idle_seconds=0.05,
+        )
+        workers.start()
+        return workers
+
+    async with serving(make_app(config, store=store), start_workers, Running) as run:
+        yield run
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    app: Application,
+    start_workers: Callable[[Gateway], EventWorkers],
+    running_type: type[R],
+    client_defaults: dict[str, Any] | None = None,
+) -> AsyncIterator[R]:
+    """``app`` on a free port with the event workers ``start_workers`` starts, and a
+    client of its own; all stopped on the way out."""
     gateway: Gateway = app.settings["gateway"]
     sockets = bind(0)
     server = HTTPServer(app)
     server.add_sockets(sockets)
-    workers = event_workers_for(
-        config, gateway.store, gateway.metrics,
-        request_timeout=request_timeout, poll_seconds=0.05, relay_idle_seconds=0.05,
-    )
-    workers.start()
-    client = AsyncHTTPClient(force_instance=True)
+    workers = start_workers(gateway)
+    client = AsyncHTTPClient(force_instance=True, defaults=client_defaults)
     try:
-        yield Running(gateway, workers, f"http://{LOOPBACK}:{sockets[0].getsockname()[1]}",
-                      client)
+        yield running_type(gateway, workers,
+                           f"http://{LOOPBACK}:{sockets[0].getsockname()[1]}", client)
     finally:
         await workers.stop(grace_seconds=5)
         server.stop()
@@ -582,6 +603,12 @@ async def test_a_store_outage_pauses_the_relay_with_one_warning(
             await poll_until(paused, bool, timeout=WAIT, interval=0.05, what="relay paused")
             await asyncio.sleep(0.5)  # several failing rounds, backing off
         await until_status(run.store, event["id"], EventStatus.PULL_ONLY)
+
+        async def resumed() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "resumed after" in r.getMessage()]
+
+        # The event is stored as relayed a moment before that round logs its recovery.
+        await poll_until(resumed, bool, timeout=WAIT, interval=0.05, what="relay resumed")
         messages = [r.getMessage() for r in caplog.records if r.name == "gateway.events"]
         assert len([m for m in messages if "paused" in m]) == 1, messages
         assert len([m for m in messages if "resumed after" in m]) == 1, messages

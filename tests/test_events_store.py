@@ -44,6 +44,14 @@ def event_at(account: Account, seconds: float, event_type: str = CONNECTED) -> d
     return new_event(event_type, account, now=NOW + timedelta(seconds=seconds), reconnected=False)
 
 
+async def one_appended(store: Store) -> tuple[Account, dict[str, Any]]:
+    """An account with one event in its outbox."""
+    alice = await account(store)
+    event = event_at(alice, 0)
+    await store.append_account_event(alice.id, event)
+    return alice, event
+
+
 async def relay_all(store: Store, holder: str = "relay-a", *, push: bool = True,
                     now: datetime = NOW) -> list[Any]:
     assert await store.acquire_relay_lease(holder, seconds=LEASE_S)
@@ -141,9 +149,7 @@ async def test_without_push_events_are_pull_only(make_store):
 @gen_test
 async def test_a_relayer_that_lost_its_lease_logs_nothing(make_store):
     async with make_store() as store:
-        alice = await account(store)
-        event = event_at(alice, 0)
-        await store.append_account_event(alice.id, event)
+        _, event = await one_appended(store)
         assert await store.acquire_relay_lease("relay-a", seconds=LEASE_S)
         assert await store.acquire_relay_lease("relay-a", seconds=LEASE_S)  # renew
         assert not await store.acquire_relay_lease("relay-b", seconds=LEASE_S)
@@ -170,9 +176,7 @@ async def test_a_relayer_that_lost_its_lease_logs_nothing(make_store):
 @gen_test
 async def test_an_event_logged_before_a_crash_is_only_removed_from_the_outbox(make_store):
     async with make_store() as store:
-        alice = await account(store)
-        event = event_at(alice, 0)
-        await store.append_account_event(alice.id, event)
+        alice, event = await one_appended(store)
         await store.append_account_event(alice.id, event)  # as if its $pull never ran
         logged = await relay_all(store)
         assert [s.id for s in logged] == [event["id"]]
@@ -293,9 +297,7 @@ async def test_a_failed_event_lets_the_next_one_go_and_can_be_redelivered(make_s
 @gen_test
 async def test_an_expired_claim_can_be_taken_over(make_store):
     async with make_store() as store:
-        alice = await account(store)
-        event = event_at(alice, 0)
-        await store.append_account_event(alice.id, event)
+        _, event = await one_appended(store)
         await relay_all(store)
         claimed = await store.claim_event_for_delivery(
             event["id"], "stalled", now=NOW, seconds=SHORT_S)

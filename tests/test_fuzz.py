@@ -74,7 +74,7 @@ KNOWN_SCOPES = (
     "video.publish",
 )
 CALLBACK_ERRORS = {"VALIDATION_ERROR", "CONFLICT", "PERMISSION_DENIED"}
-# The production server refuses request heads above 32 KB (server.MAX_HEADER_BYTES);
+# The production server refuses request heads above 32 KB (app.lifecycle.MAX_HEADER_BYTES);
 # the fuzzer stays under it so that every request reaches the application.
 MAX_URL = 30_000
 

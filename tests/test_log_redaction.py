@@ -154,10 +154,10 @@ class RecordingStore(MemoryStore):
         self.owners.add(pending.owner_id)
         await super().save_pending(pending)
 
-    async def save_account_tokens(self, owner_id, grant, *, now):
+    async def save_account_tokens(self, owner_id, grant, *, now, **options):
         if self.explode:
             raise RuntimeError(BUG_MESSAGE)
-        return await super().save_account_tokens(owner_id, grant, now=now)
+        return await super().save_account_tokens(owner_id, grant, now=now, **options)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,7 +27,7 @@ from server import make_app
 from services.profile_filler import ProfileFiller
 from storage.base import PROFILE_FIRST_FILL_DELAY, Store
 from storage.mongodb import PROFILE_FILL_INDEX
-from tests.fixtures_mongo import collect_leaked_driver_sockets, open_mongo_store
+from tests.fixtures_mongo import open_mongo_store
 from tests.flow import consent, follow, location, sandbox_settings, start
 from tests.processes import GatewayProcess, gateway_settings, poll_until
 from tests.support import (
@@ -49,13 +48,6 @@ SCOPES = ["user.info.basic", "user.info.profile"]
 MINUTE = timedelta(minutes=1)
 
 gen_test = pytest.mark.gen_test(timeout=60)
-
-
-@pytest.fixture(params=["memory", "motor", "pymongo"])
-def backend(request: pytest.FixtureRequest) -> Iterator[str]:
-    yield str(request.param)
-    if request.param == "pymongo":
-        collect_leaked_driver_sockets()
 
 
 @pytest.fixture

@@ -39,10 +39,11 @@ from services.errors import (
 )
 from services.http_client import close_http_client, make_http_client, nothing_sent
 from services.metrics import GatewayMetrics, InstrumentedStore
+from services.tiktok import TikTokClient
 from storage.base import Account, AccountStatus, Store, TokenGrant
 from storage.mongodb import APP_NAME, MongoStore
 from tests.fixtures_mongo import mongo_failpoint
-from tests.flow import live_sandbox, record_refreshes, sandbox_grant, tiktok_for
+from tests.flow import RefreshLog, live_sandbox, record_refreshes, sandbox_grant, tiktok_for
 from tests.processes import poll_until
 from tests.support import free_port, make_config, utc_now
 
@@ -110,6 +111,19 @@ class Outage:
             self.store.down = False
 
 
+async def staged(
+    raw: Store, request: pytest.FixtureRequest, sandbox: Any, tiktok: TikTokClient
+) -> tuple[Outage, Store, Account, Any, RefreshLog, AccountService]:
+    """The outage on ``raw``; an account connected through it, its tokens as stored,
+    the sandbox's refreshes recorded, and the service on the outage's store."""
+    outage = Outage(raw, request)
+    store = outage.store
+    account = await connect(store, sandbox)
+    before = await store.get_account_tokens(account.id)
+    seen = record_refreshes(sandbox)
+    return outage, store, account, before, seen, AccountService(store=store, tiktok=tiktok)
+
+
 # -- the store failing at the save -------------------------------------------------
 
 
@@ -118,12 +132,7 @@ async def test_a_grant_whose_save_failed_lands_and_is_handed_out_without_a_secon
     make_store, request, sandbox, tiktok
 ):
     async with make_store() as raw:
-        outage = Outage(raw, request)
-        store = outage.store
-        account = await connect(store, sandbox)
-        before = await store.get_account_tokens(account.id)
-        seen = record_refreshes(sandbox)
-        accounts = AccountService(store=store, tiktok=tiktok)
+        outage, store, account, before, seen, accounts = await staged(raw, request, sandbox, tiktok)
         with outage.saves_fail():
             with pytest.raises(StoreUnavailable):  # the access-token endpoint's 503
                 await accounts.access_token(OWNER, account.id)
@@ -153,12 +162,7 @@ async def test_a_grant_whose_save_failed_lands_in_the_background(
     make_store, request, sandbox, tiktok
 ):
     async with make_store() as raw:
-        outage = Outage(raw, request)
-        store = outage.store
-        account = await connect(store, sandbox)
-        before = await store.get_account_tokens(account.id)
-        seen = record_refreshes(sandbox)
-        accounts = AccountService(store=store, tiktok=tiktok)
+        outage, store, account, before, seen, accounts = await staged(raw, request, sandbox, tiktok)
         with outage.saves_fail():
             with pytest.raises(StoreUnavailable):
                 await accounts.refresh_account(account)  # the background refresher's path
@@ -183,11 +187,7 @@ async def test_closing_the_service_waits_for_the_store_to_take_the_grant(
     make_store, request, sandbox, tiktok
 ):
     async with make_store() as raw:
-        outage = Outage(raw, request)
-        store = outage.store
-        account = await connect(store, sandbox)
-        seen = record_refreshes(sandbox)
-        accounts = AccountService(store=store, tiktok=tiktok)
+        outage, store, account, _, seen, accounts = await staged(raw, request, sandbox, tiktok)
         with outage.saves_fail():
             with pytest.raises(StoreUnavailable):
                 await accounts.access_token(OWNER, account.id)
@@ -205,10 +205,7 @@ async def test_a_grant_still_unsaved_when_closing_runs_out_is_reported_lost(
     make_store, request, sandbox, tiktok, caplog
 ):
     async with make_store() as raw:
-        outage = Outage(raw, request)
-        account = await connect(outage.store, sandbox)
-        seen = record_refreshes(sandbox)
-        accounts = AccountService(store=outage.store, tiktok=tiktok)
+        outage, _, account, _, seen, accounts = await staged(raw, request, sandbox, tiktok)
         with outage.saves_fail(), caplog.at_level(logging.INFO, logger="gateway.accounts"):
             with pytest.raises(StoreUnavailable):
                 await accounts.access_token(OWNER, account.id)

@@ -62,18 +62,22 @@ async def stored_tokens(uri: str, database: str, account_id: str) -> AccountToke
         return await store.get_account_tokens(account_id)
 
 
+def requests_only_settings(
+    mongodb_uri: str, database: str, sandbox_url: str, **extra: str
+) -> dict[str, str]:
+    """A gateway's settings with no background refresher: only the test's token
+    requests may call TikTok, each refreshing tokens within SKEW_SECONDS of expiry."""
+    return gateway_settings(
+        mongodb_uri, database, sandbox_url,
+        REFRESH_SKEW_SECONDS=str(SKEW_SECONDS), REFRESH_INTERVAL_SECONDS="0", **extra,
+    )
+
+
 @pytest.mark.gen_test(timeout=120)
 async def test_concurrent_token_requests_over_two_processes_refresh_once(
     sandbox, mongo_server, mongo_database_name, wide_client, tmp_path
 ):
-    settings = gateway_settings(
-        mongo_server.uri,
-        mongo_database_name,
-        sandbox.url,
-        REFRESH_SKEW_SECONDS=str(SKEW_SECONDS),
-        # No background refresher: only the requests below may call TikTok.
-        REFRESH_INTERVAL_SECONDS="0",
-    )
+    settings = requests_only_settings(mongo_server.uri, mongo_database_name, sandbox.url)
     with (
         GatewayProcess(tmp_path / "gateway-a.log", **settings) as gateway_a,
         GatewayProcess(tmp_path / "gateway-b.log", **settings) as gateway_b,
@@ -169,11 +173,8 @@ SECOND_ASKS_AFTER_SECONDS = 15
 async def test_a_second_process_waits_for_a_refresh_tiktok_answers_in_16_s(
     sandbox, mongo_server, mongo_database_name, wide_client, tmp_path
 ):
-    settings = gateway_settings(
-        mongo_server.uri, mongo_database_name, sandbox.url,
-        REFRESH_SKEW_SECONDS=str(SKEW_SECONDS), REFRESH_INTERVAL_SECONDS="0",
-        TIKTOK_REQUEST_TIMEOUT_SECONDS="20",
-    )
+    settings = requests_only_settings(mongo_server.uri, mongo_database_name, sandbox.url,
+                                      TIKTOK_REQUEST_TIMEOUT_SECONDS="20")
     with (
         GatewayProcess(tmp_path / "gateway-a.log", **settings) as gateway_a,
         GatewayProcess(tmp_path / "gateway-b.log", **settings) as gateway_b,
@@ -206,11 +207,8 @@ async def test_a_second_process_waits_for_a_refresh_tiktok_answers_in_16_s(
 async def test_sigterm_stores_a_grant_whose_save_failed_before_the_gateway_exits(
     sandbox, mongo_server, mongo_database_name, wide_client, tmp_path
 ):
-    settings = gateway_settings(
-        mongo_server.uri, mongo_database_name, sandbox.url,
-        REFRESH_SKEW_SECONDS=str(SKEW_SECONDS), REFRESH_INTERVAL_SECONDS="0",
-        SHUTDOWN_TIMEOUT_SECONDS="20",
-    )
+    settings = requests_only_settings(mongo_server.uri, mongo_database_name, sandbox.url,
+                                      SHUTDOWN_TIMEOUT_SECONDS="20")
     with GatewayProcess(tmp_path / "gateway.log", **settings) as gateway:
         await gateway.wait_ready(wide_client)
         account_id = await connect_through(wide_client, gateway)

@@ -62,12 +62,14 @@ class RecordingAccounts(AccountService):
         self.in_flight = 0
         self.max_in_flight = 0
 
-    async def refresh_account(self, account: Account, *, force: bool = False) -> RefreshOutcome:
+    async def refresh_account(
+        self, account: Account, *, force: bool = False, due_within: timedelta | None = None
+    ) -> RefreshOutcome:
         self.starts.append(self.fake.now if self.fake else 0.0)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            return await super().refresh_account(account, force=force)
+            return await super().refresh_account(account, force=force, due_within=due_within)
         finally:
             self.in_flight -= 1
 
@@ -559,6 +561,8 @@ async def test_server_starts_and_stops_the_refresher(keep_warm, expected):
     )
     refresher = start_refresher(gateway)
     assert refresher is not None and refresher.running
+    # The gateway's one AccountService, not a second one built for the refresher.
+    assert refresher._accounts is gateway.accounts
     assert refresher.interval == 5 and refresher.ahead == timedelta(seconds=600)
     assert refresher.batch_size == 120
     assert refresher.keep_warm == expected
@@ -566,12 +570,29 @@ async def test_server_starts_and_stops_the_refresher(keep_warm, expected):
     assert not refresher.running
 
 
-def test_refresher_refuses_a_skew_narrower_than_its_window():
+@gen_test
+async def test_the_refresher_window_holds_whatever_the_service_skew(make_store, sandbox, tiktok):
+    """The refresher shares the access-token endpoint's AccountService, whose skew (300 s
+    here) is narrower than the refresher's window: each keeps its own."""
+    async with make_store() as store:
+        picked = await connect(store, sandbox, "picked", expires_in=timedelta(minutes=30))
+        shared = AccountService(store=store, tiktok=tiktok, refresh_skew_seconds=300)
+
+        summary = await refresher_for(store, shared).run_once()
+
+        assert (summary.due, summary.outcomes) == (1, {RefreshOutcome.REFRESHED.value: 1})
+        refreshed = await store.get_account(picked.id)
+        assert refreshed.access_token_expires_at > utc_now() + REFRESHED
+        # On demand the service keeps its 300 s skew: 30 minutes from expiry is not due.
+        asked = await connect(store, sandbox, "asked", expires_in=timedelta(minutes=30))
+        assert await shared.refresh_account(asked) is RefreshOutcome.NOT_DUE
+        assert sandbox.stats["token_refresh"] == 1
+
+
+def test_refresher_refuses_bad_settings():
     store = MemoryStore()
     tiktok = tiktok_for("http://127.0.0.1:9")
     narrow = AccountService(store=store, tiktok=tiktok, refresh_skew_seconds=300)
-    with pytest.raises(ValueError, match="refresh skew"):
-        Refresher(store=store, accounts=narrow, ahead_seconds=3600)
     with pytest.raises(ValueError, match="interval"):
         Refresher(store=store, accounts=narrow, ahead_seconds=60, interval_seconds=0)
     with pytest.raises(ValueError, match="keep_warm"):

@@ -110,10 +110,9 @@ async def post_form(
     return response, json.loads(response.body)
 
 
-async def exchange(
-    http_client, base_url: str, code: str, **overrides: str | None
-) -> tuple[HTTPResponse, dict[str, Any]]:
-    fields: dict[str, str | None] = {
+def exchange_fields(code: str) -> dict[str, str]:
+    """A valid code exchange's form."""
+    return {
         "client_key": CLIENT_KEY,
         "client_secret": CLIENT_SECRET,
         "code": code,
@@ -121,7 +120,12 @@ async def exchange(
         "redirect_uri": REDIRECT_URI,
         "code_verifier": VERIFIER,
     }
-    fields.update(overrides)
+
+
+async def exchange(
+    http_client, base_url: str, code: str, **overrides: str | None
+) -> tuple[HTTPResponse, dict[str, Any]]:
+    fields: dict[str, str | None] = {**exchange_fields(code), **overrides}
     body = {k: v for k, v in fields.items() if v is not None}
     return await post_form(http_client, base_url + TOKEN, body)
 
@@ -156,6 +160,14 @@ async def user_info(
     headers = {"Authorization": f"Bearer {access_token}"} if access_token else {}
     response = await http_client.fetch(url, headers=headers, raise_error=False)
     return response, json.loads(response.body)
+
+
+async def connected_user_info(
+    http_client, base_url: str, fields: str | None
+) -> tuple[HTTPResponse, dict[str, Any]]:
+    """``fields`` of the user just connected."""
+    tokens = await connect(http_client, base_url)
+    return await user_info(http_client, base_url, tokens["access_token"], fields)
 
 
 def assert_flat_error(body: dict[str, Any], error: str) -> None:
@@ -348,15 +360,9 @@ async def test_bad_client_credentials_are_invalid_client_401(http_client, base_u
 @pytest.mark.gen_test
 async def test_content_type_must_be_exactly_form(http_client, base_url, content_type):
     code = callback_query(await authorize(http_client, base_url))["code"]
-    fields = {
-        "client_key": CLIENT_KEY,
-        "client_secret": CLIENT_SECRET,
-        "code": code,
-        "grant_type": "authorization_code",
-        "redirect_uri": REDIRECT_URI,
-        "code_verifier": VERIFIER,
-    }
-    response, body = await post_form(http_client, base_url + TOKEN, fields, content_type)
+    response, body = await post_form(
+        http_client, base_url + TOKEN, exchange_fields(code), content_type
+    )
     assert response.code == 400
     assert_flat_error(body, "invalid_request")
     assert "charset" not in body["error_description"] or "exactly" in body["error_description"]
@@ -435,9 +441,8 @@ async def test_refresh_answers_the_remaining_refresh_lifetime(http_client, base_
 
 @pytest.mark.gen_test
 async def test_user_info_returns_only_requested_fields(http_client, base_url):
-    tokens = await connect(http_client, base_url)
-    response, body = await user_info(
-        http_client, base_url, tokens["access_token"], "open_id,display_name,username"
+    response, body = await connected_user_info(
+        http_client, base_url, "open_id,display_name,username"
     )
     assert response.code == 200
     assert body["data"]["user"] == {
@@ -451,10 +456,7 @@ async def test_user_info_returns_only_requested_fields(http_client, base_url):
 
 @pytest.mark.gen_test
 async def test_user_info_field_of_ungranted_scope_is_scope_not_authorized(http_client, base_url):
-    tokens = await connect(http_client, base_url)
-    response, body = await user_info(
-        http_client, base_url, tokens["access_token"], "open_id,follower_count"
-    )
+    response, body = await connected_user_info(http_client, base_url, "open_id,follower_count")
     assert response.code == 401
     assert_api_error(body, "scope_not_authorized")
     assert "user.info.stats" in body["error"]["message"]
@@ -463,8 +465,7 @@ async def test_user_info_field_of_ungranted_scope_is_scope_not_authorized(http_c
 @pytest.mark.parametrize("fields", [None, "", "open_id,shoe_size"])
 @pytest.mark.gen_test
 async def test_user_info_fields_missing_or_unknown_is_invalid_params(http_client, base_url, fields):
-    tokens = await connect(http_client, base_url)
-    response, body = await user_info(http_client, base_url, tokens["access_token"], fields)
+    response, body = await connected_user_info(http_client, base_url, fields)
     assert response.code == 400
     assert_api_error(body, "invalid_params")
 
@@ -483,11 +484,7 @@ async def test_user_info_invalid_token_is_401(http_client, base_url, token):
 @pytest.mark.gen_test
 async def test_revoke_invalidates_access_and_refresh_tokens(http_client, base_url, sandbox):
     tokens = await connect(http_client, base_url)
-    response, body = await post_form(
-        http_client,
-        base_url + REVOKE,
-        {"client_key": CLIENT_KEY, "client_secret": CLIENT_SECRET, "token": tokens["access_token"]},
-    )
+    response, body = await revoke_form(http_client, base_url, tokens["access_token"])
     assert response.code == 200 and body == {}
     assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Tt-Logid"])
     response, body = await user_info(http_client, base_url, tokens["access_token"])
@@ -507,6 +504,23 @@ async def revoke(http_client, base_url: str, token: str) -> HTTPResponse:
         headers={"Content-Type": FORM},
         raise_error=False,
     )
+
+
+async def revoke_form(
+    http_client, base_url: str, token: str, client_secret: str = CLIENT_SECRET
+) -> tuple[HTTPResponse, dict[str, Any]]:
+    """A revoke whose answer has a JSON body."""
+    return await post_form(
+        http_client,
+        base_url + REVOKE,
+        {"client_key": CLIENT_KEY, "client_secret": client_secret, "token": token},
+    )
+
+
+async def assert_revoke_refuses_a_bad_client(http_client, base_url: str) -> None:
+    response, body = await revoke_form(http_client, base_url, "act.whatever", "wrong")
+    assert response.code == 401
+    assert_flat_error(body, "invalid_client")
 
 
 @pytest.mark.gen_test
@@ -540,24 +554,12 @@ async def test_revoke_empty_body_switch(http_client, base_url, sandbox):
     assert (await user_info(http_client, base_url, tokens["access_token"]))[0].code == 401
     assert (await revoke(http_client, base_url, "act.unknown")).body == b""
     # Errors keep their JSON body.
-    response, body = await post_form(
-        http_client,
-        base_url + REVOKE,
-        {"client_key": CLIENT_KEY, "client_secret": "wrong", "token": "act.whatever"},
-    )
-    assert response.code == 401
-    assert_flat_error(body, "invalid_client")
+    await assert_revoke_refuses_a_bad_client(http_client, base_url)
 
 
 @pytest.mark.gen_test
 async def test_revoke_with_bad_client_is_401(http_client, base_url):
-    response, body = await post_form(
-        http_client,
-        base_url + REVOKE,
-        {"client_key": CLIENT_KEY, "client_secret": "wrong", "token": "act.whatever"},
-    )
-    assert response.code == 401
-    assert_flat_error(body, "invalid_client")
+    await assert_revoke_refuses_a_bad_client(http_client, base_url)
 
 
 @pytest.mark.gen_test
@@ -681,11 +683,7 @@ async def test_fault_delay_and_latency_slow_answers_down(http_client, base_url, 
 async def test_clear_faults(http_client, base_url, sandbox):
     sandbox.add_fault("revoke", count=5)
     sandbox.clear_faults()
-    response, _ = await post_form(
-        http_client,
-        base_url + REVOKE,
-        {"client_key": CLIENT_KEY, "client_secret": CLIENT_SECRET, "token": "act.unknown"},
-    )
+    response, _ = await revoke_form(http_client, base_url, "act.unknown")
     assert response.code == 200
 
 
@@ -739,11 +737,7 @@ async def test_stats_count_every_endpoint(http_client, base_url, sandbox):
     await refresh(http_client, base_url, tokens["refresh_token"])
     await refresh(http_client, base_url, tokens["refresh_token"])  # refused, still counted
     await user_info(http_client, base_url, tokens["access_token"])
-    await post_form(
-        http_client,
-        base_url + REVOKE,
-        {"client_key": CLIENT_KEY, "client_secret": CLIENT_SECRET, "token": "x"},
-    )
+    await revoke_form(http_client, base_url, "x")
     assert sandbox.stats == {
         "authorize": 1,
         "token": 3,

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import functools
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,6 +27,7 @@ from storage.base import (
     PendingAuthorization,
     PendingFailure,
     PendingStatus,
+    Store,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.mongodb import (
@@ -40,6 +41,7 @@ from storage.mongodb import (
     expired_refresh_query,
 )
 from tests.fixtures_mongo import (
+    StoreFactory,
     mongo_failpoint,
     open_mongo_store,
 )
@@ -60,6 +62,18 @@ def fake_pending(*, now: datetime, ttl: timedelta = timedelta(minutes=10)) -> Pe
     )
 
 
+@contextlib.asynccontextmanager
+async def saved_pending(
+    make_store: StoreFactory, **kwargs: Any
+) -> AsyncIterator[tuple[Store, PendingAuthorization, datetime]]:
+    """A store holding one pending authorization made ``now``."""
+    now = utc_now()
+    pending = fake_pending(now=now, **kwargs)
+    async with make_store() as store:
+        await store.save_pending(pending)
+        yield store, pending, now
+
+
 @pytest.fixture
 def make_mongo_store(
     mongo_server: Any, mongo_database_name: str, mongo_driver: str
@@ -72,10 +86,7 @@ def make_mongo_store(
 
 @gen_test
 async def test_pending_round_trip_and_exactly_one_concurrent_claim(make_store):
-    now = utc_now()
-    pending = fake_pending(now=now)
-    async with make_store() as store:
-        await store.save_pending(pending)
+    async with saved_pending(make_store) as (store, pending, now):
         outcomes = await asyncio.gather(
             *(store.claim_pending(pending.jti, callback_digest=f"d{i}", now=now) for i in range(20))
         )
@@ -103,10 +114,7 @@ async def test_pending_round_trip_and_exactly_one_concurrent_claim(make_store):
 
 @gen_test
 async def test_expired_pending_is_not_claimed(make_store):
-    now = utc_now()
-    pending = fake_pending(now=now, ttl=timedelta(minutes=10))
-    async with make_store() as store:
-        await store.save_pending(pending)
+    async with saved_pending(make_store, ttl=timedelta(minutes=10)) as (store, pending, now):
         at_expiry = await store.claim_pending(
             pending.jti, callback_digest="d", now=pending.expires_at
         )
@@ -131,10 +139,7 @@ async def test_unknown_pending(make_store):
 
 @gen_test
 async def test_completed_pending_reports_final_redirect_and_drops_verifier(make_store):
-    now = utc_now()
-    pending = fake_pending(now=now)
-    async with make_store() as store:
-        await store.save_pending(pending)
+    async with saved_pending(make_store) as (store, pending, now):
         first = await store.claim_pending(pending.jti, callback_digest="digest-1", now=now)
         await store.finish_pending(
             pending.jti,
@@ -158,10 +163,7 @@ async def test_completed_pending_reports_final_redirect_and_drops_verifier(make_
 
 @gen_test
 async def test_failed_pending(make_store):
-    now = utc_now()
-    pending = fake_pending(now=now)
-    async with make_store() as store:
-        await store.save_pending(pending)
+    async with saved_pending(make_store) as (store, pending, now):
         await store.claim_pending(pending.jti, callback_digest="d", now=now)
         await store.finish_pending(
             pending.jti, status=PendingStatus.FAILED, final_redirect="https://app.example.test/e"
@@ -175,8 +177,6 @@ async def test_failed_pending(make_store):
 
 @gen_test
 async def test_failed_pending_keeps_what_the_callback_answered(make_store):
-    now = utc_now()
-    pending = fake_pending(now=now)
     failure = PendingFailure(
         status=503,
         code="SERVICE_UNAVAILABLE",
@@ -185,8 +185,7 @@ async def test_failed_pending_keeps_what_the_callback_answered(make_store):
         details={"dependency": "tiktok", "logId": "log-1"},
         retry_after=9,
     )
-    async with make_store() as store:
-        await store.save_pending(pending)
+    async with saved_pending(make_store) as (store, pending, now):
         await store.claim_pending(pending.jti, callback_digest="d", now=now)
         in_progress = await store.get_pending(pending.jti)
         await store.finish_pending(pending.jti, status=PendingStatus.FAILED, failure=failure)

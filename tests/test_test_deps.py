@@ -92,8 +92,11 @@ def test_a_failed_install_stops_with_the_explanation(tmp_path):
 
 
 def test_make_test_checks_before_anything_else_and_stops_there(tmp_path):
-    plan = subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, check=True).stdout.splitlines()
+    # --no-print-directory: under `make test` itself (as CI runs it) a nested make
+    # would print "Entering directory" first.
+    plan = subprocess.run(["make", "--no-print-directory", "-n", "test"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          check=True).stdout.splitlines()
     assert "scripts/check_test_deps.py" in plan[0], plan
     assert any("-m pytest" in line for line in plan[1:]), plan
     # The check's own failure is make's: nothing after it runs.

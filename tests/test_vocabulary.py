@@ -36,11 +36,11 @@ from storage.base import TokenGrant
 from tests.support import PRODUCT_REDIRECT, assert_envelope, bearer, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
-GATEWAY_PACKAGES = {"core", "services", "storage", "handlers", "server", "demo"}
+GATEWAY_PACKAGES = {"core", "services", "storage", "handlers", "app", "server", "demo"}
 # Each lower layer and the packages it must not import.
 BELOW = {
-    "storage": {"services", "handlers", "server", "demo"},
-    "core": {"services", "storage", "handlers", "server", "demo"},
+    "storage": {"services", "handlers", "app", "server", "demo"},
+    "core": {"services", "storage", "handlers", "app", "server", "demo"},
 }
 # 2026-01-01T00:10:00.000Z
 ISO_Z = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")

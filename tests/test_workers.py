@@ -24,7 +24,7 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from tornado.httpclient import AsyncHTTPClient
 
 from services.errors import ConfigError
-from services.metrics import MULTIPROCESS_DIR_ENV, prepare_multiprocess_dir
+from services.metrics import prepare_multiprocess_dir
 from storage.mongodb import ACCOUNTS_COLLECTION
 from tests.fixtures_mongo import raw_database
 from tests.flow import connect
@@ -258,7 +258,7 @@ async def test_a_configured_metrics_directory_and_a_dead_workers_in_flight_gauge
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_configured_metrics_directory_loses_only_metric_files(tmp_path, monkeypatch):
+def test_a_configured_metrics_directory_loses_only_metric_files(tmp_path):
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     stale = [metrics_dir / f"{kind}_4000001.db" for kind in ("counter", "gauge_livesum",
@@ -267,8 +267,8 @@ def test_a_configured_metrics_directory_loses_only_metric_files(tmp_path, monkey
         path.write_bytes(b"")
     unrelated = metrics_dir / "notes.db"  # someone else's file: never deleted
     unrelated.write_text("keep me")
-    monkeypatch.setenv(MULTIPROCESS_DIR_ENV, str(metrics_dir))
-    assert prepare_multiprocess_dir() == (str(metrics_dir), False)
+    config = make_config(PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    assert prepare_multiprocess_dir(config.prometheus_multiproc_dir) == (str(metrics_dir), False)
     assert not any(path.exists() for path in stale)
     assert unrelated.read_text() == "keep me"
 

@@ -461,7 +461,7 @@ async def simulate(args: argparse.Namespace) -> tuple[dict[str, Any], list[Asked
     pace = scaled_pace(fraction)
     refresher = ObservedRefresher(
         store=store,
-        accounts=accounts.with_skew(REFRESH_AHEAD),
+        accounts=accounts,
         interval_seconds=REFRESH_INTERVAL,
         ahead_seconds=REFRESH_AHEAD,
         keep_warm_seconds=args.keep_warm,

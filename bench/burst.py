@@ -47,7 +47,7 @@ from typing import Any
 
 import jwt
 
-from bench.run import (
+from bench.common import (
     ARTIFACTS,
     CLIENT_KEY,
     LOOPBACK,

@@ -35,26 +35,29 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "artifacts"
-LOOPBACK = "127.0.0.1"
-PRODUCT_ORIGIN = "http://localhost:3000"
-CLIENT_KEY = "bench-client-key"
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 15.0
+from bench.common import (
+    ARTIFACTS,
+    CLIENT_KEY,
+    LOOPBACK,
+    PRODUCT_ORIGIN,
+    ROOT,
+    Service,
+    _gateway_variable,
+    free_port,
+    memory_of,
+    wait_http,
+)
+
 MB = 1024 * 1024
 
 # The issue's targets (BENCHMARKS.md).
@@ -85,61 +88,13 @@ class Scenario:
     profile: bool = False
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 # -- processes ------------------------------------------------------------------
 
 
-class Service:
-    """A child process with its output in a log file; always stopped with SIGTERM."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"bench-{name}.log"
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(  # noqa: S603 - our own interpreter, fixed argv
-            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-        self._log.close()
-
-    def tail(self, limit: int = 3000) -> str:
-        return self.log_path.read_bytes()[-limit:].decode(errors="replace")
 
 
-def wait_http(service: Service, url: str, timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not service.alive():
-            raise SystemExit(f"{service.name} exited:\n{service.tail()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{service.name} did not answer {url} within {timeout:.0f}s")
 
 
 def peak_rss_reset(pid: int) -> bool:
@@ -151,15 +106,6 @@ def peak_rss_reset(pid: int) -> bool:
         return False
 
 
-def memory_of(pid: int) -> dict[str, float]:
-    """``VmHWM`` (peak resident set since start or the last reset) and ``VmRSS``, MB."""
-    figures: dict[str, float] = {}
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                figures[key] = int(value.split()[0]) / 1024
-    return figures
 
 
 class Stack:
@@ -245,10 +191,6 @@ class Stack:
                 service.stop()
 
 
-def _gateway_variable(name: str) -> bool:
-    prefixes = ("TIKTOK_", "MONGODB_", "STATE_", "AUTH_JWT_", "ALLOWED_REDIRECT_",
-                "TOKEN_ENCRYPTION_", "REFRESH_", "WEBHOOK_", "LOG_", "WORKERS", "SHUTDOWN_")
-    return name.startswith(prefixes) or name in ("HOST", "PORT", "PROMETHEUS_MULTIPROC_DIR")
 
 
 @contextlib.contextmanager

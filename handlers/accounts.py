@@ -8,12 +8,16 @@ also needs the bearer scope ``tiktok.tokens``.
 from __future__ import annotations
 
 from core.clock import iso_z
+from core.errors import ValidationFailed
 from handlers.base import ErrorWriterMixin
 from services.accounts import AccountService
 from services.product_auth import TOKENS_SCOPE, PrincipalResolver
 
 # The renderer lives in services: account events carry the same representation.
 from services.representation import account_payload as account_json
+
+MAX_ACCESS_TOKEN_BODY = 8192
+MAX_ACCESS_TOKEN_LENGTH = 4096  # far above TikTok's tokens; refuses garbage early
 
 
 class AccountsHandlerBase(ErrorWriterMixin):
@@ -48,7 +52,9 @@ class AccessTokenHandler(AccountsHandlerBase):
         principal = await self.resolve_principal(self)
         # Before any lookup: a session token learns nothing about which ids exist.
         principal.require(TOKENS_SCOPE)
-        token = await self.accounts.access_token(principal.owner_id, account_id)
+        token = await self.accounts.access_token(
+            principal.owner_id, account_id, refused=self.refused_access_token()
+        )
         self.write_json(
             {
                 "accessToken": token.access_token,
@@ -57,3 +63,20 @@ class AccessTokenHandler(AccountsHandlerBase):
                 "openId": token.open_id,
             }
         )
+
+    def refused_access_token(self) -> str | None:
+        """``refusedAccessToken``: a token TikTok answered ``access_token_invalid`` to."""
+        body = self.read_json_object(
+            max_bytes=MAX_ACCESS_TOKEN_BODY,
+            example='{"refusedAccessToken": "act.example"}',
+            optional=True,
+        )
+        refused = body.get("refusedAccessToken")
+        if refused is not None and (
+            not isinstance(refused, str) or not 0 < len(refused) <= MAX_ACCESS_TOKEN_LENGTH
+        ):
+            raise ValidationFailed(
+                "refusedAccessToken must be the access token TikTok refused, as a string.",
+                details={"field": "refusedAccessToken"},
+            )
+        return refused

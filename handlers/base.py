@@ -15,7 +15,7 @@ import tornado.httputil
 import tornado.web
 
 from core.clock import iso_z, utcnow
-from core.errors import GatewayError, error_for_status
+from core.errors import GatewayError, ValidationFailed, error_for_status
 from services.logging_setup import current_request_id
 
 access_log = logging.getLogger("gateway.access")
@@ -90,6 +90,32 @@ class BaseHandler(tornado.web.RequestHandler):
     def write_json(self, payload: Any, status: int = 200) -> None:
         self.set_status(status)
         self.finish(json.dumps(payload))
+
+    def read_json_object(
+        self, *, max_bytes: int, example: str, optional: bool = False
+    ) -> dict[str, Any]:
+        """The request body as a JSON object (an empty one is ``{}`` when ``optional``);
+        anything else is refused with the envelope, ``example`` showing what is expected."""
+        if len(self.request.body) > max_bytes:
+            raise ValidationFailed(
+                "The request is too large.",
+                technical_message=f"body exceeds {max_bytes} bytes",
+            )
+        if optional and not self.request.body.strip():
+            return {}
+        try:
+            body: Any = json.loads(self.request.body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise ValidationFailed(
+                "The request body must be JSON.",
+                technical_message=f"expected a JSON object like {example}",
+            ) from None
+        if not isinstance(body, dict):
+            raise ValidationFailed(
+                "The request body must be a JSON object.",
+                technical_message=f"expected a JSON object like {example}",
+            )
+        return body
 
 
 class ErrorWriterMixin(BaseHandler):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from core.clock import iso_z
 from core.errors import ValidationFailed
 from handlers.base import ErrorWriterMixin
@@ -45,23 +42,9 @@ class AuthorizeHandler(GatewayHandler):
         )
 
     def check_body(self) -> tuple[str, list[str] | None, bool]:
-        if len(self.request.body) > MAX_AUTHORIZE_BODY:
-            raise ValidationFailed(
-                "The request is too large.",
-                technical_message=f"body exceeds {MAX_AUTHORIZE_BODY} bytes",
-            )
-        try:
-            body: Any = json.loads(self.request.body or b"")
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise ValidationFailed(
-                "The request body must be JSON.",
-                technical_message='expected a JSON object like {"redirectUri": "https://..."}',
-            ) from None
-        if not isinstance(body, dict):
-            raise ValidationFailed(
-                "The request body must be a JSON object.",
-                technical_message='expected a JSON object like {"redirectUri": "https://..."}',
-            )
+        body = self.read_json_object(
+            max_bytes=MAX_AUTHORIZE_BODY, example='{"redirectUri": "https://..."}'
+        )
         redirect_uri = body.get("redirectUri")
         if not isinstance(redirect_uri, str) or not redirect_uri:
             raise ValidationFailed(

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import enum
 import functools
+import hmac
 import logging
 import secrets
 import time
@@ -391,8 +392,15 @@ class AccountService:
             )
         return account
 
-    async def access_token(self, owner_id: str, account_id: str) -> AccessToken:
-        """A usable access token, refreshed first when it is about to expire."""
+    async def access_token(
+        self, owner_id: str, account_id: str, *, refused: str | None = None
+    ) -> AccessToken:
+        """A usable access token, refreshed first when it is about to expire.
+
+        ``refused``: an access token this endpoint handed out and TikTok refused
+        (``access_token_invalid``). While it is still the stored one, it is refreshed
+        at once, whatever its expiry says; once a newer one is stored, that one is
+        handed out. So many callers reporting the same token cause one refresh."""
         account = await self.get_account(owner_id, account_id)
         due: AccountTokens | None = None  # the tokens this request found due
         busy_since: float | None = None
@@ -407,12 +415,14 @@ class AccountService:
             if tokens is None:
                 raise _reauthorization_conflict("reauthorization_required")
             fresh = tokens.access_token_expires_at - self._clock() > self.refresh_skew
+            if _is_refused(tokens, refused):
+                fresh = False
             # Replaced since we found it due (by us, or by a concurrent holder): that is
             # the token to hand out, even if TikTok made it shorter-lived than the skew.
             if fresh or _replaced(tokens, due):
                 return await self._handed_out(account, tokens)
             due = tokens
-            attempt = await self._refresh(account, force=False, due=due)
+            attempt = await self._refresh(account, force=False, due=due, refused=refused)
             outcome = attempt.outcome
             if outcome in (RefreshOutcome.UNAVAILABLE, RefreshOutcome.UNKNOWN):
                 failure = attempt.failure
@@ -479,6 +489,7 @@ class AccountService:
         force: bool,
         due: AccountTokens | None = None,
         due_within: timedelta | None = None,
+        refused: str | None = None,
     ) -> _Attempt:
         # A grant this process got but could not store is the live credential: store
         # it, never refresh over it (the stored refresh token is dead).
@@ -505,6 +516,7 @@ class AccountService:
                 return _Attempt(RefreshOutcome.REAUTHORIZATION_REQUIRED)
             window = self.refresh_skew if due_within is None else due_within
             not_due = tokens.access_token_expires_at - now > window
+            not_due = not_due and not _is_refused(tokens, refused)
             if not force and (not_due or _replaced(tokens, due)):
                 # Someone refreshed between our read and our lease.
                 return _Attempt(RefreshOutcome.NOT_DUE)
@@ -643,6 +655,13 @@ class AccountService:
                 if attempt + 1 < REVOKE_ATTEMPTS:
                     await self._sleep(0.2 * (2**attempt))
         return False
+
+
+def _is_refused(tokens: AccountTokens, refused: str | None) -> bool:
+    """Whether the stored access token is the one a caller reports TikTok refused."""
+    return refused is not None and hmac.compare_digest(
+        tokens.access_token.encode(), refused.encode()
+    )
 
 
 def _replaced(tokens: AccountTokens, due: AccountTokens | None) -> bool:

@@ -34,7 +34,6 @@ from demo.product import (
 )
 from handlers.base import ErrorWriterMixin
 from handlers.oauth import CallbackHandler
-from services.accounts import AccountService, RefreshOutcome
 from services.config import Config
 from services.connect import ConnectionService
 from services.product_auth import UserResolver
@@ -62,8 +61,6 @@ class GatewayParts(Protocol):
     def config(self) -> Config: ...
     @property
     def service(self) -> ConnectionService: ...
-    @property
-    def accounts(self) -> AccountService: ...
     @property
     def resolve_user(self) -> UserResolver: ...
 
@@ -237,12 +234,6 @@ class DemoConnectHandler(DemoHandler):
 
 
 class DemoAccountActionHandler(DemoHandler):
-    def initialize(  # type: ignore[override]
-        self, accounts: AccountService, **pages: Any
-    ) -> None:
-        self.accounts = accounts
-        super().initialize(**pages)
-
     async def post(self, account_id: str, action: str) -> None:
         try:
             notice = await self.run(account_id, action)
@@ -253,21 +244,13 @@ class DemoAccountActionHandler(DemoHandler):
 
     async def run(self, account_id: str, action: str) -> str:
         if action == "refresh":
-            await self.refresh_now(account_id)
+            await self.product.refresh(account_id)
             return "refreshed"
         if action == "disconnect":
             revoked_at_tiktok = await self.product.disconnect(account_id)
             return "disconnected" if revoked_at_tiktok else "disconnected-locally"
         await self.product.simulate_removal(account_id)
         return "removed"
-
-    async def refresh_now(self, account_id: str) -> None:
-        """A demo control, not a product's call: the public access-token endpoint
-        refreshes only close to expiry, so the demo has the gateway refresh at once."""
-        account = await self.accounts.get_account(self.product.user_id, account_id)
-        outcome = await self.accounts.refresh_account(account, force=True)
-        if outcome in (RefreshOutcome.UNAVAILABLE, RefreshOutcome.UNKNOWN, RefreshOutcome.BUSY):
-            raise DemoFailed(503, "TikTok did not answer the refresh in time. Please try again.")
 
 
 class DemoWebhookHandler(ErrorWriterMixin):
@@ -343,7 +326,7 @@ def routes(gateway: GatewayParts, prefix: str = "") -> list[tornado.web.URLSpec]
         tornado.web.url(
             f"{prefix}{DEMO_PATH}/accounts/([^/]+)/({'|'.join(ACTIONS)})",
             DemoAccountActionHandler,
-            {**pages, "accounts": gateway.accounts},
+            pages,
         ),
         tornado.web.url(webhook_url, DemoWebhookHandler, {"product": product}),
         tornado.web.url(f"{prefix}{CALLBACK_SUFFIX}", DemoCallbackHandler, flow),

@@ -4,8 +4,9 @@ connects TikTok through the gateway's public API over HTTP, as a real product wo
 It knows the gateway by its URL and the shared ``AUTH_JWT_SECRET`` only. It mints its
 bearer JWT server-side (the secret never leaves this process) and calls
 ``POST /oauth/tiktok/authorize``, ``GET /accounts``, ``GET /accounts/{id}``,
-``POST /accounts/{id}/access-token`` (to show the token, masked) and
-``DELETE /accounts/{id}``; the browser gets nothing but the ``authorizationUrl``.
+``POST /accounts/{id}/access-token`` (to show the token, masked, and with
+``refusedAccessToken`` to refresh at once) and ``DELETE /accounts/{id}``; the browser
+gets nothing but the ``authorizationUrl``.
 One demo-only control has no product equivalent: the sandbox's simulated removal.
 
 It also receives the gateway's account events as a product does (``receive_event``:
@@ -251,6 +252,19 @@ class DemoProduct:
         cards = [await self._card(a) for a in accounts if isinstance(a, dict) and a.get("id")]
         cards.sort(key=lambda card: card.updated_at or EPOCH, reverse=True)
         return cards
+
+    async def refresh(self, account_id: str) -> None:
+        """Have the gateway refresh at once, as a product does when TikTok answers
+        ``access_token_invalid``: ``POST /accounts/{id}/access-token`` reporting the
+        token it was handed as refused. (A token TikTok still takes refreshes only
+        close to expiry.)"""
+        path = f"/accounts/{url_escape(account_id, plus=False)}/access-token"
+        current = await self._gateway("POST", path)
+        refreshed = await self._gateway(
+            "POST", path, {"refusedAccessToken": current.get("accessToken")}
+        )
+        if refreshed.get("accessToken") == current.get("accessToken"):
+            raise DemoFailed(503, "The gateway did not refresh the tokens. Please try again.")
 
     async def disconnect(self, account_id: str) -> bool:
         """``DELETE /accounts/{id}``; whether TikTok confirmed the revocation."""

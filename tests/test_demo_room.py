@@ -202,6 +202,21 @@ def test_only_one_line_outside_the_room_imports_it():
                 assert not {name.split(".")[0] for name in names} & {"server", "app"}, room_file
 
 
+def test_the_demo_product_knows_the_gateway_only_by_its_http_api():
+    """Like a real product's backend: no service, store or handler of the gateway."""
+    tree = ast.parse((ROOT / "demo" / "product.py").read_text())
+    imported = {
+        name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom | ast.Import)
+        for name in ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [alias.name for alias in node.names])
+    }
+    gateway_packages = {"server", "app", "core", "handlers", "services", "storage"}
+    assert imported, "the probe must see the module's imports"
+    assert not imported & gateway_packages, imported & gateway_packages
+
+
 def test_the_gateway_runs_without_the_demo(without_the_demo):
     assert not (without_the_demo / "demo").exists()
     answers = probe(without_the_demo)

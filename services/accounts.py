@@ -21,10 +21,10 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from core.clock import utcnow
 from core.errors import (
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.accounts")
 P = ParamSpec("P")
+_T = TypeVar("_T")
 
 # TikTok's answer to a refresh token it no longer honours.
 REFUSED_REFRESH_ERRORS = frozenset({"invalid_grant"})
@@ -163,14 +164,20 @@ class UnsavedGrants:
     def __len__(self) -> int:
         return len(self._unsaved)
 
-    @contextlib.contextmanager
-    def refreshing(self) -> Iterator[None]:
-        """Around a call to TikTok and the save of its answer: a shutdown waits for it."""
+    def run_to_the_end(self, refresh: Awaitable[_T]) -> Awaitable[_T]:
+        """A call to TikTok and the save of its answer, run on even if its caller is
+        cancelled (a shutdown, a cut request): once sent, TikTok rotates the refresh
+        token it carries, so its answer is the account's only live credential. A
+        shutdown waits for it (``flush``)."""
         self._refreshing += 1
-        try:
-            yield
-        finally:
-            self._refreshing -= 1
+        task = asyncio.ensure_future(refresh)
+        task.add_done_callback(self._refreshed)
+        return asyncio.shield(task)
+
+    def _refreshed(self, task: asyncio.Future[Any]) -> None:
+        self._refreshing -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a token refresh whose caller had gone failed: %r", task.exception())
 
     async def save(
         self, account_id: str, grant: TokenGrant, *, version: int, holder: str
@@ -258,16 +265,18 @@ class UnsavedGrants:
                 delay = min(delay * 2, self._max_delay)
                 log.exception("storing the new tokens of account %s failed", unsaved.account_id)
 
-    async def flush(self, timeout: float) -> int:
-        """At shutdown, before the store closes: wait up to ``timeout`` seconds for the
-        refreshes under way, then write every unsaved grant (at least once each) until
-        it lands. Returns how many are lost, each logged as an error."""
+    async def flush(self, timeout: float, refresh_wait: float | None = None) -> int:
+        """At shutdown, before the store closes: wait up to ``refresh_wait`` seconds
+        (default ``timeout``) for the refreshes under way, then write every unsaved grant
+        (at least once each) for up to ``timeout`` seconds in all until it lands.
+        Returns how many are lost, each logged as an error."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        refresh_wait = timeout if refresh_wait is None else refresh_wait
         if self._refreshing:
             log.info("waiting up to %gs for %d token refresh(es) under way",
-                     timeout, self._refreshing)
-        while self._refreshing and loop.time() < deadline:
+                     refresh_wait, self._refreshing)
+        refreshes_end, deadline = loop.time() + refresh_wait, loop.time() + timeout
+        while self._refreshing and loop.time() < refreshes_end:
             await asyncio.sleep(FLUSH_POLL_SECONDS)
         if self._unsaved:
             log.warning("storing the new tokens of %d account(s) before shutting down "
@@ -371,8 +380,10 @@ class AccountService:
         self._holder_prefix = secrets.token_hex(4)
 
     async def close(self, timeout: float) -> int:
-        """On shutdown, before the store closes: ``UnsavedGrants.flush``."""
-        return await self.unsaved.flush(timeout)
+        """On shutdown, before the store closes: ``UnsavedGrants.flush``. A refresh
+        already sent to TikTok is waited for up to its lease (TikTok's timeouts and a
+        margin) even past ``timeout``: abandoning it would lose the rotated grant."""
+        return await self.unsaved.flush(timeout, refresh_wait=max(timeout, self.lease_seconds))
 
     async def list_accounts(self, owner_id: str) -> list[Account]:
         now = self._clock()
@@ -508,6 +519,7 @@ class AccountService:
             account.id, holder, seconds=self.lease_seconds
         ):
             return _Attempt(RefreshOutcome.BUSY)
+        handed_over = False
         try:
             tokens = await self._store.get_account_tokens(account.id)
             if tokens is None:
@@ -520,8 +532,19 @@ class AccountService:
             if not force and (not_due or _replaced(tokens, due)):
                 # Someone refreshed between our read and our lease.
                 return _Attempt(RefreshOutcome.NOT_DUE)
-            with self.unsaved.refreshing():
-                return await self._refresh_at_tiktok(account, tokens, holder)
+            handed_over = True  # the lease is released when the call and save end
+            return await self.unsaved.run_to_the_end(
+                self._refresh_and_release(account, tokens, holder)
+            )
+        finally:
+            if not handed_over:
+                await self._release(account.id, holder)
+
+    async def _refresh_and_release(
+        self, account: Account, tokens: AccountTokens, holder: str
+    ) -> _Attempt:
+        try:
+            return await self._refresh_at_tiktok(account, tokens, holder)
         finally:
             await self._release(account.id, holder)
 

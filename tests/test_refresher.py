@@ -537,6 +537,32 @@ async def test_stop_lets_an_in_flight_refresh_finish():
         await sandbox.close()
 
 
+@gen_test
+async def test_a_shutdown_with_no_grace_still_stores_what_tiktok_answers():
+    """SHUTDOWN_TIMEOUT_SECONDS=0 (or shorter than TikTok's answer): the refresh already
+    sent is not abandoned, since TikTok rotates the refresh token it carries."""
+    sandbox = make_sandbox(pkce="optional", latency=0.3)
+    tiktok = tiktok_for(f"http://127.0.0.1:{sandbox.listen()}")
+    try:
+        store = MemoryStore()
+        account = await connect(store, sandbox, "owner", expires_in=timedelta(minutes=5))
+        old_tokens = await store.get_account_tokens(account.id)
+        accounts = RecordingAccounts(store=store, tiktok=tiktok)
+        refresher = refresher_for(store, accounts, interval_seconds=3600)
+        refresher.start()
+        await wait_until(lambda: sandbox.stats["token_refresh"] == 1)
+        # What app.lifecycle.shut_down does, with a zero timeout.
+        await refresher.stop(grace_seconds=0)
+        assert await accounts.close(0) == 0
+        new_tokens = await store.get_account_tokens(account.id)
+        assert new_tokens.refresh_token != old_tokens.refresh_token
+        assert (await store.get_account(account.id)).status is AccountStatus.CONNECTED
+        # The lease was released: nothing waits for it to expire.
+        assert await store.acquire_refresh_lease(account.id, "next", seconds=30)
+    finally:
+        await sandbox.close()
+
+
 # -- wiring and configuration ----------------------------------------------------------
 
 

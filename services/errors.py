@@ -4,43 +4,5 @@ Code written before the move (or on a branch made before it) imports them from h
 and keeps working: these are the very same classes. New code imports ``core.errors``.
 """
 
-from core.errors import (
-    AuthorizationDenied,
-    ConfigError,
-    Conflict,
-    GatewayError,
-    InvalidState,
-    NotFound,
-    PermissionDenied,
-    ProviderRejected,
-    ProviderUnavailable,
-    RateLimited,
-    ScopeMissing,
-    ServiceUnavailable,
-    StateConflict,
-    StoreSetupFailed,
-    StoreUnavailable,
-    Unauthenticated,
-    ValidationFailed,
-)
-
-# The names this module defined before the move.
-__all__ = [
-    "AuthorizationDenied",
-    "ConfigError",
-    "Conflict",
-    "GatewayError",
-    "InvalidState",
-    "NotFound",
-    "PermissionDenied",
-    "ProviderRejected",
-    "ProviderUnavailable",
-    "RateLimited",
-    "ScopeMissing",
-    "ServiceUnavailable",
-    "StateConflict",
-    "StoreSetupFailed",
-    "StoreUnavailable",
-    "Unauthenticated",
-    "ValidationFailed",
-]
+from core.errors import *  # noqa: F403
+from core.errors import __all__ as __all__

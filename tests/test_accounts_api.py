@@ -18,9 +18,9 @@ import pytest
 import tornado.web
 from tornado.httpclient import AsyncHTTPClient
 
+from core.errors import Unauthenticated
 from server import build_gateway, make_app, routes
 from services.accounts import AccountService
-from services.errors import Unauthenticated
 from services.product_auth import TOKENS_SCOPE, Principal
 from services.refresher import Refresher
 from storage.base import AccountStatus, AccountTokens, TokenGrant

@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
+from core.errors import ConfigError
 from demo.handlers import prefers_html
 from scripts.check_test_deps import chromedriver_path, chromium_path, explain, missing_browser
-from services.errors import ConfigError
 from tests.processes import ROOT, demo_process, until_ready
 from tests.support import assert_envelope, environ, make_config
 

@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.errors import ConfigError, RateLimited, StoreUnavailable
 from server import build_gateway, make_app
 from services.accounts import AccountService
 from services.budget import (
@@ -38,7 +39,6 @@ from services.budget import (
     current_priority,
 )
 from services.config import load_config
-from services.errors import ConfigError, RateLimited, StoreUnavailable
 from services.metrics import GatewayMetrics
 from services.refresher import Refresher
 from storage.base import CallAdmission, Store
@@ -219,7 +219,7 @@ async def test_mongodb_judges_by_its_own_clock(mongo_server, mongo_database_name
 _HAMMER = """
 import asyncio, json, sys, time
 from services.budget import Priority, RateLimit, TikTokBudget
-from services.errors import RateLimited
+from core.errors import RateLimited
 from storage.crypto import TokenCipher
 from storage.mongodb import MongoStore, connect_mongo
 

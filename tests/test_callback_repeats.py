@@ -20,9 +20,9 @@ import jwt
 import pytest
 from tornado.httpclient import HTTPResponse
 
+from core.errors import InvalidState
 from server import make_app
 from services.connect import STILL_CONNECTING, CallbackParams
-from services.errors import InvalidState
 from storage.base import PendingAuthorization, PendingStatus, Store
 from storage.memory import MemoryStore
 from storage.mongodb import MongoStore, connect_mongo

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import ConfigError
 from services.config import load_config
-from services.errors import ConfigError
 from tests.support import AUTH_SECRET, STATE_SECRET, environ
 
 ROOT = Path(__file__).resolve().parent.parent

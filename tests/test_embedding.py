@@ -30,7 +30,7 @@ async def resolve_from_host_session(handler: tornado.web.RequestHandler) -> str:
     # The host's own notion of a signed-in user instead of the bearer JWT.
     user = handler.get_signed_cookie("host_user")
     if not user:
-        from services.errors import Unauthenticated
+        from core.errors import Unauthenticated
 
         raise Unauthenticated(technical_message="host session cookie missing")
     return user.decode()

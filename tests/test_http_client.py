@@ -20,9 +20,9 @@ from tornado.httpclient import HTTPClientError
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 import services.http_client as http_client_module
+from core.errors import ConfigError, ProviderRejected, ProviderUnavailable
 from scripts.cassette_scenarios import callback_params
 from server import make_app
-from services.errors import ConfigError, ProviderRejected, ProviderUnavailable
 from services.http_client import (
     DEFAULT_MAX_CONNECTIONS,
     close_http_client,

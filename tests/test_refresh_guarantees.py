@@ -23,19 +23,19 @@ from tornado.curl_httpclient import CurlError
 from tornado.httpclient import HTTPClientError
 from tornado.simple_httpclient import HTTPTimeoutError
 
-from core.errors import OutcomeUnknown
+from core.errors import (
+    Conflict,
+    OutcomeUnknown,
+    ProviderRejected,
+    ProviderUnavailable,
+    StoreUnavailable,
+)
 from server import build_gateway
 from services.accounts import (
     LEASE_STORE_CALLS,
     AccountService,
     RefreshOutcome,
     refresh_lease_seconds,
-)
-from services.errors import (
-    Conflict,
-    ProviderRejected,
-    ProviderUnavailable,
-    StoreUnavailable,
 )
 from services.http_client import close_http_client, make_http_client, nothing_sent
 from services.metrics import GatewayMetrics, InstrumentedStore

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from core.errors import ConfigError, StoreUnavailable
 from sandbox.state import ACCESS_TOKEN_TTL, OAuthError
 from server import build_gateway, start_refresher
 from services.accounts import AccountService, RefreshOutcome
-from services.errors import ConfigError, StoreUnavailable
 from services.refresher import ERROR, MAX_BACKOFF_SECONDS, RateLimiter, Refresher
 from services.tiktok import TikTokClient
 from storage.base import Account, AccountStatus, Store

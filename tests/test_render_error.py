@@ -11,8 +11,8 @@ import json
 import pytest
 import tornado.web
 
+from core.errors import ServiceUnavailable
 from handlers.base import ErrorWriterMixin, log_request
-from services.errors import ServiceUnavailable
 
 
 class PlainText(ErrorWriterMixin):

@@ -16,7 +16,7 @@ import signal
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from services.errors import ConfigError
+from core.errors import ConfigError
 from tests.flow import consent, follow, location, sandbox_settings, start
 from tests.processes import GatewayProcess, poll_until
 from tests.support import CONNECTED, LOOPBACK, make_config

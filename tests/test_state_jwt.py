@@ -12,7 +12,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from services.errors import InvalidState, Unauthenticated
+from core.errors import InvalidState, Unauthenticated
 from services.product_auth import ProductTokenVerifier
 from services.state import REQUIRED_CLAIMS, STATE_ISSUER, STATE_TYP, StateCodec
 

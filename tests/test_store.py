@@ -19,7 +19,7 @@ import pytest
 from bson import ObjectId
 from pymongo.errors import DuplicateKeyError
 
-from services.errors import StoreUnavailable
+from core.errors import StoreUnavailable
 from storage.base import (
     TOKEN_USE_RESOLUTION,
     AccountStatus,

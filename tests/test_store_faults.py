@@ -250,7 +250,7 @@ async def test_a_stalled_mongodb_fails_a_store_call_at_the_socket_timeout(
     mongo_process, mongo_driver
 ):
     """Reachable but frozen: the socket timeout, not the driver's heartbeat, decides."""
-    from services.errors import StoreUnavailable
+    from core.errors import StoreUnavailable
     from storage.crypto import TokenCipher
     from storage.mongodb import MongoStore, connect_mongo
 

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from tornado.httpclient import AsyncHTTPClient
 
-from services.errors import ConfigError
+from core.errors import ConfigError
 from services.metrics import prepare_multiprocess_dir
 from storage.mongodb import ACCOUNTS_COLLECTION
 from tests.fixtures_mongo import raw_database

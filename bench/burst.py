@@ -30,18 +30,14 @@ ratio of burst to limit, a window ten times shorter), so a run takes seconds.
 from __future__ import annotations
 
 import argparse
-import base64
-import contextlib
 import json
 import os
 import re
-import secrets
 import subprocess
 import sys
 import time
 import urllib.request
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +45,18 @@ import jwt
 
 from bench.common import (
     ARTIFACTS,
-    CLIENT_KEY,
     LOOPBACK,
     PRODUCT_ORIGIN,
     ROOT,
     Service,
-    _gateway_variable,
+    against_sandbox,
     free_port,
+    gateway_secrets,
+    inherited_environment,
+    max_in_window,
     memory_of,
+    mongodb_settings,
+    secantus_server,
     wait_http,
 )
 
@@ -83,16 +83,6 @@ def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
         return json.loads(response.read())
 
 
-def max_in_window(times: Sequence[float], seconds: float) -> int:
-    """The most of ``times`` (ascending) within any window of ``seconds``."""
-    best, first = 0, 0
-    for last, at in enumerate(times):
-        while times[first] <= at - seconds:
-            first += 1
-        best = max(best, last - first + 1)
-    return best
-
-
 class Setup:
     """A sandbox and one or two gateways for one burst; stopped on exit."""
 
@@ -100,19 +90,13 @@ class Setup:
                  mongo_uri: str | None = None, budget: bool = True, tag: str = "") -> None:
         self.args = args
         self.services: list[Service] = []
-        base = {k: v for k, v in os.environ.items() if not _gateway_variable(k)}
+        base = inherited_environment()
         sandbox_port = free_port()
         self.sandbox_url = f"http://{LOOPBACK}:{sandbox_port}"
         ports = [free_port() for _ in range(gateways)]
         self.gateway_urls = [f"http://{LOOPBACK}:{port}" for port in ports]
-        self.secrets = {
-            "TIKTOK_CLIENT_KEY": CLIENT_KEY,
-            "TIKTOK_CLIENT_SECRET": secrets.token_urlsafe(32),
-            # One redirect URI for both: a state minted by one completes at either.
-            "TIKTOK_REDIRECT_URI": f"{self.gateway_urls[0]}/oauth/tiktok/callback",
-            "STATE_SECRET": secrets.token_urlsafe(48),
-            "AUTH_JWT_SECRET": secrets.token_urlsafe(48),
-        }
+        # One redirect URI for both: a state minted by one completes at either.
+        self.secrets = gateway_secrets(f"{self.gateway_urls[0]}/oauth/tiktok/callback")
         try:
             self.sandbox = self._start(
                 f"burst-sandbox{tag}",
@@ -122,22 +106,12 @@ class Setup:
                 base | self.secrets,
             )
             wait_http(self.sandbox, f"{self.sandbox_url}/sandbox/stats")
-            env = base | self.secrets | {
-                "HOST": LOOPBACK,
-                "ALLOWED_REDIRECT_ORIGINS": PRODUCT_ORIGIN,
-                "TIKTOK_API_BASE_URL": self.sandbox_url,
-                "TIKTOK_AUTHORIZE_URL": f"{self.sandbox_url}/v2/auth/authorize/",
-                "LOG_LEVEL": args.log_level,
+            env = base | self.secrets | against_sandbox(self.sandbox_url, args.log_level) | {
                 # Quick runs scale TikTok's window down on both sides alike.
                 "TIKTOK_RATE_LIMITS": f"user_info={args.limit}" if budget else "user_info=off",
             }
             if mongo_uri:
-                env |= {
-                    "MONGODB_URI": mongo_uri,
-                    "MONGODB_DRIVER": args.mongodb_driver,
-                    "MONGODB_DATABASE": f"burst_{uuid.uuid4().hex[:12]}",
-                    "TOKEN_ENCRYPTION_KEYS": "k1:" + base64.b64encode(os.urandom(32)).decode(),
-                }
+                env |= mongodb_settings(mongo_uri, args.mongodb_driver, "burst")
             self.gateways = []
             for index, port in enumerate(ports):
                 gateway = self._start(f"burst-gateway{tag}-{index}",
@@ -148,6 +122,12 @@ class Setup:
         except BaseException:
             self.stop()
             raise
+
+    def __enter__(self) -> Setup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def _start(self, name: str, argv: list[str], env: dict[str, str]) -> Service:
         service = Service(name, argv, env, self.args.log_dir)
@@ -181,6 +161,20 @@ class Setup:
             raise SystemExit(f"load generator failed ({done.returncode}):\n{done.stderr[-2000:]}"
                              f"\n--- gateway log (end) ---\n{self.gateways[0].tail(1500)}")
         return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def burst(self) -> dict[str, Any]:
+        """The burst of callbacks, then what it cost: the store's operations, how long
+        until every profile was filled, and the sandbox's user-info calls."""
+        started = time.monotonic()
+        burst = self.loadgen("callbacks", self.args.callbacks)
+        # The burst began at the end of minting: count the fill from its first request.
+        began = started + burst["mint_seconds"]
+        return {
+            "burst": burst,
+            "store": self.store_operations(),
+            "profiles": self.wait_for_profiles(began, self.args.callbacks),
+            "sandbox": self.sandbox_calls(),
+        }
 
     def sandbox_calls(self) -> dict[str, Any]:
         calls = get_json(f"{self.sandbox_url}/sandbox/user-info-calls")
@@ -257,59 +251,24 @@ def burst_one(args: argparse.Namespace) -> dict[str, Any]:
     budget."""
     result: dict[str, Any] = {"callbacks": args.callbacks, "spread_seconds": args.spread,
                               "latency_seconds": args.latency, "limit": args.limit}
-    setup = Setup(args)
-    try:
+    with Setup(args) as setup:
         result["baseline_healthz"] = setup.loadgen("healthz", args.callbacks)
-        started = time.monotonic()
-        result["burst"] = setup.loadgen("callbacks", args.callbacks)
-        # The burst began at the end of minting: count the fill from its first request.
-        began = started + result["burst"]["mint_seconds"]
-        result["store"] = setup.store_operations()
-        result["profiles"] = setup.wait_for_profiles(began, args.callbacks)
-        result["sandbox"] = setup.sandbox_calls()
+        result |= setup.burst()
         result["gateway_peak_rss_mb"] = round(memory_of(setup.gateways[0].pid)["VmHWM"], 1)
-    finally:
-        setup.stop()
     if args.compare:
-        setup = Setup(args, budget=False, tag="-nobudget")
-        try:
+        with Setup(args, budget=False, tag="-nobudget") as setup:
             result["without_budget"] = setup.loadgen("callbacks", args.callbacks)
             result["without_budget"]["sandbox"] = setup.sandbox_calls()
-        finally:
-            setup.stop()
     return result
 
 
 def burst_two(args: argparse.Namespace) -> dict[str, Any]:
     """The burst split between two gateway processes sharing one MongoDB."""
-    from tests.fixtures_mongo import SecantusProcess
-
     result: dict[str, Any] = {"callbacks": args.callbacks, "gateways": 2, "limit": args.limit}
-    with tempfile_directory() as directory:
-        server = SecantusProcess(directory / "data")
-        server.start()
-        try:
-            setup = Setup(args, gateways=2, mongo_uri=server.uri, tag="-two")
-            try:
-                started = time.monotonic()
-                result["burst"] = setup.loadgen("callbacks", args.callbacks)
-                began = started + result["burst"]["mint_seconds"]
-                result["store"] = setup.store_operations()
-                result["profiles"] = setup.wait_for_profiles(began, args.callbacks)
-                result["sandbox"] = setup.sandbox_calls()
-            finally:
-                setup.stop()
-        finally:
-            server.stop()
+    with (secantus_server("bench-burst-") as mongo_uri,
+          Setup(args, gateways=2, mongo_uri=mongo_uri, tag="-two") as setup):
+        result |= setup.burst()
     return result
-
-
-@contextlib.contextmanager
-def tempfile_directory() -> Iterator[Path]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="bench-burst-") as directory:
-        yield Path(directory)
 
 
 def _ms(seconds: float | None) -> str:

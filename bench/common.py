@@ -1,15 +1,22 @@
 """What the benchmark scripts share: where things are, the child processes they start,
-and how they wait for them (``bench.run`` and ``bench.burst`` both use it)."""
+the environment they give them, and how they wait for them (``bench.run``,
+``bench.burst``, ``bench.simulate`` and ``bench.mongo_scale`` use it)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import os
+import secrets
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +93,70 @@ def memory_of(pid: int) -> dict[str, float]:
     return figures
 
 
+def max_in_window(times: Sequence[float], seconds: float) -> int:
+    """The most of ``times`` (ascending) within any window of ``seconds``."""
+    best, first = 0, 0
+    for last, at in enumerate(times):
+        while times[first] <= at - seconds:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
+
+
 def _gateway_variable(name: str) -> bool:
     prefixes = ("TIKTOK_", "MONGODB_", "STATE_", "AUTH_JWT_", "ALLOWED_REDIRECT_",
                 "TOKEN_ENCRYPTION_", "REFRESH_", "WEBHOOK_", "LOG_", "WORKERS", "SHUTDOWN_")
     return name.startswith(prefixes) or name in ("HOST", "PORT", "PROMETHEUS_MULTIPROC_DIR")
+
+
+def inherited_environment() -> dict[str, str]:
+    """This process's environment without the gateway's variables: a child gets only
+    the settings the benchmark gives it, whatever the shell running it has set."""
+    return {k: v for k, v in os.environ.items() if not _gateway_variable(k)}
+
+
+def gateway_secrets(redirect_uri: str) -> dict[str, str]:
+    """Fresh credentials for one run, the same in the sandbox's and the gateway's env."""
+    return {
+        "TIKTOK_CLIENT_KEY": CLIENT_KEY,
+        "TIKTOK_CLIENT_SECRET": secrets.token_urlsafe(32),
+        "TIKTOK_REDIRECT_URI": redirect_uri,
+        "STATE_SECRET": secrets.token_urlsafe(48),
+        "AUTH_JWT_SECRET": secrets.token_urlsafe(48),
+    }
+
+
+def against_sandbox(sandbox_url: str, log_level: str) -> dict[str, str]:
+    """A gateway's settings for TikTok played by the sandbox at ``sandbox_url``."""
+    return {
+        "HOST": LOOPBACK,
+        "ALLOWED_REDIRECT_ORIGINS": PRODUCT_ORIGIN,
+        "TIKTOK_API_BASE_URL": sandbox_url,
+        "TIKTOK_AUTHORIZE_URL": f"{sandbox_url}/v2/auth/authorize/",
+        "LOG_LEVEL": log_level,
+    }
+
+
+def mongodb_settings(uri: str, driver: str, database_prefix: str) -> dict[str, str]:
+    """A gateway's settings for a database of its own on ``uri`` (encrypted tokens)."""
+    return {
+        "MONGODB_URI": uri,
+        "MONGODB_DRIVER": driver,
+        "MONGODB_DATABASE": f"{database_prefix}_{uuid.uuid4().hex[:12]}",
+        "TOKEN_ENCRYPTION_KEYS": "k1:" + base64.b64encode(os.urandom(32)).decode(),
+    }
+
+
+@contextlib.contextmanager
+def secantus_server(prefix: str) -> Iterator[str]:
+    """A SecantusDB server process (the tests' MongoDB) on a temporary directory named
+    with ``prefix``; its URI."""
+    from tests.fixtures_mongo import SecantusProcess
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as directory:
+        server = SecantusProcess(Path(directory) / "data")
+        server.start()
+        try:
+            yield server.uri
+        finally:
+            server.stop()

@@ -32,18 +32,17 @@ import json
 import logging
 import random
 import sys
-import tempfile
 import time
 import tracemalloc
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import bson
 from bson import ObjectId
 
+from bench.common import secantus_server
 from bench.own_work import InstantTikTok
 from services.accounts import AccountService
 from services.profile_filler import ProfileFiller
@@ -330,16 +329,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from tests.fixtures_mongo import SecantusProcess
-
     logging.getLogger().setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="bench-mongo-scale-") as directory:
-        server = SecantusProcess(Path(directory) / "data")
-        server.start()
-        try:
-            report = asyncio.run(run(args, server.uri))
-        finally:
-            server.stop()
+    with secantus_server("bench-mongo-scale-") as uri:
+        report = asyncio.run(run(args, uri))
     print_report(report)
     if args.json:
         print(json.dumps(report))

@@ -26,20 +26,16 @@ Everything is bounded (counts, ``--max-seconds`` per phase) and on loopback.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
 import platform
 import resource
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,14 +43,17 @@ from typing import Any
 
 from bench.common import (
     ARTIFACTS,
-    CLIENT_KEY,
     LOOPBACK,
     PRODUCT_ORIGIN,
     ROOT,
     Service,
-    _gateway_variable,
+    against_sandbox,
     free_port,
+    gateway_secrets,
+    inherited_environment,
     memory_of,
+    mongodb_settings,
+    secantus_server,
     wait_http,
 )
 
@@ -124,15 +123,8 @@ class Stack:
         self.gateway_port = free_port()
         self.sandbox_url = f"http://{LOOPBACK}:{self.sandbox_port}"
         self.gateway_url = f"http://{LOOPBACK}:{self.gateway_port}"
-        redirect_uri = f"{self.gateway_url}/oauth/tiktok/callback"
-        base = {k: v for k, v in os.environ.items() if not _gateway_variable(k)}
-        self.secrets = {
-            "TIKTOK_CLIENT_KEY": CLIENT_KEY,
-            "TIKTOK_CLIENT_SECRET": secrets.token_urlsafe(32),
-            "TIKTOK_REDIRECT_URI": redirect_uri,
-            "STATE_SECRET": secrets.token_urlsafe(48),
-            "AUTH_JWT_SECRET": secrets.token_urlsafe(48),
-        }
+        base = inherited_environment()
+        self.secrets = gateway_secrets(f"{self.gateway_url}/oauth/tiktok/callback")
         self.sandbox = Service(
             "sandbox",
             [sys.executable, "-m", "sandbox", "--port", str(self.sandbox_port),
@@ -140,27 +132,17 @@ class Stack:
             base | self.secrets,
             args.log_dir,
         )
-        gateway_env = base | self.secrets | {
-            "HOST": LOOPBACK,
+        gateway_env = base | self.secrets | against_sandbox(self.sandbox_url, args.log_level) | {
             "PORT": str(self.gateway_port),
-            "ALLOWED_REDIRECT_ORIGINS": PRODUCT_ORIGIN,
-            "TIKTOK_API_BASE_URL": self.sandbox_url,
-            "TIKTOK_AUTHORIZE_URL": f"{self.sandbox_url}/v2/auth/authorize/",
             "TIKTOK_MAX_CONNECTIONS": str(args.max_connections),
             # Thousands of callbacks a second against the sandbox, far past TikTok's 600
             # user-info calls a minute: the budget would measure TikTok, not the gateway.
             "TIKTOK_RATE_LIMITS": "user_info=off",
-            "LOG_LEVEL": args.log_level,
         }
         if args.http_client:
             gateway_env["TIKTOK_HTTP_CLIENT"] = args.http_client
         if mongo_uri:
-            gateway_env |= {
-                "MONGODB_URI": mongo_uri,
-                "MONGODB_DRIVER": args.mongodb_driver,
-                "MONGODB_DATABASE": f"bench_{uuid.uuid4().hex[:12]}",
-                "TOKEN_ENCRYPTION_KEYS": "k1:" + base64.b64encode(os.urandom(32)).decode(),
-            }
+            gateway_env |= mongodb_settings(mongo_uri, args.mongodb_driver, "bench")
         try:
             wait_http(self.sandbox, f"{self.sandbox_url}/sandbox/stats")
             if process == "floor":
@@ -198,15 +180,8 @@ def mongo_server(args: argparse.Namespace) -> Iterator[str | None]:
     if args.store != "mongodb":
         yield None
         return
-    from tests.fixtures_mongo import SecantusProcess
-
-    with tempfile.TemporaryDirectory(prefix="bench-secantus-") as directory:
-        server = SecantusProcess(Path(directory) / "data")
-        server.start()
-        try:
-            yield server.uri
-        finally:
-            server.stop()
+    with secantus_server("bench-secantus-") as uri:
+        yield uri
 
 
 # -- one scenario -----------------------------------------------------------------

@@ -78,6 +78,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders
 
 import services.tiktok
+from bench.common import max_in_window
 from core.errors import Conflict, GatewayError, RateLimited
 from services.accounts import AccountService
 from services.budget import (
@@ -747,16 +748,6 @@ async def replay(
             **per_priority,
         }
     return result
-
-
-def max_in_window(times: Sequence[float], seconds: float) -> int:
-    """The most of ``times`` (ascending) within any window of ``seconds``."""
-    best, first = 0, 0
-    for last, at in enumerate(times):
-        while times[first] <= at - seconds:
-            first += 1
-        best = max(best, last - first + 1)
-    return best
 
 
 def percentile(ordered: Sequence[float], fraction: float) -> float:

@@ -208,6 +208,8 @@ class Sandbox:
             code_ttl=code_ttl,
             clock=clock,
         )
+        # Minting a code as approving the consent page would: the state's own method.
+        self.issue_code = self.state.issue_code
         self.revoke_empty_body = revoke_empty_body
         self.consent = consent
         self.latency = latency
@@ -299,20 +301,6 @@ class Sandbox:
     def advance_clock(self, seconds: float) -> None:
         """Move the sandbox's clock forward, e.g. to expire codes or access tokens."""
         self.state.clock_offset += seconds
-
-    def issue_code(
-        self,
-        client_key: str,
-        redirect_uri: str,
-        scopes: list[str],
-        *,
-        code_challenge: str | None,
-        open_id: str | None = None,
-    ) -> str:
-        """Mint an authorization code as approving the consent page would."""
-        return self.state.issue_code(
-            client_key, redirect_uri, scopes, code_challenge=code_challenge, open_id=open_id
-        )
 
     def revoke_all_for(self, open_id: str) -> None:
         """Invalidate every token of this user, as if they removed the app in TikTok."""

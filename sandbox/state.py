@@ -239,6 +239,7 @@ class SandboxState:
         code_challenge: str | None,
         open_id: str | None = None,
     ) -> str:
+        """Mint an authorization code as approving the consent page would."""
         client = self.clients.get(client_key)
         if client is None:
             raise ValueError(f"unknown client_key {client_key!r}")

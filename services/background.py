@@ -69,7 +69,7 @@ async def run_guarded(
 
 class WakeableLoop:
     """Rounds in one background task, every ``_interval()`` seconds or as soon as
-    ``_wake`` is set; a subclass names the task and says what a round does."""
+    ``wake()`` is called; a subclass names the task and says what a round does."""
 
     task_name: str
     what: str  # in the outage log lines: "account event relay"
@@ -86,6 +86,10 @@ class WakeableLoop:
 
     def start(self) -> None:
         self._start()
+
+    def wake(self) -> None:
+        """Run the next round now rather than after the interval."""
+        self._wake.set()
 
     def _start(self) -> bool:
         """Start the task unless it runs; whether it was started."""

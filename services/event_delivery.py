@@ -180,7 +180,7 @@ class EventDelivery(WakeableLoop):
     def _settled(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
         # A free slot, and maybe the next event of that account: look again now.
-        self._wake.set()
+        self.wake()
 
     async def deliver(self, stored: StoredEvent) -> str | None:
         """One attempt; the failure's description, or None when acknowledged."""
@@ -254,9 +254,6 @@ class EventDelivery(WakeableLoop):
             )
 
     # -- the loop -------------------------------------------------------------------
-
-    def wake(self) -> None:
-        self._wake.set()
 
     task_name = "account-event-delivery"
     what = "account event delivery"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from core.errors import GatewayError
@@ -46,6 +46,20 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         await task
     except asyncio.CancelledError:
         pass
+
+
+async def finish_or_cancel(tasks: Iterable[asyncio.Task[Any]], grace_seconds: float) -> int:
+    """Give ``tasks`` ``grace_seconds`` to finish, cancel those still running, and
+    return once every one has ended; how many were cancelled."""
+    # A copy: their done-callbacks remove them from the caller's set meanwhile.
+    pending = set(tasks)
+    if not pending:
+        return 0
+    _, late = await asyncio.wait(pending, timeout=grace_seconds)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return len(late)
 
 
 async def run_guarded(

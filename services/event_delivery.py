@@ -32,7 +32,7 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from core.clock import utcnow
 from core.errors import GatewayError
-from services.background import WakeableLoop, run_guarded
+from services.background import WakeableLoop, finish_or_cancel, run_guarded
 from services.events import RELAY_IDLE_SECONDS, EventRelay
 from services.http_client import is_refused, is_timeout
 from storage.base import Store, StoredEvent
@@ -273,12 +273,8 @@ class EventDelivery(WakeableLoop):
     async def stop(self, grace_seconds: float = REQUEST_TIMEOUT_SECONDS) -> None:
         """No new attempt starts; those in flight get ``grace_seconds`` to finish."""
         await self._stop_task()
-        in_flight = set(self._in_flight)
-        if in_flight:
-            _, late = await asyncio.wait(in_flight, timeout=grace_seconds)
-            for pending in late:
-                pending.cancel()  # its claim runs out; another worker retries it
-            await asyncio.gather(*in_flight, return_exceptions=True)
+        # A cancelled attempt's claim runs out; another worker retries it.
+        await finish_or_cancel(self._in_flight, grace_seconds)
         if self._owns_http and self._http is not None:
             self._http.close()
             self._http = None

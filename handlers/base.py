@@ -193,13 +193,7 @@ class ErrorWriterMixin(BaseHandler):
                 value.status,
                 value.code,
                 value.technical_message or value.message,
-                extra={
-                    "request_id": request_id_of(self.request),
-                    "method": self.request.method,
-                    "route": route_of(self),
-                    "status": value.status,
-                    "outcome": value.code,
-                },
+                extra=log_fields(self, value.status, value.code),
             )
             return
         if isinstance(value, tornado.web.HTTPError):
@@ -210,13 +204,7 @@ class ErrorWriterMixin(BaseHandler):
             self.request.path,
             request_id_of(self.request),
             exc_info=(typ, value, tb),  # type: ignore[arg-type]
-            extra={
-                "request_id": request_id_of(self.request),
-                "method": self.request.method,
-                "route": route_of(self),
-                "status": GatewayError.status,
-                "outcome": GatewayError.code,
-            },
+            extra=log_fields(self, GatewayError.status, GatewayError.code),
         )
 
 
@@ -247,6 +235,21 @@ def route_of(handler: tornado.web.RequestHandler) -> str:
     return "/".join(segments)
 
 
+def log_fields(
+    handler: tornado.web.RequestHandler, status: int, outcome: str, **more: Any
+) -> dict[str, Any]:
+    """A request's fields in its log lines (LOG_FORMAT=json): never the query string,
+    which holds the code and the state."""
+    return {
+        "request_id": request_id_of(handler.request),
+        "method": handler.request.method,
+        "route": route_of(handler),
+        "status": status,
+        "outcome": outcome,
+        **more,
+    }
+
+
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log without the query string: it holds the code and the state."""
     status = handler.get_status()
@@ -261,15 +264,12 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         status,
         duration_ms,
         request_id,
-        # The fields of LOG_FORMAT=json; never the query string.
-        extra={
-            "request_id": request_id,
-            "method": handler.request.method,
-            "route": route_of(handler),
-            "path": handler.request.path,
-            "status": status,
-            "duration_ms": round(duration_ms, 1),
+        extra=log_fields(
+            handler,
+            status,
             # The envelope's error code, or ok.
-            "outcome": getattr(handler, "_outcome", None) or ("ok" if status < 400 else "error"),
-        },
+            getattr(handler, "_outcome", None) or ("ok" if status < 400 else "error"),
+            path=handler.request.path,
+            duration_ms=round(duration_ms, 1),
+        ),
     )

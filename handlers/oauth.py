@@ -16,6 +16,9 @@ CALLBACK_LIMITS = {
     "error": 128,
     "error_description": 2048,
 }
+# What the user reads when the callback link is unusable (the parameter is in details).
+MALFORMED_LINK = "This connection link is malformed. Please start connecting again."
+INCOMPLETE_LINK = "This connection link is incomplete. Please start connecting again."
 MAX_AUTHORIZE_BODY = 8192
 MAX_REQUESTED_SCOPES = 20
 
@@ -87,38 +90,22 @@ class CallbackHandler(GatewayHandler):
         for name, limit in CALLBACK_LIMITS.items():
             raw = self.request.query_arguments.get(name, [])
             if len(raw) > 1:
-                raise ValidationFailed(
-                    "This connection link is malformed. Please start connecting again.",
-                    technical_message=f"query parameter {name!r} is repeated",
-                    details={"field": name},
-                )
+                raise _bad_link(MALFORMED_LINK, name, f"query parameter {name!r} is repeated")
             try:
                 value = raw[0].decode("utf-8").strip() if raw else ""
             except UnicodeDecodeError:
-                raise ValidationFailed(
-                    "This connection link is malformed. Please start connecting again.",
-                    technical_message=f"query parameter {name!r} is not valid UTF-8",
-                    details={"field": name},
+                raise _bad_link(
+                    MALFORMED_LINK, name, f"query parameter {name!r} is not valid UTF-8"
                 ) from None
             if len(value) > limit or "\x00" in value:
-                raise ValidationFailed(
-                    "This connection link is malformed. Please start connecting again.",
-                    technical_message=f"query parameter {name!r} is too long or malformed",
-                    details={"field": name},
+                raise _bad_link(
+                    MALFORMED_LINK, name, f"query parameter {name!r} is too long or malformed"
                 )
             values[name] = value or None
         if not values["state"]:
-            raise ValidationFailed(
-                "This connection link is incomplete. Please start connecting again.",
-                technical_message="state is missing",
-                details={"field": "state"},
-            )
+            raise _bad_link(INCOMPLETE_LINK, "state", "state is missing")
         if not values["code"] and not values["error"]:
-            raise ValidationFailed(
-                "This connection link is incomplete. Please start connecting again.",
-                technical_message="neither code nor error is present",
-                details={"field": "code"},
-            )
+            raise _bad_link(INCOMPLETE_LINK, "code", "neither code nor error is present")
         return CallbackParams(
             state=values["state"] or "",
             code=values["code"],
@@ -126,3 +113,12 @@ class CallbackHandler(GatewayHandler):
             error_description=values["error_description"],
             granted_scopes=values["scopes"],
         )
+
+
+def _bad_link(message: str, field: str, technical_message: str) -> ValidationFailed:
+    """The callback's answer to a link it cannot use; ``field`` names the parameter."""
+    return ValidationFailed(
+        message,
+        technical_message=technical_message,
+        details={"field": field},
+    )

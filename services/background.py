@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from core.errors import GatewayError
@@ -48,6 +48,20 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         pass
 
 
+async def finish_or_cancel(tasks: Iterable[asyncio.Task[Any]], grace_seconds: float) -> int:
+    """Give ``tasks`` ``grace_seconds`` to finish, cancel those still running, and
+    return once every one has ended; how many were cancelled."""
+    # A copy: their done-callbacks remove them from the caller's set meanwhile.
+    pending = set(tasks)
+    if not pending:
+        return 0
+    _, late = await asyncio.wait(pending, timeout=grace_seconds)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return len(late)
+
+
 async def run_guarded(
     run_round: Callable[[], Awaitable[Any]],
     logger: logging.Logger,
@@ -69,7 +83,7 @@ async def run_guarded(
 
 class WakeableLoop:
     """Rounds in one background task, every ``_interval()`` seconds or as soon as
-    ``_wake`` is set; a subclass names the task and says what a round does."""
+    ``wake()`` is called; a subclass names the task and says what a round does."""
 
     task_name: str
     what: str  # in the outage log lines: "account event relay"
@@ -86,6 +100,10 @@ class WakeableLoop:
 
     def start(self) -> None:
         self._start()
+
+    def wake(self) -> None:
+        """Run the next round now rather than after the interval."""
+        self._wake.set()
 
     def _start(self) -> bool:
         """Start the task unless it runs; whether it was started."""

@@ -328,8 +328,15 @@ class TikTokBudget:
             self._store_down_until = None
         state.seen = (admission, self._monotonic())
         self._metrics.budget_use(state.name, admission.used, state.limit.calls)
+        return self._counted(state, priority, admission, "admitted")
+
+    def _counted(
+        self, state: _Budget, priority: Priority, admission: CallAdmission, result: str
+    ) -> CallAdmission:
+        """``admission``, counted as ``result`` if it admits (one that refuses is counted
+        by ``_refused``, once the caller stops waiting for room)."""
         if admission.admitted:
-            self._metrics.budget_call(state.name, priority.value, "admitted")
+            self._metrics.budget_call(state.name, priority.value, result)
         return admission
 
     def _without_store(
@@ -343,10 +350,7 @@ class TikTokBudget:
                 details={"dependency": "mongodb", "budget": state.name},
             )
             raise error from cause
-        admission = state.local.admit(self._monotonic())
-        if admission.admitted:
-            self._metrics.budget_call(state.name, priority.value, "local")
-        return admission
+        return self._counted(state, priority, state.local.admit(self._monotonic()), "local")
 
     def _refused(
         self, state: _Budget, priority: Priority, admission: CallAdmission | None

@@ -51,6 +51,7 @@ WEBHOOK_SECRET_BYTES = (24, 64)
 
 T = TypeVar("T")
 C = TypeVar("C")
+N = TypeVar("N", int, float)
 _SETTING = "setting"  # the key of a Config field's metadata that holds its Setting
 
 
@@ -157,32 +158,32 @@ def _settings_table(cls: type[C]) -> type[C]:
 # -- Parsers: each returns the value or raises ValueError saying why ------------------
 
 
-def _positive_int(text: str) -> int:
-    number = int(text)
-    if number <= 0:
-        raise ValueError("must be greater than 0")
-    return number
+def _number(
+    convert: Callable[[str], N], refuse: Callable[[N], bool], reason: str
+) -> Callable[[str], N]:
+    """A parser of one number: ``convert`` it, then refuse it (ValueError(reason)) when
+    ``refuse`` says so."""
+
+    def parse(text: str) -> N:
+        number = convert(text)
+        if refuse(number):
+            raise ValueError(reason)
+        return number
+
+    return parse
 
 
-def _port(text: str) -> int:
-    number = int(text)
-    if not 0 <= number <= 65535:
-        raise ValueError("must be between 0 and 65535")
-    return number
-
-
-def _positive_float(text: str) -> float:
-    number = float(text)
-    if number <= 0:
-        raise ValueError("must be greater than 0")
-    return number
-
-
-def _non_negative_float(text: str) -> float:
-    number = float(text)
-    if not number >= 0 or number == float("inf"):
-        raise ValueError("must be 0 or more")
-    return number
+# Each refusal is written as the condition to refuse, so NaN and inf fare as they
+# always did.
+_positive_int = _number(int, lambda n: n <= 0, "must be greater than 0")
+_port = _number(int, lambda n: not 0 <= n <= 65535, "must be between 0 and 65535")
+_positive_float = _number(float, lambda n: n <= 0, "must be greater than 0")
+_non_negative_float = _number(
+    float, lambda n: not n >= 0 or n == float("inf"), "must be 0 or more"
+)
+_share = _number(float, lambda n: not 0 < n <= 1, "must be above 0 and at most 1")
+_fraction = _number(float, lambda n: not 0 <= n <= 1, "must be from 0 to 1")
+_non_negative_int = _number(int, lambda n: n < 0, "must be 0 or more")
 
 
 def _refresh_rate(text: str) -> int:
@@ -193,12 +194,7 @@ def _refresh_rate(text: str) -> int:
 
 
 def _keep_warm(text: str) -> int | None:
-    if text.lower() == "all":
-        return None
-    number = int(text)
-    if number < 0:
-        raise ValueError("must be 0 or more")
-    return number
+    return None if text.lower() == "all" else _non_negative_int(text)
 
 
 def _hmac_keys(text: str) -> tuple[bytes, ...]:
@@ -353,20 +349,6 @@ def _rate_limit(name: str, value: str) -> RateLimit:
             "period above 0 such as 60s or 1m"
         )
     return RateLimit(calls, seconds)
-
-
-def _share(text: str) -> float:
-    number = float(text)
-    if not 0 < number <= 1:
-        raise ValueError("must be above 0 and at most 1")
-    return number
-
-
-def _fraction(text: str) -> float:
-    number = float(text)
-    if not 0 <= number <= 1:
-        raise ValueError("must be from 0 to 1")
-    return number
 
 
 # -- The settings ---------------------------------------------------------------------

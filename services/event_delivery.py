@@ -32,7 +32,7 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from core.clock import utcnow
 from core.errors import GatewayError
-from services.background import WakeableLoop, run_guarded
+from services.background import WakeableLoop, finish_or_cancel, run_guarded
 from services.events import RELAY_IDLE_SECONDS, EventRelay
 from services.http_client import is_refused, is_timeout
 from storage.base import Store, StoredEvent
@@ -180,7 +180,7 @@ class EventDelivery(WakeableLoop):
     def _settled(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
         # A free slot, and maybe the next event of that account: look again now.
-        self._wake.set()
+        self.wake()
 
     async def deliver(self, stored: StoredEvent) -> str | None:
         """One attempt; the failure's description, or None when acknowledged."""
@@ -255,9 +255,6 @@ class EventDelivery(WakeableLoop):
 
     # -- the loop -------------------------------------------------------------------
 
-    def wake(self) -> None:
-        self._wake.set()
-
     task_name = "account-event-delivery"
     what = "account event delivery"
     round_name = "event delivery"
@@ -276,12 +273,8 @@ class EventDelivery(WakeableLoop):
     async def stop(self, grace_seconds: float = REQUEST_TIMEOUT_SECONDS) -> None:
         """No new attempt starts; those in flight get ``grace_seconds`` to finish."""
         await self._stop_task()
-        in_flight = set(self._in_flight)
-        if in_flight:
-            _, late = await asyncio.wait(in_flight, timeout=grace_seconds)
-            for pending in late:
-                pending.cancel()  # its claim runs out; another worker retries it
-            await asyncio.gather(*in_flight, return_exceptions=True)
+        # A cancelled attempt's claim runs out; another worker retries it.
+        await finish_or_cancel(self._in_flight, grace_seconds)
         if self._owns_http and self._http is not None:
             self._http.close()
             self._http = None

@@ -296,7 +296,7 @@ class EventRelay(WakeableLoop):
 
     def relay_soon(self) -> None:
         """Relay now rather than at the next round (call it after a state change)."""
-        self._wake.set()
+        self.wake()
 
     task_name = "account-event-relay"
     what = "account event relay"

@@ -25,9 +25,9 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -136,7 +136,183 @@ def _alive(pid: int) -> bool:
     return True
 
 
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class _Declared(Generic[M]):
+    """One of ``GatewayMetrics``' metrics, declared once on the class: its type, name,
+    help, labels and options (buckets, multiprocess mode). Each ``GatewayMetrics``
+    makes it in its own registry, as an instance attribute of the same name."""
+
+    def __init__(
+        self,
+        kind: type[M],
+        name: str,
+        documentation: str,
+        labels: Sequence[str] = (),
+        **options: Any,
+    ) -> None:
+        self.kind: type[M] = kind
+        self.name = name
+        self.documentation = documentation
+        self.labels = tuple(labels)
+        self.options = options
+        self.attribute = ""
+
+    def __set_name__(self, owner: type, attribute: str) -> None:
+        self.attribute = attribute
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> _Declared[M]: ...
+
+    @overload
+    def __get__(self, instance: GatewayMetrics, owner: type) -> M: ...
+
+    def __get__(self, instance: GatewayMetrics | None, owner: type) -> _Declared[M] | M:
+        # The instance's own attribute (made by __init__) is found before this.
+        if instance is None:
+            return self
+        raise AttributeError(self.attribute)
+
+    def make(self, registry: CollectorRegistry) -> M:
+        return self.kind(
+            self.name, self.documentation, self.labels, registry=registry, **self.options
+        )
+
+
 class GatewayMetrics:
+    # Every metric, in the order a scrape lists them.
+    callbacks = _Declared(
+        Counter,
+        "tiktok_gateway_callbacks",
+        "OAuth callbacks handled, by outcome: connected or the error code answered.",
+        ["outcome"],
+    )
+    callbacks_in_flight = _Declared(
+        Gauge,
+        "tiktok_gateway_callbacks_in_flight",
+        "OAuth callbacks being handled right now.",
+        multiprocess_mode="livesum",
+    )
+    tiktok_request_seconds = _Declared(
+        Histogram,
+        "tiktok_gateway_tiktok_request_seconds",
+        "Calls to TikTok by endpoint (token, refresh, revoke, user_info) and result "
+        "(the HTTP status, timeout or connection_error).",
+        ["endpoint", "result"],
+        buckets=TIKTOK_BUCKETS,
+    )
+    store_operation_seconds = _Declared(
+        Histogram,
+        "tiktok_gateway_store_operation_seconds",
+        "Store operations by method name, failures included.",
+        ["operation"],
+        buckets=STORE_BUCKETS,
+    )
+    refreshes = _Declared(
+        Counter,
+        "tiktok_gateway_refreshes",
+        "Token refresh attempts (access-token endpoint and background refresher) by outcome.",
+        ["outcome"],
+    )
+    refresher_lag_seconds = _Declared(
+        Gauge,
+        "tiktok_gateway_refresher_lag_seconds",
+        "At the last refresh round: how long the most overdue due account had been due "
+        "(0 when none was).",
+        multiprocess_mode="livemax",
+    )
+    events_recorded = _Declared(
+        Counter,
+        "tiktok_gateway_events_recorded",
+        "Account events logged by the relay (pulled and pushed from there), by type.",
+        ["type"],
+    )
+    events_delivered = _Declared(
+        Counter,
+        "tiktok_gateway_events_delivered",
+        "Account events the product's receiver acknowledged with a 2xx.",
+    )
+    events_retried = _Declared(
+        Counter,
+        "tiktok_gateway_event_delivery_retries",
+        "Failed delivery attempts of account events that will be retried.",
+    )
+    events_failed = _Declared(
+        Counter,
+        "tiktok_gateway_events_failed",
+        "Account events marked failed once their retry schedule ran out.",
+    )
+    oldest_undelivered_event_seconds = _Declared(
+        Gauge,
+        "tiktok_gateway_oldest_undelivered_event_age_seconds",
+        "Age of the oldest account event still to push, relayed or not (0: none).",
+        # Every worker reads the same store: the latest reading is the answer.
+        multiprocess_mode="livemostrecent",
+    )
+    # Pending profiles (services/profile_filler.py).
+    profiles_left_pending = _Declared(
+        Counter,
+        "tiktok_gateway_profiles_left_pending",
+        "Callbacks that connected an account with its profile pending: TikTok could "
+        "not answer the profile call in time (429, 5xx, timeout, budget spent).",
+    )
+    profile_fills = _Declared(
+        Counter,
+        "tiktok_gateway_profile_fills",
+        "The profile filler's attempts by outcome: filled, unavailable (TikTok busy or "
+        "unreachable), refused (TikTok refused the token), no_tokens (disconnected "
+        "meanwhile), error (a bug or a store fault).",
+        ["outcome"],
+    )
+    profiles_pending = _Declared(
+        Gauge,
+        "tiktok_gateway_profiles_pending",
+        "Connected accounts whose profile is pending, at the filler's last round.",
+        multiprocess_mode="livemax",
+    )
+    # TikTok call budgets (services/budget.py).
+    budget_calls = _Declared(
+        Counter,
+        "tiktok_gateway_budget_calls",
+        "Calls that asked a TikTok budget for a permit, by budget (endpoint), priority "
+        "and result: admitted (shared budget), local (this process's share while the "
+        "store cannot be asked), refused (no room before the caller's deadline), paused "
+        "(background call while the store cannot be asked).",
+        ["budget", "priority", "result"],
+    )
+    budget_deferred = _Declared(
+        Counter,
+        "tiktok_gateway_budget_deferred",
+        "Calls that found their TikTok budget spent and waited for room (admitted or "
+        "refused after), by budget and priority.",
+        ["budget", "priority"],
+    )
+    budget_used = _Declared(
+        Gauge,
+        "tiktok_gateway_budget_used",
+        "Calls admitted by every process in the current window of a TikTok budget, as "
+        "this process last saw it.",
+        ["budget"],
+        multiprocess_mode="livemostrecent",
+    )
+    budget_remaining = _Declared(
+        Gauge,
+        "tiktok_gateway_budget_remaining",
+        "Calls a TikTok budget can still admit in the current window (limit - used).",
+        ["budget"],
+        multiprocess_mode="livemostrecent",
+    )
+    budget_limit = _Declared(
+        Gauge,
+        "tiktok_gateway_budget_limit",
+        "Calls a TikTok budget admits in any window (TIKTOK_RATE_LIMITS), and "
+        "background_limit: the most of them background work may use "
+        "(TIKTOK_BACKGROUND_SHARE).",
+        ["budget", "share"],
+        multiprocess_mode="livemax",
+    )
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         # Set when this process's values are files shared with other workers.
@@ -145,81 +321,18 @@ class GatewayMetrics:
             if getattr(prometheus_values.ValueClass, "_multiprocess", False)
             else None
         )
-        self.callbacks = Counter(
-            "tiktok_gateway_callbacks",
-            "OAuth callbacks handled, by outcome: connected or the error code answered.",
-            ["outcome"],
-            registry=self.registry,
-        )
-        self.callbacks_in_flight = Gauge(
-            "tiktok_gateway_callbacks_in_flight",
-            "OAuth callbacks being handled right now.",
-            registry=self.registry,
-            multiprocess_mode="livesum",
-        )
-        self.tiktok_request_seconds = Histogram(
-            "tiktok_gateway_tiktok_request_seconds",
-            "Calls to TikTok by endpoint (token, refresh, revoke, user_info) and result "
-            "(the HTTP status, timeout or connection_error).",
-            ["endpoint", "result"],
-            buckets=TIKTOK_BUCKETS,
-            registry=self.registry,
-        )
-        self.store_operation_seconds = Histogram(
-            "tiktok_gateway_store_operation_seconds",
-            "Store operations by method name, failures included.",
-            ["operation"],
-            buckets=STORE_BUCKETS,
-            registry=self.registry,
-        )
-        self.refreshes = Counter(
-            "tiktok_gateway_refreshes",
-            "Token refresh attempts (access-token endpoint and background refresher) by outcome.",
-            ["outcome"],
-            registry=self.registry,
-        )
-        self.refresher_lag_seconds = Gauge(
-            "tiktok_gateway_refresher_lag_seconds",
-            "At the last refresh round: how long the most overdue due account had been due "
-            "(0 when none was).",
-            registry=self.registry,
-            multiprocess_mode="livemax",
-        )
-        self.events_recorded = Counter(
-            "tiktok_gateway_events_recorded",
-            "Account events logged by the relay (pulled and pushed from there), by type.",
-            ["type"],
-            registry=self.registry,
-        )
-        self.events_delivered = Counter(
-            "tiktok_gateway_events_delivered",
-            "Account events the product's receiver acknowledged with a 2xx.",
-            registry=self.registry,
-        )
-        self.events_retried = Counter(
-            "tiktok_gateway_event_delivery_retries",
-            "Failed delivery attempts of account events that will be retried.",
-            registry=self.registry,
-        )
-        self.events_failed = Counter(
-            "tiktok_gateway_events_failed",
-            "Account events marked failed once their retry schedule ran out.",
-            registry=self.registry,
-        )
-        self.oldest_undelivered_event_seconds = Gauge(
-            "tiktok_gateway_oldest_undelivered_event_age_seconds",
-            "Age of the oldest account event still to push, relayed or not (0: none).",
-            registry=self.registry,
-            # Every worker reads the same store: the latest reading is the answer.
-            multiprocess_mode="livemostrecent",
-        )
+        for declared in _DECLARED:
+            setattr(self, declared.attribute, declared.make(self.registry))
         # Present from the start at 0, so rate() and alerts see every series.
         self._event_types = {name: self.events_recorded.labels(name) for name in EVENT_TYPES}
         self._callbacks = {name: self.callbacks.labels(name) for name in CALLBACK_OUTCOMES}
         self._refreshes = {name: self.refreshes.labels(name) for name in REFRESH_OUTCOMES}
-        self._init_profile_metrics()
+        self._profile_fills = {
+            name: self.profile_fills.labels(name) for name in PROFILE_FILL_OUTCOMES
+        }
         self._tiktok: dict[tuple[str, str], Any] = {}
-        self._init_budget_metrics()
+        # Functions run before each render, so gauges that age show their value now.
+        self._render_hooks: list[Callable[[], None]] = []
 
     def render(self) -> bytes:
         for hook in self._render_hooks:
@@ -278,30 +391,6 @@ class GatewayMetrics:
 
     # -- pending profiles (services/profile_filler.py) ------------------------------
 
-    def _init_profile_metrics(self) -> None:
-        self.profiles_left_pending = Counter(
-            "tiktok_gateway_profiles_left_pending",
-            "Callbacks that connected an account with its profile pending: TikTok could "
-            "not answer the profile call in time (429, 5xx, timeout, budget spent).",
-            registry=self.registry,
-        )
-        self.profile_fills = Counter(
-            "tiktok_gateway_profile_fills",
-            "The profile filler's attempts by outcome: filled, unavailable (TikTok busy or "
-            "unreachable), refused (TikTok refused the token), no_tokens (disconnected "
-            "meanwhile), error (a bug or a store fault).",
-            ["outcome"],
-            registry=self.registry,
-        )
-        self.profiles_pending = Gauge(
-            "tiktok_gateway_profiles_pending",
-            "Connected accounts whose profile is pending, at the filler's last round.",
-            registry=self.registry,
-            multiprocess_mode="livemax",
-        )
-        self._profile_fills = {name: self.profile_fills.labels(name)
-                               for name in PROFILE_FILL_OUTCOMES}
-
     def profile_left_pending(self) -> None:
         self.profiles_left_pending.inc()
 
@@ -316,50 +405,6 @@ class GatewayMetrics:
         return child
 
     # -- TikTok call budgets (services/budget.py) -----------------------------------
-
-    def _init_budget_metrics(self) -> None:
-        # Functions run before each render, so gauges that age show their value now.
-        self._render_hooks: list[Callable[[], None]] = []
-        self.budget_calls = Counter(
-            "tiktok_gateway_budget_calls",
-            "Calls that asked a TikTok budget for a permit, by budget (endpoint), priority "
-            "and result: admitted (shared budget), local (this process's share while the "
-            "store cannot be asked), refused (no room before the caller's deadline), paused "
-            "(background call while the store cannot be asked).",
-            ["budget", "priority", "result"],
-            registry=self.registry,
-        )
-        self.budget_deferred = Counter(
-            "tiktok_gateway_budget_deferred",
-            "Calls that found their TikTok budget spent and waited for room (admitted or "
-            "refused after), by budget and priority.",
-            ["budget", "priority"],
-            registry=self.registry,
-        )
-        self.budget_used = Gauge(
-            "tiktok_gateway_budget_used",
-            "Calls admitted by every process in the current window of a TikTok budget, as "
-            "this process last saw it.",
-            ["budget"],
-            registry=self.registry,
-            multiprocess_mode="livemostrecent",
-        )
-        self.budget_remaining = Gauge(
-            "tiktok_gateway_budget_remaining",
-            "Calls a TikTok budget can still admit in the current window (limit - used).",
-            ["budget"],
-            registry=self.registry,
-            multiprocess_mode="livemostrecent",
-        )
-        self.budget_limit = Gauge(
-            "tiktok_gateway_budget_limit",
-            "Calls a TikTok budget admits in any window (TIKTOK_RATE_LIMITS), and "
-            "background_limit: the most of them background work may use "
-            "(TIKTOK_BACKGROUND_SHARE).",
-            ["budget", "share"],
-            registry=self.registry,
-            multiprocess_mode="livemax",
-        )
 
     def before_render(self, hook: Callable[[], None]) -> None:
         self._render_hooks.append(hook)
@@ -385,6 +430,12 @@ class GatewayMetrics:
         self.budget_used.labels(budget).set(used)
         self.budget_remaining.labels(budget).set(max(limit - used, 0))
 
+
+
+# GatewayMetrics' declarations in the order of its class body.
+_DECLARED = tuple(
+    value for value in vars(GatewayMetrics).values() if isinstance(value, _Declared)
+)
 
 class InstrumentedStore(Store):
     """A store that times every operation of the one it wraps.

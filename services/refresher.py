@@ -44,6 +44,7 @@ from typing import Any
 from core.clock import utcnow
 from core.errors import GatewayError
 from services.accounts import AccountService, RefreshOutcome
+from services.background import cancel_and_wait, finish_or_cancel, run_guarded
 from services.budget import Priority, call_priority
 from services.events import REFRESH_TOKEN_EXPIRED
 from storage.base import Account, Store
@@ -281,12 +282,8 @@ class Refresher:
     async def _run(self) -> None:
         while True:
             started = self._monotonic()
-            try:
-                await self.run_once()
-            except GatewayError as exc:
-                log.warning("refresh round skipped: %s", exc.technical_message or exc.message)
-            except Exception:
-                log.exception("refresh round failed")
+            await run_guarded(self.run_once, log, skipped="refresh round skipped: %s",
+                              failed="refresh round failed")
             # Rounds start every interval: a round that spent it waiting for its pace
             # (a backlog) is followed at once, so a busy refresher keeps its
             # max_per_minute instead of idling a whole interval after each round.
@@ -296,18 +293,9 @@ class Refresher:
         """End the loop: no new refresh starts; those in flight get ``grace_seconds``."""
         self._stopping = True
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-        in_flight = set(self._in_flight)
-        if not in_flight:
+        await cancel_and_wait(task)
+        if not self._in_flight:
             return
-        _, late = await asyncio.wait(in_flight, timeout=grace_seconds)
-        for pending in late:
-            # The lease expires on its own; the account is picked up again later.
-            pending.cancel()
-        await asyncio.gather(*in_flight, return_exceptions=True)
-        log.info("background refresh stopped (%d refresh(es) cancelled)", len(late))
+        # A cancelled refresh's lease expires on its own; the account is picked up again.
+        cancelled = await finish_or_cancel(self._in_flight, grace_seconds)
+        log.info("background refresh stopped (%d refresh(es) cancelled)", cancelled)

@@ -17,7 +17,13 @@ import os
 import sys
 from collections.abc import Mapping
 
-from app.lifecycle import configure_logging, initialize_store, serve, shut_down
+from app.lifecycle import (
+    configure_logging,
+    initialize_store,
+    serve,
+    shut_down,
+    stop_on_signals,
+)
 from app.wiring import (
     Gateway,
     build_gateway,
@@ -49,6 +55,7 @@ __all__ = [
     "start_event_workers",
     "start_profile_filler",
     "start_refresher",
+    "stop_on_signals",
 ]
 
 

@@ -43,6 +43,16 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SHUTDOWN_POLL_SECONDS = 0.05
 
 
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets: what a process serving until told to stop
+    waits for (the gateway, an embedding host, a benchmark's stand-in)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
 async def initialize_store(store: Store, retry_seconds: float = STORE_RETRY_SECONDS) -> bool:
     """Create indexes, retrying in the background while the store is down.
 
@@ -118,10 +128,8 @@ async def serve(
     filler = (start_profile_filler(gateway, init_task)
               if tornado.process.task_id() in (None, 0) else None)
 
-    stop = asyncio.Event()
+    stop = stop_on_signals()
     loop = asyncio.get_running_loop()
-    for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop.set)
     # A worker starts with them blocked (run_workers); one sent meanwhile arrives now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if lifeline is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Sequence
 from urllib.parse import urlencode
@@ -23,6 +22,7 @@ from urllib.parse import urlencode
 import tornado.web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
+from app.lifecycle import stop_on_signals
 from services.http_client import close_http_client
 
 REDIRECT = "http://localhost:3000/settings/connections?platform=tiktok&status=connected"
@@ -62,11 +62,7 @@ async def serve(args: argparse.Namespace) -> None:
         ("/readyz", Health),
     ], log_function=lambda handler: None)
     server = app.listen(args.port, address="127.0.0.1")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    await stop_on_signals().wait()
     server.stop()
     close_http_client(http)
 

@@ -21,7 +21,6 @@ import hmac
 import logging
 import os
 import secrets
-import signal
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -32,7 +31,7 @@ from tornado.httpserver import HTTPServer
 
 from core.errors import ConfigError, GatewayError, Unauthenticated
 from handlers.base import log_request
-from server import Gateway, build_gateway, routes, start_refresher
+from server import Gateway, build_gateway, routes, start_refresher, stop_on_signals
 from services.config import Config, load_config
 from storage.base import Store
 
@@ -266,11 +265,7 @@ async def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         f"Acme Notes on {public_url}/ : sign in as alice or bob, password {password}",
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    await stop_on_signals().wait()
     server.stop()
     if refresher is not None:
         await refresher.stop()

@@ -34,8 +34,8 @@ from pymongo.errors import (
 from core.errors import StoreSetupFailed, StoreUnavailable
 from storage.base import (
     CALL_BUDGETS,
+    DEFAULT_EVENTS_RETENTION_SECONDS,
     PLATFORM,
-    PROFILE_FIELDS,
     PROFILE_FIRST_FILL_DELAY,
     TOKEN_USE_RESOLUTION,
     Account,
@@ -54,10 +54,13 @@ from storage.base import (
     Store,
     StoredEvent,
     TokenGrant,
+    build_event,
     check_event,
     check_event_condition,
+    claim_refusal,
     event_time,
     judge_call,
+    profile_attributes,
     window_ms,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
@@ -153,7 +156,6 @@ EVENT_STATUS_SEQ_INDEX = "status_seq"
 EVENT_ACCOUNT_INDEX = "account_seq"
 EVENT_TTL_INDEX = "recorded_at_ttl"
 OUTBOX_INDEX = "outbox_id"
-DEFAULT_EVENTS_RETENTION_SECONDS = 7 * 86400
 # An index of that name exists with other options (a changed EVENTS_RETENTION_DAYS):
 # mongod answers 85, SecantusDB 86.
 _INDEX_OPTIONS_CONFLICT = (85, 86)
@@ -187,12 +189,6 @@ _PROFILE_DOCUMENT_FIELDS = {
     "display_name": "displayName",
     "avatar_url": "avatarUrl",
     "username": "username",
-}
-
-_CLAIM_REFUSALS = {
-    PendingStatus.COMPLETED: ClaimResult.ALREADY_COMPLETED,
-    PendingStatus.IN_PROGRESS: ClaimResult.IN_PROGRESS,
-    PendingStatus.FAILED: ClaimResult.FAILED,
 }
 
 # Reconnecting clears what a revocation, a refresh lease or a backoff left behind; the
@@ -323,13 +319,40 @@ def _generation_is(version: int) -> dict[str, Any]:
     return {TOKEN_VERSION_FIELD: {"$in": [None, 0]}}
 
 
-# "The lease has expired", judged by MongoDB's clock ($$NOW), never a gateway's: two
-# processes whose clocks disagree still agree on who holds it. Compared as numbers
-# (milliseconds since the epoch): SecantusDB 0.7.0b3 compares a stored date with
-# $$NOW wrongly (as equal, whatever they are), and on mongod the two forms agree.
-_LEASE_EXPIRED = {
-    "$expr": {"$lte": [{"$toLong": "$refreshLease.expiresAt"}, {"$toLong": "$$NOW"}]}
-}
+# Leases (refresh, relay, delivery) are judged by MongoDB's clock ($$NOW), never a
+# gateway's: two processes whose clocks disagree still agree on who holds one. Expiries
+# are compared as numbers (milliseconds since the epoch): SecantusDB 0.7.0b3 compares a
+# stored date with $$NOW wrongly (as equal, whatever they are), and on mongod the two
+# forms agree.
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _lease(holder: str, seconds: float) -> dict[str, Any]:
+    """A lease held by ``holder`` for ``seconds`` from $$NOW (in an update pipeline)."""
+    return {
+        "holder": {"$literal": holder},
+        "expiresAt": {"$add": ["$$NOW", _milliseconds(seconds)]},
+    }
+
+
+def _expired(path: str) -> dict[str, Any]:
+    """The lease expiry at ``path`` has passed."""
+    return {"$expr": {"$lte": [{"$toLong": f"${path}"}, {"$toLong": "$$NOW"}]}}
+
+
+def _lasting(path: str, seconds: float) -> dict[str, Any]:
+    """The lease at ``path`` lasts at least ``seconds`` more."""
+    return {
+        "$expr": {
+            "$gt": [
+                {"$toLong": f"${path}"},
+                {"$add": [{"$toLong": "$$NOW"}, _milliseconds(seconds)]},
+            ]
+        }
+    }
 
 
 def _object_id(account_id: str) -> ObjectId | None:
@@ -656,13 +679,9 @@ class MongoStore(Store):
         if doc is None:
             return ClaimOutcome(ClaimResult.UNKNOWN)
         pending = _pending_from_document(doc)
-        if pending.status in _CLAIM_REFUSALS:
-            return ClaimOutcome(_CLAIM_REFUSALS[pending.status], pending)
-        if pending.expires_at <= now:
-            return ClaimOutcome(ClaimResult.EXPIRED, pending)
-        # Still pending and live, yet the conditional update missed it: it was
-        # re-saved between our two reads. Someone else is working on it.
-        return ClaimOutcome(ClaimResult.IN_PROGRESS, pending)
+        # No refusal (still pending and live), yet the conditional update missed it: it
+        # was re-saved between our two reads. Someone else is working on it.
+        return ClaimOutcome(claim_refusal(pending, now) or ClaimResult.IN_PROGRESS, pending)
 
     @_mongo_errors
     async def finish_pending(
@@ -762,9 +781,8 @@ class MongoStore(Store):
             created = {name: _stored(value) for name, value in on_insert.items()}
             document = _applied({"_id": ObjectId(), **created}, change)
             account = _account_from_document(document)
-            event = event_factory(account, None)
+            event = build_event(event_factory, account, None)
             if event is not None:
-                check_event(event)
                 document["outbox"] = [event]
             try:
                 await self._accounts.insert_one(document)
@@ -785,10 +803,11 @@ class MongoStore(Store):
             if doc is None:
                 return None
             after = _applied(doc, update)
-            event = event_factory(_account_from_document(after), _account_from_document(doc))
+            event = build_event(
+                event_factory, _account_from_document(after), _account_from_document(doc)
+            )
             write = dict(update)
             if event is not None:
-                check_event(event)
                 write["$push"] = {"outbox": event}
             result = await self._accounts.update_one({"$and": [query, _unchanged(doc)]}, write)
             if result.matched_count:
@@ -815,10 +834,10 @@ class MongoStore(Store):
         object_id = _object_id(account_id)
         if object_id is None:
             raise KeyError(account_id)  # as MemoryStore does for an unknown id
-        fields: dict[str, Any] = {}
-        for tiktok_field, attribute in PROFILE_FIELDS.items():
-            if tiktok_field in profile:
-                fields[_PROFILE_DOCUMENT_FIELDS[attribute]] = profile[tiktok_field]
+        fields = {
+            _PROFILE_DOCUMENT_FIELDS[attribute]: value
+            for attribute, value in profile_attributes(profile).items()
+        }
         fields.update({"profile": dict(profile), "profilePending": False, "updatedAt": now})
         doc = await self._accounts.find_one_and_update(
             {"_id": object_id},
@@ -922,18 +941,12 @@ class MongoStore(Store):
             {
                 "_id": object_id,
                 "status": AccountStatus.CONNECTED.value,
-                "$or": [{"refreshLease": {"$exists": False}}, _LEASE_EXPIRED],
+                "$or": [
+                    {"refreshLease": {"$exists": False}},
+                    _expired("refreshLease.expiresAt"),
+                ],
             },
-            [
-                {
-                    "$set": {
-                        "refreshLease": {
-                            "holder": {"$literal": holder},
-                            "expiresAt": {"$add": ["$$NOW", max(1, round(seconds * 1000))]},
-                        }
-                    }
-                }
-            ],
+            [{"$set": {"refreshLease": _lease(holder, seconds)}}],
             projection={"_id": 1},
         )
         return claimed is not None
@@ -1288,8 +1301,7 @@ class MongoStore(Store):
                 [
                     {
                         "$set": {
-                            "holder": {"$literal": holder},
-                            "expiresAt": {"$add": ["$$NOW", _milliseconds(seconds)]},
+                            **_lease(holder, seconds),
                             "seq": {"$ifNull": ["$seq", 0]},
                         }
                     }
@@ -1421,10 +1433,7 @@ class MongoStore(Store):
             [
                 {
                     "$set": {
-                        "lease": {
-                            "holder": {"$literal": holder},
-                            "expiresAt": {"$add": ["$$NOW", _milliseconds(seconds)]},
-                        },
+                        "lease": _lease(holder, seconds),
                         "firstAttemptAt": {"$ifNull": ["$firstAttemptAt", now]},
                     }
                 }
@@ -1526,28 +1535,6 @@ _ACCOUNT_DOCUMENT_FIELDS = {
     "connected_at": "connectedAt",
     "revoked_at": "revokedAt",
 }
-
-
-def _milliseconds(seconds: float) -> int:
-    return max(1, round(seconds * 1000))
-
-
-# Lease expiries on MongoDB's clock, compared as numbers like _LEASE_EXPIRED (SecantusDB
-# compares a stored date with $$NOW wrongly).
-def _expired(path: str) -> dict[str, Any]:
-    return {"$expr": {"$lte": [{"$toLong": f"${path}"}, {"$toLong": "$$NOW"}]}}
-
-
-def _lasting(path: str, seconds: float) -> dict[str, Any]:
-    """The lease at ``path`` lasts at least ``seconds`` more."""
-    return {
-        "$expr": {
-            "$gt": [
-                {"$toLong": f"${path}"},
-                {"$add": [{"$toLong": "$$NOW"}, _milliseconds(seconds)]},
-            ]
-        }
-    }
 
 
 def _claimable(now: datetime) -> dict[str, Any]:

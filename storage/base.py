@@ -758,3 +758,40 @@ def _free_at(
         if len(background_calls) >= background_limit:
             free_at = max(free_at, background_calls[-background_limit] + window)
     return free_at
+
+
+def epoch_ms(moment: datetime) -> int:
+    """``moment`` in whole milliseconds since the epoch, as MongoDB keeps dates."""
+    return round(moment.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class CallRule:
+    """An ``admit_call``'s rule as both stores judge it: times and window in whole
+    milliseconds (``epoch_ms``, ``window_ms``), so every comparison is exact."""
+
+    limit: int
+    window: int
+    background: bool
+    background_limit: int | None
+
+    def judge(
+        self,
+        calls: list[float],
+        background_calls: list[float],
+        now: float,
+        *,
+        admitted: bool | None = None,
+    ) -> CallAdmission:
+        """``judge_call`` on logs of epoch milliseconds; the answer is in seconds."""
+        return judge_call(
+            calls,
+            background_calls,
+            now,
+            limit=self.limit,
+            window_seconds=self.window,
+            background=self.background,
+            background_limit=self.background_limit,
+            admitted=admitted,
+            unit=0.001,
+        )

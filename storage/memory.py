@@ -23,6 +23,7 @@ from storage.base import (
     AccountStatus,
     AccountTokens,
     CallAdmission,
+    CallRule,
     ClaimOutcome,
     ClaimResult,
     EventFactory,
@@ -39,8 +40,8 @@ from storage.base import (
     check_event,
     check_event_condition,
     claim_refusal,
+    epoch_ms,
     event_time,
-    judge_call,
     profile_attributes,
     window_ms,
 )
@@ -540,19 +541,10 @@ class MemoryStore(Store):
     ) -> CallAdmission:
         if limit < 1:
             raise ValueError("limit must be at least 1")
+        rule = CallRule(limit, window_ms(window_seconds), background, background_limit)
         calls, background_calls = self._call_logs.setdefault(budget, ([], []))
         # No await in here: the decision and its record are one step on this loop.
-        # Whole milliseconds, as MongoDB keeps them: exact comparisons.
-        return judge_call(
-            calls,
-            background_calls,
-            round((now or datetime.now(UTC)).timestamp() * 1000),
-            limit=limit,
-            window_seconds=window_ms(window_seconds),
-            background=background,
-            background_limit=background_limit,
-            unit=0.001,
-        )
+        return rule.judge(calls, background_calls, epoch_ms(now or datetime.now(UTC)))
 
     # -- account events ---------------------------------------------------------------
     # No await between a read and its write here either, so each method is atomic.

@@ -42,6 +42,7 @@ from storage.base import (
     AccountStatus,
     AccountTokens,
     CallAdmission,
+    CallRule,
     ClaimOutcome,
     ClaimResult,
     EventFactory,
@@ -58,8 +59,8 @@ from storage.base import (
     check_event,
     check_event_condition,
     claim_refusal,
+    epoch_ms,
     event_time,
-    judge_call,
     profile_attributes,
     window_ms,
 )
@@ -1231,25 +1232,19 @@ class MongoStore(Store):
         if limit < 1 or (background and not background_limit):
             raise ValueError("limit and background_limit must be at least 1")
         # BSON dates are milliseconds: so is the window, rounded up.
-        window = window_ms(window_seconds)
-        pipeline = _admission_pipeline(
-            now, limit, window, background_limit if background else None
-        )
+        rule = CallRule(limit, window_ms(window_seconds), background, background_limit)
+        pipeline = _admission_pipeline(now, rule)
         for _ in range(2):
             doc = await self._call_budgets.find_one_and_update(
                 {"_id": budget}, pipeline, return_document=ReturnDocument.AFTER
             )
             if doc is not None:
-                return judge_call(
-                    [_ms(t) for t in doc["calls"]],
-                    [_ms(t) for t in doc["background"]],
-                    _ms(doc["askedAt"]),
-                    limit=limit,
-                    window_seconds=window,
-                    background=background,
-                    background_limit=background_limit,
+                # The post-image holds the decision: the rule only describes it.
+                return rule.judge(
+                    [epoch_ms(t) for t in doc["calls"]],
+                    [epoch_ms(t) for t in doc["background"]],
+                    epoch_ms(doc["askedAt"]),
                     admitted=bool(doc["admitted"]),
-                    unit=0.001,
                 )
             # Not made yet (initialize has not run): make it, then ask again. Never an
             # upsert of the admission itself, whose answer may be lost in a race.
@@ -1573,14 +1568,8 @@ def _event_from_document(doc: dict[str, Any]) -> StoredEvent:
 CALL_BUDGETS_COLLECTION = "tiktok_call_budgets"
 
 
-def _ms(moment: datetime) -> int:
-    return round(moment.timestamp() * 1000)
-
-
-def _admission_pipeline(
-    now: datetime | None, limit: int, window: int, background_limit: int | None
-) -> list[dict[str, Any]]:
-    """The update that admits a call if its logs have room, and records it.
+def _admission_pipeline(now: datetime | None, rule: CallRule) -> list[dict[str, Any]]:
+    """The update that admits a call if its logs have room under ``rule``, and records it.
 
     ``$$NOW`` goes through ``$toLong``/``$toDate`` (milliseconds either way, an identity
     on mongod): SecantusDB holds ``$$NOW`` with microseconds and a time zone, and
@@ -1593,7 +1582,7 @@ def _admission_pipeline(
             "$or": [
                 {"$lt": [{"$size": log}, most]},
                 {"$lte": [{"$arrayElemAt": [log, -most]},
-                          {"$subtract": ["$askedAt", window]}]},
+                          {"$subtract": ["$askedAt", rule.window]}]},
             ]
         }
 
@@ -1601,11 +1590,11 @@ def _admission_pipeline(
         pushed = {"$slice": [{"$concatArrays": [log, ["$askedAt"]]}, -most]}
         return {"$cond": ["$admitted", pushed, log]}
 
-    checks = [room("$calls", limit)]
-    updates = {"calls": record("$calls", limit)}
-    if background_limit is not None:
-        checks.append(room("$background", background_limit))
-        updates["background"] = record("$background", background_limit)
+    checks = [room("$calls", rule.limit)]
+    updates = {"calls": record("$calls", rule.limit)}
+    if rule.background and rule.background_limit is not None:
+        checks.append(room("$background", rule.background_limit))
+        updates["background"] = record("$background", rule.background_limit)
     return [
         {
             "$set": {

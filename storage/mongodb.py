@@ -67,6 +67,12 @@ from storage.base import (
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.tokens import TOKEN_VERSION_FIELD, TokenSealer
 
+
+def _ascending(*fields: str) -> list[tuple[str, int]]:
+    """An index key: ``fields`` in order, each ascending (every index here is)."""
+    return [(name, ASCENDING) for name in fields]
+
+
 ACCOUNTS_COLLECTION = "social_accounts"
 PENDING_COLLECTION = "oauth_states"
 
@@ -75,26 +81,17 @@ PLATFORM_ACCOUNT_INDEX = "platform_account_id"
 PENDING_TTL_INDEX = "expires_at_ttl"
 # accounts_due_for_refresh: the refresher's question every round.
 REFRESH_DUE_INDEX = "status_token_used_access_expiry"
-REFRESH_DUE_KEYS = [
-    ("status", ASCENDING),
-    ("tokenUsedAt", ASCENDING),
-    ("accessTokenExpiresAt", ASCENDING),
-]
+REFRESH_DUE_KEYS = _ascending("status", "tokenUsedAt", "accessTokenExpiresAt")
 # expire_refresh_tokens: connected accounts whose refresh token has expired.
 REFRESH_EXPIRY_INDEX = "status_refresh_expiry"
-REFRESH_EXPIRY_KEYS = [("status", ASCENDING), ("refreshTokenExpiresAt", ASCENDING)]
+REFRESH_EXPIRY_KEYS = _ascending("status", "refreshTokenExpiresAt")
 # record_expiry_notices: connected accounts without a notice whose refresh token expires soon.
 EXPIRY_NOTICE_INDEX = "status_notice_refresh_expiry"
-EXPIRY_NOTICE_KEYS = [
-    ("status", ASCENDING),
-    ("expiryNoticeFor", ASCENDING),
-    ("refreshTokenExpiresAt", ASCENDING),
-]
+EXPIRY_NOTICE_KEYS = _ascending("status", "expiryNoticeFor", "refreshTokenExpiresAt")
 
 # The filler's claim: equality on the first two keys, range and sort on the third.
 PROFILE_FILL_INDEX = "profile_fill_due"
-PROFILE_FILL_KEYS = [("profilePending", ASCENDING), ("status", ASCENDING),
-                     ("profileRetryAt", ASCENDING)]
+PROFILE_FILL_KEYS = _ascending("profilePending", "status", "profileRetryAt")
 
 
 @dataclass(frozen=True)
@@ -110,12 +107,12 @@ class IndexSpec:
 INDEXES: tuple[IndexSpec, ...] = (
     IndexSpec(
         ACCOUNTS_COLLECTION,
-        [("ownerId", ASCENDING), ("platform", ASCENDING), ("platformAccountId", ASCENDING)],
+        _ascending("ownerId", "platform", "platformAccountId"),
         ACCOUNT_KEY_INDEX,
         {"unique": True},
     ),
     # Webhooks name the account by open_id only.
-    IndexSpec(ACCOUNTS_COLLECTION, [("platformAccountId", ASCENDING)], PLATFORM_ACCOUNT_INDEX),
+    IndexSpec(ACCOUNTS_COLLECTION, _ascending("platformAccountId"), PLATFORM_ACCOUNT_INDEX),
     # Led by tokenUsedAt, so a keep-warm round reads only recently used accounts,
     # however many idle ones the collection holds.
     IndexSpec(ACCOUNTS_COLLECTION, REFRESH_DUE_KEYS, REFRESH_DUE_INDEX),
@@ -126,7 +123,7 @@ INDEXES: tuple[IndexSpec, ...] = (
     # Housekeeping only: claim_pending checks expiry itself, since the TTL
     # monitor deletes late (once a minute on mongod).
     IndexSpec(
-        PENDING_COLLECTION, [("expiresAt", ASCENDING)], PENDING_TTL_INDEX,
+        PENDING_COLLECTION, _ascending("expiresAt"), PENDING_TTL_INDEX,
         {"expireAfterSeconds": 0},
     ),
 )
@@ -165,18 +162,11 @@ _DUE_PAGES = 3
 # The event log's and the outboxes' indexes (the TTL one depends on the retention:
 # MongoStore._event_ttl_index).
 EVENT_INDEXES: tuple[IndexSpec, ...] = (
-    IndexSpec(EVENTS_COLLECTION, [("seq", ASCENDING)], EVENT_SEQ_INDEX, {"unique": True}),
-    IndexSpec(
-        EVENTS_COLLECTION, [("status", ASCENDING), ("nextAttemptAt", ASCENDING)],
-        EVENT_DUE_INDEX,
-    ),
-    IndexSpec(
-        EVENTS_COLLECTION, [("status", ASCENDING), ("seq", ASCENDING)], EVENT_STATUS_SEQ_INDEX
-    ),
-    IndexSpec(
-        EVENTS_COLLECTION, [("accountId", ASCENDING), ("seq", ASCENDING)], EVENT_ACCOUNT_INDEX
-    ),
-    IndexSpec(ACCOUNTS_COLLECTION, [("outbox.id", ASCENDING)], OUTBOX_INDEX, {"sparse": True}),
+    IndexSpec(EVENTS_COLLECTION, _ascending("seq"), EVENT_SEQ_INDEX, {"unique": True}),
+    IndexSpec(EVENTS_COLLECTION, _ascending("status", "nextAttemptAt"), EVENT_DUE_INDEX),
+    IndexSpec(EVENTS_COLLECTION, _ascending("status", "seq"), EVENT_STATUS_SEQ_INDEX),
+    IndexSpec(EVENTS_COLLECTION, _ascending("accountId", "seq"), EVENT_ACCOUNT_INDEX),
+    IndexSpec(ACCOUNTS_COLLECTION, _ascending("outbox.id"), OUTBOX_INDEX, {"sparse": True}),
 )
 
 APP_NAME = "tiktok-gateway"
@@ -604,7 +594,7 @@ class MongoStore(Store):
     def _event_ttl_index(self) -> IndexSpec:
         """Account events are kept EVENTS_RETENTION_DAYS after the relay logged them."""
         return IndexSpec(
-            EVENTS_COLLECTION, [("recordedAt", ASCENDING)], EVENT_TTL_INDEX,
+            EVENTS_COLLECTION, _ascending("recordedAt"), EVENT_TTL_INDEX,
             {"expireAfterSeconds": self._events_retention_seconds},
         )
 

@@ -128,6 +128,7 @@ def account_documents(
 
 
 def plan_stages(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every stage of an explain's winning plan, outermost first (tests use it too)."""
     stages: list[dict[str, Any]] = []
     stage: dict[str, Any] | None = plan
     while stage:

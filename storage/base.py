@@ -82,6 +82,23 @@ class ClaimOutcome:
     pending: PendingAuthorization | None = None
 
 
+# How ``claim_pending`` answers for a record already past ``pending``.
+_CLAIM_REFUSALS = {
+    PendingStatus.COMPLETED: ClaimResult.ALREADY_COMPLETED,
+    PendingStatus.IN_PROGRESS: ClaimResult.IN_PROGRESS,
+    PendingStatus.FAILED: ClaimResult.FAILED,
+}
+
+
+def claim_refusal(pending: PendingAuthorization, now: datetime) -> ClaimResult | None:
+    """Why ``claim_pending`` cannot claim ``pending`` at ``now`` (None: it can), in the
+    order of precedence every store answers with: its status first, then its expiry."""
+    refusal = _CLAIM_REFUSALS.get(pending.status)
+    if refusal is None and pending.expires_at <= now:
+        return ClaimResult.EXPIRED
+    return refusal
+
+
 @dataclass
 class TokenGrant:
     """What a successful token exchange or refresh gave us, with absolute expiries."""
@@ -166,6 +183,11 @@ class ResealBatch:
     unreadable: list[str] = field(default_factory=list)
 
 
+# How long the event log keeps an event after the relay logged it, unless
+# EVENTS_RETENTION_DAYS says otherwise.
+DEFAULT_EVENTS_RETENTION_SECONDS = 7 * 86400
+
+
 class EventStatus(enum.StrEnum):
     """Where an account event is in its delivery (push)."""
 
@@ -231,6 +253,20 @@ def check_event(event: dict[str, Any]) -> None:
         raise ValueError("an account event's id and timestamp are strings")
 
 
+def build_event(
+    event_factory: EventFactory | None, after: Account, before: Account | None
+) -> dict[str, Any] | None:
+    """The event a change records: the factory's, for the account as the change leaves
+    it and as it was (None: the change creates it), checked as every recorded event is.
+    None: nothing to record."""
+    if event_factory is None:
+        return None
+    event = event_factory(after, before)
+    if event is not None:
+        check_event(event)
+    return event
+
+
 def event_time(event: dict[str, Any]) -> datetime:
     """An event's ``timestamp`` (ISO-8601, ``Z``) as a datetime."""
     return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
@@ -250,6 +286,15 @@ PROFILE_FIELDS = {
     "avatar_url": "avatar_url",
     "username": "username",
 }
+
+
+def profile_attributes(profile: dict[str, Any]) -> dict[str, Any]:
+    """The account attributes a TikTok profile sets (``PROFILE_FIELDS``) and their values."""
+    return {
+        attribute: profile[tiktok_field]
+        for tiktok_field, attribute in PROFILE_FIELDS.items()
+        if tiktok_field in profile
+    }
 
 
 # A new account's profile is due for the background filler this long after its tokens
@@ -713,3 +758,40 @@ def _free_at(
         if len(background_calls) >= background_limit:
             free_at = max(free_at, background_calls[-background_limit] + window)
     return free_at
+
+
+def epoch_ms(moment: datetime) -> int:
+    """``moment`` in whole milliseconds since the epoch, as MongoDB keeps dates."""
+    return round(moment.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class CallRule:
+    """An ``admit_call``'s rule as both stores judge it: times and window in whole
+    milliseconds (``epoch_ms``, ``window_ms``), so every comparison is exact."""
+
+    limit: int
+    window: int
+    background: bool
+    background_limit: int | None
+
+    def judge(
+        self,
+        calls: list[float],
+        background_calls: list[float],
+        now: float,
+        *,
+        admitted: bool | None = None,
+    ) -> CallAdmission:
+        """``judge_call`` on logs of epoch milliseconds; the answer is in seconds."""
+        return judge_call(
+            calls,
+            background_calls,
+            now,
+            limit=self.limit,
+            window_seconds=self.window,
+            background=self.background,
+            background_limit=self.background_limit,
+            admitted=admitted,
+            unit=0.001,
+        )

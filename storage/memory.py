@@ -16,13 +16,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from storage.base import (
-    PROFILE_FIELDS,
+    DEFAULT_EVENTS_RETENTION_SECONDS,
     PROFILE_FIRST_FILL_DELAY,
     TOKEN_USE_RESOLUTION,
     Account,
     AccountStatus,
     AccountTokens,
     CallAdmission,
+    CallRule,
     ClaimOutcome,
     ClaimResult,
     EventFactory,
@@ -35,19 +36,17 @@ from storage.base import (
     Store,
     StoredEvent,
     TokenGrant,
+    build_event,
     check_event,
     check_event_condition,
+    claim_refusal,
+    epoch_ms,
     event_time,
-    judge_call,
+    profile_attributes,
     window_ms,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.tokens import TOKEN_VERSION_FIELD, TokenSealer
-
-_CLAIM_REFUSALS = {
-    PendingStatus.IN_PROGRESS: ClaimResult.IN_PROGRESS,
-    PendingStatus.FAILED: ClaimResult.FAILED,
-}
 
 
 # Records go in and out as copies, so no caller shares the stored object. Only
@@ -72,14 +71,13 @@ def _copy_account(account: Account) -> Account:
 def _event_of(
     event_factory: EventFactory | None, after: Account, before: Account | None
 ) -> dict[str, Any] | None:
-    """The event a change records: the factory's, given copies of the account after and
-    before the change, and checked as every recorded event is."""
+    """``build_event`` on copies of the account after and before the change, and a copy
+    of the event it builds."""
     if event_factory is None:
-        return None
-    event = event_factory(_copy_account(after), _copy_account(before) if before else None)
-    if event is None:
-        return None
-    check_event(event)
+        return None  # nothing to copy
+    event = build_event(
+        event_factory, _copy_account(after), _copy_account(before) if before else None
+    )
     return copy.deepcopy(event)
 
 
@@ -96,9 +94,6 @@ class _ProfileFill:
     due_at: datetime
     holder: str | None = None
     failures: int = 0
-
-
-DEFAULT_EVENTS_RETENTION_SECONDS = 7 * 86400
 
 
 class MemoryStore(Store):
@@ -154,12 +149,9 @@ class MemoryStore(Store):
         pending = self._pending.get(jti)
         if pending is None:
             return ClaimOutcome(ClaimResult.UNKNOWN)
-        if pending.status is PendingStatus.COMPLETED:
-            return ClaimOutcome(ClaimResult.ALREADY_COMPLETED, _copy_pending(pending))
-        if pending.status in _CLAIM_REFUSALS:
-            return ClaimOutcome(_CLAIM_REFUSALS[pending.status], _copy_pending(pending))
-        if pending.expires_at <= now:
-            return ClaimOutcome(ClaimResult.EXPIRED, _copy_pending(pending))
+        refusal = claim_refusal(pending, now)
+        if refusal is not None:
+            return ClaimOutcome(refusal, _copy_pending(pending))
         pending.status = PendingStatus.IN_PROGRESS
         pending.callback_digest = callback_digest
         return ClaimOutcome(ClaimResult.CLAIMED, _copy_pending(pending))
@@ -258,9 +250,8 @@ class MemoryStore(Store):
         self, account_id: str, profile: dict[str, Any], *, now: datetime
     ) -> Account:
         account = self._accounts[account_id]
-        for tiktok_field, attribute in PROFILE_FIELDS.items():
-            if tiktok_field in profile:
-                setattr(account, attribute, profile[tiktok_field])
+        for attribute, value in profile_attributes(profile).items():
+            setattr(account, attribute, value)
         account.profile = dict(profile)
         account.profile_pending = False
         account.updated_at = now
@@ -550,19 +541,10 @@ class MemoryStore(Store):
     ) -> CallAdmission:
         if limit < 1:
             raise ValueError("limit must be at least 1")
+        rule = CallRule(limit, window_ms(window_seconds), background, background_limit)
         calls, background_calls = self._call_logs.setdefault(budget, ([], []))
         # No await in here: the decision and its record are one step on this loop.
-        # Whole milliseconds, as MongoDB keeps them: exact comparisons.
-        return judge_call(
-            calls,
-            background_calls,
-            round((now or datetime.now(UTC)).timestamp() * 1000),
-            limit=limit,
-            window_seconds=window_ms(window_seconds),
-            background=background,
-            background_limit=background_limit,
-            unit=0.001,
-        )
+        return rule.judge(calls, background_calls, epoch_ms(now or datetime.now(UTC)))
 
     # -- account events ---------------------------------------------------------------
     # No await between a read and its write here either, so each method is atomic.

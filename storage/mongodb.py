@@ -34,14 +34,15 @@ from pymongo.errors import (
 from core.errors import StoreSetupFailed, StoreUnavailable
 from storage.base import (
     CALL_BUDGETS,
+    DEFAULT_EVENTS_RETENTION_SECONDS,
     PLATFORM,
-    PROFILE_FIELDS,
     PROFILE_FIRST_FILL_DELAY,
     TOKEN_USE_RESOLUTION,
     Account,
     AccountStatus,
     AccountTokens,
     CallAdmission,
+    CallRule,
     ClaimOutcome,
     ClaimResult,
     EventFactory,
@@ -54,14 +55,23 @@ from storage.base import (
     Store,
     StoredEvent,
     TokenGrant,
+    build_event,
     check_event,
     check_event_condition,
+    claim_refusal,
+    epoch_ms,
     event_time,
-    judge_call,
+    profile_attributes,
     window_ms,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.tokens import TOKEN_VERSION_FIELD, TokenSealer
+
+
+def _ascending(*fields: str) -> list[tuple[str, int]]:
+    """An index key: ``fields`` in order, each ascending (every index here is)."""
+    return [(name, ASCENDING) for name in fields]
+
 
 ACCOUNTS_COLLECTION = "social_accounts"
 PENDING_COLLECTION = "oauth_states"
@@ -71,26 +81,17 @@ PLATFORM_ACCOUNT_INDEX = "platform_account_id"
 PENDING_TTL_INDEX = "expires_at_ttl"
 # accounts_due_for_refresh: the refresher's question every round.
 REFRESH_DUE_INDEX = "status_token_used_access_expiry"
-REFRESH_DUE_KEYS = [
-    ("status", ASCENDING),
-    ("tokenUsedAt", ASCENDING),
-    ("accessTokenExpiresAt", ASCENDING),
-]
+REFRESH_DUE_KEYS = _ascending("status", "tokenUsedAt", "accessTokenExpiresAt")
 # expire_refresh_tokens: connected accounts whose refresh token has expired.
 REFRESH_EXPIRY_INDEX = "status_refresh_expiry"
-REFRESH_EXPIRY_KEYS = [("status", ASCENDING), ("refreshTokenExpiresAt", ASCENDING)]
+REFRESH_EXPIRY_KEYS = _ascending("status", "refreshTokenExpiresAt")
 # record_expiry_notices: connected accounts without a notice whose refresh token expires soon.
 EXPIRY_NOTICE_INDEX = "status_notice_refresh_expiry"
-EXPIRY_NOTICE_KEYS = [
-    ("status", ASCENDING),
-    ("expiryNoticeFor", ASCENDING),
-    ("refreshTokenExpiresAt", ASCENDING),
-]
+EXPIRY_NOTICE_KEYS = _ascending("status", "expiryNoticeFor", "refreshTokenExpiresAt")
 
 # The filler's claim: equality on the first two keys, range and sort on the third.
 PROFILE_FILL_INDEX = "profile_fill_due"
-PROFILE_FILL_KEYS = [("profilePending", ASCENDING), ("status", ASCENDING),
-                     ("profileRetryAt", ASCENDING)]
+PROFILE_FILL_KEYS = _ascending("profilePending", "status", "profileRetryAt")
 
 
 @dataclass(frozen=True)
@@ -106,12 +107,12 @@ class IndexSpec:
 INDEXES: tuple[IndexSpec, ...] = (
     IndexSpec(
         ACCOUNTS_COLLECTION,
-        [("ownerId", ASCENDING), ("platform", ASCENDING), ("platformAccountId", ASCENDING)],
+        _ascending("ownerId", "platform", "platformAccountId"),
         ACCOUNT_KEY_INDEX,
         {"unique": True},
     ),
     # Webhooks name the account by open_id only.
-    IndexSpec(ACCOUNTS_COLLECTION, [("platformAccountId", ASCENDING)], PLATFORM_ACCOUNT_INDEX),
+    IndexSpec(ACCOUNTS_COLLECTION, _ascending("platformAccountId"), PLATFORM_ACCOUNT_INDEX),
     # Led by tokenUsedAt, so a keep-warm round reads only recently used accounts,
     # however many idle ones the collection holds.
     IndexSpec(ACCOUNTS_COLLECTION, REFRESH_DUE_KEYS, REFRESH_DUE_INDEX),
@@ -122,7 +123,7 @@ INDEXES: tuple[IndexSpec, ...] = (
     # Housekeeping only: claim_pending checks expiry itself, since the TTL
     # monitor deletes late (once a minute on mongod).
     IndexSpec(
-        PENDING_COLLECTION, [("expiresAt", ASCENDING)], PENDING_TTL_INDEX,
+        PENDING_COLLECTION, _ascending("expiresAt"), PENDING_TTL_INDEX,
         {"expireAfterSeconds": 0},
     ),
 )
@@ -153,7 +154,6 @@ EVENT_STATUS_SEQ_INDEX = "status_seq"
 EVENT_ACCOUNT_INDEX = "account_seq"
 EVENT_TTL_INDEX = "recorded_at_ttl"
 OUTBOX_INDEX = "outbox_id"
-DEFAULT_EVENTS_RETENTION_SECONDS = 7 * 86400
 # An index of that name exists with other options (a changed EVENTS_RETENTION_DAYS):
 # mongod answers 85, SecantusDB 86.
 _INDEX_OPTIONS_CONFLICT = (85, 86)
@@ -162,18 +162,11 @@ _DUE_PAGES = 3
 # The event log's and the outboxes' indexes (the TTL one depends on the retention:
 # MongoStore._event_ttl_index).
 EVENT_INDEXES: tuple[IndexSpec, ...] = (
-    IndexSpec(EVENTS_COLLECTION, [("seq", ASCENDING)], EVENT_SEQ_INDEX, {"unique": True}),
-    IndexSpec(
-        EVENTS_COLLECTION, [("status", ASCENDING), ("nextAttemptAt", ASCENDING)],
-        EVENT_DUE_INDEX,
-    ),
-    IndexSpec(
-        EVENTS_COLLECTION, [("status", ASCENDING), ("seq", ASCENDING)], EVENT_STATUS_SEQ_INDEX
-    ),
-    IndexSpec(
-        EVENTS_COLLECTION, [("accountId", ASCENDING), ("seq", ASCENDING)], EVENT_ACCOUNT_INDEX
-    ),
-    IndexSpec(ACCOUNTS_COLLECTION, [("outbox.id", ASCENDING)], OUTBOX_INDEX, {"sparse": True}),
+    IndexSpec(EVENTS_COLLECTION, _ascending("seq"), EVENT_SEQ_INDEX, {"unique": True}),
+    IndexSpec(EVENTS_COLLECTION, _ascending("status", "nextAttemptAt"), EVENT_DUE_INDEX),
+    IndexSpec(EVENTS_COLLECTION, _ascending("status", "seq"), EVENT_STATUS_SEQ_INDEX),
+    IndexSpec(EVENTS_COLLECTION, _ascending("accountId", "seq"), EVENT_ACCOUNT_INDEX),
+    IndexSpec(ACCOUNTS_COLLECTION, _ascending("outbox.id"), OUTBOX_INDEX, {"sparse": True}),
 )
 
 APP_NAME = "tiktok-gateway"
@@ -187,12 +180,6 @@ _PROFILE_DOCUMENT_FIELDS = {
     "display_name": "displayName",
     "avatar_url": "avatarUrl",
     "username": "username",
-}
-
-_CLAIM_REFUSALS = {
-    PendingStatus.COMPLETED: ClaimResult.ALREADY_COMPLETED,
-    PendingStatus.IN_PROGRESS: ClaimResult.IN_PROGRESS,
-    PendingStatus.FAILED: ClaimResult.FAILED,
 }
 
 # Reconnecting clears what a revocation, a refresh lease or a backoff left behind; the
@@ -323,13 +310,40 @@ def _generation_is(version: int) -> dict[str, Any]:
     return {TOKEN_VERSION_FIELD: {"$in": [None, 0]}}
 
 
-# "The lease has expired", judged by MongoDB's clock ($$NOW), never a gateway's: two
-# processes whose clocks disagree still agree on who holds it. Compared as numbers
-# (milliseconds since the epoch): SecantusDB 0.7.0b3 compares a stored date with
-# $$NOW wrongly (as equal, whatever they are), and on mongod the two forms agree.
-_LEASE_EXPIRED = {
-    "$expr": {"$lte": [{"$toLong": "$refreshLease.expiresAt"}, {"$toLong": "$$NOW"}]}
-}
+# Leases (refresh, relay, delivery) are judged by MongoDB's clock ($$NOW), never a
+# gateway's: two processes whose clocks disagree still agree on who holds one. Expiries
+# are compared as numbers (milliseconds since the epoch): SecantusDB 0.7.0b3 compares a
+# stored date with $$NOW wrongly (as equal, whatever they are), and on mongod the two
+# forms agree.
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _lease(holder: str, seconds: float) -> dict[str, Any]:
+    """A lease held by ``holder`` for ``seconds`` from $$NOW (in an update pipeline)."""
+    return {
+        "holder": {"$literal": holder},
+        "expiresAt": {"$add": ["$$NOW", _milliseconds(seconds)]},
+    }
+
+
+def _expired(path: str) -> dict[str, Any]:
+    """The lease expiry at ``path`` has passed."""
+    return {"$expr": {"$lte": [{"$toLong": f"${path}"}, {"$toLong": "$$NOW"}]}}
+
+
+def _lasting(path: str, seconds: float) -> dict[str, Any]:
+    """The lease at ``path`` lasts at least ``seconds`` more."""
+    return {
+        "$expr": {
+            "$gt": [
+                {"$toLong": f"${path}"},
+                {"$add": [{"$toLong": "$$NOW"}, _milliseconds(seconds)]},
+            ]
+        }
+    }
 
 
 def _object_id(account_id: str) -> ObjectId | None:
@@ -580,7 +594,7 @@ class MongoStore(Store):
     def _event_ttl_index(self) -> IndexSpec:
         """Account events are kept EVENTS_RETENTION_DAYS after the relay logged them."""
         return IndexSpec(
-            EVENTS_COLLECTION, [("recordedAt", ASCENDING)], EVENT_TTL_INDEX,
+            EVENTS_COLLECTION, _ascending("recordedAt"), EVENT_TTL_INDEX,
             {"expireAfterSeconds": self._events_retention_seconds},
         )
 
@@ -656,13 +670,9 @@ class MongoStore(Store):
         if doc is None:
             return ClaimOutcome(ClaimResult.UNKNOWN)
         pending = _pending_from_document(doc)
-        if pending.status in _CLAIM_REFUSALS:
-            return ClaimOutcome(_CLAIM_REFUSALS[pending.status], pending)
-        if pending.expires_at <= now:
-            return ClaimOutcome(ClaimResult.EXPIRED, pending)
-        # Still pending and live, yet the conditional update missed it: it was
-        # re-saved between our two reads. Someone else is working on it.
-        return ClaimOutcome(ClaimResult.IN_PROGRESS, pending)
+        # No refusal (still pending and live), yet the conditional update missed it: it
+        # was re-saved between our two reads. Someone else is working on it.
+        return ClaimOutcome(claim_refusal(pending, now) or ClaimResult.IN_PROGRESS, pending)
 
     @_mongo_errors
     async def finish_pending(
@@ -762,9 +772,8 @@ class MongoStore(Store):
             created = {name: _stored(value) for name, value in on_insert.items()}
             document = _applied({"_id": ObjectId(), **created}, change)
             account = _account_from_document(document)
-            event = event_factory(account, None)
+            event = build_event(event_factory, account, None)
             if event is not None:
-                check_event(event)
                 document["outbox"] = [event]
             try:
                 await self._accounts.insert_one(document)
@@ -785,10 +794,11 @@ class MongoStore(Store):
             if doc is None:
                 return None
             after = _applied(doc, update)
-            event = event_factory(_account_from_document(after), _account_from_document(doc))
+            event = build_event(
+                event_factory, _account_from_document(after), _account_from_document(doc)
+            )
             write = dict(update)
             if event is not None:
-                check_event(event)
                 write["$push"] = {"outbox": event}
             result = await self._accounts.update_one({"$and": [query, _unchanged(doc)]}, write)
             if result.matched_count:
@@ -815,10 +825,10 @@ class MongoStore(Store):
         object_id = _object_id(account_id)
         if object_id is None:
             raise KeyError(account_id)  # as MemoryStore does for an unknown id
-        fields: dict[str, Any] = {}
-        for tiktok_field, attribute in PROFILE_FIELDS.items():
-            if tiktok_field in profile:
-                fields[_PROFILE_DOCUMENT_FIELDS[attribute]] = profile[tiktok_field]
+        fields = {
+            _PROFILE_DOCUMENT_FIELDS[attribute]: value
+            for attribute, value in profile_attributes(profile).items()
+        }
         fields.update({"profile": dict(profile), "profilePending": False, "updatedAt": now})
         doc = await self._accounts.find_one_and_update(
             {"_id": object_id},
@@ -922,18 +932,12 @@ class MongoStore(Store):
             {
                 "_id": object_id,
                 "status": AccountStatus.CONNECTED.value,
-                "$or": [{"refreshLease": {"$exists": False}}, _LEASE_EXPIRED],
+                "$or": [
+                    {"refreshLease": {"$exists": False}},
+                    _expired("refreshLease.expiresAt"),
+                ],
             },
-            [
-                {
-                    "$set": {
-                        "refreshLease": {
-                            "holder": {"$literal": holder},
-                            "expiresAt": {"$add": ["$$NOW", max(1, round(seconds * 1000))]},
-                        }
-                    }
-                }
-            ],
+            [{"$set": {"refreshLease": _lease(holder, seconds)}}],
             projection={"_id": 1},
         )
         return claimed is not None
@@ -1218,25 +1222,19 @@ class MongoStore(Store):
         if limit < 1 or (background and not background_limit):
             raise ValueError("limit and background_limit must be at least 1")
         # BSON dates are milliseconds: so is the window, rounded up.
-        window = window_ms(window_seconds)
-        pipeline = _admission_pipeline(
-            now, limit, window, background_limit if background else None
-        )
+        rule = CallRule(limit, window_ms(window_seconds), background, background_limit)
+        pipeline = _admission_pipeline(now, rule)
         for _ in range(2):
             doc = await self._call_budgets.find_one_and_update(
                 {"_id": budget}, pipeline, return_document=ReturnDocument.AFTER
             )
             if doc is not None:
-                return judge_call(
-                    [_ms(t) for t in doc["calls"]],
-                    [_ms(t) for t in doc["background"]],
-                    _ms(doc["askedAt"]),
-                    limit=limit,
-                    window_seconds=window,
-                    background=background,
-                    background_limit=background_limit,
+                # The post-image holds the decision: the rule only describes it.
+                return rule.judge(
+                    [epoch_ms(t) for t in doc["calls"]],
+                    [epoch_ms(t) for t in doc["background"]],
+                    epoch_ms(doc["askedAt"]),
                     admitted=bool(doc["admitted"]),
-                    unit=0.001,
                 )
             # Not made yet (initialize has not run): make it, then ask again. Never an
             # upsert of the admission itself, whose answer may be lost in a race.
@@ -1288,8 +1286,7 @@ class MongoStore(Store):
                 [
                     {
                         "$set": {
-                            "holder": {"$literal": holder},
-                            "expiresAt": {"$add": ["$$NOW", _milliseconds(seconds)]},
+                            **_lease(holder, seconds),
                             "seq": {"$ifNull": ["$seq", 0]},
                         }
                     }
@@ -1421,10 +1418,7 @@ class MongoStore(Store):
             [
                 {
                     "$set": {
-                        "lease": {
-                            "holder": {"$literal": holder},
-                            "expiresAt": {"$add": ["$$NOW", _milliseconds(seconds)]},
-                        },
+                        "lease": _lease(holder, seconds),
                         "firstAttemptAt": {"$ifNull": ["$firstAttemptAt", now]},
                     }
                 }
@@ -1528,28 +1522,6 @@ _ACCOUNT_DOCUMENT_FIELDS = {
 }
 
 
-def _milliseconds(seconds: float) -> int:
-    return max(1, round(seconds * 1000))
-
-
-# Lease expiries on MongoDB's clock, compared as numbers like _LEASE_EXPIRED (SecantusDB
-# compares a stored date with $$NOW wrongly).
-def _expired(path: str) -> dict[str, Any]:
-    return {"$expr": {"$lte": [{"$toLong": f"${path}"}, {"$toLong": "$$NOW"}]}}
-
-
-def _lasting(path: str, seconds: float) -> dict[str, Any]:
-    """The lease at ``path`` lasts at least ``seconds`` more."""
-    return {
-        "$expr": {
-            "$gt": [
-                {"$toLong": f"${path}"},
-                {"$add": [{"$toLong": "$$NOW"}, _milliseconds(seconds)]},
-            ]
-        }
-    }
-
-
 def _claimable(now: datetime) -> dict[str, Any]:
     """Pending, due at ``now``, and in flight nowhere (no lease, or an expired one)."""
     return {
@@ -1586,14 +1558,8 @@ def _event_from_document(doc: dict[str, Any]) -> StoredEvent:
 CALL_BUDGETS_COLLECTION = "tiktok_call_budgets"
 
 
-def _ms(moment: datetime) -> int:
-    return round(moment.timestamp() * 1000)
-
-
-def _admission_pipeline(
-    now: datetime | None, limit: int, window: int, background_limit: int | None
-) -> list[dict[str, Any]]:
-    """The update that admits a call if its logs have room, and records it.
+def _admission_pipeline(now: datetime | None, rule: CallRule) -> list[dict[str, Any]]:
+    """The update that admits a call if its logs have room under ``rule``, and records it.
 
     ``$$NOW`` goes through ``$toLong``/``$toDate`` (milliseconds either way, an identity
     on mongod): SecantusDB holds ``$$NOW`` with microseconds and a time zone, and
@@ -1606,7 +1572,7 @@ def _admission_pipeline(
             "$or": [
                 {"$lt": [{"$size": log}, most]},
                 {"$lte": [{"$arrayElemAt": [log, -most]},
-                          {"$subtract": ["$askedAt", window]}]},
+                          {"$subtract": ["$askedAt", rule.window]}]},
             ]
         }
 
@@ -1614,11 +1580,11 @@ def _admission_pipeline(
         pushed = {"$slice": [{"$concatArrays": [log, ["$askedAt"]]}, -most]}
         return {"$cond": ["$admitted", pushed, log]}
 
-    checks = [room("$calls", limit)]
-    updates = {"calls": record("$calls", limit)}
-    if background_limit is not None:
-        checks.append(room("$background", background_limit))
-        updates["background"] = record("$background", background_limit)
+    checks = [room("$calls", rule.limit)]
+    updates = {"calls": record("$calls", rule.limit)}
+    if rule.background and rule.background_limit is not None:
+        checks.append(room("$background", rule.background_limit))
+        updates["background"] = record("$background", rule.background_limit)
     return [
         {
             "$set": {

@@ -19,15 +19,18 @@ import pytest
 from bson import ObjectId
 from pymongo.errors import DuplicateKeyError
 
+from bench.mongo_scale import plan_stages
 from core.errors import StoreUnavailable
 from storage.base import (
     TOKEN_USE_RESOLUTION,
+    Account,
     AccountStatus,
     ClaimResult,
     PendingAuthorization,
     PendingFailure,
     PendingStatus,
     Store,
+    TokenGrant,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.mongodb import (
@@ -72,6 +75,18 @@ async def saved_pending(
     async with make_store() as store:
         await store.save_pending(pending)
         yield store, pending, now
+
+
+@contextlib.asynccontextmanager
+async def saved_account(
+    make_store: StoreFactory, owner: str
+) -> AsyncIterator[tuple[Any, Account, TokenGrant, datetime]]:
+    """A store holding ``owner``'s account, connected ``now`` with ``grant``."""
+    now = utc_now()
+    grant = fake_grant(now=now)
+    async with make_store() as store:
+        account = await store.save_account_tokens(owner, grant, now=now)
+        yield store, account, grant, now
 
 
 @pytest.fixture
@@ -230,10 +245,7 @@ async def test_reconnecting_updates_the_same_account(make_store):
 
 @gen_test
 async def test_same_open_id_for_two_owners_is_two_accounts(make_store):
-    now = utc_now()
-    grant = fake_grant(now=now)
-    async with make_store() as store:
-        mine = await store.save_account_tokens("owner-a", grant, now=now)
+    async with saved_account(make_store, "owner-a") as (store, mine, grant, now):
         theirs = await store.save_account_tokens("owner-b", grant, now=now)
         listed_a = await store.list_accounts("owner-a")
         listed_b = await store.list_accounts("owner-b")
@@ -315,10 +327,7 @@ async def test_list_accounts_in_creation_order(make_store):
 
 @gen_test
 async def test_tokens_round_trip_and_unknown_ids(make_store):
-    now = utc_now()
-    grant = fake_grant(now=now)
-    async with make_store() as store:
-        account = await store.save_account_tokens("owner-t", grant, now=now)
+    async with saved_account(make_store, "owner-t") as (store, account, grant, now):
         tokens = await store.get_account_tokens(account.id)
         fetched = await store.get_account(account.id)
         assert await store.get_account(str(ObjectId())) is None
@@ -446,16 +455,6 @@ async def test_expired_refresh_tokens_need_reauthorization(make_store):
         assert await store.accounts_due_for_refresh(later + timedelta(days=1), limit=10) == []
 
 
-def plan_stages(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every stage of an explain's winning plan, outermost first."""
-    stages: list[dict[str, Any]] = []
-    stage: dict[str, Any] | None = plan
-    while stage:
-        stages.append(stage)
-        stage = stage.get("inputStage")
-    return stages
-
-
 @gen_test
 async def test_refresh_queries_are_served_by_their_indexes(make_mongo_store):
     now = utc_now()
@@ -496,10 +495,7 @@ async def test_refresh_queries_are_served_by_their_indexes(make_mongo_store):
 
 @gen_test
 async def test_raw_documents_hold_ciphertext_only(make_mongo_store):
-    now = utc_now()
-    grant = fake_grant(now=now)
-    async with make_mongo_store() as store:
-        account = await store.save_account_tokens("owner-raw", grant, now=now)
+    async with saved_account(make_mongo_store, "owner-raw") as (store, account, grant, now):
         doc = await store.database["social_accounts"].find_one({"_id": ObjectId(account.id)})
     assert doc is not None
     assert grant.access_token not in repr(doc)
@@ -524,11 +520,8 @@ async def test_raw_documents_hold_ciphertext_only(make_mongo_store):
 
 @gen_test
 async def test_tampered_ciphertext_is_refused(make_mongo_store):
-    now = utc_now()
-    grant = fake_grant(now=now)
-    async with make_mongo_store() as store:
+    async with saved_account(make_mongo_store, "owner-tamper") as (store, account, _, _):
         accounts = store.database["social_accounts"]
-        account = await store.save_account_tokens("owner-tamper", grant, now=now)
         doc = await accounts.find_one({"_id": ObjectId(account.id)})
         ciphertext = doc["accessToken"]
         flipped = ciphertext[:-2] + ("A" if ciphertext[-2] != "A" else "B") + ciphertext[-1]
@@ -546,11 +539,8 @@ async def test_tampered_ciphertext_is_refused(make_mongo_store):
 
 @gen_test
 async def test_pending_document_shape_and_verifier_removal(make_mongo_store):
-    now = utc_now()
-    pending = fake_pending(now=now)
-    async with make_mongo_store() as store:
+    async with saved_pending(make_mongo_store) as (store, pending, now):
         states = store.database["oauth_states"]
-        await store.save_pending(pending)
         saved = await states.find_one({"_id": pending.jti})
         await store.claim_pending(pending.jti, callback_digest="digest", now=now)
         await store.finish_pending(

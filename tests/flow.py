@@ -31,13 +31,14 @@ from tests.support import (
 SANDBOX_PKCE = {"hex": "hex", "s256": "s256", "off": "optional"}
 
 
+def sandbox_clients() -> list[SandboxClient]:
+    """The gateway's TikTok app as the sandbox registers it."""
+    return [SandboxClient(client_key=CLIENT_KEY, client_secret=CLIENT_SECRET,
+                          redirect_uris=[REDIRECT_URI])]
+
+
 def make_sandbox(pkce: str = "hex", **kwargs: Any) -> Sandbox:
-    return Sandbox(
-        [SandboxClient(client_key=CLIENT_KEY, client_secret=CLIENT_SECRET,
-                       redirect_uris=[REDIRECT_URI])],
-        pkce=pkce,
-        **kwargs,
-    )
+    return Sandbox(sandbox_clients(), pkce=pkce, **kwargs)
 
 
 @contextlib.contextmanager

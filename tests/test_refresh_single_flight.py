@@ -26,7 +26,7 @@ from storage.crypto import TokenCipher
 from storage.mongodb import APP_NAME
 from tests.fixtures_mongo import mongo_failpoint, open_mongo_store
 from tests.flow import consent, follow, live_sandbox, location, record_refreshes, start
-from tests.processes import GatewayProcess, gateway_settings, poll_until
+from tests.processes import GatewayProcess, gateway_settings, poll_until, started_gateway
 from tests.support import TOKEN_KEY, assert_envelope, bearer
 
 REQUESTS = 50
@@ -209,8 +209,7 @@ async def test_sigterm_stores_a_grant_whose_save_failed_before_the_gateway_exits
 ):
     settings = requests_only_settings(mongo_server.uri, mongo_database_name, sandbox.url,
                                       SHUTDOWN_TIMEOUT_SECONDS="20")
-    with GatewayProcess(tmp_path / "gateway.log", **settings) as gateway:
-        await gateway.wait_ready(wide_client)
+    async with started_gateway(wide_client, tmp_path / "gateway.log", **settings) as gateway:
         account_id = await connect_through(wide_client, gateway)
         original = await stored_tokens(mongo_server.uri, mongo_database_name, account_id)
         seen = record_refreshes(sandbox)

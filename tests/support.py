@@ -31,6 +31,14 @@ CLIENT_SECRET = "test-client-secret-" + secrets.token_hex(8)
 STATE_SECRET = "test-state-secret-" + secrets.token_hex(24)
 AUTH_SECRET = "test-auth-secret-" + secrets.token_hex(24)
 TOKEN_KEY = "test:" + base64.b64encode(os.urandom(32)).decode()
+# The gateway's own secrets, by what they are (the token key without its key id): what
+# no log, answer or record may ever show.
+CONFIGURED_SECRETS = {
+    "client secret": CLIENT_SECRET,
+    "state secret": STATE_SECRET,
+    "product auth secret": AUTH_SECRET,
+    "token encryption key": TOKEN_KEY.split(":", 1)[1],
+}
 PRODUCT_ORIGIN = "https://app.example.com"
 PRODUCT_REDIRECT = PRODUCT_ORIGIN + "/settings/connections?tab=social"
 # Where the callback sends the browser once an account is connected.

@@ -76,8 +76,9 @@ def bearer(sub: str = "user-123", **claims: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {product_token(sub, **claims)}"}
 
 
-def forged_state(key: str = STATE_SECRET, algorithm: str = "HS256", **overrides: Any) -> str:
-    """A state JWT as the gateway would mint one (claims overridable; None drops one)."""
+def state_claims(**overrides: Any) -> dict[str, Any]:
+    """A state JWT's claims as the gateway mints them, valid for ten minutes from now
+    (``overrides`` replace claims; None drops one)."""
     now = int(time.time())
     claims = {
         "iss": STATE_ISSUER,
@@ -89,8 +90,13 @@ def forged_state(key: str = STATE_SECRET, algorithm: str = "HS256", **overrides:
         "redirect_uri": PRODUCT_REDIRECT,
     }
     claims.update(overrides)
-    claims = {k: v for k, v in claims.items() if v is not None}
-    return jwt.encode(claims, key, algorithm=algorithm, headers={"typ": STATE_TYP})
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def forged_state(key: str = STATE_SECRET, algorithm: str = "HS256", **overrides: Any) -> str:
+    """A state JWT as the gateway would mint one (claims overridable; None drops one)."""
+    return jwt.encode(state_claims(**overrides), key, algorithm=algorithm,
+                      headers={"typ": STATE_TYP})
 
 
 def jti_of(state: str) -> str:

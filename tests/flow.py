@@ -14,6 +14,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.ioloop import IOLoop
 
 from sandbox import Sandbox, SandboxClient
+from services.product_auth import TOKENS_SCOPE
 from services.tiktok import TikTokClient
 from storage.base import TokenGrant
 from tests.support import (
@@ -150,6 +151,37 @@ async def consent(
     callback_url = response.headers["Location"]
     assert callback_url.startswith(REDIRECT_URI + "?"), callback_url
     return gateway_url + "/oauth/tiktok/callback" + callback_url[len(REDIRECT_URI):]
+
+
+async def api_call(
+    client: AsyncHTTPClient, gateway_url: str, method: str, path: str,
+    headers: dict[str, str] | None = None,
+) -> HTTPResponse:
+    """``method path`` as the product backend calls the gateway's API; any answer. A POST
+    carries an empty body; methods the routes do not allow are sent as they are."""
+    return await client.fetch(
+        gateway_url + path,
+        method=method,
+        headers=headers or {},
+        body=b"" if method == "POST" else None,
+        allow_nonstandard_methods=True,
+        raise_error=False,
+    )
+
+
+async def token_request(
+    client: AsyncHTTPClient, gateway_url: str, account_id: str,
+    headers: dict[str, str] | None = None,
+) -> HTTPResponse:
+    """``POST /accounts/{id}/access-token`` (``headers`` default: the owner's bearer with
+    the tokens scope); any answer."""
+    return await api_call(client, gateway_url, "POST", f"/accounts/{account_id}/access-token",
+                          headers or bearer(scope=TOKENS_SCOPE))
+
+
+async def disconnect(client: AsyncHTTPClient, gateway_url: str, account_id: str) -> HTTPResponse:
+    """``DELETE /accounts/{id}`` by its owner; any answer."""
+    return await api_call(client, gateway_url, "DELETE", f"/accounts/{account_id}", bearer())
 
 
 async def follow(client: AsyncHTTPClient, url: str) -> HTTPResponse:

@@ -210,6 +210,19 @@ async def connect(
     return started
 
 
+async def consented(
+    client: AsyncHTTPClient,
+    gateway_url: str,
+    owner: str = "user-123",
+    scopes: list[str] | None = None,
+    **knobs: str,
+) -> str:
+    """An authorization started for ``owner`` and consented to at the sandbox (``knobs``:
+    see ``consent``): the callback URL TikTok sends the browser to, not yet followed."""
+    started = await start(client, gateway_url, owner=owner, scopes=scopes)
+    return await consent(client, gateway_url, started["authorizationUrl"], **knobs)
+
+
 async def fetch_with_request_id(
     client: AsyncHTTPClient, url: str, request_id: str, *, method: str = "GET",
     body: Any = None, headers: dict[str, str] | None = None,

@@ -39,17 +39,17 @@ from storage.mongodb import (
     MongoStore,
     expiry_notice_query,
 )
+from tests import flow
 from tests.fixtures_mongo import mongo_failpoint, open_mongo_store
-from tests.flow import consent, follow, location, sandbox_settings, start
+from tests.flow import sandbox_settings
 from tests.processes import poll_until
 from tests.receiver import Receiver
-from tests.support import PRODUCT_REDIRECT, assert_envelope, bearer, make_config
+from tests.support import assert_envelope, bearer, make_config
 from tests.test_events_delivery import EVENTS_BEARER, SECRET, WAIT, serving
 from tests.test_events_delivery import Running as DeliveryRunning
 from tests.test_store import plan_stages
 
 OWNER = "user-123"
-CONNECTED_REDIRECT = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 # Every access token is due: the access-token endpoint always asks TikTok.
 ALWAYS_DUE = "90000"
 ACCOUNT_KEYS = {
@@ -70,9 +70,7 @@ class Running(DeliveryRunning):
 
     async def connect(self) -> dict[str, Any]:
         """The sandbox's user through the whole flow; the account as GET /accounts shows it."""
-        started = await start(self.client, self.url, owner=OWNER)
-        callback_url = await consent(self.client, self.url, started["authorizationUrl"])
-        assert location(await follow(self.client, callback_url)) == CONNECTED_REDIRECT
+        await flow.connect(self.client, self.url, owner=OWNER)
         [account] = json.loads((await self.call("GET", "/accounts", bearer(OWNER))).body)[
             "accounts"]
         return dict(account)

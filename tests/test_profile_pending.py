@@ -29,13 +29,12 @@ from storage.base import PROFILE_FIRST_FILL_DELAY, Store
 from storage.mongodb import PROFILE_FILL_INDEX
 from tests.fixtures_mongo import open_mongo_store
 from tests.flow import (
-    consent,
+    consented,
     follow,
     live_sandbox,
     location,
     sandbox_clients,
     sandbox_settings,
-    start,
 )
 from tests.processes import gateway_settings, poll_until, started_gateway
 from tests.support import CONNECTED, assert_envelope, bearer, make_config
@@ -84,8 +83,7 @@ def filler_of(app: tornado.web.Application, **kwargs: Any) -> ProfileFiller:
 
 
 async def callback_url(http_client: AsyncHTTPClient, base_url: str, owner: str = OWNER) -> str:
-    started = await start(http_client, base_url, owner=owner, scopes=SCOPES)
-    return await consent(http_client, base_url, started["authorizationUrl"])
+    return await consented(http_client, base_url, owner=owner, scopes=SCOPES)
 
 
 async def accounts_of(

@@ -25,7 +25,7 @@ from storage.base import AccountTokens
 from storage.crypto import TokenCipher
 from storage.mongodb import APP_NAME
 from tests.fixtures_mongo import mongo_failpoint, open_mongo_store
-from tests.flow import consent, follow, live_sandbox, location, record_refreshes, start
+from tests.flow import consented, follow, live_sandbox, location, record_refreshes
 from tests.processes import GatewayProcess, gateway_settings, poll_until, started_gateway
 from tests.support import TOKEN_KEY, assert_envelope, bearer
 
@@ -87,8 +87,7 @@ async def test_concurrent_token_requests_over_two_processes_refresh_once(
         )
 
         # Connect through gateway A; gateway B knows the account only through MongoDB.
-        started = await start(wide_client, gateway_a.url)
-        callback_url = await consent(wide_client, gateway_a.url, started["authorizationUrl"])
+        callback_url = await consented(wide_client, gateway_a.url)
         assert location(await follow(wide_client, callback_url)).endswith("status=connected")
         listed = await wide_client.fetch(gateway_b.url + "/accounts", headers=bearer())
         [account] = json.loads(listed.body)["accounts"]
@@ -147,8 +146,7 @@ def token_request(client: AsyncHTTPClient, gateway: GatewayProcess, account_id: 
 
 
 async def connect_through(client: AsyncHTTPClient, gateway: GatewayProcess) -> str:
-    started = await start(client, gateway.url)
-    callback_url = await consent(client, gateway.url, started["authorizationUrl"])
+    callback_url = await consented(client, gateway.url)
     assert location(await follow(client, callback_url)).endswith("status=connected")
     listed = await client.fetch(gateway.url + "/accounts", headers=bearer())
     [account] = json.loads(listed.body)["accounts"]

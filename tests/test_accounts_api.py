@@ -113,6 +113,23 @@ async def stored_tokens(app, account_id: str) -> AccountTokens | None:
     return await store_of(app).get_account_tokens(account_id)
 
 
+async def assert_wiped(app, account_id: str, *, revoked_at_tiktok: bool) -> None:
+    """Disconnected: its tokens gone from the store, the account kept as revoked (at
+    TikTok too, or not)."""
+    assert await stored_tokens(app, account_id) is None
+    stored = await store_of(app).get_account(account_id)
+    assert stored is not None and stored.status is AccountStatus.REVOKED
+    assert stored.revoked_at_tiktok is revoked_at_tiktok
+
+
+async def connect_with_tokens(http_client, base_url, app) -> tuple[dict[str, Any], AccountTokens]:
+    """``connect``, and the account's tokens as the store holds them now."""
+    account = await connect(http_client, base_url)
+    tokens = await stored_tokens(app, account["id"])
+    assert tokens is not None
+    return account, tokens
+
+
 async def user_info_status(http_client, sandbox, access_token: str) -> int:
     """What TikTok (the sandbox) thinks of an access token."""
     response = await http_client.fetch(
@@ -165,8 +182,7 @@ def assert_same_envelope(first, second) -> None:
 async def test_list_and_get_describe_the_account_and_never_a_token(
     http_client, base_url, app, sandbox
 ):
-    account = await connect(http_client, base_url)
-    tokens = await stored_tokens(app, account["id"])
+    account, tokens = await connect_with_tokens(http_client, base_url, app)
     user = sandbox.users[0]
 
     assert set(account) == ACCOUNT_KEYS
@@ -333,8 +349,7 @@ async def test_wrong_methods_get_the_405_envelope(http_client, base_url, app):
 async def test_a_fresh_token_is_handed_out_without_refreshing(
     http_client, base_url, app, sandbox
 ):
-    account = await connect(http_client, base_url)
-    before = await stored_tokens(app, account["id"])
+    account, before = await connect_with_tokens(http_client, base_url, app)
     for _ in range(3):
         response = await token_request(http_client, base_url, account["id"])
         assert response.code == 200, response.body
@@ -356,8 +371,7 @@ async def test_a_fresh_token_is_handed_out_without_refreshing(
 async def test_a_due_token_is_refreshed_and_the_rotated_refresh_token_stored(
     http_client, base_url, app, sandbox
 ):
-    account = await connect(http_client, base_url)
-    before = await stored_tokens(app, account["id"])
+    account, before = await connect_with_tokens(http_client, base_url, app)
     response = await token_request(http_client, base_url, account["id"])
     assert response.code == 200, response.body
     body = json.loads(response.body)
@@ -393,8 +407,7 @@ async def test_concurrent_requests_share_one_refresh_even_when_every_token_is_du
     http_client, base_url, app, sandbox
 ):
     """Requests waiting on another's refresh take its new token, though it is "due" too."""
-    account = await connect(http_client, base_url)
-    before = await stored_tokens(app, account["id"])
+    account, before = await connect_with_tokens(http_client, base_url, app)
     # A slow (but successful) TikTok, so every request arrives while the refresh runs.
     sandbox.add_fault("token", status=200, delay=0.3)
     client = AsyncHTTPClient(force_instance=True, max_clients=20)
@@ -458,8 +471,7 @@ async def test_a_refused_refresh_token_needs_reauthorization(http_client, base_u
 async def test_tiktok_unavailable_is_503_and_leaves_the_tokens_alone(
     http_client, base_url, app, sandbox, fault, retry_after
 ):
-    account = await connect(http_client, base_url)
-    before = await stored_tokens(app, account["id"])
+    account, before = await connect_with_tokens(http_client, base_url, app)
     stored_before = await store_of(app).get_account(account["id"])
     sandbox.add_fault("token", **fault)
     response = await token_request(http_client, base_url, account["id"])
@@ -485,16 +497,14 @@ async def test_tiktok_unavailable_is_503_and_leaves_the_tokens_alone(
 async def test_disconnect_revokes_at_tiktok_wipes_and_is_idempotent(
     http_client, base_url, app, sandbox
 ):
-    account = await connect(http_client, base_url)
-    tokens = await stored_tokens(app, account["id"])
+    account, tokens = await connect_with_tokens(http_client, base_url, app)
     response = await disconnect(http_client, base_url, account["id"])
     assert response.code == 200, response.body
     assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": True}
     assert sandbox.stats["revoke"] == 1
     # Dead at TikTok, gone from the store.
     assert await user_info_status(http_client, sandbox, tokens.access_token) == 401
-    assert await stored_tokens(app, account["id"]) is None
-    assert (await store_of(app).get_account(account["id"])).status is AccountStatus.REVOKED
+    await assert_wiped(app, account["id"], revoked_at_tiktok=True)
 
     again = await disconnect(http_client, base_url, account["id"])
     assert (again.code, json.loads(again.body)) == (200, json.loads(response.body))
@@ -517,16 +527,13 @@ async def test_disconnect_revokes_at_tiktok_wipes_and_is_idempotent(
 async def test_disconnect_when_tiktok_cannot_revoke_still_wipes(
     http_client, base_url, app, sandbox
 ):
-    account = await connect(http_client, base_url)
-    tokens = await stored_tokens(app, account["id"])
+    account, tokens = await connect_with_tokens(http_client, base_url, app)
     sandbox.add_fault("revoke", status=500, count=3)
     response = await disconnect(http_client, base_url, account["id"])
     assert response.code == 200, response.body
     assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": False}
     assert sandbox.stats["revoke"] == 3  # bounded retries
-    assert await stored_tokens(app, account["id"]) is None
-    stored = await store_of(app).get_account(account["id"])
-    assert stored.status is AccountStatus.REVOKED and stored.revoked_at_tiktok is False
+    await assert_wiped(app, account["id"], revoked_at_tiktok=False)
     # TikTok never heard of it: the token still works there, but we forgot it.
     assert await user_info_status(http_client, sandbox, tokens.access_token) == 200
 
@@ -542,7 +549,7 @@ async def test_disconnect_when_tiktok_refuses_does_not_retry(http_client, base_u
     response = await disconnect(http_client, base_url, account["id"])
     assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": False}
     assert sandbox.stats["revoke"] == 1
-    assert await stored_tokens(app, account["id"]) is None
+    await assert_wiped(app, account["id"], revoked_at_tiktok=False)
 
 
 # -- expiries and disconnecting, on every store ----------------------------------------
@@ -620,9 +627,7 @@ class TestOnEveryStore:
         for token in (rotated["refresh_token"], old.refresh_token):
             refused = await refresh_at_sandbox(http_client, sandbox, token)
             assert refused["error"] == "invalid_grant"
-        assert await stored_tokens(app, account["id"]) is None
-        stored = await store_of(app).get_account(account["id"])
-        assert stored.status is AccountStatus.REVOKED and stored.revoked_at_tiktok is True
+        await assert_wiped(app, account["id"], revoked_at_tiktok=True)
 
     @gen_test
     async def test_when_the_refresh_fails_the_old_token_is_still_revoked(
@@ -638,7 +643,7 @@ class TestOnEveryStore:
         assert (await refresh_at_sandbox(http_client, sandbox, old.refresh_token))["error"] == (
             "invalid_grant"
         )
-        assert await stored_tokens(app, account["id"]) is None
+        await assert_wiped(app, account["id"], revoked_at_tiktok=True)
 
     @gen_test
     async def test_an_empty_revoke_answer_is_success(self, http_client, base_url, app, sandbox):
@@ -649,7 +654,7 @@ class TestOnEveryStore:
         assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": True}
         assert (sandbox.stats["revoke"], sandbox.stats["token_refresh"]) == (1, 0)
         assert await user_info_status(http_client, sandbox, tokens.access_token) == 401
-        assert (await store_of(app).get_account(account["id"])).revoked_at_tiktok is True
+        await assert_wiped(app, account["id"], revoked_at_tiktok=True)
 
     @gen_test
     async def test_disconnect_with_a_dead_refresh_token_wipes_without_revoking(
@@ -662,9 +667,7 @@ class TestOnEveryStore:
         assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": False}
         # TikTok refused the refresh (invalid_grant): nothing was left to revoke with.
         assert (sandbox.stats["token_refresh"], sandbox.stats["revoke"]) == (1, 0)
-        assert await stored_tokens(app, account["id"]) is None
-        stored = await store_of(app).get_account(account["id"])
-        assert stored.status is AccountStatus.REVOKED and stored.revoked_at_tiktok is False
+        await assert_wiped(app, account["id"], revoked_at_tiktok=False)
 
     @gen_test
     async def test_a_token_handed_out_keeps_the_account_warm(

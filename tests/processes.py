@@ -3,9 +3,9 @@ tests, and the demo (``scripts/demo.py``, what ``make demo`` runs).
 
 ``GatewayProcess`` starts ``server.py`` with a test environment on a free loopback
 port, writes its output to a log file (quoted when something goes wrong) and stops
-it with SIGTERM, as a process manager would. ``poll_until`` is the one bounded wait
-these tests use. ``demo_process`` starts the demo on free ports; ``until_ready``
-reads what it prints until it is ready.
+it with SIGTERM, as a process manager would; ``started_gateway`` also waits until it
+answers. ``poll_until`` is the one bounded wait these tests use. ``demo_process``
+starts the demo on free ports; ``until_ready`` reads what it prints until it is ready.
 """
 
 from __future__ import annotations

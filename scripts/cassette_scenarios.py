@@ -5,7 +5,8 @@ tests replay them (``tests/cassettes.py``); both import this module, so they
 cannot drift apart: the scenarios, the fake code each one's callback carries,
 the client key and redirect URI every recording is rewritten to, the filtered
 form fields and their placeholders, the fake tokens that stand in for real ones
-in recorded responses, and the VCR that matches requests.
+in recorded responses, and the VCR that matches requests; and ``serving``, the
+one way both put an app on a real loopback socket.
 
 It lives beside the recorder, not in ``tests/``: a script must not depend on the
 test suite, while the tests may import ``scripts`` (as they do for the other
@@ -18,12 +19,17 @@ of reaching the network), requests match on method + URI + form body.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+import tornado.netutil
+import tornado.web
 import vcr
+from tornado.httpserver import HTTPServer
 from vcr.request import Request
 from vcr.util import read_body
 
@@ -220,3 +226,16 @@ def tiktok_vcr(**overrides: Any) -> vcr.VCR:
     configured = vcr.VCR(**options)
     configured.register_matcher("tiktok_body", tiktok_body)
     return configured
+
+
+@contextlib.asynccontextmanager
+async def serving(app: tornado.web.Application) -> AsyncIterator[str]:
+    """``app`` on a free loopback port, yielding its base URL; stopped on the way out."""
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server = HTTPServer(app)
+    server.add_sockets(sockets)
+    try:
+        yield f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
+    finally:
+        server.stop()
+        await server.close_all_connections()

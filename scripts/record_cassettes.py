@@ -51,7 +51,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,9 +62,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import jwt  # noqa: E402
-import tornado.netutil  # noqa: E402
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse  # noqa: E402
-from tornado.httpserver import HTTPServer  # noqa: E402
 from tornado.httputil import url_concat  # noqa: E402
 from vcr.request import Request  # noqa: E402
 from vcr.serialize import serialize  # noqa: E402
@@ -92,6 +90,7 @@ from scripts.cassette_scenarios import (  # noqa: E402
     cassette_path,
     fake_code,
     is_form,
+    serving,
     tiktok_vcr,
 )
 from server import make_app  # noqa: E402
@@ -353,20 +352,12 @@ def bearer(**claims: Any) -> dict[str, str]:
 # -- driving the gateway like a browser ---------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def running_gateway(
+def running_gateway(
     config: Config, store: MemoryStore | None = None
-) -> AsyncIterator[str]:
+) -> contextlib.AbstractAsyncContextManager[str]:
     """The gateway on a free loopback port, yielding its base URL."""
-    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
     # The in-memory store, chosen explicitly (make_app would warn about it).
-    server = HTTPServer(make_app(config, store=store or MemoryStore(config.cipher())))
-    server.add_sockets(sockets)
-    try:
-        yield f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
-    finally:
-        server.stop()
-        await server.close_all_connections()
+    return serving(make_app(config, store=store or MemoryStore(config.cipher())))
 
 
 async def start_authorization(gateway_url: str, scopes: Iterable[str]) -> dict[str, Any]:

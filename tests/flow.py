@@ -14,6 +14,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.ioloop import IOLoop
 
 from sandbox import Sandbox, SandboxClient
+from services.product_auth import TOKENS_SCOPE
 from services.tiktok import TikTokClient
 from storage.base import TokenGrant
 from tests.support import (
@@ -31,13 +32,14 @@ from tests.support import (
 SANDBOX_PKCE = {"hex": "hex", "s256": "s256", "off": "optional"}
 
 
+def sandbox_clients() -> list[SandboxClient]:
+    """The gateway's TikTok app as the sandbox registers it."""
+    return [SandboxClient(client_key=CLIENT_KEY, client_secret=CLIENT_SECRET,
+                          redirect_uris=[REDIRECT_URI])]
+
+
 def make_sandbox(pkce: str = "hex", **kwargs: Any) -> Sandbox:
-    return Sandbox(
-        [SandboxClient(client_key=CLIENT_KEY, client_secret=CLIENT_SECRET,
-                       redirect_uris=[REDIRECT_URI])],
-        pkce=pkce,
-        **kwargs,
-    )
+    return Sandbox(sandbox_clients(), pkce=pkce, **kwargs)
 
 
 @contextlib.contextmanager
@@ -151,6 +153,37 @@ async def consent(
     return gateway_url + "/oauth/tiktok/callback" + callback_url[len(REDIRECT_URI):]
 
 
+async def api_call(
+    client: AsyncHTTPClient, gateway_url: str, method: str, path: str,
+    headers: dict[str, str] | None = None,
+) -> HTTPResponse:
+    """``method path`` as the product backend calls the gateway's API; any answer. A POST
+    carries an empty body; methods the routes do not allow are sent as they are."""
+    return await client.fetch(
+        gateway_url + path,
+        method=method,
+        headers=headers or {},
+        body=b"" if method == "POST" else None,
+        allow_nonstandard_methods=True,
+        raise_error=False,
+    )
+
+
+async def token_request(
+    client: AsyncHTTPClient, gateway_url: str, account_id: str,
+    headers: dict[str, str] | None = None,
+) -> HTTPResponse:
+    """``POST /accounts/{id}/access-token`` (``headers`` default: the owner's bearer with
+    the tokens scope); any answer."""
+    return await api_call(client, gateway_url, "POST", f"/accounts/{account_id}/access-token",
+                          headers or bearer(scope=TOKENS_SCOPE))
+
+
+async def disconnect(client: AsyncHTTPClient, gateway_url: str, account_id: str) -> HTTPResponse:
+    """``DELETE /accounts/{id}`` by its owner; any answer."""
+    return await api_call(client, gateway_url, "DELETE", f"/accounts/{account_id}", bearer())
+
+
 async def follow(client: AsyncHTTPClient, url: str) -> HTTPResponse:
     return await client.fetch(url, follow_redirects=False, raise_error=False)
 
@@ -175,6 +208,19 @@ async def connect(
     callback_url = await consent(client, gateway_url, started["authorizationUrl"])
     assert location(await follow(client, callback_url)) == CONNECTED
     return started
+
+
+async def consented(
+    client: AsyncHTTPClient,
+    gateway_url: str,
+    owner: str = "user-123",
+    scopes: list[str] | None = None,
+    **knobs: str,
+) -> str:
+    """An authorization started for ``owner`` and consented to at the sandbox (``knobs``:
+    see ``consent``): the callback URL TikTok sends the browser to, not yet followed."""
+    started = await start(client, gateway_url, owner=owner, scopes=scopes)
+    return await consent(client, gateway_url, started["authorizationUrl"], **knobs)
 
 
 async def fetch_with_request_id(

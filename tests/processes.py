@@ -3,21 +3,21 @@ tests, and the demo (``scripts/demo.py``, what ``make demo`` runs).
 
 ``GatewayProcess`` starts ``server.py`` with a test environment on a free loopback
 port, writes its output to a log file (quoted when something goes wrong) and stops
-it with SIGTERM, as a process manager would. ``poll_until`` is the one bounded wait
-these tests use. ``demo_process`` starts the demo on free ports; ``until_ready``
-reads what it prints until it is ready.
+it with SIGTERM, as a process manager would; ``started_gateway`` also waits until it
+answers. ``poll_until`` is the one bounded wait these tests use. ``demo_process``
+starts the demo on free ports; ``until_ready`` reads what it prints until it is ready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
@@ -122,13 +122,8 @@ class GatewayProcess:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()  # whatever happened inside: it always stops
 
     @property
     def running(self) -> bool:
@@ -242,6 +237,18 @@ class GatewayProcess:
             )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- gateway output ---\n{self.log_tail()}") from None
+
+
+@contextlib.asynccontextmanager
+async def started_gateway(
+    client: AsyncHTTPClient, log_path: Path, *, ready: bool = True, timeout: float = 20.0,
+    **settings: str,
+) -> AsyncIterator[GatewayProcess]:
+    """A ``GatewayProcess`` answering: ``/readyz`` 200 (its store answers), or with
+    ``ready=False`` only ``/healthz``; stopped on the way out."""
+    with GatewayProcess(log_path, **settings) as gateway:
+        await (gateway.wait_ready if ready else gateway.wait_healthy)(client, timeout)
+        yield gateway
 
 
 def demo_process(**popen: Any) -> subprocess.Popen[str]:

@@ -14,6 +14,7 @@ import asyncio
 import json
 import socket
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,12 +37,18 @@ class Delivery:
 
 
 class Receiver:
-    def __init__(self, secret: str, port: int | None = None) -> None:
+    """``async with Receiver(...) as receiver:`` listens for the block; ``start()`` and
+    ``stop()`` for a test that brings it up later."""
+
+    def __init__(
+        self, secret: str, port: int | None = None, *, script: Iterable[str] = (),
+        slow_seconds: float = 1.0,
+    ) -> None:
         self.webhook = Webhook(secret)
         self.port = port or free_port()
         self.url = f"http://{LOOPBACK}:{self.port}/hooks/tiktok?token=in-the-query"
-        self.script: list[str] = []
-        self.slow_seconds = 1.0
+        self.script: list[str] = list(script)
+        self.slow_seconds = slow_seconds
         # Every request, verified or not, in arrival order.
         self.requests: list[Delivery] = []
         # Verified and accepted events, in the order they were accepted.
@@ -97,6 +104,13 @@ class Receiver:
         sockets = bind(self.port)
         self._server = HTTPServer(app)
         self._server.add_sockets(sockets)
+
+    async def __aenter__(self) -> Receiver:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
     async def stop(self) -> None:
         if self._server is not None:

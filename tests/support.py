@@ -31,6 +31,14 @@ CLIENT_SECRET = "test-client-secret-" + secrets.token_hex(8)
 STATE_SECRET = "test-state-secret-" + secrets.token_hex(24)
 AUTH_SECRET = "test-auth-secret-" + secrets.token_hex(24)
 TOKEN_KEY = "test:" + base64.b64encode(os.urandom(32)).decode()
+# The gateway's own secrets, by what they are (the token key without its key id): what
+# no log, answer or record may ever show.
+CONFIGURED_SECRETS = {
+    "client secret": CLIENT_SECRET,
+    "state secret": STATE_SECRET,
+    "product auth secret": AUTH_SECRET,
+    "token encryption key": TOKEN_KEY.split(":", 1)[1],
+}
 PRODUCT_ORIGIN = "https://app.example.com"
 PRODUCT_REDIRECT = PRODUCT_ORIGIN + "/settings/connections?tab=social"
 # Where the callback sends the browser once an account is connected.
@@ -68,8 +76,9 @@ def bearer(sub: str = "user-123", **claims: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {product_token(sub, **claims)}"}
 
 
-def forged_state(key: str = STATE_SECRET, algorithm: str = "HS256", **overrides: Any) -> str:
-    """A state JWT as the gateway would mint one (claims overridable; None drops one)."""
+def state_claims(**overrides: Any) -> dict[str, Any]:
+    """A state JWT's claims as the gateway mints them, valid for ten minutes from now
+    (``overrides`` replace claims; None drops one)."""
     now = int(time.time())
     claims = {
         "iss": STATE_ISSUER,
@@ -81,8 +90,13 @@ def forged_state(key: str = STATE_SECRET, algorithm: str = "HS256", **overrides:
         "redirect_uri": PRODUCT_REDIRECT,
     }
     claims.update(overrides)
-    claims = {k: v for k, v in claims.items() if v is not None}
-    return jwt.encode(claims, key, algorithm=algorithm, headers={"typ": STATE_TYP})
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def forged_state(key: str = STATE_SECRET, algorithm: str = "HS256", **overrides: Any) -> str:
+    """A state JWT as the gateway would mint one (claims overridable; None drops one)."""
+    return jwt.encode(state_claims(**overrides), key, algorithm=algorithm,
+                      headers={"typ": STATE_TYP})
 
 
 def jti_of(state: str) -> str:

@@ -26,7 +26,15 @@ from services.refresher import Refresher
 from storage.base import AccountStatus, AccountTokens, TokenGrant
 from tests import flow
 from tests.fixtures_mongo import collect_leaked_driver_sockets, mongo_settings
-from tests.flow import consent, follow, location, sandbox_settings
+from tests.flow import (
+    api_call,
+    consent,
+    disconnect,
+    follow,
+    location,
+    sandbox_settings,
+    token_request,
+)
 from tests.support import (
     CLIENT_KEY,
     CLIENT_SECRET,
@@ -85,21 +93,17 @@ def tokens_bearer(owner: str = OWNER, scope: Any = TOKENS_SCOPE) -> dict[str, st
     return bearer(owner, scope=scope)
 
 
-async def call(http_client, base_url, method: str, path: str, headers=None):
-    return await http_client.fetch(
-        base_url + path,
-        method=method,
-        headers=headers or {},
-        body=b"" if method == "POST" else None,
-        allow_nonstandard_methods=True,
-        raise_error=False,
-    )
+async def account_shown(http_client, base_url, account_id: str) -> dict[str, Any]:
+    """The account as ``GET /accounts/{id}`` shows its owner."""
+    response = await api_call(http_client, base_url, "GET", f"/accounts/{account_id}", bearer())
+    assert response.code == 200, response.body
+    return dict(json.loads(response.body))
 
 
 async def connect(http_client, base_url, owner: str = OWNER) -> dict[str, Any]:
     """Connect the sandbox's user through the real flow; the account as GET /accounts shows it."""
     await flow.connect(http_client, base_url, owner=owner, scopes=SCOPES)
-    response = await call(http_client, base_url, "GET", "/accounts", bearer(owner))
+    response = await api_call(http_client, base_url, "GET", "/accounts", bearer(owner))
     assert response.code == 200, response.body
     [account] = json.loads(response.body)["accounts"]
     return account
@@ -107,6 +111,23 @@ async def connect(http_client, base_url, owner: str = OWNER) -> dict[str, Any]:
 
 async def stored_tokens(app, account_id: str) -> AccountTokens | None:
     return await store_of(app).get_account_tokens(account_id)
+
+
+async def assert_wiped(app, account_id: str, *, revoked_at_tiktok: bool) -> None:
+    """Disconnected: its tokens gone from the store, the account kept as revoked (at
+    TikTok too, or not)."""
+    assert await stored_tokens(app, account_id) is None
+    stored = await store_of(app).get_account(account_id)
+    assert stored is not None and stored.status is AccountStatus.REVOKED
+    assert stored.revoked_at_tiktok is revoked_at_tiktok
+
+
+async def connect_with_tokens(http_client, base_url, app) -> tuple[dict[str, Any], AccountTokens]:
+    """``connect``, and the account's tokens as the store holds them now."""
+    account = await connect(http_client, base_url)
+    tokens = await stored_tokens(app, account["id"])
+    assert tokens is not None
+    return account, tokens
 
 
 async def user_info_status(http_client, sandbox, access_token: str) -> int:
@@ -161,8 +182,7 @@ def assert_same_envelope(first, second) -> None:
 async def test_list_and_get_describe_the_account_and_never_a_token(
     http_client, base_url, app, sandbox
 ):
-    account = await connect(http_client, base_url)
-    tokens = await stored_tokens(app, account["id"])
+    account, tokens = await connect_with_tokens(http_client, base_url, app)
     user = sandbox.users[0]
 
     assert set(account) == ACCOUNT_KEYS
@@ -181,8 +201,8 @@ async def test_list_and_get_describe_the_account_and_never_a_token(
         tokens.refresh_token_expires_at
     )
 
-    listed = await call(http_client, base_url, "GET", "/accounts", bearer())
-    one = await call(http_client, base_url, "GET", f"/accounts/{account['id']}", bearer())
+    listed = await api_call(http_client, base_url, "GET", "/accounts", bearer())
+    one = await api_call(http_client, base_url, "GET", f"/accounts/{account['id']}", bearer())
     assert one.code == 200
     assert json.loads(one.body) == account
     assert json.loads(listed.body) == {"accounts": [account]}
@@ -193,7 +213,7 @@ async def test_list_and_get_describe_the_account_and_never_a_token(
         assert "act." not in text and "rft." not in text
 
     # Another owner sees none of it.
-    theirs = await call(http_client, base_url, "GET", "/accounts", bearer(INTRUDER))
+    theirs = await api_call(http_client, base_url, "GET", "/accounts", bearer(INTRUDER))
     assert json.loads(theirs.body) == {"accounts": []}
 
 
@@ -205,13 +225,12 @@ async def test_reads_stay_token_free_after_a_refresh_and_a_disconnect(
     account = await connect(http_client, base_url)
     seen = [await stored_tokens(app, account["id"])]
     path = f"/accounts/{account['id']}"
-    assert (await call(http_client, base_url, "POST", path + "/access-token",
-                       tokens_bearer())).code == 200
+    assert (await token_request(http_client, base_url, account["id"])).code == 200
     seen.append(await stored_tokens(app, account["id"]))
-    bodies = [(await call(http_client, base_url, "GET", p, bearer())).body.decode()
+    bodies = [(await api_call(http_client, base_url, "GET", p, bearer())).body.decode()
               for p in ("/accounts", path)]
-    assert (await call(http_client, base_url, "DELETE", path, bearer())).code == 200
-    bodies += [(await call(http_client, base_url, "GET", p, bearer())).body.decode()
+    assert (await disconnect(http_client, base_url, account["id"])).code == 200
+    bodies += [(await api_call(http_client, base_url, "GET", p, bearer())).body.decode()
                for p in ("/accounts", path)]
     assert json.loads(bodies[-1])["status"] == "revoked"
     assert json.loads(bodies[-1])["accessTokenExpiresAt"] is None
@@ -246,7 +265,7 @@ BAD_BEARERS = {
 @pytest.mark.parametrize("bad", sorted(BAD_BEARERS))
 async def test_no_or_invalid_bearer_is_401(http_client, base_url, app, sandbox, method, path, bad):
     account = await connect(http_client, base_url)
-    response = await call(
+    response = await api_call(
         http_client, base_url, method, path.format(id=account["id"]), BAD_BEARERS[bad]
     )
     assert_envelope(response, 401, "UNAUTHORIZED")
@@ -260,12 +279,12 @@ async def test_another_owners_unknown_and_malformed_ids_are_the_same_404(
     http_client, base_url, app, sandbox, method, path
 ):
     account = await connect(http_client, base_url)
-    theirs = await call(
+    theirs = await api_call(
         http_client, base_url, method, path.format(id=account["id"]), tokens_bearer(INTRUDER)
     )
     assert_envelope(theirs, 404, "NOT_FOUND")
     for other_id in (uuid.uuid4().hex, "5f0c6c3e9d1b2a3c4d5e6f70", "not%20an%20id", "%2E%2E"):
-        response = await call(
+        response = await api_call(
             http_client, base_url, method, path.format(id=other_id), tokens_bearer()
         )
         assert_envelope(response, 404, "NOT_FOUND")
@@ -289,14 +308,12 @@ async def test_reading_tokens_without_the_tokens_scope_is_403(
     headers = bearer() if scope is None else bearer(OWNER, scope=scope)
     for account_id in (account["id"], uuid.uuid4().hex):
         # The scope is checked before the account: a session token cannot probe ids.
-        response = await call(
-            http_client, base_url, "POST", f"/accounts/{account_id}/access-token", headers
-        )
+        response = await token_request(http_client, base_url, account_id, headers)
         body = assert_envelope(response, 403, "PERMISSION_DENIED")
         assert body["details"] == {"requiredScope": TOKENS_SCOPE}
         assert "act." not in response.body.decode()
     # The same bearer may read the account itself.
-    one = await call(http_client, base_url, "GET", f"/accounts/{account['id']}", headers)
+    one = await api_call(http_client, base_url, "GET", f"/accounts/{account['id']}", headers)
     assert one.code == 200
 
 
@@ -308,10 +325,8 @@ async def test_reading_tokens_without_the_tokens_scope_is_403(
 )
 async def test_the_tokens_scope_as_string_or_list(http_client, base_url, app, scope):
     account = await connect(http_client, base_url)
-    response = await call(
-        http_client, base_url, "POST", f"/accounts/{account['id']}/access-token",
-        tokens_bearer(scope=scope),
-    )
+    response = await token_request(http_client, base_url, account["id"],
+                                   tokens_bearer(scope=scope))
     assert response.code == 200, response.body
 
 
@@ -323,7 +338,7 @@ async def test_wrong_methods_get_the_405_envelope(http_client, base_url, app):
         ("GET", f"/accounts/{account['id']}/access-token"),
         ("POST", "/accounts"),
     ):
-        response = await call(http_client, base_url, method, path, tokens_bearer())
+        response = await api_call(http_client, base_url, method, path, tokens_bearer())
         assert_envelope(response, 405, "METHOD_NOT_ALLOWED")
 
 
@@ -334,13 +349,9 @@ async def test_wrong_methods_get_the_405_envelope(http_client, base_url, app):
 async def test_a_fresh_token_is_handed_out_without_refreshing(
     http_client, base_url, app, sandbox
 ):
-    account = await connect(http_client, base_url)
-    before = await stored_tokens(app, account["id"])
+    account, before = await connect_with_tokens(http_client, base_url, app)
     for _ in range(3):
-        response = await call(
-            http_client, base_url, "POST", f"/accounts/{account['id']}/access-token",
-            tokens_bearer(),
-        )
+        response = await token_request(http_client, base_url, account["id"])
         assert response.code == 200, response.body
         assert response.headers["Cache-Control"] == "no-store"
         body = json.loads(response.body)
@@ -360,11 +371,8 @@ async def test_a_fresh_token_is_handed_out_without_refreshing(
 async def test_a_due_token_is_refreshed_and_the_rotated_refresh_token_stored(
     http_client, base_url, app, sandbox
 ):
-    account = await connect(http_client, base_url)
-    before = await stored_tokens(app, account["id"])
-    response = await call(
-        http_client, base_url, "POST", f"/accounts/{account['id']}/access-token", tokens_bearer()
-    )
+    account, before = await connect_with_tokens(http_client, base_url, app)
+    response = await token_request(http_client, base_url, account["id"])
     assert response.code == 200, response.body
     body = json.loads(response.body)
     after = await stored_tokens(app, account["id"])
@@ -381,16 +389,12 @@ async def test_a_due_token_is_refreshed_and_the_rotated_refresh_token_stored(
     assert await user_info_status(http_client, sandbox, after.access_token) == 200
     refused = await refresh_at_sandbox(http_client, sandbox, before.refresh_token)
     assert refused["error"] == "invalid_grant"
-    shown = json.loads(
-        (await call(http_client, base_url, "GET", f"/accounts/{account['id']}", bearer())).body
-    )
+    shown = await account_shown(http_client, base_url, account["id"])
     assert shown["status"] == "connected"
     assert shown["accessTokenExpiresAt"] == body["expiresAt"]
     # Each later request refreshes once more, with the stored (rotated) refresh token.
     refreshes = sandbox.stats["token_refresh"]  # our own refused attempt counted too
-    again = await call(
-        http_client, base_url, "POST", f"/accounts/{account['id']}/access-token", tokens_bearer()
-    )
+    again = await token_request(http_client, base_url, account["id"])
     assert again.code == 200 and sandbox.stats["token_refresh"] == refreshes + 1
     assert json.loads(again.body)["accessToken"] == (
         await stored_tokens(app, account["id"])
@@ -403,8 +407,7 @@ async def test_concurrent_requests_share_one_refresh_even_when_every_token_is_du
     http_client, base_url, app, sandbox
 ):
     """Requests waiting on another's refresh take its new token, though it is "due" too."""
-    account = await connect(http_client, base_url)
-    before = await stored_tokens(app, account["id"])
+    account, before = await connect_with_tokens(http_client, base_url, app)
     # A slow (but successful) TikTok, so every request arrives while the refresh runs.
     sandbox.add_fault("token", status=200, delay=0.3)
     client = AsyncHTTPClient(force_instance=True, max_clients=20)
@@ -432,19 +435,16 @@ async def test_a_refused_refresh_token_needs_reauthorization(http_client, base_u
     account = await connect(http_client, base_url)
     # The user removed the app in TikTok: TikTok answers invalid_grant, with HTTP 200.
     sandbox.revoke_all_for(sandbox.users[0].open_id)
-    path = f"/accounts/{account['id']}/access-token"
-    response = await call(http_client, base_url, "POST", path, tokens_bearer())
+    response = await token_request(http_client, base_url, account["id"])
     body = assert_envelope(response, 409, "CONFLICT")
     assert body["details"] == {"reason": "reauthorization_required"}
     assert sandbox.stats["token_refresh"] == 1
     assert await stored_tokens(app, account["id"]) is None
-    shown = json.loads(
-        (await call(http_client, base_url, "GET", f"/accounts/{account['id']}", bearer())).body
-    )
+    shown = await account_shown(http_client, base_url, account["id"])
     assert shown["status"] == "reauthorization_required"
     assert shown["accessTokenExpiresAt"] is None
     # Asked again: the same answer, without asking TikTok again.
-    again = await call(http_client, base_url, "POST", path, tokens_bearer())
+    again = await token_request(http_client, base_url, account["id"])
     assert assert_envelope(again, 409, "CONFLICT")["details"] == {
         "reason": "reauthorization_required"
     }
@@ -471,12 +471,10 @@ async def test_a_refused_refresh_token_needs_reauthorization(http_client, base_u
 async def test_tiktok_unavailable_is_503_and_leaves_the_tokens_alone(
     http_client, base_url, app, sandbox, fault, retry_after
 ):
-    account = await connect(http_client, base_url)
-    before = await stored_tokens(app, account["id"])
+    account, before = await connect_with_tokens(http_client, base_url, app)
     stored_before = await store_of(app).get_account(account["id"])
     sandbox.add_fault("token", **fault)
-    path = f"/accounts/{account['id']}/access-token"
-    response = await call(http_client, base_url, "POST", path, tokens_bearer())
+    response = await token_request(http_client, base_url, account["id"])
     body = assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
     assert response.headers["Retry-After"] == retry_after
     assert body["details"]["dependency"] == "tiktok"
@@ -487,7 +485,7 @@ async def test_tiktok_unavailable_is_503_and_leaves_the_tokens_alone(
     assert stored_after.status is AccountStatus.CONNECTED
     assert stored_after.updated_at == stored_before.updated_at
     # The untouched refresh token still works once TikTok is back.
-    recovered = await call(http_client, base_url, "POST", path, tokens_bearer())
+    recovered = await token_request(http_client, base_url, account["id"])
     assert recovered.code == 200, recovered.body
     assert json.loads(recovered.body)["accessToken"] != before.access_token
 
@@ -499,32 +497,29 @@ async def test_tiktok_unavailable_is_503_and_leaves_the_tokens_alone(
 async def test_disconnect_revokes_at_tiktok_wipes_and_is_idempotent(
     http_client, base_url, app, sandbox
 ):
-    account = await connect(http_client, base_url)
-    tokens = await stored_tokens(app, account["id"])
-    path = f"/accounts/{account['id']}"
-    response = await call(http_client, base_url, "DELETE", path, bearer())
+    account, tokens = await connect_with_tokens(http_client, base_url, app)
+    response = await disconnect(http_client, base_url, account["id"])
     assert response.code == 200, response.body
     assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": True}
     assert sandbox.stats["revoke"] == 1
     # Dead at TikTok, gone from the store.
     assert await user_info_status(http_client, sandbox, tokens.access_token) == 401
-    assert await stored_tokens(app, account["id"]) is None
-    assert (await store_of(app).get_account(account["id"])).status is AccountStatus.REVOKED
+    await assert_wiped(app, account["id"], revoked_at_tiktok=True)
 
-    again = await call(http_client, base_url, "DELETE", path, bearer())
+    again = await disconnect(http_client, base_url, account["id"])
     assert (again.code, json.loads(again.body)) == (200, json.loads(response.body))
     assert sandbox.stats["revoke"] == 1
 
-    token = await call(http_client, base_url, "POST", path + "/access-token", tokens_bearer())
+    token = await token_request(http_client, base_url, account["id"])
     assert assert_envelope(token, 409, "CONFLICT")["details"] == {"reason": "revoked"}
-    listed = json.loads((await call(http_client, base_url, "GET", "/accounts", bearer())).body)
+    listed = json.loads((await api_call(http_client, base_url, "GET", "/accounts", bearer())).body)
     assert [a["status"] for a in listed["accounts"]] == ["revoked"]
     assert sandbox.stats["token_refresh"] == 0
 
     # Connecting again restores the same account.
     reconnected = await connect(http_client, base_url)
     assert reconnected["id"] == account["id"] and reconnected["status"] == "connected"
-    fresh = await call(http_client, base_url, "POST", path + "/access-token", tokens_bearer())
+    fresh = await token_request(http_client, base_url, account["id"])
     assert fresh.code == 200
 
 
@@ -532,21 +527,17 @@ async def test_disconnect_revokes_at_tiktok_wipes_and_is_idempotent(
 async def test_disconnect_when_tiktok_cannot_revoke_still_wipes(
     http_client, base_url, app, sandbox
 ):
-    account = await connect(http_client, base_url)
-    tokens = await stored_tokens(app, account["id"])
+    account, tokens = await connect_with_tokens(http_client, base_url, app)
     sandbox.add_fault("revoke", status=500, count=3)
-    path = f"/accounts/{account['id']}"
-    response = await call(http_client, base_url, "DELETE", path, bearer())
+    response = await disconnect(http_client, base_url, account["id"])
     assert response.code == 200, response.body
     assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": False}
     assert sandbox.stats["revoke"] == 3  # bounded retries
-    assert await stored_tokens(app, account["id"]) is None
-    stored = await store_of(app).get_account(account["id"])
-    assert stored.status is AccountStatus.REVOKED and stored.revoked_at_tiktok is False
+    await assert_wiped(app, account["id"], revoked_at_tiktok=False)
     # TikTok never heard of it: the token still works there, but we forgot it.
     assert await user_info_status(http_client, sandbox, tokens.access_token) == 200
 
-    again = await call(http_client, base_url, "DELETE", path, bearer())
+    again = await disconnect(http_client, base_url, account["id"])
     assert json.loads(again.body) == {"status": "revoked", "revokedAtTikTok": False}
     assert sandbox.stats["revoke"] == 3
 
@@ -555,10 +546,10 @@ async def test_disconnect_when_tiktok_cannot_revoke_still_wipes(
 async def test_disconnect_when_tiktok_refuses_does_not_retry(http_client, base_url, app, sandbox):
     account = await connect(http_client, base_url)
     sandbox.add_fault("revoke", status=401, count=3)  # invalid_client: retrying cannot help
-    response = await call(http_client, base_url, "DELETE", f"/accounts/{account['id']}", bearer())
+    response = await disconnect(http_client, base_url, account["id"])
     assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": False}
     assert sandbox.stats["revoke"] == 1
-    assert await stored_tokens(app, account["id"]) is None
+    await assert_wiped(app, account["id"], revoked_at_tiktok=False)
 
 
 # -- expiries and disconnecting, on every store ----------------------------------------
@@ -624,8 +615,7 @@ class TestOnEveryStore:
 
         sandbox.state.refresh = recording_refresh
 
-        path = f"/accounts/{account['id']}"
-        response = await call(http_client, base_url, "DELETE", path, bearer())
+        response = await disconnect(http_client, base_url, account["id"])
 
         assert response.code == 200, response.body
         assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": True}
@@ -637,9 +627,7 @@ class TestOnEveryStore:
         for token in (rotated["refresh_token"], old.refresh_token):
             refused = await refresh_at_sandbox(http_client, sandbox, token)
             assert refused["error"] == "invalid_grant"
-        assert await stored_tokens(app, account["id"]) is None
-        stored = await store_of(app).get_account(account["id"])
-        assert stored.status is AccountStatus.REVOKED and stored.revoked_at_tiktok is True
+        await assert_wiped(app, account["id"], revoked_at_tiktok=True)
 
     @gen_test
     async def test_when_the_refresh_fails_the_old_token_is_still_revoked(
@@ -648,27 +636,25 @@ class TestOnEveryStore:
         account = await self.connect(http_client, base_url, app)
         old = await self.change_expiries(app, account["id"], access=-timedelta(seconds=1))
         sandbox.add_fault("token", status=503)
-        path = f"/accounts/{account['id']}"
-        response = await call(http_client, base_url, "DELETE", path, bearer())
+        response = await disconnect(http_client, base_url, account["id"])
         # The sandbox, like RFC 7009, takes an expired token; TikTok's answer is its own.
         assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": True}
         assert (sandbox.stats["token_refresh"], sandbox.stats["revoke"]) == (1, 1)
         assert (await refresh_at_sandbox(http_client, sandbox, old.refresh_token))["error"] == (
             "invalid_grant"
         )
-        assert await stored_tokens(app, account["id"]) is None
+        await assert_wiped(app, account["id"], revoked_at_tiktok=True)
 
     @gen_test
     async def test_an_empty_revoke_answer_is_success(self, http_client, base_url, app, sandbox):
         account = await self.connect(http_client, base_url, app)
         tokens = await stored_tokens(app, account["id"])
         sandbox.revoke_empty_body = True  # as TikTok's revoke page describes success
-        path = f"/accounts/{account['id']}"
-        response = await call(http_client, base_url, "DELETE", path, bearer())
+        response = await disconnect(http_client, base_url, account["id"])
         assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": True}
         assert (sandbox.stats["revoke"], sandbox.stats["token_refresh"]) == (1, 0)
         assert await user_info_status(http_client, sandbox, tokens.access_token) == 401
-        assert (await store_of(app).get_account(account["id"])).revoked_at_tiktok is True
+        await assert_wiped(app, account["id"], revoked_at_tiktok=True)
 
     @gen_test
     async def test_disconnect_with_a_dead_refresh_token_wipes_without_revoking(
@@ -677,14 +663,11 @@ class TestOnEveryStore:
         account = await self.connect(http_client, base_url, app)
         await self.change_expiries(app, account["id"], access=timedelta(seconds=60))  # in skew
         sandbox.revoke_all_for(account["platformAccountId"])  # removed in the TikTok app
-        path = f"/accounts/{account['id']}"
-        response = await call(http_client, base_url, "DELETE", path, bearer())
+        response = await disconnect(http_client, base_url, account["id"])
         assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": False}
         # TikTok refused the refresh (invalid_grant): nothing was left to revoke with.
         assert (sandbox.stats["token_refresh"], sandbox.stats["revoke"]) == (1, 0)
-        assert await stored_tokens(app, account["id"]) is None
-        stored = await store_of(app).get_account(account["id"])
-        assert stored.status is AccountStatus.REVOKED and stored.revoked_at_tiktok is False
+        await assert_wiped(app, account["id"], revoked_at_tiktok=False)
 
     @gen_test
     async def test_a_token_handed_out_keeps_the_account_warm(
@@ -702,9 +685,8 @@ class TestOnEveryStore:
         assert (await refresher.run_once()).due == 0  # never handed out: on demand only
         assert (await store_of(app).get_account(account["id"])).token_used_at is None
 
-        path = f"/accounts/{account['id']}/access-token"
         before = datetime.now(UTC)
-        assert (await call(http_client, base_url, "POST", path, tokens_bearer())).code == 200
+        assert (await token_request(http_client, base_url, account["id"])).code == 200
         used = (await store_of(app).get_account(account["id"])).token_used_at
         assert before - timedelta(seconds=1) <= used <= datetime.now(UTC)
         assert (await refresher.run_once()).outcomes == {"refreshed": 1}
@@ -721,8 +703,8 @@ class TestOnEveryStore:
         path = f"/accounts/{account['id']}"
 
         async def seen() -> list[dict[str, Any]]:
-            listed = await call(http_client, base_url, "GET", "/accounts", bearer())
-            one = await call(http_client, base_url, "GET", path, bearer())
+            listed = await api_call(http_client, base_url, "GET", "/accounts", bearer())
+            one = await api_call(http_client, base_url, "GET", path, bearer())
             return [*json.loads(listed.body)["accounts"], json.loads(one.body)]
 
         # Read before anything recorded it: never shown connected.
@@ -747,7 +729,7 @@ class TestOnEveryStore:
         assert stored.status is AccountStatus.REAUTHORIZATION_REQUIRED
         assert await stored_tokens(app, account["id"]) is None
         assert [shown["status"] for shown in await seen()] == ["reauthorization_required"] * 2
-        token = await call(http_client, base_url, "POST", path + "/access-token", tokens_bearer())
+        token = await token_request(http_client, base_url, account["id"])
         assert assert_envelope(token, 409, "CONFLICT")["details"] == {
             "reason": "reauthorization_required"
         }
@@ -793,15 +775,15 @@ class TestHostResolver:
         callback_url = await consent(http_client, base_url, started["authorizationUrl"])
         assert location(await follow(http_client, callback_url)).endswith("status=connected")
 
-        listed = await call(http_client, base_url, "GET", "/accounts", self.headers(app))
+        listed = await api_call(http_client, base_url, "GET", "/accounts", self.headers(app))
         [account] = json.loads(listed.body)["accounts"]
         path = f"/accounts/{account['id']}/access-token"
-        session = await call(http_client, base_url, "POST", path, self.headers(app))
+        session = await api_call(http_client, base_url, "POST", path, self.headers(app))
         assert_envelope(session, 403, "PERMISSION_DENIED")
-        backend = await call(
+        backend = await api_call(
             http_client, base_url, "POST", path, self.headers(app, **{"X-Host-Backend": "yes"})
         )
         assert backend.code == 200, backend.body
         assert json.loads(backend.body)["accessToken"].startswith("act.")
-        anonymous = await call(http_client, base_url, "GET", "/accounts")
+        anonymous = await api_call(http_client, base_url, "GET", "/accounts")
         assert_envelope(anonymous, 401, "UNAUTHORIZED")

@@ -24,10 +24,10 @@ from scripts.cassette_scenarios import (
     tiktok_vcr,
 )
 from server import make_app
-from services.product_auth import TOKENS_SCOPE
 from storage.base import AccountStatus, TokenGrant
 from tests.cassettes import assert_all_played, assert_nothing_secret, recorded_json, replay
-from tests.support import CLIENT_KEY, assert_envelope, bearer, make_config, store_of
+from tests.flow import disconnect, token_request
+from tests.support import CLIENT_KEY, assert_envelope, make_config, store_of
 
 OWNER = "user-123"
 TOKEN_URL = "https://open.tiktokapis.com/v2/oauth/token/"
@@ -60,16 +60,6 @@ async def seed_account(app, *, access_ttl: timedelta) -> str:
     )
     account = await store_of(app).save_account_tokens(OWNER, grant, now=now)
     return account.id
-
-
-async def fetch(http_client, base_url, method: str, path: str, headers: dict[str, str]):
-    return await http_client.fetch(
-        base_url + path,
-        method=method,
-        headers=headers,
-        body=b"" if method == "POST" else None,
-        raise_error=False,
-    )
 
 
 def recorded_form(cassette, index: int) -> dict[str, str]:
@@ -115,18 +105,15 @@ def test_account_cassette_holds_nothing_secret(scenario):
 @pytest.mark.gen_test
 async def test_recorded_refresh_rotates_both_tokens(app, http_client, base_url):
     account_id = await seed_account(app, access_ttl=timedelta(seconds=60))  # due
-    path = f"/accounts/{account_id}/access-token"
     with replay("refresh_rotated") as cassette:
         before = datetime.now(UTC)
-        response = await fetch(
-            http_client, base_url, "POST", path, bearer(OWNER, scope=TOKENS_SCOPE)
-        )
+        response = await token_request(http_client, base_url, account_id)
         after = datetime.now(UTC)
         assert response.code == 200, response.body
         assert_all_played(cassette)
         # Fresh now: handed out again without another call (one more would be
         # unrecorded, and replay() would fail on exit).
-        again = await fetch(http_client, base_url, "POST", path, bearer(OWNER, scope=TOKENS_SCOPE))
+        again = await token_request(http_client, base_url, account_id)
         assert json.loads(again.body) == json.loads(response.body)
         assert cassette.play_count == 1
     recorded = recorded_json(cassette, 0)
@@ -154,10 +141,7 @@ async def test_recorded_refresh_rotates_both_tokens(app, http_client, base_url):
 async def test_recorded_invalid_grant_needs_reauthorization(app, http_client, base_url):
     account_id = await seed_account(app, access_ttl=timedelta(seconds=60))  # due
     with replay("refresh_refused") as cassette:
-        response = await fetch(
-            http_client, base_url, "POST", f"/accounts/{account_id}/access-token",
-            bearer(OWNER, scope=TOKENS_SCOPE),
-        )
+        response = await token_request(http_client, base_url, account_id)
         body = assert_envelope(response, 409, "CONFLICT")
         assert_all_played(cassette)
     assert body["details"] == {"reason": "reauthorization_required"}
@@ -175,12 +159,11 @@ async def test_recorded_invalid_grant_needs_reauthorization(app, http_client, ba
 async def test_recorded_revoke_disconnects_once(app, http_client, base_url):
     account_id = await seed_account(app, access_ttl=timedelta(hours=24))
     with replay("revoke_ok") as cassette:
-        response = await fetch(http_client, base_url, "DELETE", f"/accounts/{account_id}",
-                               bearer())
+        response = await disconnect(http_client, base_url, account_id)
         assert response.code == 200, response.body
         assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": True}
         # Repeated: the same answer, and no second call (the cassette holds one).
-        again = await fetch(http_client, base_url, "DELETE", f"/accounts/{account_id}", bearer())
+        again = await disconnect(http_client, base_url, account_id)
         assert json.loads(again.body) == json.loads(response.body)
         assert cassette.play_count == 1
         assert_all_played(cassette)
@@ -194,8 +177,7 @@ async def test_recorded_failing_revoke_is_tried_three_times_then_wiped(
 ):
     account_id = await seed_account(app, access_ttl=timedelta(hours=24))
     with replay("revoke_failed") as cassette:
-        response = await fetch(http_client, base_url, "DELETE", f"/accounts/{account_id}",
-                               bearer())
+        response = await disconnect(http_client, base_url, account_id)
         assert response.code == 200, response.body
         assert json.loads(response.body) == {"status": "revoked", "revokedAtTikTok": False}
         assert [r["status"]["code"] for r in cassette.responses] == [500, 500, 500]

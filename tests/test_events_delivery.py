@@ -172,40 +172,35 @@ async def until_status(store: Store, event_id: str, status: EventStatus) -> Any:
 
 @gen_test
 async def test_events_are_relayed_and_delivered_signed_in_order_per_account(make_store):
-    receiver = Receiver(SECRET)
-    receiver.start()
-    try:
-        async with make_store() as store, running(store, receiver) as run:
-            alice, bob = await connect(run.store, "open-a"), await connect(run.store, "open-b")
-            sent = [
-                await record(run, alice),
-                await record(run, bob),
-                await record(run, alice, REAUTHORIZATION_REQUIRED, reason="refresh_refused"),
-                await record(run, bob, REVOKED, source="product"),
-            ]
-            await until_accepted(receiver, [e["id"] for e in sent])
-            assert receiver.refused == []
-            assert receiver.accepted_counts() == {e["id"]: 1 for e in sent}
-            assert receiver.for_account(alice.id) == [sent[0]["id"], sent[2]["id"]]
-            assert receiver.for_account(bob.id) == [sent[1]["id"], sent[3]["id"]]
-            by_id = {e["id"]: e for e in receiver.accepted}
-            assert [by_id[e["id"]] for e in sent] == sent  # the body is the event, as recorded
-            first = receiver.requests[0]
-            assert first.headers["Webhook-Id"] == receiver.accepted[0]["id"]
-            assert first.headers["Content-Type"] == "application/json"
-            sent_at = int(first.headers["Webhook-Timestamp"])
-            assert abs(sent_at - datetime.now(UTC).timestamp()) < 300
-            # The account as the accounts API shows it: never a token.
-            assert '"accessToken"' not in first.body.decode()
-            assert "act.open-a" not in first.body.decode() and "rft." not in first.body.decode()
-            for event in sent:
-                await until_status(run.store, event["id"], EventStatus.DELIVERED)
-            assert run.metric("tiktok_gateway_events_delivered_total") == 4
-            assert run.metric("tiktok_gateway_events_recorded_total", type=CONNECTED) == 2
-            assert run.metric("tiktok_gateway_events_recorded_total", type=REVOKED) == 1
-            assert run.metric("tiktok_gateway_event_delivery_retries_total") == 0
-    finally:
-        await receiver.stop()
+    async with Receiver(SECRET) as receiver, make_store() as store, running(store, receiver) as run:
+        alice, bob = await connect(run.store, "open-a"), await connect(run.store, "open-b")
+        sent = [
+            await record(run, alice),
+            await record(run, bob),
+            await record(run, alice, REAUTHORIZATION_REQUIRED, reason="refresh_refused"),
+            await record(run, bob, REVOKED, source="product"),
+        ]
+        await until_accepted(receiver, [e["id"] for e in sent])
+        assert receiver.refused == []
+        assert receiver.accepted_counts() == {e["id"]: 1 for e in sent}
+        assert receiver.for_account(alice.id) == [sent[0]["id"], sent[2]["id"]]
+        assert receiver.for_account(bob.id) == [sent[1]["id"], sent[3]["id"]]
+        by_id = {e["id"]: e for e in receiver.accepted}
+        assert [by_id[e["id"]] for e in sent] == sent  # the body is the event, as recorded
+        first = receiver.requests[0]
+        assert first.headers["Webhook-Id"] == receiver.accepted[0]["id"]
+        assert first.headers["Content-Type"] == "application/json"
+        sent_at = int(first.headers["Webhook-Timestamp"])
+        assert abs(sent_at - datetime.now(UTC).timestamp()) < 300
+        # The account as the accounts API shows it: never a token.
+        assert '"accessToken"' not in first.body.decode()
+        assert "act.open-a" not in first.body.decode() and "rft." not in first.body.decode()
+        for event in sent:
+            await until_status(run.store, event["id"], EventStatus.DELIVERED)
+        assert run.metric("tiktok_gateway_events_delivered_total") == 4
+        assert run.metric("tiktok_gateway_events_recorded_total", type=CONNECTED) == 2
+        assert run.metric("tiktok_gateway_events_recorded_total", type=REVOKED) == 1
+        assert run.metric("tiktok_gateway_event_delivery_retries_total") == 0
 
 
 @gen_test
@@ -242,205 +237,186 @@ async def test_receiver_down_then_up_gets_every_event_in_order(make_store):
 @gen_test
 async def test_three_500s_then_ok_and_the_answer_body_is_kept_nowhere(make_store, caplog):
     caplog.set_level(logging.DEBUG)
-    receiver = Receiver(SECRET)
-    receiver.script = ["500", "500", "500"]
-    receiver.start()
-    try:
-        async with make_store() as store, running(store, receiver) as run:
-            alice = await connect(run.store, "open-a")
-            event = await record(run, alice)
+    async with (
+        Receiver(SECRET, script=["500", "500", "500"]) as receiver,
+        make_store() as store,
+        running(store, receiver) as run,
+    ):
+        alice = await connect(run.store, "open-a")
+        event = await record(run, alice)
 
-            async def failing() -> Any:
-                return await run.store.get_event(event["id"])
+        async def failing() -> Any:
+            return await run.store.get_event(event["id"])
 
-            retried = await poll_until(failing, lambda s: s is not None and s.attempts >= 1,
-                                       timeout=WAIT, interval=0.02, what="first attempt")
-            assert retried.last_failure == "http 500"
-            await until_accepted(receiver, [event["id"]])
-            delivered = await until_status(run.store, event["id"], EventStatus.DELIVERED)
-            assert delivered.attempts == 4
-            assert [d.headers["Webhook-Id"] for d in receiver.requests] == [event["id"]] * 4
-            assert run.metric("tiktok_gateway_event_delivery_retries_total") == 3
-            assert run.metric("tiktok_gateway_events_delivered_total") == 1
-            gateway_log = "\n".join(
-                r.getMessage() for r in caplog.records if r.name.startswith("gateway"))
-            assert ANSWER_MARKER not in gateway_log
-            assert "failed: http 500" in gateway_log
-            assert "token=in-the-query" not in gateway_log
-            assert ANSWER_MARKER not in repr(delivered)
-    finally:
-        await receiver.stop()
+        retried = await poll_until(failing, lambda s: s is not None and s.attempts >= 1,
+                                   timeout=WAIT, interval=0.02, what="first attempt")
+        assert retried.last_failure == "http 500"
+        await until_accepted(receiver, [event["id"]])
+        delivered = await until_status(run.store, event["id"], EventStatus.DELIVERED)
+        assert delivered.attempts == 4
+        assert [d.headers["Webhook-Id"] for d in receiver.requests] == [event["id"]] * 4
+        assert run.metric("tiktok_gateway_event_delivery_retries_total") == 3
+        assert run.metric("tiktok_gateway_events_delivered_total") == 1
+        gateway_log = "\n".join(
+            r.getMessage() for r in caplog.records if r.name.startswith("gateway"))
+        assert ANSWER_MARKER not in gateway_log
+        assert "failed: http 500" in gateway_log
+        assert "token=in-the-query" not in gateway_log
+        assert ANSWER_MARKER not in repr(delivered)
 
 
 @gen_test
 async def test_too_slow_is_a_timeout_then_a_retry(make_store, caplog):
     caplog.set_level(logging.INFO, logger="gateway.events")
-    receiver = Receiver(SECRET)
-    receiver.script = ["slow"]
-    receiver.slow_seconds = 1.5
-    receiver.start()
-    try:
-        async with make_store() as store, running(
-            store, receiver, request_timeout=0.3
-        ) as run:
-            alice = await connect(run.store, "open-a")
-            event = await record(run, alice)
-            delivered = await until_status(run.store, event["id"], EventStatus.DELIVERED)
-            assert delivered.attempts >= 2
-            assert "failed: timeout" in caplog.text
-            # The slow answer may still have been processed: at least once, so the
-            # receiver sees the same webhook-id again and deduplicates on it.
-            assert [d.headers["Webhook-Id"] for d in receiver.requests][:2] == [event["id"]] * 2
-    finally:
-        await receiver.stop()
+    async with (
+        Receiver(SECRET, script=["slow"], slow_seconds=1.5) as receiver,
+        make_store() as store,
+        running(store, receiver, request_timeout=0.3) as run,
+    ):
+        alice = await connect(run.store, "open-a")
+        event = await record(run, alice)
+        delivered = await until_status(run.store, event["id"], EventStatus.DELIVERED)
+        assert delivered.attempts >= 2
+        assert "failed: timeout" in caplog.text
+        # The slow answer may still have been processed: at least once, so the
+        # receiver sees the same webhook-id again and deduplicates on it.
+        assert [d.headers["Webhook-Id"] for d in receiver.requests][:2] == [event["id"]] * 2
 
 
 @gen_test
 async def test_redirect_is_a_failure_schedule_runs_out_then_listed_and_redelivered(make_store):
-    receiver = Receiver(SECRET)
-    receiver.script = ["redirect", "redirect", "redirect"]
-    receiver.start()
-    try:
-        async with make_store() as store, running(store, receiver, schedule="0.1,0.1") as run:
-            alice = await connect(run.store, "open-a")
-            doomed, behind = await record(run, alice), await record(run, alice)
-            failed = await until_status(run.store, doomed["id"], EventStatus.FAILED)
-            assert (failed.attempts, failed.last_failure) == (3, "http 302")
-            assert receiver.elsewhere_hits == 0  # never followed
-            # The next event of the account went once the first failed.
-            await until_accepted(receiver, [behind["id"]])
-            assert run.metric("tiktok_gateway_events_failed_total") == 1
+    async with (
+        Receiver(SECRET, script=["redirect", "redirect", "redirect"]) as receiver,
+        make_store() as store,
+        running(store, receiver, schedule="0.1,0.1") as run,
+    ):
+        alice = await connect(run.store, "open-a")
+        doomed, behind = await record(run, alice), await record(run, alice)
+        failed = await until_status(run.store, doomed["id"], EventStatus.FAILED)
+        assert (failed.attempts, failed.last_failure) == (3, "http 302")
+        assert receiver.elsewhere_hits == 0  # never followed
+        # The next event of the account went once the first failed.
+        await until_accepted(receiver, [behind["id"]])
+        assert run.metric("tiktok_gateway_events_failed_total") == 1
 
-            listed = await run.get("/events?status=failed")
-            assert listed.code == 200
-            body = json.loads(listed.body)
-            assert [e["id"] for e in body["events"]] == [doomed["id"]]
-            assert body["events"][0]["delivery"] == {
-                "status": "failed", "attempts": 3, "lastFailure": "http 302",
-                "nextAttemptAt": None, "deliveredAt": None,
-            }
-            again = await run.post(f"/events/{doomed['id']}/redeliver")
-            assert again.code == 202, again.body
-            assert json.loads(again.body)["delivery"]["status"] == "pending"
-            await until_accepted(receiver, [doomed["id"]])
-            delivered = await until_status(run.store, doomed["id"], EventStatus.DELIVERED)
-            assert delivered.attempts == 1
-            assert json.loads((await run.get("/events?status=failed")).body)["events"] == []
-            # Delivered: nothing to redeliver; unknown: not found.
-            assert_envelope(await run.post(f"/events/{doomed['id']}/redeliver"), 409, "CONFLICT")
-            assert_envelope(await run.post("/events/evt_nope/redeliver"), 404, "NOT_FOUND")
-    finally:
-        await receiver.stop()
+        listed = await run.get("/events?status=failed")
+        assert listed.code == 200
+        body = json.loads(listed.body)
+        assert [e["id"] for e in body["events"]] == [doomed["id"]]
+        assert body["events"][0]["delivery"] == {
+            "status": "failed", "attempts": 3, "lastFailure": "http 302",
+            "nextAttemptAt": None, "deliveredAt": None,
+        }
+        again = await run.post(f"/events/{doomed['id']}/redeliver")
+        assert again.code == 202, again.body
+        assert json.loads(again.body)["delivery"]["status"] == "pending"
+        await until_accepted(receiver, [doomed["id"]])
+        delivered = await until_status(run.store, doomed["id"], EventStatus.DELIVERED)
+        assert delivered.attempts == 1
+        assert json.loads((await run.get("/events?status=failed")).body)["events"] == []
+        # Delivered: nothing to redeliver; unknown: not found.
+        assert_envelope(await run.post(f"/events/{doomed['id']}/redeliver"), 409, "CONFLICT")
+        assert_envelope(await run.post("/events/evt_nope/redeliver"), 404, "NOT_FOUND")
 
 
 @gen_test
 async def test_forged_tampered_and_replayed_deliveries_fail_the_receivers_check():
-    receiver = Receiver(SECRET)
-    receiver.start()
-    try:
-        async with open_memory_store() as store, running(store, receiver) as run:
-            alice = await connect(run.store, "open-a")
-            event = await record(run, alice)
-            await until_accepted(receiver, [event["id"]])
-            genuine = receiver.requests[0]
-            headers = {k: v for k, v in genuine.headers.items() if k.lower().startswith("webhook")}
-            headers["Content-Type"] = "application/json"
-            # Tampered body, same signature.
-            tampered = genuine.body.replace(b"open-a", b"open-z")
-            assert await receiver.post(tampered, headers) == 400
-            # Signed with a key the product does not have.
-            forged = Signer([OTHER_SECRET]).headers(event["id"], genuine.body.decode(),
-                                                    datetime.now(UTC))
-            assert await receiver.post(genuine.body, forged) == 400
-            # A genuine signature replayed after the 5-minute tolerance.
-            stale = Signer([SECRET]).headers(event["id"], genuine.body.decode(),
-                                             datetime.now(UTC) - timedelta(minutes=10))
-            assert await receiver.post(genuine.body, stale) == 400
-            assert receiver.refused == [
-                "No matching signature found",
-                "No matching signature found",
-                "Message timestamp too old",
-            ]
-            assert receiver.accepted_ids == [event["id"]]
-    finally:
-        await receiver.stop()
+    async with (
+        Receiver(SECRET) as receiver,
+        open_memory_store() as store,
+        running(store, receiver) as run,
+    ):
+        alice = await connect(run.store, "open-a")
+        event = await record(run, alice)
+        await until_accepted(receiver, [event["id"]])
+        genuine = receiver.requests[0]
+        headers = {k: v for k, v in genuine.headers.items() if k.lower().startswith("webhook")}
+        headers["Content-Type"] = "application/json"
+        # Tampered body, same signature.
+        tampered = genuine.body.replace(b"open-a", b"open-z")
+        assert await receiver.post(tampered, headers) == 400
+        # Signed with a key the product does not have.
+        forged = Signer([OTHER_SECRET]).headers(event["id"], genuine.body.decode(),
+                                                datetime.now(UTC))
+        assert await receiver.post(genuine.body, forged) == 400
+        # A genuine signature replayed after the 5-minute tolerance.
+        stale = Signer([SECRET]).headers(event["id"], genuine.body.decode(),
+                                         datetime.now(UTC) - timedelta(minutes=10))
+        assert await receiver.post(genuine.body, stale) == 400
+        assert receiver.refused == [
+            "No matching signature found",
+            "No matching signature found",
+            "Message timestamp too old",
+        ]
+        assert receiver.accepted_ids == [event["id"]]
 
 
 @gen_test
 async def test_every_secret_signs_during_a_key_change_over():
-    old_side, new_side = Receiver(SECRET), Webhook(OTHER_SECRET)
-    old_side.start()
-    try:
-        async with open_memory_store() as store, running(
-            store, old_side, secrets=f"{OTHER_SECRET},{SECRET}"
-        ) as run:
-            alice = await connect(run.store, "open-a")
-            event = await record(run, alice)
-            await until_accepted(old_side, [event["id"]])
-            delivery = old_side.requests[0]
-            assert delivery.headers["Webhook-Signature"].count("v1,") == 2
-            assert new_side.verify(delivery.body, delivery.headers)["id"] == event["id"]
-    finally:
-        await old_side.stop()
+    new_side = Webhook(OTHER_SECRET)
+    async with (
+        Receiver(SECRET) as old_side,
+        open_memory_store() as store,
+        running(store, old_side, secrets=f"{OTHER_SECRET},{SECRET}") as run,
+    ):
+        alice = await connect(run.store, "open-a")
+        event = await record(run, alice)
+        await until_accepted(old_side, [event["id"]])
+        delivery = old_side.requests[0]
+        assert delivery.headers["Webhook-Signature"].count("v1,") == 2
+        assert new_side.verify(delivery.body, delivery.headers)["id"] == event["id"]
 
 
 @gen_test
 async def test_stopping_lets_a_delivery_in_flight_finish():
-    receiver = Receiver(SECRET)
-    receiver.script = ["slow"]
-    receiver.slow_seconds = 0.5
-    receiver.start()
-    try:
-        async with open_memory_store() as store, running(store, receiver) as run:
-            alice = await connect(run.store, "open-a")
-            event = await record(run, alice)
+    async with (
+        Receiver(SECRET, script=["slow"], slow_seconds=0.5) as receiver,
+        open_memory_store() as store,
+        running(store, receiver) as run,
+    ):
+        alice = await connect(run.store, "open-a")
+        event = await record(run, alice)
 
-            async def arrived() -> int:
-                return len(receiver.requests)
+        async def arrived() -> int:
+            return len(receiver.requests)
 
-            await poll_until(arrived, lambda n: n == 1, timeout=WAIT, interval=0.02,
-                             what="delivery in flight")
-            await run.workers.stop(grace_seconds=5)
-            assert (await run.store.get_event(event["id"])).status is EventStatus.DELIVERED
-            assert receiver.accepted_ids == [event["id"]]
-    finally:
-        await receiver.stop()
+        await poll_until(arrived, lambda n: n == 1, timeout=WAIT, interval=0.02,
+                         what="delivery in flight")
+        await run.workers.stop(grace_seconds=5)
+        assert (await run.store.get_event(event["id"])).status is EventStatus.DELIVERED
+        assert receiver.accepted_ids == [event["id"]]
 
 
 @gen_test
 async def test_two_delivery_workers_on_one_mongodb_deliver_each_event_once(
     mongo_server, mongo_database_name, mongo_driver
 ):
-    receiver = Receiver(SECRET)
-    receiver.start()
     uri = mongo_server.uri
-    try:
-        async with (
-            open_mongo_store(uri, mongo_database_name, mongo_driver) as first,
-            open_mongo_store(uri, mongo_database_name, mongo_driver) as second,
-            running(first, receiver) as one,
-            running(second, receiver) as two,
-        ):
-            accounts = [await connect(one.store, f"open-{i}") for i in range(4)]
-            sent = []
-            for round_ in range(3):
-                for index, account in enumerate(accounts):
-                    run = one if (round_ + index) % 2 else two
-                    sent.append(await record(run, account))
-            await until_accepted(receiver, [e["id"] for e in sent])
-            for event in sent:
-                await until_status(one.store, event["id"], EventStatus.DELIVERED)
-            assert receiver.accepted_counts() == {e["id"]: 1 for e in sent}
-            assert len(receiver.requests) == len(sent)
-            for account in accounts:
-                assert receiver.for_account(account.id) == [
-                    e["id"] for e in sent if e["data"]["account"]["id"] == account.id
-                ]
-            delivered = one.metric("tiktok_gateway_events_delivered_total") + two.metric(
-                "tiktok_gateway_events_delivered_total")
-            assert delivered == len(sent)
-    finally:
-        await receiver.stop()
+    async with (
+        Receiver(SECRET) as receiver,
+        open_mongo_store(uri, mongo_database_name, mongo_driver) as first,
+        open_mongo_store(uri, mongo_database_name, mongo_driver) as second,
+        running(first, receiver) as one,
+        running(second, receiver) as two,
+    ):
+        accounts = [await connect(one.store, f"open-{i}") for i in range(4)]
+        sent = []
+        for round_ in range(3):
+            for index, account in enumerate(accounts):
+                run = one if (round_ + index) % 2 else two
+                sent.append(await record(run, account))
+        await until_accepted(receiver, [e["id"] for e in sent])
+        for event in sent:
+            await until_status(one.store, event["id"], EventStatus.DELIVERED)
+        assert receiver.accepted_counts() == {e["id"]: 1 for e in sent}
+        assert len(receiver.requests) == len(sent)
+        for account in accounts:
+            assert receiver.for_account(account.id) == [
+                e["id"] for e in sent if e["data"]["account"]["id"] == account.id
+            ]
+        delivered = one.metric("tiktok_gateway_events_delivered_total") + two.metric(
+            "tiktok_gateway_events_delivered_total")
+        assert delivered == len(sent)
 
 
 @gen_test

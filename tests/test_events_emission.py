@@ -39,17 +39,17 @@ from storage.mongodb import (
     MongoStore,
     expiry_notice_query,
 )
+from tests import flow
 from tests.fixtures_mongo import mongo_failpoint, open_mongo_store
-from tests.flow import consent, follow, location, sandbox_settings, start
+from tests.flow import sandbox_settings
 from tests.processes import poll_until
 from tests.receiver import Receiver
-from tests.support import PRODUCT_REDIRECT, assert_envelope, bearer, make_config
+from tests.support import assert_envelope, bearer, make_config
 from tests.test_events_delivery import EVENTS_BEARER, SECRET, WAIT, serving
 from tests.test_events_delivery import Running as DeliveryRunning
 from tests.test_store import plan_stages
 
 OWNER = "user-123"
-CONNECTED_REDIRECT = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 # Every access token is due: the access-token endpoint always asks TikTok.
 ALWAYS_DUE = "90000"
 ACCOUNT_KEYS = {
@@ -70,9 +70,7 @@ class Running(DeliveryRunning):
 
     async def connect(self) -> dict[str, Any]:
         """The sandbox's user through the whole flow; the account as GET /accounts shows it."""
-        started = await start(self.client, self.url, owner=OWNER)
-        callback_url = await consent(self.client, self.url, started["authorizationUrl"])
-        assert location(await follow(self.client, callback_url)) == CONNECTED_REDIRECT
+        await flow.connect(self.client, self.url, owner=OWNER)
         [account] = json.loads((await self.call("GET", "/accounts", bearer(OWNER))).body)[
             "accounts"]
         return dict(account)
@@ -87,6 +85,11 @@ class Running(DeliveryRunning):
         response = await self.call("GET", "/events?limit=500", EVENTS_BEARER)
         assert response.code == 200, response.body
         return list(json.loads(response.body)["events"])
+
+    async def tiktok_removes(self, sandbox: Any, open_id: str, reason: int) -> int:
+        """TikTok's signed ``authorization.removed`` webhook for ``open_id``; our status."""
+        return int(await sandbox.send_webhook(
+            self.url + "/webhooks/tiktok", "authorization.removed", open_id, {"reason": reason}))
 
     def refresher(self) -> Refresher:
         # The gateway's own AccountService, as start_refresher hands it over.
@@ -128,127 +131,124 @@ def assert_event(event: dict[str, Any], event_type: str, account_id: str, **data
     assert {k: v for k, v in event["data"].items() if k != "account"} == data
 
 
+async def next_change(
+    run: Running, receiver: Receiver, count: int, event_type: str, account_id: str, **data: Any
+) -> dict[str, Any]:
+    """The ``count``-th event, of ``event_type`` with ``data``, carrying the account as
+    the accounts API shows it after the change."""
+    event = await next_event(receiver, count)
+    assert_event(event, event_type, account_id, **data)
+    assert event["data"]["account"] == await run.shown(account_id)
+    return event
+
+
 @gen_test
 async def test_every_cause_emits_its_event_signed_and_in_order(make_store, sandbox):
-    receiver = Receiver(SECRET)
-    receiver.start()
-    try:
-        async with make_store() as store, running(store, sandbox, receiver) as run:
-            # A first connection: the callback records it (the profile comes after).
-            account = await run.connect()
-            account_id = account["id"]
-            first = await next_event(receiver, 1)
-            assert_event(first, CONNECTED, account_id, reconnected=False)
-            assert first["data"]["account"]["status"] == "connected"
-            tokens = await run.store.get_account_tokens(account_id)
-            # Never a token, in any delivery.
-            for delivery in receiver.requests:
-                for token in (tokens.access_token, tokens.refresh_token):
-                    assert token not in delivery.body.decode()
+    async with (
+        Receiver(SECRET) as receiver,
+        make_store() as store,
+        running(store, sandbox, receiver) as run,
+    ):
+        # A first connection: the callback records it (the profile comes after).
+        account = await run.connect()
+        account_id = account["id"]
+        first = await next_event(receiver, 1)
+        assert_event(first, CONNECTED, account_id, reconnected=False)
+        assert first["data"]["account"]["status"] == "connected"
+        tokens = await run.store.get_account_tokens(account_id)
+        # Never a token, in any delivery.
+        for delivery in receiver.requests:
+            for token in (tokens.access_token, tokens.refresh_token):
+                assert token not in delivery.body.decode()
 
-            # The same TikTok user connects again: the same account, reconnected.
-            await run.connect()
-            again = await next_event(receiver, 2)
-            assert_event(again, CONNECTED, account_id, reconnected=True)
-            assert again["data"]["account"]["displayName"] == "Sandbox Creator"
+        # The same TikTok user connects again: the same account, reconnected.
+        await run.connect()
+        again = await next_event(receiver, 2)
+        assert_event(again, CONNECTED, account_id, reconnected=True)
+        assert again["data"]["account"]["displayName"] == "Sandbox Creator"
 
-            # The product disconnects it.
-            response = await run.call("DELETE", f"/accounts/{account_id}", bearer(OWNER))
-            assert response.code == 200, response.body
-            disconnected = await next_event(receiver, 3)
-            assert_event(disconnected, REVOKED, account_id, source="product")
-            # The account as the accounts API shows it after the change.
-            assert disconnected["data"]["account"] == await run.shown(account_id)
-            assert disconnected["data"]["account"]["status"] == "revoked"
+        # The product disconnects it.
+        response = await run.call("DELETE", f"/accounts/{account_id}", bearer(OWNER))
+        assert response.code == 200, response.body
+        disconnected = await next_change(run, receiver, 3, REVOKED, account_id, source="product")
+        assert disconnected["data"]["account"]["status"] == "revoked"
 
-            # Connected again, then removed by the user in TikTok: its signed webhook.
-            await run.connect()
-            assert_event(await next_event(receiver, 4), CONNECTED, account_id,
-                         reconnected=True)
-            open_id = account["platformAccountId"]
-            sandbox.revoke_all_for(open_id)
-            status = await sandbox.send_webhook(
-                run.url + "/webhooks/tiktok", "authorization.removed", open_id, {"reason": 1})
-            assert status == 200
-            removed = await next_event(receiver, 5)
-            assert_event(removed, REVOKED, account_id, source="tiktok", reason=1)
-            assert removed["data"]["account"] == await run.shown(account_id)
-            # TikTok delivers it again: nothing changes, no second event.
-            assert await sandbox.send_webhook(
-                run.url + "/webhooks/tiktok", "authorization.removed", open_id,
-                {"reason": 1}) == 200
-            await asyncio.sleep(0.3)
-            assert len(receiver.accepted) == 5
+        # Connected again, then removed by the user in TikTok: its signed webhook.
+        await run.connect()
+        assert_event(await next_event(receiver, 4), CONNECTED, account_id,
+                     reconnected=True)
+        open_id = account["platformAccountId"]
+        sandbox.revoke_all_for(open_id)
+        assert await run.tiktok_removes(sandbox, open_id, reason=1) == 200
+        await next_change(run, receiver, 5, REVOKED, account_id, source="tiktok", reason=1)
+        # TikTok delivers it again: nothing changes, no second event.
+        assert await run.tiktok_removes(sandbox, open_id, reason=1) == 200
+        await asyncio.sleep(0.3)
+        assert len(receiver.accepted) == 5
 
-            # Connected again; the user removes the app without a webhook: TikTok refuses
-            # the refresh the access-token endpoint asks for (invalid_grant).
-            await run.connect()
-            assert_event(await next_event(receiver, 6), CONNECTED, account_id,
-                         reconnected=True)
-            sandbox.revoke_all_for(open_id)
-            path = f"/accounts/{account_id}/access-token"
-            refused = await run.call("POST", path, bearer(OWNER, scope=TOKENS_SCOPE))
-            assert_envelope(refused, 409, "CONFLICT")
-            required = await next_event(receiver, 7)
-            assert_event(required, REAUTHORIZATION_REQUIRED, account_id,
-                         reason="refresh_refused")
-            assert required["data"]["account"] == await run.shown(account_id)
-            # Asked again: already marked, so no second event.
-            assert (await run.call("POST", path, bearer(OWNER, scope=TOKENS_SCOPE))).code == 409
+        # Connected again; the user removes the app without a webhook: TikTok refuses
+        # the refresh the access-token endpoint asks for (invalid_grant).
+        await run.connect()
+        assert_event(await next_event(receiver, 6), CONNECTED, account_id,
+                     reconnected=True)
+        sandbox.revoke_all_for(open_id)
+        path = f"/accounts/{account_id}/access-token"
+        refused = await run.call("POST", path, bearer(OWNER, scope=TOKENS_SCOPE))
+        assert_envelope(refused, 409, "CONFLICT")
+        await next_change(run, receiver, 7, REAUTHORIZATION_REQUIRED, account_id,
+                          reason="refresh_refused")
+        # Asked again: already marked, so no second event.
+        assert (await run.call("POST", path, bearer(OWNER, scope=TOKENS_SCOPE))).code == 409
 
-            # Connected again; 180 days on, the refresher's sweep finds the refresh
-            # token expired.
-            fresh = await run.connect()
-            assert_event(await next_event(receiver, 8), CONNECTED, account_id,
-                         reconnected=True)
-            expires = datetime.fromisoformat(fresh["refreshTokenExpiresAt"])
-            refresher = run.refresher()
-            swept = await refresher.run_once(now=expires + timedelta(seconds=1))
-            assert swept.outcomes == {"refresh_token_expired": 1}
-            expired = await next_event(receiver, 9)
-            assert_event(expired, REAUTHORIZATION_REQUIRED, account_id,
-                         reason="refresh_token_expired")
-            assert expired["data"]["account"] == await run.shown(account_id)
+        # Connected again; 180 days on, the refresher's sweep finds the refresh
+        # token expired.
+        fresh = await run.connect()
+        assert_event(await next_event(receiver, 8), CONNECTED, account_id,
+                     reconnected=True)
+        expires = datetime.fromisoformat(fresh["refreshTokenExpiresAt"])
+        refresher = run.refresher()
+        swept = await refresher.run_once(now=expires + timedelta(seconds=1))
+        assert swept.outcomes == {"refresh_token_expired": 1}
+        await next_change(run, receiver, 9, REAUTHORIZATION_REQUIRED, account_id,
+                          reason="refresh_token_expired")
 
-            # Connected again; ten days before its refresh token expires, a round tells
-            # the product once, and the next rounds do not again.
-            fresh = await run.connect()
-            assert_event(await next_event(receiver, 10), CONNECTED, account_id,
-                         reconnected=True)
-            expires = datetime.fromisoformat(fresh["refreshTokenExpiresAt"])
-            assert (await refresher.run_once(now=expires - timedelta(days=15))
-                    ).expiry_notices == 0
-            noticed = await refresher.run_once(now=expires - timedelta(days=10))
-            assert noticed.expiry_notices == 1
-            due = await next_event(receiver, 11)
-            assert_event(due, REAUTHORIZATION_DUE, account_id)
-            assert due["data"]["account"]["status"] == "connected"
-            assert due["data"]["account"]["refreshTokenExpiresAt"] == (
-                fresh["refreshTokenExpiresAt"])
-            for days in (9, 1):
-                later = await refresher.run_once(now=expires - timedelta(days=days))
-                assert later.expiry_notices == 0
-            await asyncio.sleep(0.3)
-            assert len(receiver.accepted) == 11
-            assert (await run.shown(account_id))["status"] == "connected"
+        # Connected again; ten days before its refresh token expires, a round tells
+        # the product once, and the next rounds do not again.
+        fresh = await run.connect()
+        assert_event(await next_event(receiver, 10), CONNECTED, account_id,
+                     reconnected=True)
+        expires = datetime.fromisoformat(fresh["refreshTokenExpiresAt"])
+        assert (await refresher.run_once(now=expires - timedelta(days=15))
+                ).expiry_notices == 0
+        noticed = await refresher.run_once(now=expires - timedelta(days=10))
+        assert noticed.expiry_notices == 1
+        due = await next_event(receiver, 11)
+        assert_event(due, REAUTHORIZATION_DUE, account_id)
+        assert due["data"]["account"]["status"] == "connected"
+        assert due["data"]["account"]["refreshTokenExpiresAt"] == (
+            fresh["refreshTokenExpiresAt"])
+        for days in (9, 1):
+            later = await refresher.run_once(now=expires - timedelta(days=days))
+            assert later.expiry_notices == 0
+        await asyncio.sleep(0.3)
+        assert len(receiver.accepted) == 11
+        assert (await run.shown(account_id))["status"] == "connected"
 
-            # Every delivery verified, each event once, in the order of its causes; the
-            # pull feed lists the same events in the same order.
-            assert receiver.refused == []
-            assert len(receiver.requests) == 11
-            assert [e["type"] for e in receiver.accepted] == [
-                CONNECTED, CONNECTED, REVOKED, CONNECTED, REVOKED, CONNECTED,
-                REAUTHORIZATION_REQUIRED, CONNECTED, REAUTHORIZATION_REQUIRED, CONNECTED,
-                REAUTHORIZATION_DUE,
-            ]
-            recorded = await run.recorded()
-            assert [e["id"] for e in recorded] == receiver.accepted_ids
-            assert [{k: v for k, v in e.items() if k != "delivery"} for e in recorded] == (
-                receiver.accepted)
-            stamps = [e["timestamp"] for e in recorded]
-            assert stamps == sorted(stamps)
-    finally:
-        await receiver.stop()
+        # Every delivery verified, each event once, in the order of its causes; the
+        # pull feed lists the same events in the same order.
+        assert receiver.refused == []
+        assert len(receiver.requests) == 11
+        assert [e["type"] for e in receiver.accepted] == [
+            CONNECTED, CONNECTED, REVOKED, CONNECTED, REVOKED, CONNECTED,
+            REAUTHORIZATION_REQUIRED, CONNECTED, REAUTHORIZATION_REQUIRED, CONNECTED,
+            REAUTHORIZATION_DUE,
+        ]
+        recorded = await run.recorded()
+        assert [e["id"] for e in recorded] == receiver.accepted_ids
+        assert [{k: v for k, v in e.items() if k != "delivery"} for e in recorded] == (
+            receiver.accepted)
+        stamps = [e["timestamp"] for e in recorded]
+        assert stamps == sorted(stamps)
 
 
 @gen_test
@@ -287,58 +287,47 @@ def _oid(account_id: str) -> ObjectId:
 async def test_a_failed_state_change_records_no_event_and_its_retry_records_one(
     mongo_server, mongo_database_name, mongo_driver, sandbox
 ):
-    receiver = Receiver(SECRET)
-    receiver.start()
     uri = mongo_server.uri
-    try:
-        async with (
-            open_mongo_store(uri, mongo_database_name, mongo_driver) as store,
-            running(store, sandbox, receiver, REFRESH_SKEW_SECONDS="300") as run,
-        ):
-            account = await run.connect()
-            account_id = account["id"]
-            await next_event(receiver, 1)
-            assert await outbox_and_log(store, account_id) == (0, 1)
+    async with (
+        Receiver(SECRET) as receiver,
+        open_mongo_store(uri, mongo_database_name, mongo_driver) as store,
+        running(store, sandbox, receiver, REFRESH_SKEW_SECONDS="300") as run,
+    ):
+        account = await run.connect()
+        account_id = account["id"]
+        await next_event(receiver, 1)
+        assert await outbox_and_log(store, account_id) == (0, 1)
 
-            # MongoDB refuses the revocation's update: the disconnect answers 503, the
-            # account stays connected, and no event exists, in the outbox or the log.
-            with mongo_failpoint(uri, failCommands=["update"], errorCode=13,
-                                 appName=APP_NAME):
-                failed = await run.call("DELETE", f"/accounts/{account_id}", bearer(OWNER))
-                assert_envelope(failed, 503, "SERVICE_UNAVAILABLE")
-            assert (await run.shown(account_id))["status"] == "connected"
-            await asyncio.sleep(0.3)  # a relay round would have found one
-            assert await outbox_and_log(store, account_id) == (0, 1)
-            assert len(receiver.accepted) == 1
+        # MongoDB refuses the revocation's update: the disconnect answers 503, the
+        # account stays connected, and no event exists, in the outbox or the log.
+        with mongo_failpoint(uri, failCommands=["update"], errorCode=13,
+                             appName=APP_NAME):
+            failed = await run.call("DELETE", f"/accounts/{account_id}", bearer(OWNER))
+            assert_envelope(failed, 503, "SERVICE_UNAVAILABLE")
+        assert (await run.shown(account_id))["status"] == "connected"
+        await asyncio.sleep(0.3)  # a relay round would have found one
+        assert await outbox_and_log(store, account_id) == (0, 1)
+        assert len(receiver.accepted) == 1
 
-            # TikTok's removal webhook while MongoDB refuses updates: 503 (TikTok
-            # retries it), nothing changed, nothing recorded.
-            open_id = account["platformAccountId"]
-            with mongo_failpoint(uri, failCommands=["update"], errorCode=13,
-                                 appName=APP_NAME):
-                status = await sandbox.send_webhook(
-                    run.url + "/webhooks/tiktok", "authorization.removed", open_id,
-                    {"reason": 2})
-                assert status == 503
-            assert (await run.shown(account_id))["status"] == "connected"
-            assert await outbox_and_log(store, account_id) == (0, 1)
+        # TikTok's removal webhook while MongoDB refuses updates: 503 (TikTok
+        # retries it), nothing changed, nothing recorded.
+        open_id = account["platformAccountId"]
+        with mongo_failpoint(uri, failCommands=["update"], errorCode=13,
+                             appName=APP_NAME):
+            assert await run.tiktok_removes(sandbox, open_id, reason=2) == 503
+        assert (await run.shown(account_id))["status"] == "connected"
+        assert await outbox_and_log(store, account_id) == (0, 1)
 
-            # TikTok's retry lands: the change and its one event.
-            status = await sandbox.send_webhook(
-                run.url + "/webhooks/tiktok", "authorization.removed", open_id, {"reason": 2})
-            assert status == 200
-            removed = await next_event(receiver, 2)
-            assert_event(removed, REVOKED, account_id, source="tiktok", reason=2)
-            assert removed["data"]["account"] == await run.shown(account_id)
+        # TikTok's retry lands: the change and its one event.
+        assert await run.tiktok_removes(sandbox, open_id, reason=2) == 200
+        await next_change(run, receiver, 2, REVOKED, account_id, source="tiktok", reason=2)
 
-            async def settled() -> tuple[int, int]:
-                return await outbox_and_log(store, account_id)
+        async def settled() -> tuple[int, int]:
+            return await outbox_and_log(store, account_id)
 
-            await poll_until(settled, lambda counts: counts == (0, 2), timeout=WAIT,
-                             interval=0.05, what="relayed")
-            assert [e["type"] for e in await run.recorded()] == [CONNECTED, REVOKED]
-    finally:
-        await receiver.stop()
+        await poll_until(settled, lambda counts: counts == (0, 2), timeout=WAIT,
+                         interval=0.05, what="relayed")
+        assert [e["type"] for e in await run.recorded()] == [CONNECTED, REVOKED]
 
 
 # -- the stores: one write, however they race ----------------------------------------------

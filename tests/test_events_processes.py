@@ -110,28 +110,27 @@ async def test_two_gateway_processes_deliver_each_event_once(
 ):
     uri = mongo_server.uri
     receiver = Receiver(SECRET)
-    receiver.start()
     env = settings(uri, mongo_database_name, receiver, "0.5,0.5,0.5")
-    try:
-        async with open_mongo_store(uri, mongo_database_name, "pymongo", cipher()) as store:
-            accounts = [await connect(store, f"open-{i}") for i in range(4)]
-            with (
-                GatewayProcess(tmp_path / "one.log", **env) as one,
-                GatewayProcess(tmp_path / "two.log", **env) as two,
-            ):
-                await one.wait_ready(client)
-                await two.wait_ready(client)
-                sent = []
-                for _ in range(3):
-                    sent += [await record(store, a) for a in accounts]
-                ids = [e["id"] for e in sent]
-                await until(store, ids, lambda e: e.status is EventStatus.DELIVERED,
-                            "delivered")
-                assert one.running and two.running
-            assert_in_order_once(receiver, accounts, sent)
-            assert len(receiver.requests) == len(sent)  # not one sent twice
-            for name in ("one.log", "two.log"):
-                log = (tmp_path / name).read_text()
-                assert "Traceback" not in log, log[-3000:]
-    finally:
-        await receiver.stop()
+    async with (
+        receiver,
+        open_mongo_store(uri, mongo_database_name, "pymongo", cipher()) as store,
+    ):
+        accounts = [await connect(store, f"open-{i}") for i in range(4)]
+        with (
+            GatewayProcess(tmp_path / "one.log", **env) as one,
+            GatewayProcess(tmp_path / "two.log", **env) as two,
+        ):
+            await one.wait_ready(client)
+            await two.wait_ready(client)
+            sent = []
+            for _ in range(3):
+                sent += [await record(store, a) for a in accounts]
+            ids = [e["id"] for e in sent]
+            await until(store, ids, lambda e: e.status is EventStatus.DELIVERED,
+                        "delivered")
+            assert one.running and two.running
+        assert_in_order_once(receiver, accounts, sent)
+        assert len(receiver.requests) == len(sent)  # not one sent twice
+        for name in ("one.log", "two.log"):
+            log = (tmp_path / name).read_text()
+            assert "Traceback" not in log, log[-3000:]

@@ -26,6 +26,7 @@ from tests.flow import (
     assert_one_state_connected_once,
     connect,
     consent,
+    consented,
     follow,
     location,
     sandbox_settings,
@@ -152,8 +153,7 @@ async def test_flow_stores_encrypted_tokens_and_completes_state(
 @gen_test
 async def test_repeated_callback_answers_same_redirect(http_client, base_url, app, sandbox):
     await initialized_store(app)
-    started = await start(http_client, base_url)
-    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    callback_url = await consented(http_client, base_url)
     first = await follow(http_client, callback_url)
     second = await follow(http_client, callback_url)
     assert location(first) == location(second) == CONNECTED
@@ -166,8 +166,7 @@ async def test_concurrent_callbacks_exchange_the_code_once(
     wide_client, base_url, app, sandbox, raw_db
 ):
     await initialized_store(app)
-    started = await start(wide_client, base_url)
-    callback_url = await consent(wide_client, base_url, started["authorizationUrl"])
+    callback_url = await consented(wide_client, base_url)
     responses = await asyncio.gather(*(follow(wide_client, callback_url) for _ in range(20)))
     assert_one_state_connected_once(responses, CONNECTED)
     assert sandbox.stats["token"] == 1

@@ -12,6 +12,7 @@ from tests.flow import (
     SANDBOX_PKCE,
     assert_one_state_connected_once,
     consent,
+    consented,
     follow,
     live_sandbox,
     location,
@@ -55,8 +56,8 @@ def app(gateway_settings):
 
 @pytest.mark.gen_test
 async def test_connects_and_stores_account(http_client, base_url, app, sandbox):
-    started = await start(http_client, base_url, scopes=["user.info.basic", "user.info.profile"])
-    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    callback_url = await consented(http_client, base_url,
+                                   scopes=["user.info.basic", "user.info.profile"])
     assert "%2A" in callback_url or "*" in callback_url  # TikTok-like code characters survive
     response = await follow(http_client, callback_url)
     assert location(response) == CONNECTED
@@ -79,8 +80,7 @@ async def test_connects_and_stores_account(http_client, base_url, app, sandbox):
 async def test_repeated_callback_answers_same_redirect_without_tiktok(
     http_client, base_url, sandbox
 ):
-    started = await start(http_client, base_url)
-    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    callback_url = await consented(http_client, base_url)
     first = await follow(http_client, callback_url)
     second = await follow(http_client, callback_url)
     assert location(first) == location(second) == CONNECTED
@@ -94,8 +94,7 @@ async def test_repeated_callback_answers_same_redirect_without_tiktok(
 async def test_concurrent_callbacks_with_one_state_exchange_once(
     http_client, base_url, app, sandbox
 ):
-    started = await start(http_client, base_url)
-    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    callback_url = await consented(http_client, base_url)
     responses = await asyncio.gather(*(follow(http_client, callback_url) for _ in range(20)))
     assert_one_state_connected_once(responses, CONNECTED)
     assert sandbox.stats["token"] == 1
@@ -105,8 +104,7 @@ async def test_concurrent_callbacks_with_one_state_exchange_once(
 @pytest.mark.gen_test
 async def test_reconnecting_updates_the_same_account(http_client, base_url, app, sandbox):
     for _ in range(2):
-        started = await start(http_client, base_url)
-        callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+        callback_url = await consented(http_client, base_url)
         assert location(await follow(http_client, callback_url)) == CONNECTED
     accounts = await store_of(app).list_accounts("user-123")
     assert len(accounts) == 1
@@ -129,20 +127,15 @@ async def test_code_injection_is_refused_by_pkce(http_client, base_url, app, san
 
 @pytest.mark.gen_test
 async def test_partial_grant_without_basic_scope_is_refused(http_client, base_url, sandbox):
-    started = await start(http_client, base_url, scopes=["user.info.basic", "video.list"])
-    callback_url = await consent(
-        http_client, base_url, started["authorizationUrl"], sandbox_grant="video.list"
-    )
+    callback_url = await consented(http_client, base_url, scopes=["user.info.basic", "video.list"],
+                                   sandbox_grant="video.list")
     assert_envelope(await follow(http_client, callback_url), 400, "PERMISSION_DENIED")
     assert sandbox.stats["token"] == 0
 
 
 @pytest.mark.gen_test
 async def test_user_denies_at_tiktok(http_client, base_url, sandbox):
-    started = await start(http_client, base_url)
-    callback_url = await consent(
-        http_client, base_url, started["authorizationUrl"], sandbox_decision="deny"
-    )
+    callback_url = await consented(http_client, base_url, sandbox_decision="deny")
     body = assert_envelope(await follow(http_client, callback_url), 400, "PERMISSION_DENIED")
     assert body["details"]["providerError"] == "access_denied"
     assert sandbox.stats["token"] == 0
@@ -162,8 +155,7 @@ async def test_user_denies_at_tiktok(http_client, base_url, sandbox):
 async def test_token_endpoint_faults_end_in_503_without_retry(
     http_client, base_url, app, sandbox, fault, providerless
 ):
-    started = await start(http_client, base_url)
-    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    callback_url = await consented(http_client, base_url)
     sandbox.add_fault("token", **fault)
     response = await follow(http_client, callback_url)
     body = assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
@@ -178,8 +170,7 @@ async def test_token_endpoint_faults_end_in_503_without_retry(
 async def test_profile_is_retried_then_kept_pending_when_it_keeps_failing(
     http_client, base_url, app, sandbox
 ):
-    started = await start(http_client, base_url)
-    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    callback_url = await consented(http_client, base_url)
     sandbox.add_fault("userinfo", status=503, count=3)
     # Connected all the same: the profile is the background filler's to load.
     assert location(await follow(http_client, callback_url)) == CONNECTED
@@ -191,8 +182,7 @@ async def test_profile_is_retried_then_kept_pending_when_it_keeps_failing(
 
 @pytest.mark.gen_test(timeout=15)
 async def test_profile_429_is_retried_and_succeeds(http_client, base_url, sandbox):
-    started = await start(http_client, base_url)
-    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    callback_url = await consented(http_client, base_url)
     sandbox.add_fault("userinfo", status=429, retry_after=1, count=2)
     assert location(await follow(http_client, callback_url)) == CONNECTED
     assert sandbox.stats["userinfo"] == 3
@@ -226,8 +216,7 @@ class TestUnreachableTikTok:
 
     @pytest.mark.gen_test
     async def test_connection_refused_is_503(self, http_client, base_url):
-        started = await start(http_client, base_url)
-        callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+        callback_url = await consented(http_client, base_url)
         body = assert_envelope(await follow(http_client, callback_url), 503, "SERVICE_UNAVAILABLE")
         assert body["details"]["endpoint"] == "token"
 
@@ -242,8 +231,7 @@ class TestCallbackBudget:
 
     @pytest.mark.gen_test(timeout=15)
     async def test_profile_retries_stop_at_the_budget(self, http_client, base_url, sandbox):
-        started = await start(http_client, base_url)
-        callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+        callback_url = await consented(http_client, base_url)
         sandbox.add_fault("userinfo", status=200, delay=3.0, count=3)
         # Connected, its profile pending: the budget bounds the browser's wait.
         assert location(await follow(http_client, callback_url)) == CONNECTED
@@ -255,10 +243,8 @@ class TestCallbackBudget:
 async def test_tokens_granted_without_basic_scope_are_revoked_not_kept(
     http_client, base_url, app, sandbox
 ):
-    started = await start(http_client, base_url, scopes=["user.info.basic", "video.list"])
-    callback_url = await consent(
-        http_client, base_url, started["authorizationUrl"], sandbox_grant="video.list"
-    )
+    callback_url = await consented(http_client, base_url, scopes=["user.info.basic", "video.list"],
+                                   sandbox_grant="video.list")
     # Without TikTok's scopes parameter the gap only shows in the token response.
     without_scopes = "&".join(
         part for part in callback_url.split("&") if not part.startswith("scopes=")

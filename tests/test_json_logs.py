@@ -9,26 +9,24 @@ import logging
 import subprocess
 import sys
 from typing import Any
-from urllib.parse import parse_qs, quote, quote_plus, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from services.config import ConfigError
 from services.logging_setup import FIELDS, JsonFormatter, current_request_id, formatter_for
-from tests.flow import fetch_with_request_id, sandbox_settings
+from tests.flow import consent, fetch_with_request_id, sandbox_settings
 from tests.processes import ROOT, GatewayProcess
 from tests.support import (
-    AUTH_SECRET,
     CLIENT_SECRET,
+    CONFIGURED_SECRETS,
     CONNECTED,
     PRODUCT_REDIRECT,
-    REDIRECT_URI,
-    STATE_SECRET,
-    TOKEN_KEY,
     environ,
     make_config,
     product_token,
+    query_of,
 )
 
 BASE_FIELDS = {"time", "level", "logger", "message"}
@@ -41,8 +39,7 @@ class Session:
         self.client = client
         self.url = gateway_url
         self.requests: dict[str, tuple[str, str, int]] = {}  # id -> method, path, status
-        self.secrets: set[str] = {CLIENT_SECRET, STATE_SECRET, AUTH_SECRET,
-                                  TOKEN_KEY.split(":", 1)[1]}
+        self.secrets: set[str] = set(CONFIGURED_SECRETS.values())
 
     async def call(self, label: str, url: str, *, method: str = "GET", body: str | None = None,
                    headers: dict[str, str] | None = None) -> Any:
@@ -64,13 +61,8 @@ class Session:
         assert response.code == 200, response.body
         started = json.loads(response.body)
         self.secrets.add(started["state"])
-        consent_url = started["authorizationUrl"] + "".join(f"&{k}={v}" for k, v in knobs.items())
-        at_tiktok = await self.client.fetch(consent_url, follow_redirects=False,
-                                            raise_error=False)
-        redirect = at_tiktok.headers["Location"]
-        assert redirect.startswith(REDIRECT_URI + "?")
-        self.secrets.update(parse_qs(urlsplit(redirect).query).get("code", []))
-        callback_url = self.url + "/oauth/tiktok/callback" + redirect[len(REDIRECT_URI):]
+        callback_url = await consent(self.client, self.url, started["authorizationUrl"], **knobs)
+        self.secrets.update(query_of(callback_url).get("code", []))
         return await self.call(label, callback_url)
 
 

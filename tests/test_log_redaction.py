@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs, quote, quote_plus, urlencode, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import pytest
 
@@ -39,17 +39,14 @@ from storage.base import AccountTokens, PendingAuthorization, TokenGrant
 from storage.crypto import TokenCipher
 from storage.memory import MemoryStore
 from storage.tokens import TokenSealer
-from tests.flow import fetch_with_request_id, live_sandbox, sandbox_settings
+from tests.flow import consent, fetch_with_request_id, live_sandbox, sandbox_settings
 from tests.support import (
-    AUTH_SECRET,
-    CLIENT_SECRET,
+    CONFIGURED_SECRETS,
     CONNECTED,
     PRODUCT_REDIRECT,
-    REDIRECT_URI,
-    STATE_SECRET,
-    TOKEN_KEY,
     make_config,
     product_token,
+    query_of,
 )
 
 BUG_MESSAGE = "store bug: the disk is on fire"
@@ -250,14 +247,10 @@ class Driver:
 
     async def consent(self, started: dict[str, Any], **knobs: str) -> str:
         """At the sandbox's consent page: the gateway callback URL TikTok sends back."""
-        url = started["authorizationUrl"] + ("&" + urlencode(knobs) if knobs else "")
-        response = await self.http.fetch(url, follow_redirects=False, raise_error=False)
-        assert response.code == 302, response.body
-        location = response.headers["Location"]
-        assert location.startswith(REDIRECT_URI + "?")
-        self.journey.keep("authorization code", parse_qs(urlsplit(location).query)
-                          .get("code", [None])[0])
-        return self.base_url + "/oauth/tiktok/callback" + location[len(REDIRECT_URI):]
+        callback_url = await consent(self.http, self.base_url, started["authorizationUrl"],
+                                     **knobs)
+        self.journey.keep("authorization code", query_of(callback_url).get("code", [None])[0])
+        return callback_url
 
     async def connect(self, label: str, **knobs: str) -> tuple[str, Any]:
         started = await self.start(label)
@@ -266,7 +259,7 @@ class Driver:
 
 
 def _code_of(callback_url: str) -> str:
-    return parse_qs(urlsplit(callback_url).query)["code"][0]
+    return query_of(callback_url)["code"][0]
 
 
 async def run_flows(http_client: Any, base_url: str, sandbox: Any,
@@ -355,11 +348,10 @@ async def run_flows(http_client: Any, base_url: str, sandbox: Any,
             journey.keep("refresh token", tokens.refresh_token)
     for verifier in store.verifiers:
         journey.keep("PKCE verifier", verifier)
-    journey.keep("client secret", CLIENT_SECRET)
-    journey.keep("state secret", STATE_SECRET)
-    journey.keep("product auth secret", AUTH_SECRET)
-    journey.keep("token encryption key", TOKEN_KEY.split(":", 1)[1])
-    journey.keep("token encryption key", base64.b64decode(TOKEN_KEY.split(":", 1)[1]).hex())
+    for kind, secret in CONFIGURED_SECRETS.items():
+        journey.keep(kind, secret)
+    journey.keep("token encryption key",
+                 base64.b64decode(CONFIGURED_SECRETS["token encryption key"]).hex())
     return journey
 
 

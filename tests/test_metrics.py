@@ -20,7 +20,7 @@ from services.metrics import CALLBACK_OUTCOMES, GatewayMetrics, InstrumentedStor
 from services.refresher import Refresher
 from storage.base import Store
 from storage.memory import MemoryStore
-from tests.flow import consent, follow, location, sandbox_settings, start
+from tests.flow import consent, consented, follow, location, sandbox_settings, start
 from tests.support import CONNECTED, assert_envelope, make_config
 
 ACCESS_TTL = ACCESS_TOKEN_TTL  # the sandbox's access-token lifetime, as TikTok's (2 h)
@@ -149,8 +149,7 @@ async def test_every_budget_shows_its_limits_and_counters_before_its_first_call(
 async def test_in_flight_gauge_counts_a_callback_while_it_waits_for_tiktok(
     http_client, base_url, app, sandbox
 ):
-    started = await start(http_client, base_url)
-    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    callback_url = await consented(http_client, base_url)
     sandbox.add_fault("token", status=200, delay=0.6)  # answers, late
     callback = asyncio.ensure_future(follow(http_client, callback_url))
     seen = []
@@ -165,8 +164,7 @@ async def test_in_flight_gauge_counts_a_callback_while_it_waits_for_tiktok(
 
 @pytest.mark.gen_test(timeout=20)
 async def test_refreshes_by_outcome_and_refresher_lag(http_client, base_url, app, sandbox):
-    started = await start(http_client, base_url)
-    callback_url = await consent(http_client, base_url, started["authorizationUrl"])
+    callback_url = await consented(http_client, base_url)
     assert location(await follow(http_client, callback_url)) == CONNECTED
     gateway = app.settings["gateway"]
 

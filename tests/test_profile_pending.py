@@ -22,27 +22,25 @@ import tornado.web
 from bson import ObjectId
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
-from sandbox import Sandbox, SandboxClient
+from sandbox import Sandbox
 from server import make_app
 from services.profile_filler import ProfileFiller
 from storage.base import PROFILE_FIRST_FILL_DELAY, Store
 from storage.mongodb import PROFILE_FILL_INDEX
 from tests.fixtures_mongo import open_mongo_store
-from tests.flow import consent, follow, location, sandbox_settings, start
-from tests.processes import GatewayProcess, gateway_settings, poll_until
-from tests.support import (
-    CLIENT_KEY,
-    CLIENT_SECRET,
-    PRODUCT_REDIRECT,
-    REDIRECT_URI,
-    assert_envelope,
-    bearer,
-    make_config,
+from tests.flow import (
+    consented,
+    follow,
+    live_sandbox,
+    location,
+    sandbox_clients,
+    sandbox_settings,
 )
+from tests.processes import gateway_settings, poll_until, started_gateway
+from tests.support import CONNECTED, assert_envelope, bearer, make_config
 from tests.test_metrics import Scrape
 from tests.test_store import fake_grant, utc_now
 
-CONNECTED = PRODUCT_REDIRECT + "&platform=tiktok&status=connected"
 OWNER = "user-123"
 SCOPES = ["user.info.basic", "user.info.profile"]
 MINUTE = timedelta(minutes=1)
@@ -85,8 +83,7 @@ def filler_of(app: tornado.web.Application, **kwargs: Any) -> ProfileFiller:
 
 
 async def callback_url(http_client: AsyncHTTPClient, base_url: str, owner: str = OWNER) -> str:
-    started = await start(http_client, base_url, owner=owner, scopes=SCOPES)
-    return await consent(http_client, base_url, started["authorizationUrl"])
+    return await consented(http_client, base_url, owner=owner, scopes=SCOPES)
 
 
 async def accounts_of(
@@ -426,8 +423,8 @@ async def test_the_gateway_fills_pending_profiles_in_one_worker(
 ):
     settings = gateway_settings(mongo_server.uri, mongo_database_name, sandbox.url,
                                 WORKERS="2")
-    with GatewayProcess(tmp_path / "gateway.log", **settings) as gateway:
-        await gateway.wait_ready(client, 30)
+    async with started_gateway(client, tmp_path / "gateway.log", timeout=30,
+                               **settings) as gateway:
         async def log() -> str:
             return gateway.log_path.read_text(errors="replace")
 
@@ -456,8 +453,7 @@ class CountingSandbox(Sandbox):
     """The sandbox, noting when each TikTok API request it served began and ended."""
 
     def __init__(self) -> None:
-        super().__init__([SandboxClient(client_key=CLIENT_KEY, client_secret=CLIENT_SECRET,
-                                        redirect_uris=[REDIRECT_URI])])
+        super().__init__(sandbox_clients())
         self.served: list[tuple[float, float]] = []
 
     def make_app(self) -> tornado.web.Application:
@@ -486,10 +482,8 @@ class CountingSandbox(Sandbox):
 class TestBurstQueues:
     @pytest.fixture
     def sandbox(self, io_loop):
-        sandbox = CountingSandbox()
-        sandbox.url = f"http://127.0.0.1:{sandbox.listen()}"
-        yield sandbox
-        io_loop.run_sync(sandbox.close)
+        with live_sandbox(io_loop, CountingSandbox()) as sandbox:
+            yield sandbox
 
     @pytest.fixture
     def backend(self) -> str:

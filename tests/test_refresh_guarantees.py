@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,6 +34,7 @@ from core.errors import (
 from server import build_gateway
 from services.accounts import (
     LEASE_STORE_CALLS,
+    AccessToken,
     AccountService,
     RefreshOutcome,
     refresh_lease_seconds,
@@ -40,7 +42,7 @@ from services.accounts import (
 from services.http_client import close_http_client, make_http_client, nothing_sent
 from services.metrics import GatewayMetrics, InstrumentedStore
 from services.tiktok import TikTokClient
-from storage.base import Account, AccountStatus, Store, TokenGrant
+from storage.base import Account, AccountStatus, AccountTokens, Store, TokenGrant
 from storage.mongodb import APP_NAME, MongoStore
 from tests.fixtures_mongo import mongo_failpoint
 from tests.flow import RefreshLog, live_sandbox, record_refreshes, sandbox_grant, tiktok_for
@@ -111,17 +113,53 @@ class Outage:
             self.store.down = False
 
 
-async def staged(
-    raw: Store, request: pytest.FixtureRequest, sandbox: Any, tiktok: TikTokClient
-) -> tuple[Outage, Store, Account, Any, RefreshLog, AccountService]:
-    """The outage on ``raw``; an account connected through it, its tokens as stored,
-    the sandbox's refreshes recorded, and the service on the outage's store."""
-    outage = Outage(raw, request)
-    store = outage.store
+@dataclass
+class Connected:
+    """An account connected through ``store``: its tokens as stored then, the sandbox's
+    refreshes from then on, and an AccountService (with its metrics) on ``store``."""
+
+    store: Store
+    account: Account
+    before: AccountTokens
+    seen: RefreshLog
+    metrics: GatewayMetrics
+    accounts: AccountService
+
+    async def access_token(self) -> AccessToken:
+        return await self.accounts.access_token(OWNER, self.account.id)
+
+    async def stored(self) -> AccountTokens | None:
+        return await self.store.get_account_tokens(self.account.id)
+
+    async def token_refused(self) -> None:
+        """The access-token endpoint's 503: the store did not take TikTok's answer."""
+        with pytest.raises(StoreUnavailable):
+            await self.access_token()
+
+
+async def connected(store: Store, sandbox: Any, tiktok: TikTokClient,
+                    **service_options: Any) -> Connected:
     account = await connect(store, sandbox)
     before = await store.get_account_tokens(account.id)
+    assert before is not None
     seen = record_refreshes(sandbox)
-    return outage, store, account, before, seen, AccountService(store=store, tiktok=tiktok)
+    metrics = GatewayMetrics()
+    accounts = AccountService(store=store, tiktok=tiktok, metrics=metrics, **service_options)
+    return Connected(store, account, before, seen, metrics, accounts)
+
+
+@pytest.fixture
+def staging(make_store, request, sandbox, tiktok):
+    """``async with staging() as (outage, connected):`` an account connected through a
+    fresh store behind its outage, and the service on the outage's store."""
+
+    @contextlib.asynccontextmanager
+    async def staged() -> AsyncIterator[tuple[Outage, Connected]]:
+        async with make_store() as raw:
+            outage = Outage(raw, request)
+            yield outage, await connected(outage.store, sandbox, tiktok)
+
+    return staged
 
 
 # -- the store failing at the save -------------------------------------------------
@@ -129,90 +167,74 @@ async def staged(
 
 @gen_test
 async def test_a_grant_whose_save_failed_lands_and_is_handed_out_without_a_second_refresh(
-    make_store, request, sandbox, tiktok
+    staging
 ):
-    async with make_store() as raw:
-        outage, store, account, before, seen, accounts = await staged(raw, request, sandbox, tiktok)
+    async with staging() as (outage, c):
         with outage.saves_fail():
-            with pytest.raises(StoreUnavailable):  # the access-token endpoint's 503
-                await accounts.access_token(OWNER, account.id)
-            assert account.id in accounts.unsaved
-            assert await store.get_account_tokens(account.id) == before  # nothing written
+            await c.token_refused()
+            assert c.account.id in c.accounts.unsaved
+            assert await c.stored() == c.before  # nothing written
             # Asked again while the store still fails: 503 again, TikTok not called again.
-            with pytest.raises(StoreUnavailable):
-                await accounts.access_token(OWNER, account.id)
-        [(presented, answer)] = seen.calls
-        assert presented == before.refresh_token and answer is not None
+            await c.token_refused()
+        [(presented, answer)] = c.seen.calls
+        assert presented == c.before.refresh_token and answer is not None
 
-        token = await accounts.access_token(OWNER, account.id)
-        stored = await store.get_account_tokens(account.id)
+        token = await c.access_token()
+        stored = await c.stored()
         assert token.access_token == stored.access_token == answer["access_token"]
         assert stored.refresh_token == answer["refresh_token"]
-        assert stored.version == before.version + 1
-        assert len(seen.calls) == 1
-        assert account.id not in accounts.unsaved
+        assert stored.version == c.before.version + 1
+        assert len(c.seen.calls) == 1
+        assert c.account.id not in c.accounts.unsaved
         # What was stored is TikTok's live refresh token: the next refresh is honoured.
-        assert await accounts.refresh_account(account, force=True) is RefreshOutcome.REFRESHED
-        assert seen.presented[-1] == answer["refresh_token"] and seen.answers[-1] is not None
-        assert await accounts.close(timeout=1) == 0
+        assert await c.accounts.refresh_account(c.account, force=True) is RefreshOutcome.REFRESHED
+        assert c.seen.presented[-1] == answer["refresh_token"] and c.seen.answers[-1] is not None
+        assert await c.accounts.close(timeout=1) == 0
 
 
 @gen_test
-async def test_a_grant_whose_save_failed_lands_in_the_background(
-    make_store, request, sandbox, tiktok
-):
-    async with make_store() as raw:
-        outage, store, account, before, seen, accounts = await staged(raw, request, sandbox, tiktok)
+async def test_a_grant_whose_save_failed_lands_in_the_background(staging):
+    async with staging() as (outage, c):
         with outage.saves_fail():
             with pytest.raises(StoreUnavailable):
-                await accounts.refresh_account(account)  # the background refresher's path
+                await c.accounts.refresh_account(c.account)  # the background refresher's path
         # Nobody asks: the write is retried until it lands.
         stored = await poll_until(
-            lambda: store.get_account_tokens(account.id),
-            lambda tokens: tokens.version == before.version + 1,
+            c.stored, lambda tokens: tokens.version == c.before.version + 1,
             timeout=20, what="the unsaved grant stored",
         )
-        [(_, answer)] = seen.calls
+        [(_, answer)] = c.seen.calls
         assert stored.refresh_token == answer["refresh_token"]
-        assert account.id not in accounts.unsaved
-        token = await accounts.access_token(OWNER, account.id)
+        assert c.account.id not in c.accounts.unsaved
+        token = await c.access_token()
         assert token.access_token == answer["access_token"]
-        assert len(seen.calls) == 1
+        assert len(c.seen.calls) == 1
         # Its background write (releasing the lease it landed with) ends before the store.
-        assert await accounts.close(timeout=5) == 0
+        assert await c.accounts.close(timeout=5) == 0
 
 
 @gen_test
-async def test_closing_the_service_waits_for_the_store_to_take_the_grant(
-    make_store, request, sandbox, tiktok
-):
-    async with make_store() as raw:
-        outage, store, account, _, seen, accounts = await staged(raw, request, sandbox, tiktok)
+async def test_closing_the_service_waits_for_the_store_to_take_the_grant(staging):
+    async with staging() as (outage, c):
         with outage.saves_fail():
-            with pytest.raises(StoreUnavailable):
-                await accounts.access_token(OWNER, account.id)
-            closing = asyncio.ensure_future(accounts.close(timeout=30))
+            await c.token_refused()
+            closing = asyncio.ensure_future(c.accounts.close(timeout=30))
             await asyncio.sleep(0.5)  # a few failed attempts
             assert not closing.done()
         assert await closing == 0
-        [(_, answer)] = seen.calls
-        stored = await store.get_account_tokens(account.id)
-        assert stored.refresh_token == answer["refresh_token"]
+        [(_, answer)] = c.seen.calls
+        assert (await c.stored()).refresh_token == answer["refresh_token"]
 
 
 @gen_test
-async def test_a_grant_still_unsaved_when_closing_runs_out_is_reported_lost(
-    make_store, request, sandbox, tiktok, caplog
-):
-    async with make_store() as raw:
-        outage, _, account, _, seen, accounts = await staged(raw, request, sandbox, tiktok)
+async def test_a_grant_still_unsaved_when_closing_runs_out_is_reported_lost(staging, caplog):
+    async with staging() as (outage, c):
         with outage.saves_fail(), caplog.at_level(logging.INFO, logger="gateway.accounts"):
-            with pytest.raises(StoreUnavailable):
-                await accounts.access_token(OWNER, account.id)
-            assert await accounts.close(timeout=0.5) == 1
-        [(_, answer)] = seen.calls
+            await c.token_refused()
+            assert await c.accounts.close(timeout=0.5) == 1
+        [(_, answer)] = c.seen.calls
         lost = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-        assert any(account.id in m and "lost" in m for m in lost), lost
+        assert any(c.account.id in m and "lost" in m for m in lost), lost
         for token in (answer["access_token"], answer["refresh_token"]):
             assert token not in caplog.text
 
@@ -220,8 +242,18 @@ async def test_a_grant_still_unsaved_when_closing_runs_out_is_reported_lost(
 # -- newer tokens stored meanwhile ---------------------------------------------------
 
 
+async def first_refresh_sent(sandbox: Any) -> None:
+    """Until the sandbox has received one refresh (TikTok may still be answering it)."""
+
+    async def refreshes_sent() -> int:
+        return sandbox.stats["token_refresh"]
+
+    await poll_until(refreshes_sent, lambda n: n == 1, timeout=10, interval=0.02,
+                     what="the refresh sent to TikTok")
+
+
 async def reconnect_during_refresh(
-    store: Store, sandbox: Any, accounts: AccountService, account: Account, *, refusal: bool
+    c: Connected, sandbox: Any, *, refusal: bool
 ) -> tuple[Any, TokenGrant]:
     """A token request whose refresh TikTok answers late; the user connects again
     meanwhile. Returns the request's result and the reconnect's grant."""
@@ -230,15 +262,10 @@ async def reconnect_during_refresh(
         body = json.dumps({"error": "invalid_grant", "error_description": "revoked",
                            "log_id": "sandbox-log"})
     sandbox.add_fault("token", status=200, delay=1.0, body=body)
-    request = asyncio.ensure_future(accounts.access_token(OWNER, account.id))
-
-    async def refreshes_sent() -> int:
-        return sandbox.stats["token_refresh"]
-
-    await poll_until(refreshes_sent, lambda n: n == 1, timeout=10, interval=0.02,
-                     what="the refresh sent to TikTok")
+    request = asyncio.ensure_future(c.access_token())
+    await first_refresh_sent(sandbox)
     fresh = sandbox_grant(sandbox, expires_in=timedelta(hours=2))
-    await store.save_account_tokens(OWNER, fresh, now=utc_now())
+    await c.store.save_account_tokens(OWNER, fresh, now=utc_now())
     assert not request.done()
     return await request, fresh
 
@@ -246,19 +273,15 @@ async def reconnect_during_refresh(
 @gen_test
 async def test_a_reconnect_during_a_refresh_wins_and_is_handed_out(make_store, sandbox, tiktok):
     async with make_store() as store:
-        account = await connect(store, sandbox)
-        seen = record_refreshes(sandbox)
-        metrics = GatewayMetrics()
-        accounts = AccountService(store=store, tiktok=tiktok, metrics=metrics)
-        token, fresh = await reconnect_during_refresh(store, sandbox, accounts, account,
-                                                      refusal=False)
+        c = await connected(store, sandbox, tiktok)
+        token, fresh = await reconnect_during_refresh(c, sandbox, refusal=False)
         assert token.access_token == fresh.access_token
-        stored = await store.get_account_tokens(account.id)
+        stored = await c.stored()
         assert (stored.access_token, stored.refresh_token) == (fresh.access_token,
                                                                fresh.refresh_token)
-        assert (await store.get_account(account.id)).status is AccountStatus.CONNECTED
-        assert len(seen.calls) == 1 and seen.answers[0] is not None  # TikTok did refresh
-        assert refreshes(metrics, "superseded") == 1
+        assert (await store.get_account(c.account.id)).status is AccountStatus.CONNECTED
+        assert len(c.seen.calls) == 1 and c.seen.answers[0] is not None  # TikTok did refresh
+        assert refreshes(c.metrics, "superseded") == 1
 
 
 @gen_test
@@ -266,16 +289,13 @@ async def test_a_refusal_of_the_replaced_refresh_token_wipes_nothing(
     make_store, sandbox, tiktok
 ):
     async with make_store() as store:
-        account = await connect(store, sandbox)
-        metrics = GatewayMetrics()
-        accounts = AccountService(store=store, tiktok=tiktok, metrics=metrics)
-        token, fresh = await reconnect_during_refresh(store, sandbox, accounts, account,
-                                                      refusal=True)
+        c = await connected(store, sandbox, tiktok)
+        token, fresh = await reconnect_during_refresh(c, sandbox, refusal=True)
         assert token.access_token == fresh.access_token
-        assert (await store.get_account(account.id)).status is AccountStatus.CONNECTED
-        assert (await store.get_account_tokens(account.id)).refresh_token == fresh.refresh_token
-        assert refreshes(metrics, "reauthorization_required") == 0
-        assert refreshes(metrics, "superseded") == 1
+        assert (await store.get_account(c.account.id)).status is AccountStatus.CONNECTED
+        assert (await c.stored()).refresh_token == fresh.refresh_token
+        assert refreshes(c.metrics, "reauthorization_required") == 0
+        assert refreshes(c.metrics, "superseded") == 1
 
 
 @gen_test
@@ -301,21 +321,19 @@ async def test_ten_refreshes_in_a_row_each_use_the_last_rotated_token(
     make_store, sandbox, tiktok
 ):
     async with make_store() as store:
-        account = await connect(store, sandbox)
-        first = await store.get_account_tokens(account.id)
-        seen = record_refreshes(sandbox)
         # A skew longer than the sandbox's 24 h tokens: every request refreshes once.
-        accounts = AccountService(store=store, tiktok=tiktok, refresh_skew_seconds=90000)
-        handed_out = [await accounts.access_token(OWNER, account.id) for _ in range(10)]
+        c = await connected(store, sandbox, tiktok, refresh_skew_seconds=90000)
+        handed_out = [await c.access_token() for _ in range(10)]
 
+        seen = c.seen
         assert len(seen.calls) == 10
         assert all(answer is not None for answer in seen.answers)  # none refused
-        issued = [first.refresh_token] + [answer["refresh_token"] for answer in seen.answers]
+        issued = [c.before.refresh_token] + [answer["refresh_token"] for answer in seen.answers]
         assert seen.presented == issued[:-1]  # each the one the refresh before issued
         assert [t.access_token for t in handed_out] == [a["access_token"] for a in seen.answers]
-        stored = await store.get_account_tokens(account.id)
+        stored = await c.stored()
         assert stored.refresh_token == issued[-1]
-        assert stored.version == first.version + 10
+        assert stored.version == c.before.version + 10
 
 
 # -- one clock for the lease -----------------------------------------------------------
@@ -327,23 +345,16 @@ async def test_a_process_whose_clock_runs_ahead_still_waits_for_the_lease(
 ):
     """Lease expiry is judged by the store's clock, not by each process's."""
     async with make_store() as store:
-        account = await connect(store, sandbox)
-        seen = record_refreshes(sandbox)
-        first = AccountService(store=store, tiktok=tiktok)
+        c = await connected(store, sandbox, tiktok)
         ahead = AccountService(store=store, tiktok=tiktok,
                                clock=lambda: utc_now() + timedelta(minutes=10))
         sandbox.add_fault("token", status=200, delay=1.0)  # TikTok answers late
-        one = asyncio.ensure_future(first.access_token(OWNER, account.id))
-
-        async def refreshes_sent() -> int:
-            return sandbox.stats["token_refresh"]
-
-        await poll_until(refreshes_sent, lambda n: n == 1, timeout=10, interval=0.02,
-                         what="the first refresh sent")
-        other = await ahead.access_token(OWNER, account.id)
+        one = asyncio.ensure_future(c.access_token())
+        await first_refresh_sent(sandbox)
+        other = await ahead.access_token(OWNER, c.account.id)
         assert (await one).access_token == other.access_token
-        assert len(seen.calls) == 1 and seen.answers[0] is not None
-        assert other.access_token == seen.answers[0]["access_token"]
+        assert len(c.seen.calls) == 1 and c.seen.answers[0] is not None
+        assert other.access_token == c.seen.answers[0]["access_token"]
 
 
 def test_the_lease_outlives_every_call_made_under_it():
@@ -432,18 +443,17 @@ async def test_a_code_exchange_still_needs_open_id(sandbox, tiktok):
 @gen_test
 async def test_string_lifetimes_become_the_stored_expiries(make_store, sandbox, tiktok):
     async with make_store() as store:
-        account = await connect(store, sandbox)
-        accounts = AccountService(store=store, tiktok=tiktok)
+        c = await connected(store, sandbox, tiktok)
         sandbox.add_fault("token", status=200, body=token_body(
             open_id=None, expires_in="7200", refresh_expires_in="15552000"))
         before = utc_now()
-        token = await accounts.access_token(OWNER, account.id)
+        token = await c.access_token()
         after = datetime.now(UTC)
         assert token.access_token == "act.parsed"
-        assert token.open_id == account.platform_account_id  # the stored identity
+        assert token.open_id == c.account.platform_account_id  # the stored identity
         assert before + timedelta(seconds=7200) <= token.expires_at
         assert token.expires_at <= after + timedelta(seconds=7200)
-        stored = await store.get_account_tokens(account.id)
+        stored = await c.stored()
         assert stored.refresh_token == "rft.parsed"
         assert before + timedelta(days=180) <= stored.refresh_token_expires_at
 
@@ -460,28 +470,24 @@ async def test_a_refresh_whose_answer_never_arrived_keeps_the_tokens(
     try:
         tiktok = tiktok_for(sandbox.url, request_timeout=0.5, http=http)
         async with make_store() as store:
-            account = await connect(store, sandbox)
-            before = await store.get_account_tokens(account.id)
-            seen = record_refreshes(sandbox)
-            metrics = GatewayMetrics()
-            accounts = AccountService(store=store, tiktok=tiktok, metrics=metrics)
+            c = await connected(store, sandbox, tiktok)
             # TikTok takes the refresh, and answers after the gateway stopped waiting.
             sandbox.add_fault("token", status=200, delay=1.5)
             with caplog.at_level(logging.WARNING, logger="gateway.accounts"):
                 with pytest.raises(ProviderUnavailable) as raised:
-                    await accounts.access_token(OWNER, account.id)
+                    await c.access_token()
             assert "never arrived" in raised.value.technical_message
-            assert refreshes(metrics, "unknown") == 1
-            assert refreshes(metrics, "unavailable") == 0
+            assert refreshes(c.metrics, "unknown") == 1
+            assert refreshes(c.metrics, "unavailable") == 0
             assert "may have rotated the refresh token" in caplog.text
-            assert await store.get_account_tokens(account.id) == before  # kept, not wiped
+            assert await c.stored() == c.before  # kept, not wiped
 
             # TikTok did rotate: the next refresh is refused and says so.
-            await poll_until(lambda: asyncio.sleep(0, seen.calls), bool, timeout=10,
+            await poll_until(lambda: asyncio.sleep(0, c.seen.calls), bool, timeout=10,
                              what="TikTok done with the late refresh")
-            assert seen.answers[0] is not None
+            assert c.seen.answers[0] is not None
             with pytest.raises(Conflict):
-                await accounts.access_token(OWNER, account.id)
+                await c.access_token()
     finally:
         close_http_client(http)
 
@@ -490,16 +496,13 @@ async def test_a_refresh_whose_answer_never_arrived_keeps_the_tokens(
 async def test_a_refresh_that_never_connected_is_unavailable_not_unknown(make_store, sandbox):
     tiktok = tiktok_for(f"http://127.0.0.1:{free_port()}")  # nothing listens: refused
     async with make_store() as store:
-        account = await connect(store, sandbox)
-        before = await store.get_account_tokens(account.id)
-        metrics = GatewayMetrics()
-        accounts = AccountService(store=store, tiktok=tiktok, metrics=metrics)
+        c = await connected(store, sandbox, tiktok)
         with pytest.raises(ProviderUnavailable) as raised:
-            await accounts.access_token(OWNER, account.id)
+            await c.access_token()
         assert not isinstance(raised.value, OutcomeUnknown)
-        assert refreshes(metrics, "unavailable") == 1
-        assert refreshes(metrics, "unknown") == 0
-        assert await store.get_account_tokens(account.id) == before
+        assert refreshes(c.metrics, "unavailable") == 1
+        assert refreshes(c.metrics, "unknown") == 0
+        assert await c.stored() == c.before
 
 
 @pytest.mark.parametrize(

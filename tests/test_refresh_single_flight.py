@@ -25,8 +25,8 @@ from storage.base import AccountTokens
 from storage.crypto import TokenCipher
 from storage.mongodb import APP_NAME
 from tests.fixtures_mongo import mongo_failpoint, open_mongo_store
-from tests.flow import consent, follow, live_sandbox, location, record_refreshes, start
-from tests.processes import GatewayProcess, gateway_settings, poll_until
+from tests.flow import consented, follow, live_sandbox, location, record_refreshes
+from tests.processes import GatewayProcess, gateway_settings, poll_until, started_gateway
 from tests.support import TOKEN_KEY, assert_envelope, bearer
 
 REQUESTS = 50
@@ -87,8 +87,7 @@ async def test_concurrent_token_requests_over_two_processes_refresh_once(
         )
 
         # Connect through gateway A; gateway B knows the account only through MongoDB.
-        started = await start(wide_client, gateway_a.url)
-        callback_url = await consent(wide_client, gateway_a.url, started["authorizationUrl"])
+        callback_url = await consented(wide_client, gateway_a.url)
         assert location(await follow(wide_client, callback_url)).endswith("status=connected")
         listed = await wide_client.fetch(gateway_b.url + "/accounts", headers=bearer())
         [account] = json.loads(listed.body)["accounts"]
@@ -147,8 +146,7 @@ def token_request(client: AsyncHTTPClient, gateway: GatewayProcess, account_id: 
 
 
 async def connect_through(client: AsyncHTTPClient, gateway: GatewayProcess) -> str:
-    started = await start(client, gateway.url)
-    callback_url = await consent(client, gateway.url, started["authorizationUrl"])
+    callback_url = await consented(client, gateway.url)
     assert location(await follow(client, callback_url)).endswith("status=connected")
     listed = await client.fetch(gateway.url + "/accounts", headers=bearer())
     [account] = json.loads(listed.body)["accounts"]
@@ -209,8 +207,7 @@ async def test_sigterm_stores_a_grant_whose_save_failed_before_the_gateway_exits
 ):
     settings = requests_only_settings(mongo_server.uri, mongo_database_name, sandbox.url,
                                       SHUTDOWN_TIMEOUT_SECONDS="20")
-    with GatewayProcess(tmp_path / "gateway.log", **settings) as gateway:
-        await gateway.wait_ready(wide_client)
+    async with started_gateway(wide_client, tmp_path / "gateway.log", **settings) as gateway:
         account_id = await connect_through(wide_client, gateway)
         original = await stored_tokens(mongo_server.uri, mongo_database_name, account_id)
         seen = record_refreshes(sandbox)

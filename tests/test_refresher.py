@@ -7,19 +7,22 @@ are about counts and fake seconds, never about wall time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
 from core.errors import ConfigError, StoreUnavailable
+from sandbox import Sandbox
 from sandbox.state import ACCESS_TOKEN_TTL, OAuthError
 from server import build_gateway, start_refresher
 from services.accounts import AccountService, RefreshOutcome
 from services.refresher import ERROR, MAX_BACKOFF_SECONDS, RateLimiter, Refresher
 from services.tiktok import TikTokClient
-from storage.base import Account, AccountStatus, Store
+from storage.base import Account, AccountStatus, AccountTokens, Store
 from storage.memory import MemoryStore
 from tests.flow import live_sandbox, make_sandbox, sandbox_grant, tiktok_for
 from tests.support import CLIENT_KEY, make_config, utc_now
@@ -509,58 +512,68 @@ async def test_loop_survives_failed_rounds_and_stop_ends_it(sandbox, tiktok, cap
     await refresher.stop()  # a second stop is harmless
 
 
-@gen_test
-async def test_stop_lets_an_in_flight_refresh_finish():
+@dataclass
+class InFlight:
+    """A refresher round whose refresh has reached a slow TikTok (the sandbox)."""
+
+    sandbox: Sandbox
+    store: MemoryStore
+    account: Account
+    old_tokens: AccountTokens
+    accounts: RecordingAccounts
+    refresher: Refresher
+
+
+@contextlib.asynccontextmanager
+async def refresh_in_flight() -> AsyncIterator[InFlight]:
+    """An account due in a memory store and a started refresher whose refresh TikTok
+    (0.3 s a request) has received, and so rotates; the sandbox closed on the way out."""
     sandbox = make_sandbox(pkce="optional", latency=0.3)
     tiktok = tiktok_for(f"http://127.0.0.1:{sandbox.listen()}")
     try:
         store = MemoryStore()
         account = await connect(store, sandbox, "owner", expires_in=timedelta(minutes=5))
         old_tokens = await store.get_account_tokens(account.id)
-        refresher = refresher_for(
-            store, RecordingAccounts(store=store, tiktok=tiktok), interval_seconds=3600
-        )
+        assert old_tokens is not None
+        accounts = RecordingAccounts(store=store, tiktok=tiktok)
+        refresher = refresher_for(store, accounts, interval_seconds=3600)
         refresher.start()
-        # The refresh has reached TikTok, which rotates the refresh token...
         await wait_until(lambda: sandbox.stats["token_refresh"] == 1)
-        await refresher.stop()
-        # ...so stopping must not lose the new one.
-        assert not refresher.running
-        stored = await store.get_account(account.id)
-        assert stored.status is AccountStatus.CONNECTED
-        assert stored.access_token_expires_at > utc_now() + REFRESHED
-        new_tokens = await store.get_account_tokens(account.id)
-        assert new_tokens.refresh_token != old_tokens.refresh_token
-        with pytest.raises(OAuthError):  # the old one was rotated away at TikTok
-            sandbox.state.refresh(sandbox.state.clients[CLIENT_KEY], old_tokens.refresh_token)
+        yield InFlight(sandbox, store, account, old_tokens, accounts, refresher)
     finally:
         await sandbox.close()
+
+
+@gen_test
+async def test_stop_lets_an_in_flight_refresh_finish():
+    async with refresh_in_flight() as flight:
+        await flight.refresher.stop()
+        # TikTok rotated the refresh token: stopping must not lose the new one.
+        assert not flight.refresher.running
+        stored = await flight.store.get_account(flight.account.id)
+        assert stored.status is AccountStatus.CONNECTED
+        assert stored.access_token_expires_at > utc_now() + REFRESHED
+        new_tokens = await flight.store.get_account_tokens(flight.account.id)
+        assert new_tokens.refresh_token != flight.old_tokens.refresh_token
+        with pytest.raises(OAuthError):  # the old one was rotated away at TikTok
+            flight.sandbox.state.refresh(flight.sandbox.state.clients[CLIENT_KEY],
+                                         flight.old_tokens.refresh_token)
 
 
 @gen_test
 async def test_a_shutdown_with_no_grace_still_stores_what_tiktok_answers():
     """SHUTDOWN_TIMEOUT_SECONDS=0 (or shorter than TikTok's answer): the refresh already
     sent is not abandoned, since TikTok rotates the refresh token it carries."""
-    sandbox = make_sandbox(pkce="optional", latency=0.3)
-    tiktok = tiktok_for(f"http://127.0.0.1:{sandbox.listen()}")
-    try:
-        store = MemoryStore()
-        account = await connect(store, sandbox, "owner", expires_in=timedelta(minutes=5))
-        old_tokens = await store.get_account_tokens(account.id)
-        accounts = RecordingAccounts(store=store, tiktok=tiktok)
-        refresher = refresher_for(store, accounts, interval_seconds=3600)
-        refresher.start()
-        await wait_until(lambda: sandbox.stats["token_refresh"] == 1)
+    async with refresh_in_flight() as flight:
         # What app.lifecycle.shut_down does, with a zero timeout.
-        await refresher.stop(grace_seconds=0)
-        assert await accounts.close(0) == 0
-        new_tokens = await store.get_account_tokens(account.id)
-        assert new_tokens.refresh_token != old_tokens.refresh_token
-        assert (await store.get_account(account.id)).status is AccountStatus.CONNECTED
+        await flight.refresher.stop(grace_seconds=0)
+        assert await flight.accounts.close(0) == 0
+        store, account_id = flight.store, flight.account.id
+        new_tokens = await store.get_account_tokens(account_id)
+        assert new_tokens.refresh_token != flight.old_tokens.refresh_token
+        assert (await store.get_account(account_id)).status is AccountStatus.CONNECTED
         # The lease was released: nothing waits for it to expire.
-        assert await store.acquire_refresh_lease(account.id, "next", seconds=30)
-    finally:
-        await sandbox.close()
+        assert await store.acquire_refresh_lease(account_id, "next", seconds=30)
 
 
 # -- wiring and configuration ----------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from core.errors import ConfigError
-from tests.flow import consent, follow, location, sandbox_settings, start
+from tests.flow import consented, follow, location, sandbox_settings
 from tests.processes import GatewayProcess, poll_until
 from tests.support import CONNECTED, LOOPBACK, make_config
 
@@ -44,8 +44,7 @@ async def callback_in_flight(
     client: AsyncHTTPClient, gateway: GatewayProcess, sandbox
 ) -> asyncio.Future:
     """A callback whose code exchange is waiting on the (slow) sandbox right now."""
-    started = await start(client, gateway.url)
-    callback_url = await consent(client, gateway.url, started["authorizationUrl"])
+    callback_url = await consented(client, gateway.url)
     callback = asyncio.ensure_future(follow(client, callback_url))
 
     async def token_calls() -> int:

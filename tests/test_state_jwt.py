@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from core.errors import InvalidState, Unauthenticated
 from services.product_auth import ProductTokenVerifier
-from services.state import REQUIRED_CLAIMS, STATE_ISSUER, STATE_TYP, StateCodec
+from services.state import REQUIRED_CLAIMS, STATE_TYP, StateCodec
+from tests.support import state_claims
 
 AUDIENCE = "https://gateway.example.com/oauth/tiktok/callback"
 KEY = ("state-key-" + secrets.token_hex(32)).encode()  # long enough for HS512 too
@@ -30,18 +31,10 @@ def codec(*keys: bytes) -> StateCodec:
 
 
 def claims(**overrides):
-    issued = int(time.time())
-    base = {
-        "iss": STATE_ISSUER,
-        "aud": AUDIENCE,
-        "sub": "user-1",
-        "jti": "jti-1",
-        "iat": issued,
-        "exp": issued + 600,
-        "redirect_uri": "https://app.example.com/done",
-    }
-    base.update(overrides)
-    return {k: v for k, v in base.items() if v is not None}
+    """Valid state claims for this module's audience, subject, id and redirect."""
+    mine = {"aud": AUDIENCE, "sub": "user-1", "jti": "jti-1",
+            "redirect_uri": "https://app.example.com/done"}
+    return state_claims(**(mine | overrides))
 
 
 def sign(payload, key=KEY, algorithm="HS256", typ=STATE_TYP):

@@ -13,12 +13,11 @@ from types import EllipsisType
 from typing import Any
 
 import pytest
-import tornado.httpserver
-import tornado.netutil
 from bson import ObjectId
 
 from sandbox.app import webhook_signature
 from sandbox.state import OAuthError
+from scripts.cassette_scenarios import serving
 from server import make_app
 from services.webhooks import MAX_WEBHOOK_BODY_BYTES, sign
 from storage.base import Account, AccountStatus, Store
@@ -381,17 +380,9 @@ class TestWithMongoDB:
 # -- TikTok's retries and unreadable content, on every store --------------------
 
 
-@contextlib.asynccontextmanager
-async def serving(store: Store) -> AsyncIterator[str]:
+def serving_gateway(store: Store) -> contextlib.AbstractAsyncContextManager[str]:
     """The gateway (default configuration) on ``store``, on a free loopback port."""
-    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
-    server = tornado.httpserver.HTTPServer(make_app(make_config(), store=store))
-    server.add_sockets(sockets)
-    try:
-        yield f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
-    finally:
-        server.stop()
-        await server.close_all_connections()
+    return serving(make_app(make_config(), store=store))
 
 
 async def connect_one(store: Store, open_id: str, *, hours_ago: float = 0.1) -> Account:
@@ -408,7 +399,7 @@ async def assert_untouched(store: Store, account: Account) -> None:
 @pytest.mark.gen_test(timeout=30)
 async def test_a_retry_signed_up_to_72_hours_ago_is_applied(client, make_store):
     # A retry that carries the first attempt's signature and create_time.
-    async with make_store() as store, serving(store) as url:
+    async with make_store() as store, serving_gateway(store) as url:
         account = await connect_one(store, OPEN_ID, hours_ago=80)
         now = int(time.time())
 
@@ -435,7 +426,7 @@ async def test_signature_elements_other_than_t_and_s_are_ignored(client, make_st
         # Several s (say, while TikTok rotates the secret): one matching is enough.
         "matching s second": lambda body, t: f"t={t},s={'a' * 64},s={_hex(body, t)}",
     }
-    async with make_store() as store, serving(store) as url:
+    async with make_store() as store, serving_gateway(store) as url:
         for case, make_header in headers.items():
             open_id = f"open-id-{secrets.token_hex(4)}"
             account = await connect_one(store, open_id)
@@ -465,7 +456,7 @@ UNREADABLE_CONTENT = {
 
 @pytest.mark.gen_test(timeout=30)
 async def test_removal_with_unreadable_content_is_applied_as_reason_0(client, make_store):
-    async with make_store() as store, serving(store) as url:
+    async with make_store() as store, serving_gateway(store) as url:
         for case, content in UNREADABLE_CONTENT.items():
             open_id = f"open-id-{secrets.token_hex(4)}"
             account = await connect_one(store, open_id)

@@ -30,6 +30,7 @@ from demo.product import (
     WEBHOOK_PATH,
     DemoFailed,
     DemoProduct,
+    ProductBearer,
     gateway_url_of,
 )
 from handlers.base import ErrorWriterMixin
@@ -308,9 +309,9 @@ def routes(gateway: GatewayParts, prefix: str = "") -> list[tornado.web.URLSpec]
     product = DemoProduct(
         gateway_url=gateway_url_of(config.tiktok_redirect_uri, prefix),
         sandbox_url=config.tiktok_api_base_url,
-        jwt_secret=config.auth_jwt_secrets[0],
-        jwt_issuer=config.auth_jwt_issuer,
-        jwt_audience=config.auth_jwt_audience,
+        bearer=ProductBearer(
+            config.auth_jwt_secrets[0], config.auth_jwt_issuer, config.auth_jwt_audience
+        ),
         webhook_secret=config.product_webhook_secrets[0] if pushed_here else None,
     )
     authorize = urlsplit(config.tiktok_authorize_url)

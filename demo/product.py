@@ -22,7 +22,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -156,6 +156,30 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+@dataclass(frozen=True)
+class ProductBearer:
+    """How this backend signs its user in at the gateway, as a product's backend does:
+    a short-lived HS256 JWT with the secret, issuer and audience the gateway trusts."""
+
+    secret: str | bytes = field(repr=False)
+    issuer: str | None = None
+    audience: str | None = None
+
+    def token(self, user_id: str) -> str:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "sub": user_id,
+            "scope": BEARER_SCOPE,
+            "iat": now,
+            "exp": now + BEARER_TTL_SECONDS,
+        }
+        if self.issuer:
+            claims["iss"] = self.issuer
+        if self.audience:
+            claims["aud"] = self.audience
+        return jwt.encode(claims, self.secret, algorithm="HS256")
+
+
 class DemoProduct:
     """The backend of the demo's product, for its one demo user."""
 
@@ -164,9 +188,7 @@ class DemoProduct:
         *,
         gateway_url: str,
         sandbox_url: str,
-        jwt_secret: str | bytes,
-        jwt_issuer: str | None = None,
-        jwt_audience: str | None = None,
+        bearer: ProductBearer,
         http_client: AsyncHTTPClient | None = None,
         webhook_secret: str | None = None,
     ) -> None:
@@ -175,9 +197,7 @@ class DemoProduct:
         # In demo mode TikTok is the sandbox, which serves its controls next to its API.
         self.sandbox_url = sandbox_url
         self.user_id = DEMO_USER_ID
-        self._jwt_secret = jwt_secret
-        self._jwt_issuer = jwt_issuer
-        self._jwt_audience = jwt_audience
+        self._bearer = bearer
         self._http = http_client
         # What this backend learnt of an account beyond its status, by account id:
         # the disconnects it made, the removals it had the sandbox send.
@@ -345,20 +365,6 @@ class DemoProduct:
             updated_at=_moment(account.get("updatedAt")),
         )
 
-    def _bearer(self) -> str:
-        now = int(time.time())
-        claims: dict[str, Any] = {
-            "sub": self.user_id,
-            "scope": BEARER_SCOPE,
-            "iat": now,
-            "exp": now + BEARER_TTL_SECONDS,
-        }
-        if self._jwt_issuer:
-            claims["iss"] = self._jwt_issuer
-        if self._jwt_audience:
-            claims["aud"] = self._jwt_audience
-        return jwt.encode(claims, self._jwt_secret, algorithm="HS256")
-
     async def _gateway(
         self, method: str, path: str, payload: dict[str, Any] | None = None
     ) -> dict[str, Any]:
@@ -371,7 +377,7 @@ class DemoProduct:
         if payload is not None:
             headers["Content-Type"] = "application/json"
         if bearer:
-            headers["Authorization"] = f"Bearer {self._bearer()}"
+            headers["Authorization"] = f"Bearer {self._bearer.token(self.user_id)}"
         client = self._http or AsyncHTTPClient()
         # The access-token endpoint takes an empty body; Tornado wants one for a POST.
         body = json.dumps(payload) if payload is not None else "" if method == "POST" else None

@@ -39,6 +39,7 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,11 @@ import pytest
 from pymongo import MongoClient
 from secantus import SecantusDBServer
 
-from storage.base import Store
+from storage.base import Account, PendingAuthorization, Store, TokenGrant
 from storage.crypto import TokenCipher
 from storage.memory import MemoryStore
 from storage.mongodb import MongoStore, connect_mongo
-from tests.support import LOOPBACK, free_port
+from tests.support import LOOPBACK, fake_grant, fake_pending, free_port, utc_now
 
 StoreFactory = Callable[..., contextlib.AbstractAsyncContextManager[Store]]
 _START_TIMEOUT_S = 20.0
@@ -356,3 +357,27 @@ __all__ = [
     "open_mongo_store",
     "raw_database",
 ]
+
+
+@contextlib.asynccontextmanager
+async def saved_pending(
+    make_store: StoreFactory, **kwargs: Any
+) -> AsyncIterator[tuple[Store, PendingAuthorization, datetime]]:
+    """A store holding one pending authorization made ``now``."""
+    now = utc_now()
+    pending = fake_pending(now=now, **kwargs)
+    async with make_store() as store:
+        await store.save_pending(pending)
+        yield store, pending, now
+
+
+@contextlib.asynccontextmanager
+async def saved_account(
+    make_store: StoreFactory, owner: str
+) -> AsyncIterator[tuple[Any, Account, TokenGrant, datetime]]:
+    """A store holding ``owner``'s account, connected ``now`` with ``grant``."""
+    now = utc_now()
+    grant = fake_grant(now=now)
+    async with make_store() as store:
+        account = await store.save_account_tokens(owner, grant, now=now)
+        yield store, account, grant, now

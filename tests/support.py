@@ -21,7 +21,7 @@ import tornado.web
 from scripts.cassette_scenarios import CLIENT_KEY, REDIRECT_URI
 from services.config import Config, load_config
 from services.state import STATE_ISSUER, STATE_TYP
-from storage.base import Store, TokenGrant
+from storage.base import PendingAuthorization, Store, TokenGrant
 
 LOOPBACK = "127.0.0.1"
 
@@ -140,6 +140,18 @@ def fake_grant(
         access_token_expires_at=now + access_ttl,
         refresh_token_expires_at=now + refresh_ttl,
         scopes=list(scopes),
+    )
+
+
+def fake_pending(*, now: datetime, ttl: timedelta = timedelta(minutes=10)) -> PendingAuthorization:
+    return PendingAuthorization(
+        jti=secrets.token_hex(16),
+        owner_id="owner-" + secrets.token_hex(4),
+        redirect_uri="https://app.example.test/connected",
+        scopes=["user.info.basic"],
+        code_verifier="verifier-test-" + secrets.token_hex(16),
+        created_at=now,
+        expires_at=now + ttl,
     )
 
 

@@ -20,6 +20,7 @@ from bson import ObjectId
 from pymongo import MongoClient
 from tornado.httpclient import HTTPResponse
 
+from bench.mongo_scale import plan_stages
 from server import make_app, start_event_workers
 from services.event_types import (
     CONNECTED,
@@ -47,7 +48,6 @@ from tests.receiver import Receiver
 from tests.support import assert_envelope, bearer, make_config
 from tests.test_events_delivery import EVENTS_BEARER, SECRET, WAIT, serving
 from tests.test_events_delivery import Running as DeliveryRunning
-from tests.test_store import plan_stages
 
 OWNER = "user-123"
 # Every access token is due: the access-token endpoint always asks TikTok.

@@ -37,9 +37,8 @@ from tests.flow import (
     sandbox_settings,
 )
 from tests.processes import gateway_settings, poll_until, started_gateway
-from tests.support import CONNECTED, assert_envelope, bearer, make_config
+from tests.support import CONNECTED, assert_envelope, bearer, fake_grant, make_config, utc_now
 from tests.test_metrics import Scrape
-from tests.test_store import fake_grant, utc_now
 
 OWNER = "user-123"
 SCOPES = ["user.info.basic", "user.info.profile"]

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import functools
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -23,14 +23,10 @@ from bench.mongo_scale import plan_stages
 from core.errors import StoreUnavailable
 from storage.base import (
     TOKEN_USE_RESOLUTION,
-    Account,
     AccountStatus,
     ClaimResult,
-    PendingAuthorization,
     PendingFailure,
     PendingStatus,
-    Store,
-    TokenGrant,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.mongodb import (
@@ -44,49 +40,14 @@ from storage.mongodb import (
     expired_refresh_query,
 )
 from tests.fixtures_mongo import (
-    StoreFactory,
     mongo_failpoint,
     open_mongo_store,
+    saved_account,
+    saved_pending,
 )
-from tests.support import fake_grant, free_port, utc_now
+from tests.support import fake_grant, fake_pending, free_port, utc_now
 
 gen_test = pytest.mark.gen_test(timeout=30)
-
-
-def fake_pending(*, now: datetime, ttl: timedelta = timedelta(minutes=10)) -> PendingAuthorization:
-    return PendingAuthorization(
-        jti=secrets.token_hex(16),
-        owner_id="owner-" + secrets.token_hex(4),
-        redirect_uri="https://app.example.test/connected",
-        scopes=["user.info.basic"],
-        code_verifier="verifier-test-" + secrets.token_hex(16),
-        created_at=now,
-        expires_at=now + ttl,
-    )
-
-
-@contextlib.asynccontextmanager
-async def saved_pending(
-    make_store: StoreFactory, **kwargs: Any
-) -> AsyncIterator[tuple[Store, PendingAuthorization, datetime]]:
-    """A store holding one pending authorization made ``now``."""
-    now = utc_now()
-    pending = fake_pending(now=now, **kwargs)
-    async with make_store() as store:
-        await store.save_pending(pending)
-        yield store, pending, now
-
-
-@contextlib.asynccontextmanager
-async def saved_account(
-    make_store: StoreFactory, owner: str
-) -> AsyncIterator[tuple[Any, Account, TokenGrant, datetime]]:
-    """A store holding ``owner``'s account, connected ``now`` with ``grant``."""
-    now = utc_now()
-    grant = fake_grant(now=now)
-    async with make_store() as store:
-        account = await store.save_account_tokens(owner, grant, now=now)
-        yield store, account, grant, now
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import abc
 import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -147,6 +147,25 @@ class Account:
     # The refresh token expiry a reauthorization_due event was recorded for; the next
     # grant (a reconnect) clears it. A refresh keeps it: it does not move the expiry.
     expiry_notice_for: datetime | None = None
+
+
+# What a new grant (a connection, a reconnect) clears on an account, back to its
+# default: an earlier revocation, the refresher's backoff, the expiry notice of the
+# grant it replaces. Every store clears exactly these (tests/test_store.py).
+CLEARED_BY_NEW_GRANT = (
+    "revoked_at",
+    "revocation_reason",
+    "revoked_at_tiktok",
+    "refresh_retry_at",
+    "refresh_failures",
+    "expiry_notice_for",
+)
+
+
+def cleared_by_new_grant() -> dict[str, Any]:
+    """``CLEARED_BY_NEW_GRANT`` with the defaults they go back to."""
+    defaults = {attribute.name: attribute.default for attribute in fields(Account)}
+    return {name: defaults[name] for name in CLEARED_BY_NEW_GRANT}
 
 
 # Builds the account event a change records with it (services.events.AccountEvents):

@@ -40,6 +40,7 @@ from storage.base import (
     check_event,
     check_event_condition,
     claim_refusal,
+    cleared_by_new_grant,
     epoch_ms,
     event_time,
     profile_attributes,
@@ -219,12 +220,7 @@ class MemoryStore(Store):
             refresh_token_expires_at=grant.refresh_token_expires_at,
             updated_at=now,
             connected_at=now,
-            revoked_at=None,
-            revocation_reason=None,
-            revoked_at_tiktok=None,
-            refresh_retry_at=None,
-            refresh_failures=0,
-            expiry_notice_for=None,
+            **cleared_by_new_grant(),
         )
         # Built before anything is written: a factory that raises changes nothing.
         event = _event_of(event_factory, account, before)

@@ -21,12 +21,15 @@ from pymongo.errors import DuplicateKeyError
 
 from bench.mongo_scale import plan_stages
 from core.errors import StoreUnavailable
+from services.events import AccountEvents
 from storage.base import (
+    CLEARED_BY_NEW_GRANT,
     TOKEN_USE_RESOLUTION,
     AccountStatus,
     ClaimResult,
     PendingFailure,
     PendingStatus,
+    cleared_by_new_grant,
 )
 from storage.crypto import TokenCipher, TokenIntegrityError
 from storage.mongodb import (
@@ -230,6 +233,30 @@ async def test_concurrent_saves_of_one_account_make_one_account(make_store):
     assert len(listed) == 1
     assert tokens is not None
     assert tokens.access_token in {g.access_token for g in grants}
+
+
+@gen_test
+async def test_a_reconnect_clears_what_the_earlier_grant_left(make_store):
+    """Every store clears the same attributes on a new grant: CLEARED_BY_NEW_GRANT."""
+    now = utc_now()
+    grant = fake_grant(now=now)
+    async with make_store() as store:
+        account = await store.save_account_tokens("owner-c", grant, now=now)
+        await store.defer_refresh(account.id, retry_at=now + timedelta(minutes=5), failures=2)
+        assert await store.record_expiry_notices(
+            now=now, expiring_by=grant.refresh_token_expires_at, limit=1,
+            event_factory=AccountEvents().reauthorization_due()) == 1
+        await store.revoke_account(account.id, now=now, reason="disconnected",
+                                   revoked_at_tiktok=True)
+        left = await store.get_account(account.id)
+        reconnected = await store.save_account_tokens(
+            "owner-c", fake_grant(grant.open_id, now=now), now=now + timedelta(minutes=1))
+    cleared = cleared_by_new_grant()
+    assert set(cleared) == set(CLEARED_BY_NEW_GRANT)
+    for name, default in cleared.items():
+        assert getattr(left, name) != default, name  # each was really set before
+        assert getattr(reconnected, name) == default, name
+    assert reconnected.status is AccountStatus.CONNECTED
 
 
 @gen_test

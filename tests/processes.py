@@ -31,9 +31,7 @@ from storage.mongodb import (
 )
 from tests.fixtures_mongo import mongo_settings, raw_database
 from tests.flow import sandbox_settings
-from tests.support import LOOPBACK, environ, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import LOOPBACK, ROOT, environ, free_port
 
 _STOP_TIMEOUT_S = 15.0
 # Variables the gateway reads: never inherited from the developer's shell.

@@ -1,6 +1,7 @@
 """Shared test helpers: per-run fake secrets, configuration, product tokens, states,
-grants, ports. Flows over HTTP are in ``tests.flow``, stores in ``tests.fixtures_mongo``,
-gateway processes in ``tests.processes``."""
+grants, ports, the tree's source files, a parsed ``/metrics``. Flows over HTTP are in
+``tests.flow``, stores in ``tests.fixtures_mongo``, gateway processes in
+``tests.processes``, the gateway with its event workers in ``tests.gateway_events``."""
 
 from __future__ import annotations
 
@@ -10,19 +11,22 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
 import tornado.web
+from prometheus_client.parser import text_string_to_metric_families
 
 from scripts.cassette_scenarios import CLIENT_KEY, REDIRECT_URI
 from services.config import Config, load_config
 from services.state import STATE_ISSUER, STATE_TYP
 from storage.base import PendingAuthorization, Store, TokenGrant
 
+ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
 
 # The gateway's client key and redirect URI are the ones the cassettes carry.
@@ -187,3 +191,43 @@ def assert_envelope(response: Any, status: int, code: str) -> dict[str, Any]:
     if status == 503:
         assert int(response.headers["Retry-After"]) > 0
     return body
+
+
+# -- the tree and /metrics ---------------------------------------------------------
+
+NOT_SOURCE = {".git", ".venv", "artifacts", "cassettes", "docs", "__pycache__"}
+
+
+def source_files() -> Iterator[Path]:
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT).parts
+        if not NOT_SOURCE & set(parts) and not any(p.startswith(".") for p in parts):
+            yield path
+
+
+class Scrape:
+    """One parsed ``/metrics`` answer."""
+
+    def __init__(self, text: str) -> None:
+        self.samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+        self.families = {}
+        for family in text_string_to_metric_families(text):
+            self.families[family.name] = family
+            for sample in family.samples:
+                self.samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.samples.get((name, frozenset(labels.items())))
+
+    def labelled(self, name: str, label: str) -> dict[str, float]:
+        return {dict(key)[label]: value for (sample, key), value in self.samples.items()
+                if sample == name and label in dict(key)}
+
+
+async def scrape(http_client: Any, base_url: str) -> Scrape:
+    response = await http_client.fetch(f"{base_url}/metrics")
+    assert response.code == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=")
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["X-Request-ID"]
+    return Scrape(response.body.decode())

@@ -10,22 +10,14 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT, source_files
+
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
-NOT_SOURCE = {".git", ".venv", "artifacts", "cassettes", "docs", "__pycache__"}
 IMPORTERS = {"__import__", "import_module"}
-
-
-def source_files() -> Iterator[Path]:
-    for path in sorted(ROOT.rglob("*.py")):
-        parts = path.relative_to(ROOT).parts
-        if not NOT_SOURCE & set(parts) and not any(p.startswith(".") for p in parts):
-            yield path
 
 
 def module_name(path: Path) -> str:

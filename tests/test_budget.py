@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,12 +53,12 @@ from tests.flow import (
     start,
 )
 from tests.support import (
+    ROOT,
     environ,
     make_config,
     query_of,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 BASE = datetime(2030, 1, 1, tzinfo=UTC)
 gen_test = pytest.mark.gen_test(timeout=60)
 

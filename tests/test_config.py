@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from core.errors import ConfigError
 from services.config import load_config
-from tests.support import AUTH_SECRET, STATE_SECRET, environ
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import AUTH_SECRET, ROOT, STATE_SECRET, environ
 
 
 def problems(**overrides):

@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import environ
+from tests.support import ROOT, environ
 
-ROOT = Path(__file__).resolve().parent.parent
 # Not the application: the room itself, the tests, and what is not source.
 OUTSIDE_THE_APP = {".git", ".venv", "artifacts", "demo", "tests"}
 IMPORTERS = {"__import__", "import_module"}

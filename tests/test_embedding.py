@@ -13,8 +13,7 @@ import server
 from server import build_gateway, routes
 from storage.memory import MemoryStore
 from tests.flow import consent, follow, location, sandbox_settings
-from tests.support import PRODUCT_REDIRECT, assert_envelope, make_config
-from tests.test_architecture import ROOT, source_files
+from tests.support import PRODUCT_REDIRECT, ROOT, assert_envelope, make_config, source_files
 
 # What the README tells a host to take from server.py.
 DOCUMENTED = {"build_gateway", "routes", "make_app", "start_refresher", "start_profile_filler",

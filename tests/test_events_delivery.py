@@ -11,160 +11,38 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from standardwebhooks import Webhook
-from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
-from tornado.web import Application
 
-from server import Gateway, make_app
-from services.event_delivery import EventWorkers, Signer, event_workers_for
+from services.event_delivery import Signer
 from services.event_types import CONNECTED, REAUTHORIZATION_REQUIRED, REVOKED
 from services.events import new_event
-from storage.base import Account, EventStatus, Store
+from storage.base import EventStatus
 from tests.fixtures_mongo import mongo_failpoint, open_memory_store, open_mongo_store
+from tests.gateway_events import (
+    SECRET,
+    WAIT,
+    connect,
+    record,
+    running,
+    until_accepted,
+    until_status,
+)
 from tests.processes import poll_until
 from tests.receiver import ANSWER_MARKER, Receiver, bind
-from tests.support import LOOPBACK, assert_envelope, bearer, fake_grant, make_config
+from tests.support import LOOPBACK, assert_envelope, bearer
 
-# Fresh and fake every run.
-SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
-EVENTS_BEARER = bearer("product-backend", scope="tiktok.events")
-NOW = datetime.now(UTC)
-WAIT = 15.0
 
 gen_test = pytest.mark.gen_test(timeout=60)
-
-
-@dataclass
-class Running:
-    gateway: Gateway
-    workers: EventWorkers
-    url: str
-    client: AsyncHTTPClient
-
-    @property
-    def store(self) -> Store:
-        return self.gateway.store
-
-    async def get(self, path: str, headers: dict[str, str] | None = None) -> HTTPResponse:
-        return await self.client.fetch(
-            self.url + path, headers=EVENTS_BEARER if headers is None else headers,
-            raise_error=False,
-        )
-
-    async def post(self, path: str) -> HTTPResponse:
-        return await self.client.fetch(
-            self.url + path, method="POST", body=b"", headers=EVENTS_BEARER, raise_error=False
-        )
-
-    def metric(self, name: str, **labels: str) -> float:
-        value = self.gateway.metrics.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
-
-
-R = TypeVar("R", bound=Running)
-
-
-@contextlib.asynccontextmanager
-async def running(
-    store: Store,
-    receiver: Receiver | None = None,
-    *,
-    schedule: str = "0.05,0.05,0.05,0.05,0.05",
-    request_timeout: float = 2.0,
-    secrets: str = SECRET,
-    url: str | None = None,
-) -> AsyncIterator[Running]:
-    """The gateway's app on a free port, with its event workers started as serve() does
-    (shorter polls); push to ``receiver`` (or ``url``) when one is given."""
-    env: dict[str, str] = {}
-    url = url or (receiver.url if receiver is not None else None)
-    if url is not None:
-        env = {
-            "PRODUCT_WEBHOOK_URL": url,
-            "PRODUCT_WEBHOOK_SECRET": secrets,
-            "PRODUCT_WEBHOOK_RETRY_SCHEDULE": schedule,
-        }
-    config = make_config(**env)
-
-    def start_workers(gateway: Gateway) -> EventWorkers:
-        workers = event_workers_for(
-            config, gateway.store, gateway.metrics,
-            request_timeout=request_timeout, poll_seconds=0.05, relay_idle_seconds=0.05,
-        )
-        workers.start()
-        return workers
-
-    async with serving(make_app(config, store=store), start_workers, Running) as run:
-        yield run
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    app: Application,
-    start_workers: Callable[[Gateway], EventWorkers],
-    running_type: type[R],
-    client_defaults: dict[str, Any] | None = None,
-) -> AsyncIterator[R]:
-    """``app`` on a free port with the event workers ``start_workers`` starts, and a
-    client of its own; all stopped on the way out."""
-    gateway: Gateway = app.settings["gateway"]
-    sockets = bind(0)
-    server = HTTPServer(app)
-    server.add_sockets(sockets)
-    workers = start_workers(gateway)
-    client = AsyncHTTPClient(force_instance=True, defaults=client_defaults)
-    try:
-        yield running_type(gateway, workers,
-                           f"http://{LOOPBACK}:{sockets[0].getsockname()[1]}", client)
-    finally:
-        await workers.stop(grace_seconds=5)
-        server.stop()
-        await server.close_all_connections()
-        client.close()
-
-
-async def connect(store: Store, open_id: str, owner: str = "user-1") -> Account:
-    grant = fake_grant(open_id, now=NOW, tag=open_id, refresh_ttl=timedelta(days=180))
-    return await store.save_account_tokens(owner, grant, now=NOW)
-
-
-async def record(run: Running, account: Account, event_type: str = CONNECTED,
-                 **extras: Any) -> dict[str, Any]:
-    """Record an event as a state change will: appended to the outbox, then relay_soon()."""
-    extras = extras or {"reconnected": False}
-    event = new_event(event_type, account, **extras)
-    assert await run.store.append_account_event(account.id, event)
-    run.workers.relay_soon()
-    return event
-
-
-async def until_accepted(receiver: Receiver, ids: list[str], what: str = "delivered") -> None:
-    async def accepted() -> set[str]:
-        return set(receiver.accepted_ids)
-
-    await poll_until(accepted, lambda got: set(ids) <= got, timeout=WAIT, interval=0.05,
-                     what=what)
-
-
-async def until_status(store: Store, event_id: str, status: EventStatus) -> Any:
-    async def current() -> Any:
-        return await store.get_event(event_id)
-
-    return await poll_until(current, lambda s: s is not None and s.status is status,
-                            timeout=WAIT, interval=0.05, what=f"{event_id} {status}")
 
 
 # -- push -------------------------------------------------------------------------------

@@ -43,11 +43,11 @@ from storage.mongodb import (
 from tests import flow
 from tests.fixtures_mongo import mongo_failpoint, open_mongo_store
 from tests.flow import sandbox_settings
+from tests.gateway_events import EVENTS_BEARER, SECRET, WAIT, serving
+from tests.gateway_events import Running as DeliveryRunning
 from tests.processes import poll_until
 from tests.receiver import Receiver
 from tests.support import assert_envelope, bearer, make_config
-from tests.test_events_delivery import EVENTS_BEARER, SECRET, WAIT, serving
-from tests.test_events_delivery import Running as DeliveryRunning
 
 OWNER = "user-123"
 # Every access token is due: the access-token endpoint always asks TikTok.

@@ -19,10 +19,10 @@ from services.events import new_event
 from storage.base import Account, EventStatus, Store
 from storage.crypto import TokenCipher
 from tests.fixtures_mongo import open_mongo_store
+from tests.gateway_events import connect
 from tests.processes import GatewayProcess, gateway_settings, poll_until
 from tests.receiver import Receiver
 from tests.support import LOOPBACK, TOKEN_KEY, free_port
-from tests.test_events_delivery import connect
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 TIMEOUT_S = 30.0

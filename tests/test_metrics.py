@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import Any
 
 import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from sandbox.state import ACCESS_TOKEN_TTL
 from server import build_gateway, make_app
@@ -21,7 +19,7 @@ from services.refresher import Refresher
 from storage.base import Store
 from storage.memory import MemoryStore
 from tests.flow import consent, consented, follow, location, sandbox_settings, start
-from tests.support import CONNECTED, assert_envelope, make_config
+from tests.support import CONNECTED, Scrape, assert_envelope, make_config, scrape
 
 ACCESS_TTL = ACCESS_TOKEN_TTL  # the sandbox's access-token lifetime, as TikTok's (2 h)
 
@@ -33,32 +31,6 @@ def app(sandbox):
     )
 
 
-class Scrape:
-    """One parsed ``/metrics`` answer."""
-
-    def __init__(self, text: str) -> None:
-        self.samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-        self.families = {}
-        for family in text_string_to_metric_families(text):
-            self.families[family.name] = family
-            for sample in family.samples:
-                self.samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-
-    def value(self, name: str, **labels: str) -> float | None:
-        return self.samples.get((name, frozenset(labels.items())))
-
-    def labelled(self, name: str, label: str) -> dict[str, float]:
-        return {dict(key)[label]: value for (sample, key), value in self.samples.items()
-                if sample == name and label in dict(key)}
-
-
-async def scrape(http_client: Any, base_url: str) -> Scrape:
-    response = await http_client.fetch(f"{base_url}/metrics")
-    assert response.code == 200
-    assert response.headers["Content-Type"].startswith("text/plain; version=")
-    assert response.headers["Cache-Control"] == "no-store"
-    assert response.headers["X-Request-ID"]
-    return Scrape(response.body.decode())
 
 
 @pytest.mark.gen_test(timeout=20)

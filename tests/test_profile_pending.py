@@ -37,8 +37,15 @@ from tests.flow import (
     sandbox_settings,
 )
 from tests.processes import gateway_settings, poll_until, started_gateway
-from tests.support import CONNECTED, assert_envelope, bearer, fake_grant, make_config, utc_now
-from tests.test_metrics import Scrape
+from tests.support import (
+    CONNECTED,
+    assert_envelope,
+    bearer,
+    fake_grant,
+    make_config,
+    scrape,
+    utc_now,
+)
 
 OWNER = "user-123"
 SCOPES = ["user.info.basic", "user.info.profile"]
@@ -90,10 +97,6 @@ async def accounts_of(
 ) -> list[dict[str, Any]]:
     response = await http_client.fetch(f"{base_url}/accounts", headers=bearer(owner))
     return list(json.loads(response.body)["accounts"])
-
-
-async def scrape(http_client: AsyncHTTPClient, base_url: str) -> Scrape:
-    return Scrape((await http_client.fetch(f"{base_url}/metrics")).body.decode())
 
 
 # -- the callback connects whatever TikTok answers the profile call -------------------

@@ -7,16 +7,14 @@ import re
 import subprocess
 import sys
 from dataclasses import MISSING, fields
-from pathlib import Path
 
 import pytest
 
 from core.errors import ConfigError
 from scripts import settings_table
 from services.config import SETTINGS, Config, load_config, setting
-from tests.support import environ, make_config
+from tests.support import ROOT, environ, make_config
 
-ROOT = Path(__file__).resolve().parent.parent
 # The gateway's own code: what it reads from the environment must be a declared setting.
 GATEWAY_CODE = ("server.py", "core", "services", "storage", "handlers", "demo")
 ENVIRON_READ = re.compile(r"""(?:environ\.get\(|environ\[|getenv\()\s*["']([A-Z][A-Z0-9_]*)["']""")

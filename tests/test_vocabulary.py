@@ -33,9 +33,8 @@ from handlers.meta import OPENAPI_PATH
 from server import make_app
 from services.logging_setup import JsonFormatter
 from storage.base import TokenGrant
-from tests.support import PRODUCT_REDIRECT, assert_envelope, bearer, make_config
+from tests.support import PRODUCT_REDIRECT, ROOT, assert_envelope, bearer, make_config
 
-ROOT = Path(__file__).resolve().parent.parent
 GATEWAY_PACKAGES = {"core", "services", "storage", "handlers", "app", "server", "demo"}
 # Each lower layer and the packages it must not import.
 BELOW = {

@@ -29,8 +29,7 @@ from storage.mongodb import ACCOUNTS_COLLECTION
 from tests.fixtures_mongo import raw_database
 from tests.flow import connect
 from tests.processes import ROOT, GatewayProcess, gateway_settings, poll_until, wait_for_indexes
-from tests.support import make_config
-from tests.test_metrics import Scrape
+from tests.support import Scrape, make_config
 
 WORKERS = 2
 TIMEOUT_S = 30.0

@@ -166,3 +166,17 @@ def test_each_room_imports_only_what_the_table_allows(room):
         if room_of(target) not in allowed | {room}
     }
     assert not crossing
+
+
+def test_tests_share_helpers_through_the_toolkit_not_each_other():
+    """A helper two test modules need lives in the toolkit (tests/support.py, flow.py...),
+    so that running or deleting one test module never breaks another."""
+    def is_test_module(module: str) -> bool:
+        return module.startswith("tests.test_")
+
+    crossing = [
+        f"{module} imports {target} (line {line})"
+        for module in MODULES if is_test_module(module)
+        for target, line in imports_of(module).items() if is_test_module(target)
+    ]
+    assert not crossing

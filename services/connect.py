@@ -318,7 +318,9 @@ def _require_basic_scope(granted: list[str]) -> None:
     if BASIC_SCOPE not in granted:
         raise ScopeMissing(
             technical_message=f"granted scopes lack {BASIC_SCOPE}",
-            details={"grantedScopes": granted[:MAX_SCOPES]},
+            # Only scope names TikTok has: before the exchange the list is the callback
+            # link's own query, which anyone can write, and is not echoed as is.
+            details={"grantedScopes": [s for s in granted if s in KNOWN_SCOPES][:MAX_SCOPES]},
         )
 
 

@@ -297,6 +297,20 @@ async def test_scopes_without_basic_refused_before_exchange(http_client, base_ur
     assert body["details"]["grantedScopes"] == ["video.list"]
 
 
+@pytest.mark.gen_test
+async def test_a_refused_callback_does_not_echo_what_its_link_claims_was_granted(
+    http_client, base_url
+):
+    state = await start_state(http_client, base_url)
+    planted = "Call +1-555-0100 to restore your account"
+    response = await callback(
+        http_client, base_url, state=state, code="abc", scopes=f"video.list,{planted}"
+    )
+    body = assert_envelope(response, 400, "PERMISSION_DENIED")
+    assert body["details"]["grantedScopes"] == ["video.list"]
+    assert planted.encode() not in response.body
+
+
 # -- the rest of the surface -------------------------------------------------------
 
 

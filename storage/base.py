@@ -10,9 +10,10 @@ from __future__ import annotations
 import abc
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import Any
 
 PLATFORM = "tiktok"
@@ -149,23 +150,21 @@ class Account:
     expiry_notice_for: datetime | None = None
 
 
-# What a new grant (a connection, a reconnect) clears on an account, back to its
-# default: an earlier revocation, the refresher's backoff, the expiry notice of the
-# grant it replaces. Every store clears exactly these (tests/test_store.py).
-CLEARED_BY_NEW_GRANT = (
-    "revoked_at",
-    "revocation_reason",
-    "revoked_at_tiktok",
-    "refresh_retry_at",
-    "refresh_failures",
-    "expiry_notice_for",
-)
-
-
-def cleared_by_new_grant() -> dict[str, Any]:
-    """``CLEARED_BY_NEW_GRANT`` with the defaults they go back to."""
-    defaults = {attribute.name: attribute.default for attribute in fields(Account)}
-    return {name: defaults[name] for name in CLEARED_BY_NEW_GRANT}
+# What a new grant (a connection, a reconnect) clears on an account, and the default
+# each goes back to: an earlier revocation, the refresher's backoff, the expiry notice of
+# the grant it replaces. Every store clears exactly these (tests/test_store.py).
+_ACCOUNT_DEFAULTS = {attribute.name: attribute.default for attribute in fields(Account)}
+CLEARED_BY_NEW_GRANT: Mapping[str, Any] = MappingProxyType({
+    name: _ACCOUNT_DEFAULTS[name]
+    for name in (
+        "revoked_at",
+        "revocation_reason",
+        "revoked_at_tiktok",
+        "refresh_retry_at",
+        "refresh_failures",
+        "expiry_notice_for",
+    )
+})
 
 
 # Builds the account event a change records with it (services.events.AccountEvents):

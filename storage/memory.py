@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from storage.base import (
+    CLEARED_BY_NEW_GRANT,
     DEFAULT_EVENTS_RETENTION_SECONDS,
     PROFILE_FIRST_FILL_DELAY,
     TOKEN_USE_RESOLUTION,
@@ -40,7 +41,6 @@ from storage.base import (
     check_event,
     check_event_condition,
     claim_refusal,
-    cleared_by_new_grant,
     epoch_ms,
     event_time,
     profile_attributes,
@@ -220,7 +220,7 @@ class MemoryStore(Store):
             refresh_token_expires_at=grant.refresh_token_expires_at,
             updated_at=now,
             connected_at=now,
-            **cleared_by_new_grant(),
+            **CLEARED_BY_NEW_GRANT,
         )
         # Built before anything is written: a factory that raises changes nothing.
         event = _event_of(event_factory, account, before)

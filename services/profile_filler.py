@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from core.clock import utcnow
 from core.errors import GatewayError, ServiceUnavailable
 from services.background import cancel_and_wait, run_guarded
-from services.connect import utcnow
 from services.metrics import GatewayMetrics
 from services.refresher import RateLimiter
 from services.scopes import user_fields_for

@@ -345,20 +345,6 @@ def mongo_failpoint(uri: str, mode: Any = "alwaysOn", **data: Any) -> Iterator[N
         admin.close()
 
 
-__all__ = [
-    "SecantusProcess",
-    "collect_leaked_driver_sockets",
-    "mongo_database_name",
-    "mongo_driver",
-    "mongo_failpoint",
-    "mongo_process",
-    "mongo_server",
-    "mongo_settings",
-    "open_mongo_store",
-    "raw_database",
-]
-
-
 @contextlib.asynccontextmanager
 async def saved_pending(
     make_store: StoreFactory, **kwargs: Any
@@ -381,3 +367,17 @@ async def saved_account(
     async with make_store() as store:
         account = await store.save_account_tokens(owner, grant, now=now)
         yield store, account, grant, now
+
+
+__all__ = [
+    "SecantusProcess",
+    "collect_leaked_driver_sockets",
+    "mongo_database_name",
+    "mongo_driver",
+    "mongo_failpoint",
+    "mongo_process",
+    "mongo_server",
+    "mongo_settings",
+    "open_mongo_store",
+    "raw_database",
+]

@@ -10,10 +10,10 @@ import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry
 
+from core.clock import utcnow
 from sandbox.state import ACCESS_TOKEN_TTL
 from server import build_gateway, make_app
 from services.accounts import AccountService
-from services.connect import utcnow
 from services.metrics import CALLBACK_OUTCOMES, GatewayMetrics, InstrumentedStore
 from services.refresher import Refresher
 from storage.base import Store

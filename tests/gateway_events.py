@@ -13,17 +13,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
-from tornado.httpserver import HTTPServer
 from tornado.web import Application
 
+from scripts.cassette_scenarios import serving as listening
 from server import Gateway, make_app
 from services.event_delivery import EventWorkers, event_workers_for
 from services.event_types import CONNECTED
 from services.events import new_event
 from storage.base import Account, EventStatus, Store
 from tests.processes import poll_until
-from tests.receiver import Receiver, bind
-from tests.support import LOOPBACK, bearer, fake_grant, make_config
+from tests.receiver import Receiver
+from tests.support import bearer, fake_grant, make_config
 
 # Fresh and fake every run.
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -106,19 +106,14 @@ async def serving(
     """``app`` on a free port with the event workers ``start_workers`` starts, and a
     client of its own; all stopped on the way out."""
     gateway: Gateway = app.settings["gateway"]
-    sockets = bind(0)
-    server = HTTPServer(app)
-    server.add_sockets(sockets)
-    workers = start_workers(gateway)
-    client = AsyncHTTPClient(force_instance=True, defaults=client_defaults)
-    try:
-        yield running_type(gateway, workers,
-                           f"http://{LOOPBACK}:{sockets[0].getsockname()[1]}", client)
-    finally:
-        await workers.stop(grace_seconds=5)
-        server.stop()
-        await server.close_all_connections()
-        client.close()
+    async with listening(app) as url:
+        workers = start_workers(gateway)
+        client = AsyncHTTPClient(force_instance=True, defaults=client_defaults)
+        try:
+            yield running_type(gateway, workers, url, client)
+        finally:
+            await workers.stop(grace_seconds=5)
+            client.close()
 
 
 async def connect(store: Store, open_id: str, owner: str = "user-1") -> Account:

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 from standardwebhooks import Webhook
-from tornado.httpserver import HTTPServer
 
+from scripts.cassette_scenarios import serving as listening
 from services.event_delivery import Signer
 from services.event_types import CONNECTED, REAUTHORIZATION_REQUIRED, REVOKED
 from services.events import new_event
@@ -37,8 +37,8 @@ from tests.gateway_events import (
     until_status,
 )
 from tests.processes import poll_until
-from tests.receiver import ANSWER_MARKER, Receiver, bind
-from tests.support import LOOPBACK, assert_envelope, bearer
+from tests.receiver import ANSWER_MARKER, Receiver
+from tests.support import assert_envelope, bearer
 
 OTHER_SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
@@ -406,11 +406,8 @@ async def test_the_readme_receiver_verifies_real_deliveries_and_skips_repeats(mo
     exec(compile(readme_receiver(), "README.md", "exec"), example)  # noqa: S102 - our README
     handled: list[dict[str, Any]] = []
     example["handle"] = handled.append  # the product's own code, called once per event
-    sockets = bind(0)
-    server = HTTPServer(example["make_app"]())
-    server.add_sockets(sockets)
-    url = f"http://{LOOPBACK}:{sockets[0].getsockname()[1]}/hooks/tiktok"
-    try:
+    async with listening(example["make_app"]()) as base:
+        url = base + "/hooks/tiktok"
         async with open_memory_store() as store, running(store, url=url) as run:
             alice = await connect(run.store, "open-a")
             sent = [await record(run, alice), await record(run, alice, REVOKED, source="tiktok",
@@ -431,9 +428,6 @@ async def test_the_readme_receiver_verifies_real_deliveries_and_skips_repeats(mo
                                             headers=forged, raise_error=False)
             assert answer.code == 400
             assert handled == sent
-    finally:
-        server.stop()
-        await server.close_all_connections()
 
 
 @gen_test
